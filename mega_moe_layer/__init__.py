@@ -1,0 +1,10 @@
+"""mega_moe_layer: an expert-parallel Mixture-of-Experts layer for PyTorch.
+
+Import direction (one way only): `layer.py` may use `comm/`, `kernels/`, `formats.py`, `stats.py`
+and `config.py`; `kernels/` never imports `comm/` or `layer.py`; `comm/` never imports `kernels/`.
+"""
+from .config import MegaMoEConfig
+from . import kernels
+
+__version__ = "0.1.0"
+__all__ = ["MegaMoEConfig", "kernels", "__version__"]

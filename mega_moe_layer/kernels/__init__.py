@@ -1,0 +1,5 @@
+"""Kernels. `reference` is plain PyTorch; the Triton kernels are private, their wrappers public.
+
+Import rule: `kernels/` never imports `comm/` or `layer.py`.
+"""
+from . import reference  # noqa: F401

@@ -1,0 +1,260 @@
+"""Plain-PyTorch reference of every kernel and of the whole expert computation.
+
+These functions define the numerics of `DESIGN.md`; GPU kernels are tested against them (bitwise
+where no GEMM is involved). Where the reference rounds, the docstring says so.
+
+UE8M0 scale rule for a group of g values with quantum Q (448 for FP8 E4M3, 6 for FP4 E2M1)::
+
+    amax = max(max|x|, 1e-4)            (float32)
+    s    = amax / Q                     (float32 division, RNE)
+    e    = exponent_field(s) + (mantissa(s) != 0), clamped to [1, 254]
+    q    = x_f32 * 2**(127 - e)         (exact: a power-of-two multiply)
+    FP8: q -> float8_e4m3fn, RNE.  FP4: q -> E2M1 by RNE (see `_e2m1_encode`).
+
+Scale bytes of 4 consecutive groups pack little-endian into one int32: `[T, H/g/4]`.
+Inputs must be finite.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+AMAX_FLOOR = 1e-4
+
+__all__ = [
+    "ue8m0_exponent", "exp2_from_ue8m0", "pack_ue8m0", "unpack_ue8m0",
+    "per_token_cast_to_fp8", "per_token_cast_back_from_fp8",
+    "per_token_cast_to_fp4", "per_token_cast_back_from_fp4",
+    "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4",
+    "quantize_act", "dequantize_act", "expert_forward", "combine_reduce", "moe_reference",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# UE8M0 scales
+# ---------------------------------------------------------------------------------------------
+def ue8m0_exponent(amax: torch.Tensor, quantum: float) -> torch.Tensor:
+    """Biased exponent e (int32, in [1, 254]) of the power-of-two scale >= amax / quantum.
+
+    amax: float32 tensor of group maxima (already floored at 1e-4 or not: the floor is applied here).
+    """
+    amax = torch.clamp_min(amax.float(), AMAX_FLOOR)
+    s = amax / torch.tensor(quantum, dtype=torch.float32)
+    bits = s.view(torch.int32)
+    exp_field = (bits >> 23) & 0xFF
+    e = exp_field + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return torch.clamp(e, 1, 254).to(torch.int32)
+
+
+def exp2_from_ue8m0(e: torch.Tensor, negate: bool = False) -> torch.Tensor:
+    """Exact float32 2**(e - 127) (or 2**(127 - e) with negate=True), built from the bit pattern."""
+    e = e.to(torch.int32)
+    p = (127 - e) if negate else (e - 127)  # the power of two wanted
+    # Normal range: bits = (p + 127) << 23; subnormal (p < -126): bits = 1 << (p + 149).
+    normal = ((p + 127).clamp(1, 254) << 23)
+    sub = torch.ones_like(p) << (p + 149).clamp(0, 22)
+    bits = torch.where(p >= -126, normal, sub)
+    return bits.view(torch.float32)
+
+
+def pack_ue8m0(e: torch.Tensor) -> torch.Tensor:
+    """[..., G] exponents (values 0..255) -> [..., G/4] int32, byte j of word i = group 4i+j."""
+    if e.shape[-1] % 4 != 0:
+        raise ValueError(f"pack_ue8m0: number of groups {e.shape[-1]} must be a multiple of 4")
+    b = e.to(torch.int64).reshape(*e.shape[:-1], e.shape[-1] // 4, 4)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    w = torch.where(w >= 2**31, w - 2**32, w)
+    return w.to(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """[..., G/4] int32 -> [..., G] int32 exponents (inverse of `pack_ue8m0`)."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    parts = [(w >> (8 * j)) & 0xFF for j in range(4)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 4).to(torch.int32)
+
+
+def _group_scale(x: torch.Tensor, gran_k: int, quantum: float):
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [T, H] tensor, got shape {tuple(x.shape)}")
+    T, H = x.shape
+    if gran_k <= 0 or H % (4 * gran_k) != 0:
+        raise ValueError(f"gran_k: H={H} must be a multiple of 4 * gran_k = {4 * gran_k}")
+    xf = x.float().reshape(T, H // gran_k, gran_k)
+    e = ue8m0_exponent(xf.abs().amax(dim=-1), quantum)          # [T, G]
+    q = xf * exp2_from_ue8m0(e, negate=True).unsqueeze(-1)       # exact
+    return q.reshape(T, H), e
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8
+# ---------------------------------------------------------------------------------------------
+def per_token_cast_to_fp8(x: torch.Tensor, gran_k: int = 32):
+    """x [T, H] (bf16/f32) -> (float8_e4m3fn [T, H], int32 [T, H/gran_k/4] packed UE8M0).
+
+    Rounds once: float32 -> e4m3 by round-to-nearest-even (|q| <= 448 by construction).
+    """
+    q, e = _group_scale(x, gran_k, FP8_MAX)
+    return q.to(torch.float8_e4m3fn), pack_ue8m0(e)
+
+
+def per_token_cast_back_from_fp8(q: torch.Tensor, sf: torch.Tensor, gran_k: int = 32) -> torch.Tensor:
+    """Exact inverse: float8 [T, H] + packed scales -> float32 [T, H]."""
+    T, H = q.shape
+    e = unpack_ue8m0(sf)
+    s = exp2_from_ue8m0(e)
+    return (q.float().reshape(T, H // gran_k, gran_k) * s.unsqueeze(-1)).reshape(T, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP4 (E2M1)
+# ---------------------------------------------------------------------------------------------
+_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float32)
+
+
+def e2m1_encode(q: torch.Tensor) -> torch.Tensor:
+    """float32 values with |q| <= 6 -> int32 4-bit codes, round-to-nearest-even.
+
+    Ties go to the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
+    The sign (bit 3) is set only when the magnitude code is non-zero.
+    """
+    a = q.abs()
+    code = ((a > 0.25).to(torch.int32) + (a >= 0.75).to(torch.int32) + (a > 1.25).to(torch.int32)
+            + (a >= 1.75).to(torch.int32) + (a > 2.5).to(torch.int32) + (a >= 3.5).to(torch.int32)
+            + (a > 5.0).to(torch.int32))
+    sign = ((q < 0) & (code != 0)).to(torch.int32) << 3
+    return code | sign
+
+
+def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
+    """int codes 0..15 -> float32 values."""
+    code = code.to(torch.int64)
+    mag = _E2M1_VALUES.to(code.device)[code & 7]
+    return torch.where((code & 8) != 0, -mag, mag)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., N] codes -> [..., N/2] int8, even column in the low nibble."""
+    c = codes.to(torch.int32)
+    b = (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)
+    return b.to(torch.uint8).view(torch.int8)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., N/2] int8/uint8 -> [..., N] int32 codes."""
+    b = packed.view(torch.uint8).to(torch.int32)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def per_token_cast_to_fp4(x: torch.Tensor, gran_k: int = 32):
+    """x [T, H] -> (int8 [T, H/2] packed E2M1, int32 [T, H/gran_k/4] packed UE8M0)."""
+    q, e = _group_scale(x, gran_k, FP4_MAX)
+    return pack_fp4(e2m1_encode(q)), pack_ue8m0(e)
+
+
+def per_token_cast_back_from_fp4(packed: torch.Tensor, sf: torch.Tensor, gran_k: int = 32) -> torch.Tensor:
+    """Exact inverse: packed E2M1 [T, H/2] + packed scales -> float32 [T, H]."""
+    vals = e2m1_decode(unpack_fp4(packed))
+    T, H = vals.shape
+    s = exp2_from_ue8m0(unpack_ue8m0(sf))
+    return (vals.reshape(T, H // gran_k, gran_k) * s.unsqueeze(-1)).reshape(T, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation formats
+# ---------------------------------------------------------------------------------------------
+def quantize_act(x: torch.Tensor, act_format: str, gran_k: int):
+    """Quantise rows per `act_format`: returns (data, packed scales or None)."""
+    if act_format == "fp8":
+        return per_token_cast_to_fp8(x, gran_k)
+    if act_format == "fp4":
+        return per_token_cast_to_fp4(x, gran_k)
+    if act_format == "bf16":
+        return x.to(torch.bfloat16), None
+    raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
+
+
+def dequantize_act(data: torch.Tensor, sf: Optional[torch.Tensor], act_format: str, gran_k: int) -> torch.Tensor:
+    """Exact float32 values of a quantised activation."""
+    if act_format == "fp8":
+        return per_token_cast_back_from_fp8(data, sf, gran_k)
+    if act_format == "fp4":
+        return per_token_cast_back_from_fp4(data, sf, gran_k)
+    return data.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert computation (DESIGN steps 2-6) and the combine (step 7)
+# ---------------------------------------------------------------------------------------------
+def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32: torch.Tensor,
+                   w13_f32: torch.Tensor, w2_f32: torch.Tensor, *, act_format: str,
+                   act_group_size: int, activation_clamp: Optional[float], h_group: int = 32) -> torch.Tensor:
+    """Rows of one expert: quantised x -> y_k rows, bf16 [n, H].
+
+    x_q, x_sf: quantised activations of n routed pairs (step 1 already applied);
+    weights_f32: [n] float32 top-k weights; w13_f32: [2I, H], w2_f32: [H, I] exact dequantised weights.
+    Rounds: gate/up to bf16 (step 2), h per `act_format` along I (step 5), y_k to bf16 (step 6).
+    """
+    x = dequantize_act(x_q, x_sf, act_format, act_group_size)
+    inter = w13_f32.shape[0] // 2
+    gu = (x @ w13_f32.t()).to(torch.bfloat16).float()            # step 2
+    gate, up = gu[:, :inter], gu[:, inter:]
+    if activation_clamp is not None:                              # step 3
+        c = float(activation_clamp)
+        gate = torch.clamp(gate, max=c)
+        up = torch.clamp(up, -c, c)
+    h = gate * torch.sigmoid(gate) * up * weights_f32.float().unsqueeze(-1)   # step 4, float32
+    h_q, h_sf = quantize_act(h, act_format, h_group)              # step 5
+    h = dequantize_act(h_q, h_sf, act_format, h_group)
+    return (h @ w2_f32.t()).to(torch.bfloat16)                    # step 6
+
+
+def combine_quantize(y: torch.Tensor):
+    """FP8 combine trip: bf16 [n, H] -> (e4m3 [n, H], int32 packed UE8M0 per 128 columns)."""
+    return per_token_cast_to_fp8(y, 128)
+
+
+def combine_dequantize(q: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    return per_token_cast_back_from_fp8(q, sf, 128)
+
+
+def combine_reduce(y_slots: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Step 7: y_slots float32 [T, K, H] (rows of masked slots ignored) -> bf16 [T, H].
+
+    Sums in float32 in ascending k; a masked slot (id -1) adds 0.
+    """
+    T, K, H = y_slots.shape
+    acc = torch.zeros(T, H, dtype=torch.float32, device=y_slots.device)
+    for k in range(K):
+        valid = (topk_idx[:, k] >= 0).unsqueeze(-1)
+        acc = acc + torch.where(valid, y_slots[:, k].float(), torch.zeros((), device=acc.device))
+    return acc.to(torch.bfloat16)
+
+
+def moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                  w13_f32: torch.Tensor, w2_f32: torch.Tensor, *, act_format: str = "fp8",
+                  combine_format: str = "bf16", act_group_size: int = 32,
+                  activation_clamp: Optional[float] = None) -> torch.Tensor:
+    """Single-process reference of the whole layer (steps 1-7) on one rank holding every expert.
+
+    x bf16 [T, H]; topk_idx [T, K] (-1 masks); topk_weights float32 [T, K];
+    w13_f32 float32 [E, 2I, H], w2_f32 float32 [E, H, I] (exact dequantised weights) -> bf16 [T, H].
+    """
+    T, H = x.shape
+    K = topk_idx.shape[1]
+    x_q, x_sf = quantize_act(x, act_format, act_group_size)
+    y_slots = torch.zeros(T, K, H, dtype=torch.float32, device=x.device)
+    idx = topk_idx.long()
+    for e in torch.unique(idx[idx >= 0]).tolist():
+        t, k = torch.nonzero(idx == e, as_tuple=True)
+        y = expert_forward(x_q[t], None if x_sf is None else x_sf[t], topk_weights[t, k],
+                           w13_f32[e], w2_f32[e], act_format=act_format,
+                           act_group_size=act_group_size, activation_clamp=activation_clamp)
+        if combine_format == "fp8":
+            y_slots[t, k] = combine_dequantize(*combine_quantize(y))
+        else:
+            y_slots[t, k] = y.float()
+    return combine_reduce(y_slots, idx)
