@@ -5,6 +5,11 @@ and `config.py`; `kernels/` never imports `comm/` or `layer.py`; `comm/` never i
 """
 from .config import MegaMoEConfig
 from . import kernels
+from .formats import QuantizedWeight, quantize_weight, dequantize_weight
+from .layer import MegaMoE, MegaMoEExperts, SharedExpert, TopKRouter
+from .stats import ExpertLoadStats, dump_stats, load_stats
 
 __version__ = "0.1.0"
-__all__ = ["MegaMoEConfig", "kernels", "__version__"]
+__all__ = ["MegaMoEConfig", "MegaMoEExperts", "TopKRouter", "MegaMoE", "SharedExpert",
+           "QuantizedWeight", "quantize_weight", "dequantize_weight", "ExpertLoadStats",
+           "dump_stats", "load_stats", "kernels", "__version__"]

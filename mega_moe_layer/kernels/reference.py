@@ -196,20 +196,25 @@ def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32:
 
     x_q, x_sf: quantised activations of n routed pairs (step 1 already applied);
     weights_f32: [n] float32 top-k weights; w13_f32: [2I, H], w2_f32: [H, I] exact dequantised weights.
-    Rounds: gate/up to bf16 (step 2), h per `act_format` along I (step 5), y_k to bf16 (step 6).
+
+    Where it rounds: gate/up to bf16 (step 2), h to float32 then per `act_format` along I (steps 4-5),
+    y_k to bf16 (step 6). NOTE: the reference accumulates both GEMMs and SwiGLU in float64 and rounds
+    once, so a row's result does not depend on which other rows share the batch (CPU BLAS picks
+    different blockings for different M); the kernels accumulate in float32, which the GEMM
+    tolerance covers. Everything else is bitwise the DESIGN.
     """
-    x = dequantize_act(x_q, x_sf, act_format, act_group_size)
+    x = dequantize_act(x_q, x_sf, act_format, act_group_size).double()
     inter = w13_f32.shape[0] // 2
-    gu = (x @ w13_f32.t()).to(torch.bfloat16).float()            # step 2
+    gu = (x @ w13_f32.double().t()).to(torch.bfloat16).double()  # step 2
     gate, up = gu[:, :inter], gu[:, inter:]
     if activation_clamp is not None:                              # step 3
         c = float(activation_clamp)
         gate = torch.clamp(gate, max=c)
         up = torch.clamp(up, -c, c)
-    h = gate * torch.sigmoid(gate) * up * weights_f32.float().unsqueeze(-1)   # step 4, float32
+    h = (gate * torch.sigmoid(gate) * up * weights_f32.double().unsqueeze(-1)).float()  # step 4
     h_q, h_sf = quantize_act(h, act_format, h_group)              # step 5
-    h = dequantize_act(h_q, h_sf, act_format, h_group)
-    return (h @ w2_f32.t()).to(torch.bfloat16)                    # step 6
+    h = dequantize_act(h_q, h_sf, act_format, h_group).double()
+    return (h @ w2_f32.double().t()).to(torch.bfloat16)           # step 6
 
 
 def combine_quantize(y: torch.Tensor):
@@ -258,3 +263,57 @@ def moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
         else:
             y_slots[t, k] = y.float()
     return combine_reduce(y_slots, idx)
+
+
+def dense_moe_float64(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                      w13: torch.Tensor, w2: torch.Tensor,
+                      activation_clamp: Optional[float] = None) -> torch.Tensor:
+    """The unquantised MoE in float64, written independently of the quantised path.
+
+    Dense formulation: every expert runs on every token, and a [T, E] gate matrix (the top-k
+    weights scattered, duplicates summed, masked slots ignored) mixes the results.
+    x [T, H]; topk_idx [T, K]; topk_weights [T, K]; w13 [E, 2I, H]; w2 [E, H, I] -> float64 [T, H].
+    """
+    x64 = x.double()
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    idx = topk_idx.long()
+    gates = torch.zeros(x.shape[0], E, dtype=torch.float64, device=x.device)
+    valid = idx >= 0
+    gates.index_put_((torch.nonzero(valid, as_tuple=True)[0], idx[valid]),
+                     topk_weights.double()[valid], accumulate=True)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(E):
+        gu = x64 @ w13[e].double().t()
+        gate, up = gu[:, :inter], gu[:, inter:]
+        if activation_clamp is not None:
+            gate = gate.clamp(max=activation_clamp)
+            up = up.clamp(-activation_clamp, activation_clamp)
+        h = torch.nn.functional.silu(gate) * up
+        out += gates[:, e:e + 1] * (h @ w2[e].double().t())
+    return out
+
+
+#: Largest relative rounding error of one value in each format (half a unit in the last place of
+#: a mantissa with m bits: 2**-(m+1)); FP4/FP8 values are relative to their power-of-two scale.
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp8": 2.0 ** -4, "fp4": 2.0 ** -2, "mxfp4": 2.0 ** -2}
+
+
+def quantisation_error_bound(weight_format: str, act_format: str, combine_format: str) -> float:
+    """Bound on rel-RMSE (||y - y64|| / ||y64||) of the layer against the float64 MoE.
+
+    Each rounding stage perturbs every value by a relative error of at most u (`UNIT_ROUNDOFF`);
+    the stages' errors are independent, so they add in quadrature, and for a GEMM with random
+    signs the output's relative RMS error equals the inputs' relative RMS error. Stages: x and h
+    (act_format), w13 and w2 (weight_format), the FP8 combine (if on), and three bf16 roundings
+    (gate/up, y_k, y). Values far below their group's scale (FP4 codes that flush to 0) break the
+    per-value bound but are small, which an RMS over the output absorbs.
+    """
+    stages = [UNIT_ROUNDOFF["bf16"]] * 3
+    if act_format != "bf16":
+        stages += [UNIT_ROUNDOFF[act_format]] * 2
+    if weight_format != "bf16":
+        stages += [UNIT_ROUNDOFF[weight_format]] * 2
+    if combine_format == "fp8":
+        stages.append(UNIT_ROUNDOFF["fp8"])
+    return sum(u * u for u in stages) ** 0.5

@@ -1,0 +1,162 @@
+"""The one test harness: multi-process launcher, assert helpers, tolerance table, problem builder."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import traceback
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mega_moe_layer as mml
+
+# ------------------------------------------------------------------------------------------------
+# Tolerances: one table, one reason per entry. Keys are what is compared.
+# ------------------------------------------------------------------------------------------------
+TOLERANCES = {
+    # Quantisation, pre-dispatch, dispatch/combine data movement: no arithmetic reordering at all.
+    "bitwise": 0.0,
+    # Kernel GEMMs vs the reference: same roundings, only the float32 accumulation order differs
+    # (plus the reference's float64 accumulation): the DESIGN's rel-RMSE contract.
+    "gemm_rel_rmse": 5e-3,
+    # Layer vs the unquantised float64 MoE: `reference.quantisation_error_bound` of the formats.
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RankContext:
+    """What each spawned rank receives."""
+
+    rank: int
+    world_size: int
+    group: Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
+        result = fn(RankContext(rank, world_size, dist.group.WORLD), *args)
+        dist.barrier()
+        queue.put((rank, True, result))
+    except BaseException:  # report, never hang the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parallel_launch(world_size: int, fn: Callable, *args, timeout: float = 300.0) -> List[Any]:
+    """Run `fn(RankContext, *args)` on `world_size` gloo ranks; return the per-rank results.
+
+    `fn` must be a module-level function. A rank's exception fails the launch with its traceback;
+    a rank that does not finish within `timeout` seconds fails it too (all ranks are killed).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: List[Optional[Any]] = [None] * world_size
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, ok, payload = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    except Exception as exc:  # queue.Empty on timeout
+        errors.append(f"timeout after {timeout}s waiting for ranks ({type(exc).__name__})")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.1)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("parallel_launch failed:\n" + "\n".join(errors))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Assert helpers
+# ------------------------------------------------------------------------------------------------
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Exact equality of bytes; reports the first mismatching coordinate."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a = actual.contiguous().view(torch.uint8) if actual.element_size() == 1 else actual
+    b = expected.contiguous().view(torch.uint8) if expected.element_size() == 1 else expected
+    if actual.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        ibits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+        a, b = actual.contiguous().view(ibits), expected.contiguous().view(ibits)
+    neq = a != b
+    if bool(neq.any()):
+        first = tuple(int(i) for i in neq.nonzero()[0])
+        raise AssertionError(f"{what}: {int(neq.sum())} of {neq.numel()} elements differ; first at "
+                             f"{first}: {actual[first].item()!r} != {expected[first].item()!r}")
+
+
+def rel_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+
+def assert_rel_rmse(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> float:
+    """rel-RMSE <= tol; rejects NaN/Inf and a reference too small to mean anything."""
+    assert torch.isfinite(actual.double()).all(), f"{what}: actual has NaN/Inf"
+    assert torch.isfinite(expected.double()).all(), f"{what}: expected has NaN/Inf"
+    assert float(expected.double().norm()) > 1e-6, f"{what}: reference is ~0, the check would be empty"
+    err = rel_rmse(actual, expected)
+    if err > tol:
+        d = (actual.double() - expected.double()).abs()
+        first = tuple(int(i) for i in (d == d.max()).nonzero()[0])
+        raise AssertionError(f"{what}: rel-RMSE {err:.3e} > {tol:.1e}; worst at {first}: "
+                             f"{actual[first].item()!r} vs {expected[first].item()!r}")
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# Problems
+# ------------------------------------------------------------------------------------------------
+def make_weights(cfg: mml.MegaMoEConfig, seed: int = 0):
+    """Full bf16 weights [E, 2I, H], [E, H, I], scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    E, I, H = cfg.num_experts, cfg.intermediate, cfg.hidden
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(torch.bfloat16)
+    return w13, w2
+
+
+def make_inputs(cfg: mml.MegaMoEConfig, T: int, seed: int, routing: str = "uniform",
+                mask_frac: float = 0.0, idx_dtype=torch.int64, target_expert: int = 0):
+    """x bf16 [T, H], topk_idx [T, K] (distinct experts per row), topk_weights float32 [T, K].
+
+    routing: "uniform" (random distinct experts) or "skewed" (slot 0 of every token to
+    `target_expert`, the rest random distinct).
+    """
+    g = torch.Generator().manual_seed(seed)
+    E, K = cfg.num_experts, cfg.topk
+    x = torch.randn(T, cfg.hidden, generator=g).to(torch.bfloat16)
+    idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K]
+    if routing == "skewed" and T > 0:
+        others = torch.rand(T, E, generator=g)
+        others[:, target_expert] = -1.0
+        idx = torch.cat([torch.full((T, 1), target_expert), others.argsort(dim=1, descending=True)[:, :K - 1]], 1)
+    if mask_frac > 0:
+        idx = torch.where(torch.rand(T, K, generator=g) < mask_frac, torch.full_like(idx, -1), idx)
+    w = torch.rand(T, K, generator=g) + 0.1
+    return x, idx.to(idx_dtype).contiguous(), w.float().contiguous()
