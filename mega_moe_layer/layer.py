@@ -46,6 +46,9 @@ class MegaMoEExperts(nn.Module):
         device: where weights and statistics live (default: CUDA current device if available... on
             the torch backend, CPU unless given).
         backend: "torch" | "nvshmem" | None (best available).
+        torch_experts: expert math of the torch backend: "reference" (bitwise the reference) or
+            "grouped_mm" (CUDA only: torch._grouped_mm / _scaled_grouped_mm, the benchmarks'
+            baseline).
         validate: check inputs eagerly (host sync on GPU). With False, out-of-range expert ids are
             dropped and counted in `error_count`, which `check_errors()` raises on.
 
@@ -53,16 +56,23 @@ class MegaMoEExperts(nn.Module):
     """
 
     def __init__(self, cfg: MegaMoEConfig, group=None, device=None, backend: Optional[str] = None,
-                 validate: bool = True):
+                 validate: bool = True, torch_experts: str = "reference"):
         super().__init__()
+        if torch_experts not in ("reference", "grouped_mm"):
+            raise ValueError(f"torch_experts: expected 'reference' or 'grouped_mm', got {torch_experts!r}")
+        self.torch_experts = torch_experts
         if not isinstance(cfg, MegaMoEConfig):
             raise TypeError(f"cfg: expected a MegaMoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.group, self.rank, self.num_ranks = resolve_group(group)
         self.num_local_experts = cfg.num_local_experts(self.num_ranks)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if backend is None:
-            backend = "torch"
+            backend = "nvshmem" if self.is_supported(cfg, "nvshmem", self.device)[0] else "torch"
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
         if backend == "nvshmem":
@@ -74,6 +84,10 @@ class MegaMoEExperts(nn.Module):
         self.stats = ExpertLoadStats(self.num_local_experts, self.device)
         self.register_buffer("error_count", torch.zeros(1, dtype=torch.int32, device=self.device),
                              persistent=False)
+        self._gpu = None
+        if backend == "nvshmem":
+            from .nvshmem_backend import NvshmemForward
+            self._gpu = NvshmemForward(cfg, self.group, self.rank, self.num_ranks, self.device)
         self.w13: Optional[QuantizedWeight] = None
         self.w2: Optional[QuantizedWeight] = None
         self._w13_f32: Optional[torch.Tensor] = None
@@ -89,7 +103,14 @@ class MegaMoEExperts(nn.Module):
             dev = torch.device(device) if device is not None else None
             if not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
                 return False, "the nvshmem backend needs a CUDA device"
-            return False, "the fused NVSHMEM forward is not built into this version yet"
+            major, _ = torch.cuda.get_device_capability(dev)
+            if major < 9:
+                return False, f"the nvshmem backend needs Hopper (sm_90) or newer, got sm_{major}x"
+            try:
+                import nvshmem.core  # noqa: F401
+            except Exception as exc:  # pragma: no cover - depends on the machine
+                return False, f"nvshmem4py is not importable: {exc}"
+            return True, ""
         return False, f"unknown backend {backend!r}"
 
     # ------------------------------------------------------------------ statistics
@@ -108,7 +129,11 @@ class MegaMoEExperts(nn.Module):
         return self.stats.gather_global(self.group, self.num_ranks, cumulative=cumulative)
 
     def check_errors(self) -> None:
-        """Raise RuntimeError if pairs were dropped for out-of-range expert ids (validate=False)."""
+        """Raise RuntimeError if a GPU spin-wait timed out (read from pinned host memory, so this
+        works after the kernel trapped) or pairs were dropped for out-of-range ids (validate=False).
+        """
+        if self._gpu is not None:
+            self._gpu.timeout.check()
         n = int(self.error_count.item())
         if n:
             raise RuntimeError(f"rank {self.rank}: {n} (token, slot) pairs had an expert id outside "
@@ -138,8 +163,13 @@ class MegaMoEExperts(nn.Module):
         dev = self.device
         self.w13 = quantize_weight(w13.to(dev), cfg.weight_format, "w13")
         self.w2 = quantize_weight(w2.to(dev), cfg.weight_format, "w2")
-        self._w13_f32 = self.w13.dequantize()
-        self._w2_f32 = self.w2.dequantize()
+        if self._gpu is None and self.torch_experts == "grouped_mm":
+            if self.device.type != "cuda":
+                raise ValueError("torch_experts='grouped_mm' needs a CUDA device")
+            self._prepare_grouped_mm()
+        elif self._gpu is None:  # the reference computes on exact dequantised weights
+            self._w13_f32 = self.w13.dequantize()
+            self._w2_f32 = self.w2.dequantize()
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, x, topk_idx, topk_weights) -> None:
@@ -179,12 +209,15 @@ class MegaMoEExperts(nn.Module):
         if self.w13 is None:
             raise RuntimeError("MegaMoEExperts: call load_weights(w13, w2) before forward")
         self._check_inputs(x, topk_idx, topk_weights)
+        if self._gpu is not None:
+            return self._gpu.forward(x, topk_idx, topk_weights, self.w13, self.w2, self.stats,
+                                     self.error_count)
         return self._forward_torch(x, topk_idx, topk_weights)
 
     # The torch backend ------------------------------------------------------------------
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int],
                     in_splits: List[int]) -> None:
-        if self.group is None:
+        if self.group is None or self.num_ranks == 1:
             out.copy_(inp)
         else:
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
@@ -238,15 +271,10 @@ class MegaMoEExperts(nn.Module):
         is_local = (r_idx >= 0) & (local >= 0) & (local < El)
         counts = torch.bincount(local[is_local], minlength=El).to(torch.int32)
         self.stats.record(counts)
-        y_pairs = torch.zeros(n, K, H, dtype=torch.bfloat16, device=dev)
-        for e in range(El):
-            rr, kk = torch.nonzero(is_local & (local == e), as_tuple=True)
-            if rr.numel() == 0:
-                continue
-            y_pairs[rr, kk] = ref.expert_forward(
-                r_x[rr], None if r_sf is None else r_sf[rr], r_w[rr, kk], self._w13_f32[e],
-                self._w2_f32[e], act_format=cfg.act_format, act_group_size=cfg.act_group_size,
-                activation_clamp=cfg.activation_clamp, h_group=H_GROUP)
+        if self.torch_experts == "grouped_mm":
+            y_pairs = self._experts_grouped_mm(r_x, r_sf, r_w, local, is_local)
+        else:
+            y_pairs = self._experts_reference(r_x, r_sf, r_w, local, is_local)
 
         # Send back one row per (received row, local slot), in row-major (row, k) order.
         back = y_pairs[is_local]                                        # [P, H] bf16
@@ -276,6 +304,65 @@ class MegaMoEExperts(nn.Module):
         sent_k = torch.arange(K, device=dev).unsqueeze(0).expand(slots_on.shape[0], -1)[slots_on]
         y_slots[sent_t, sent_k] = y_ret
         return ref.combine_reduce(y_slots, idx)
+
+
+    def _experts_reference(self, r_x, r_sf, r_w, local, is_local):
+        """y_k rows bf16 [n, K, H] of every (received row, local slot), by the reference numerics."""
+        cfg = self.cfg
+        y_pairs = torch.zeros(r_x.shape[0], cfg.topk, cfg.hidden, dtype=torch.bfloat16, device=self.device)
+        for e in range(self.num_local_experts):
+            rr, kk = torch.nonzero(is_local & (local == e), as_tuple=True)
+            if rr.numel() == 0:
+                continue
+            y_pairs[rr, kk] = ref.expert_forward(
+                r_x[rr], None if r_sf is None else r_sf[rr], r_w[rr, kk], self._w13_f32[e],
+                self._w2_f32[e], act_format=cfg.act_format, act_group_size=cfg.act_group_size,
+                activation_clamp=cfg.activation_clamp, h_group=H_GROUP)
+        return y_pairs
+
+    def _prepare_grouped_mm(self) -> None:
+        """Weights for torch's grouped GEMMs: FP8 rowwise (fp8 weights) or BF16 (mxfp4 / bf16:
+        Hopper has no MXFP4 grouped GEMM in torch, a user dequantises). Column-major B views."""
+        self._gmm = {}
+        for name, qw in (("w13", self.w13), ("w2", self.w2)):
+            w = qw.dequantize().to(torch.bfloat16)                        # [E_l, N, K]
+            if self.cfg.weight_format == "fp8":
+                s = (w.float().abs().amax(dim=-1).clamp_min(1e-12) / 448.0)  # [E_l, N]
+                q = (w.float() / s.unsqueeze(-1)).to(torch.float8_e4m3fn)
+                self._gmm[name] = (q.transpose(-2, -1), s.float().contiguous())
+            else:
+                self._gmm[name] = (w.transpose(-2, -1), None)
+
+    def _gmm_call(self, a_bf16: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        b, sb = self._gmm[name]
+        if sb is None:
+            return torch._grouped_mm(a_bf16, b, offs=offs)
+        sa = a_bf16.float().abs().amax(dim=-1).clamp_min(1e-12) / 448.0
+        aq = (a_bf16.float() / sa.unsqueeze(-1)).to(torch.float8_e4m3fn)
+        return torch._scaled_grouped_mm(aq, b, sa, sb, offs=offs, out_dtype=torch.bfloat16)
+
+    def _experts_grouped_mm(self, r_x, r_sf, r_w, local, is_local):
+        """The baseline a user assembles today: torch._grouped_mm / _scaled_grouped_mm (CUDA)."""
+        cfg = self.cfg
+        n = r_x.shape[0]
+        y_pairs = torch.zeros(n, cfg.topk, cfg.hidden, dtype=torch.bfloat16, device=self.device)
+        rr, kk = torch.nonzero(is_local, as_tuple=True)
+        if rr.numel() == 0:
+            return y_pairs
+        e = local[rr, kk]
+        order = torch.argsort(e, stable=True)
+        rr, kk, e = rr[order], kk[order], e[order]
+        offs = torch.cumsum(torch.bincount(e, minlength=self.num_local_experts), 0).to(torch.int32)
+        x = ref.dequantize_act(r_x[rr], None if r_sf is None else r_sf[rr], cfg.act_format,
+                               cfg.act_group_size).to(torch.bfloat16)
+        gu = self._gmm_call(x, "w13", offs)
+        gate, up = gu[:, :cfg.intermediate].float(), gu[:, cfg.intermediate:].float()
+        if cfg.activation_clamp is not None:
+            gate = gate.clamp(max=cfg.activation_clamp)
+            up = up.clamp(-cfg.activation_clamp, cfg.activation_clamp)
+        h = (torch.nn.functional.silu(gate) * up * r_w[rr, kk].unsqueeze(-1)).to(torch.bfloat16)
+        y_pairs[rr, kk] = self._gmm_call(h, "w2", offs)
+        return y_pairs
 
 
 class TopKRouter(nn.Module):

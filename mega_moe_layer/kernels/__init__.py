@@ -3,3 +3,4 @@
 Import rule: `kernels/` never imports `comm/` or `layer.py`.
 """
 from . import reference  # noqa: F401
+from .pre_dispatch import mega_moe_pre_dispatch  # noqa: F401

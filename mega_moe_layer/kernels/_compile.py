@@ -1,79 +1,182 @@
 """Compile-only checks of Triton kernels for GPUs that are not present (sm_90a, sm_100a).
 
 `compile_ptx` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with the bundled
-ptxas) for a chosen architecture on any machine, GPU or not, so CPU tests can prove a kernel builds
-for Hopper and Blackwell and inspect the generated code. `ptxas_usage` re-assembles the PTX with
-`ptxas -v` and parses registers and spills, which PTX alone does not show (spills are ptxas's).
+ptxas) for a chosen architecture on any machine, GPU or not, so CPU tests can prove that a kernel
+builds for Hopper and Blackwell and inspect the generated code. `ptxas_usage` re-assembles the PTX
+with `ptxas -v` and parses registers and spills, which the PTX does not show (spills are ptxas's).
 
-Works with a `triton.jit` kernel; a kernel created while `TRITON_INTERPRET=1` was set cannot be
-compiled (Triton's own library functions are then interpreter objects too): `CompileUnavailable`.
+Interpreter mode: when `TRITON_INTERPRET=1` was set before Triton was imported (the CPU test
+session does that), `triton.jit` returns interpreter objects — and so do Triton's own library
+functions (`tl.max`, ...) — which cannot be compiled in that process. `compile_ptx` /
+`compile_ptx_batch` then compile in one child Python process without the variable; the kernel must
+be a module-level attribute of an importable module, and constexpr values JSON-serialisable.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["compile_ptx", "compile_kernel", "ptxas_usage", "CompileUnavailable", "ptx_target", "ptx_entries"]
+__all__ = ["compile_ptx", "compile_ptx_batch", "compile_kernel", "ptxas_usage", "CompileUnavailable",
+           "ptx_target", "ptx_entries", "CompileJob"]
 
 
 class CompileUnavailable(RuntimeError):
-    """The compile check cannot run in this process (interpreter mode, no ptxas, ...)."""
+    """The compile check cannot run here (no NVIDIA backend, no ptxas, child process failed to start)."""
 
 
-def _jit_function(kernel_fn):
+def _arg_names(kernel_fn) -> List[str]:
+    names = getattr(kernel_fn, "arg_names", None)
+    if names is None:
+        raise TypeError(f"kernel_fn: expected a triton.jit kernel, got {type(kernel_fn).__name__}")
+    return list(names)
+
+
+def _is_jit_function(kernel_fn) -> bool:
     import triton
 
-    if isinstance(kernel_fn, triton.runtime.jit.JITFunction):
-        return kernel_fn
-    raise CompileUnavailable(
-        f"{getattr(kernel_fn, '__name__', kernel_fn)!r} is not a triton.jit JITFunction (was it defined "
-        "with TRITON_INTERPRET=1 set? compile checks need the interpreter off)")
+    return isinstance(kernel_fn, triton.runtime.jit.JITFunction)
+
+
+def _full_signature(kernel_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any]) -> Dict[str, str]:
+    """Validated {parameter: type} in parameter order, constexprs marked "constexpr"."""
+    names = _arg_names(kernel_fn)
+    name = getattr(kernel_fn, "__name__", "kernel")
+    unknown = (set(signature) | set(constexprs)) - set(names)
+    if unknown:
+        raise ValueError(f"signature/constexprs: {sorted(unknown)} are not parameters of {name}")
+    sig: Dict[str, str] = {}
+    for p in names:
+        if p in constexprs:
+            sig[p] = "constexpr"
+        elif p in signature:
+            sig[p] = signature[p]
+        else:
+            raise ValueError(f"signature: missing a type for parameter {p!r} of {name}")
+    return sig
 
 
 def compile_kernel(kernel_fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, Any]],
-                   arch: int, **options):
-    """Compile `kernel_fn` for CUDA compute capability `arch` (90, 100, ...); returns Triton's
-    CompiledKernel (`.asm` holds "ttir", "ttgir", "llir", "ptx", "cubin").
+                   arch: int, divisible_by_16: Optional[Iterable[str]] = None, **options):
+    """Compile a `triton.jit` kernel in this process for CUDA compute capability `arch` (90, 100,
+    ...); returns Triton's CompiledKernel (`.asm` holds "ttir", "ttgir", "llir", "ptx", "cubin").
 
-    signature: every parameter name -> Triton type string ("*bf16", "*i32", "i32", "fp32", ...);
-        parameters listed in `constexprs` get "constexpr" (filled in here when missing).
-    constexprs: parameter name -> value for `tl.constexpr` parameters (and for arguments passed as
-        None, which Triton treats as constexpr).
+    signature: parameter name -> Triton type string ("*bf16", "*i32", "i32", "fp32", ...) for every
+        runtime parameter; parameters in `constexprs` may be left out (typed "constexpr" here).
+    constexprs: parameter name -> value for `tl.constexpr` parameters and for arguments passed as
+        None (Triton specialises those as constexpr None).
+    divisible_by_16: parameters the launcher would specialise as multiples of 16 (16-byte aligned
+        pointers, ints divisible by 16), which is what lets Triton vectorise memory accesses.
+        None (default) = every pointer parameter, as at run time with tensors from PyTorch's
+        allocator; pass () to compile without any alignment assumption.
     options: compiler options such as num_warps=4, num_stages=2, enable_fp_fusion=False.
+
+    Raises CompileUnavailable for an interpreter-mode kernel (use `compile_ptx`, which handles it).
     """
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn = _jit_function(kernel_fn)
+    if not _is_jit_function(kernel_fn):
+        raise CompileUnavailable(f"{getattr(kernel_fn, '__name__', kernel_fn)!r} is an interpreter object "
+                                 "(TRITON_INTERPRET=1): compile it with compile_ptx / compile_ptx_batch")
     constexprs = dict(constexprs or {})
-    sig: Dict[str, str] = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in signature:
-            sig[name] = signature[name]
-        else:
-            raise ValueError(f"signature: missing a type for parameter {name!r} of {fn.__name__}")
-    unknown = (set(signature) | set(constexprs)) - set(fn.arg_names)
-    if unknown:
-        raise ValueError(f"signature/constexprs: {sorted(unknown)} are not parameters of {fn.__name__}")
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    sig = _full_signature(kernel_fn, signature, constexprs)
+    if divisible_by_16 is None:
+        divisible_by_16 = [k for k, v in sig.items() if v.startswith("*")]
+    attrs = {}
+    for p in divisible_by_16:
+        if sig.get(p, "constexpr") == "constexpr":
+            raise ValueError(f"divisible_by_16: {p!r} is not a runtime parameter of {kernel_fn.__name__}")
+        attrs[(kernel_fn.arg_names.index(p),)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=kernel_fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options=dict(options))
 
 
-def compile_ptx(kernel_fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, Any]],
-                arch: int, **options) -> str:
-    """PTX text of `kernel_fn` compiled for compute capability `arch` (see `compile_kernel`).
+class CompileJob(dict):
+    """One kernel compilation for `compile_ptx_batch`: the arguments of `compile_ptx` by name."""
 
-    Example::
+    def __init__(self, kernel_fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, Any]],
+                 arch: int, divisible_by_16: Optional[Iterable[str]] = None, **options):
+        super().__init__(kernel_fn=kernel_fn, signature=dict(signature), constexprs=dict(constexprs or {}),
+                         arch=int(arch), divisible_by_16=None if divisible_by_16 is None else list(divisible_by_16),
+                         options=dict(options))
+
+
+def compile_ptx(kernel_fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, Any]],
+                arch: int, divisible_by_16: Optional[Iterable[str]] = None, **options) -> str:
+    """PTX text of `kernel_fn` compiled for compute capability `arch` (arguments: `compile_kernel`).
+
+    Works in interpreter mode too (see the module docstring). Example::
 
         ptx = compile_ptx(my_kernel, {"x_ptr": "*bf16", "n": "i32"}, {"BLOCK": 128}, arch=100)
         assert ptx_target(ptx) == "sm_100a"
     """
-    return compile_kernel(kernel_fn, signature, constexprs, arch, **options).asm["ptx"]
+    return compile_ptx_batch([CompileJob(kernel_fn, signature, constexprs, arch, divisible_by_16, **options)])[0]
+
+
+def compile_ptx_batch(jobs: Sequence[CompileJob]) -> List[str]:
+    """PTX of several compilations; in interpreter mode all of them share one child process."""
+    for job in jobs:  # validate here, in the caller's process, for clear errors
+        _full_signature(job["kernel_fn"], job["signature"], job["constexprs"])
+    if all(_is_jit_function(job["kernel_fn"]) for job in jobs):
+        return [compile_kernel(j["kernel_fn"], j["signature"], j["constexprs"], j["arch"], j["divisible_by_16"],
+                               **j["options"]).asm["ptx"] for j in jobs]
+    return _compile_in_child(jobs)
+
+
+def _compile_in_child(jobs: Sequence[CompileJob]) -> List[str]:
+    specs = []
+    for job in jobs:
+        fn = job["kernel_fn"]
+        py_fn = getattr(fn, "fn", fn)
+        spec = {k: v for k, v in job.items() if k != "kernel_fn"}
+        spec.update(module=py_fn.__module__, name=py_fn.__name__)
+        specs.append(spec)
+        mod = importlib.import_module(spec["module"])
+        if getattr(mod, spec["name"], None) is not fn:
+            raise CompileUnavailable(f"{spec['name']} is not a module-level attribute of {spec['module']}: "
+                                     "it cannot be compiled in a child process")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    # The child must import the same packages (this one and the kernel's module) first.
+    roots = []
+    for spec in specs:
+        top = sys.modules[spec["module"].split(".")[0]]
+        if getattr(top, "__file__", None):
+            roots.append(os.path.dirname(os.path.dirname(os.path.abspath(top.__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + [env.get("PYTHONPATH", "")]).keys()).strip(os.pathsep)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = os.path.join(tmp, "jobs.json")
+        with open(spec_path, "w") as f:
+            json.dump({"jobs": specs, "out_dir": tmp}, f)
+        try:
+            proc = subprocess.run([sys.executable, "-m", __name__, spec_path], env=env, capture_output=True,
+                                  text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CompileUnavailable(f"compile child process failed to run: {exc}") from exc
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile child process failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+        out = []
+        for i in range(len(specs)):
+            with open(os.path.join(tmp, f"{i}.ptx")) as f:
+                out.append(f.read())
+        return out
+
+
+def _child_main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        payload = json.load(f)
+    for i, spec in enumerate(payload["jobs"]):
+        fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+        ptx = compile_kernel(fn, spec["signature"], spec["constexprs"], spec["arch"], spec["divisible_by_16"],
+                             **spec["options"]).asm["ptx"]
+        with open(os.path.join(payload["out_dir"], f"{i}.ptx"), "w") as f:
+            f.write(ptx)
 
 
 def ptx_target(ptx: str) -> str:
@@ -92,8 +195,8 @@ def ptx_entries(ptx: str) -> list:
 def ptxas_usage(ptx: str, arch: int) -> Dict[str, int]:
     """Assemble `ptx` with Triton's bundled `ptxas -v` for sm_`arch`a; parse its resource report.
 
-    Returns {"registers", "spill_stores", "spill_loads", "stack_bytes"} (bytes for spills and
-    stack). Raises CompileUnavailable when no ptxas can be found.
+    Returns {"registers", "spill_stores", "spill_loads", "stack_bytes"} (spills and stack in
+    bytes). Raises CompileUnavailable when no ptxas can be found.
     """
     path = _ptxas_path(arch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,3 +237,7 @@ def _ptxas_path(arch: int) -> str:
     if not path or not os.path.exists(path):
         raise CompileUnavailable(f"ptxas not found ({path!r})")
     return path
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

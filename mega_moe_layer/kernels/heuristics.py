@@ -33,6 +33,9 @@ PRE_DISPATCH_GROUP_SIZES = (32, 64, 128)
 _PRE_DISPATCH_MAX_BLOCK_H = 1024
 #: Rows of the top-k arrays one top-k program copies / pads.
 _PRE_DISPATCH_TOPK_BLOCK_ROWS = 64
+#: Interpreter programs: at most this many elements of x, and this many top-k rows, each.
+_INTERPRETER_MAX_ELEMENTS = 1 << 16
+_INTERPRETER_TOPK_BLOCK_ROWS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,7 @@ class PreDispatchConfig:
 
 
 def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
-                        num_sms: int = DEFAULT_NUM_SMS) -> PreDispatchConfig:
+                        num_sms: int = DEFAULT_NUM_SMS, interpreter: bool = False) -> PreDispatchConfig:
     """Tiles of the pre-dispatch kernel for `num_rows` tokens (an upper bound) of width `hidden`.
 
     The kernel is a pure streaming pass (read 2 bytes, write 1 or 0.5 + scales per element), so
@@ -76,6 +79,9 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
       per SM: decode-sized batches (T <= ~128 at H = 7168) keep one row per program so all SMs
       stream; prefill-sized batches take 4 rows (8 KB of bf16 in flight per program) so fewer,
       fatter programs amortise index math.
+    * `interpreter=True` (CPU tensors, Triton's interpreter): the interpreter pays a fixed Python
+      cost per program and vectorises within one, so programs are as large as possible (a whole
+      row, up to 64 rows or 64K elements).
     """
     if group_size not in PRE_DISPATCH_GROUP_SIZES:
         raise ValueError(f"group_size: expected one of {PRE_DISPATCH_GROUP_SIZES}, got {group_size!r}")
@@ -85,6 +91,12 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
     if num_rows < 0:
         raise ValueError(f"num_rows: expected >= 0, got {num_rows}")
     words_per_row = hidden // (4 * group_size)
+    if interpreter:
+        block_w = next_power_of_2(words_per_row)
+        block_m = max(1, min(next_power_of_2(num_rows), 64, _INTERPRETER_MAX_ELEMENTS // (block_w * 4 * group_size)))
+        block_m = 1 << (block_m.bit_length() - 1)  # a power of two
+        return PreDispatchConfig(block_m=block_m, block_w=block_w, num_col_blocks=1,
+                                 topk_block_rows=_INTERPRETER_TOPK_BLOCK_ROWS, num_warps=4)
     block_w = min(next_power_of_2(words_per_row), max(1, _PRE_DISPATCH_MAX_BLOCK_H // (4 * group_size)))
     num_col_blocks = cdiv(words_per_row, block_w)
 

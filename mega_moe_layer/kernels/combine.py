@@ -1,0 +1,75 @@
+"""Combine reduce: y[t] = bf16(sum over k ascending of y_k), in float32 (DESIGN step 7).
+
+The rows y_k were stored by the owners' L2 epilogues into this rank's `combine` slot at (t, k):
+bf16 [T_max, K, H], or e4m3 [T_max, K, H] + packed UE8M0 int32 [T_max, K, H/128/4]. Slots whose id
+is -1 (masked) or out of [0, E) add 0; out-of-range ids also bump the error counter (counted by
+the programs of the first H block only, so each slot is counted once).
+
+Worked example (K = 2, H = 2, bf16 combine): topk_idx[t] = [3, -1], combine[t] = [[1, 2], [9, 9]]
+-> y[t] = [1, 2] (slot 1 is masked, its stale row is never read).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["combine_reduce"]
+
+
+@triton.jit
+def _bf16_rne_bits(v):
+    """float32 -> bfloat16 bit pattern (int16), round-to-nearest-even, by integer ops.
+
+    NOTE: integer ops make the CPU interpreter (which mis-rounds float casts) bit-faithful; inputs
+    are finite here.
+    """
+    b = v.to(tl.int32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.int16)
+
+
+@triton.jit
+def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts,
+                    H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    cm = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    t64 = t.to(tl.int64)
+    for k in tl.static_range(K):
+        e = tl.load(idx_ptr + t64 * K + k)
+        valid = (e >= 0) & (e < num_experts)
+        vm = cm & ((cols * 0 + valid.to(tl.int32)) > 0)                # [BLOCK_H] bool
+        row = (t64 * K + k) * H
+        if FP8:
+            q = tl.load(comb_ptr + row + cols, mask=vm, other=0.0).to(tl.float32)
+            word = tl.load(comb_sf_ptr + (t64 * K + k) * (H // 512) + cols // 512, mask=vm, other=0)
+            ebits = (word >> ((cols // 128) % 4 * 8)) & 0xFF
+            scale = (ebits << 23).to(tl.float32, bitcast=True)      # 2**(e-127), e in [1, 254]
+            v = q * scale
+        else:
+            v = tl.load(comb_ptr + row + cols, mask=vm, other=0.0).to(tl.float32)
+        acc += v
+        if hb == 0:
+            bad = (e < -1) | (e >= num_experts)
+            tl.atomic_add(err_ptr, 1, mask=bad, sem="relaxed")
+    tl.store(y_ptr + t64 * H + cols, _bf16_rne_bits(acc), mask=cm)
+
+
+def combine_reduce(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y: torch.Tensor,
+                   error_counter: torch.Tensor, num_experts: int, block_h: int = 1024) -> None:
+    """y bf16 [T, H] <- reduce of combine [>=T, K, H] (bf16 or e4m3) by topk_idx int32 [>=T, K].
+
+    combine_sf: int32 [>=T, K, H/512] for an e4m3 combine, else None. error_counter int32 [1].
+    """
+    T, H = y.shape
+    if T == 0:
+        return
+    K = topk_idx.shape[1]
+    fp8 = combine.dtype == torch.float8_e4m3fn
+    grid = (T, triton.cdiv(H, block_h))
+    _combine_kernel[grid](combine, combine_sf if fp8 else combine, topk_idx, y.view(torch.int16),
+                          error_counter, T,
+                          num_experts, H=H, K=K, FP8=fp8, BLOCK_H=block_h, num_warps=4)

@@ -1,0 +1,138 @@
+"""Dispatch: pull the tokens routed to this rank's experts from every peer over NVLink.
+
+Pull, not push. NOTE (bytes moved, per destination rank d and source s): d reads s's `topk_idx`
+rows (4 K bytes a token: 32 B for K = 8, under 1% of a 7168-byte FP8 row) and then only the token
+rows it needs, each once however many of d's experts the token selected — the same payload a push
+would write, but d learns the counts by reading them rather than s writing counts plus a signal
+per destination, and no slot of d is written by a peer before d is ready for it.
+
+Two launches after the pre-dispatch barrier (both read every peer's `topk_idx`, which is small):
+
+1. `_count_kernel`: pairs per local expert (atomics) -> `counts` int32 [E_local]; the caller turns
+   it into `expert_offsets` [E_local + 1] with a device cumsum (no host sync).
+2. `_fill_kernel`: for each (source s, token t) that hits this rank, copy its row (and scales and
+   top-k weights) into the receive pool at row s * T_max + t, and for each local slot k append a
+   pair at `expert_offsets[e] + atomic cursor`: pool row, top-k weight, and the absolute address
+   of row (t, k) of s's `combine` slot, where the L2 epilogue will store y_k.
+
+Pair order within an expert depends on atomics; every row's arithmetic is independent of its
+position, so results are deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dispatch_count", "dispatch_fill"]
+
+
+@triton.jit
+def _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K: tl.constexpr, KP: tl.constexpr):
+    base = tl.load(peer_bases_ptr + s)
+    idx_ptr = (base + idx_off).to(tl.pointer_type(tl.int32))
+    k = tl.arange(0, KP)
+    m = (t < Tmax)[:, None] & (k < K)[None, :]
+    ids = tl.load(idx_ptr + t[:, None] * K + k[None, :], mask=m, other=-1)
+    loc = ids - rank * El
+    is_local = m & (ids >= 0) & (loc >= 0) & (loc < El)
+    return base, k, loc, is_local
+
+
+@triton.jit
+def _count_kernel(peer_bases_ptr, idx_off, counts_ptr, rank, El, Tmax,
+                  K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr):
+    s = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _, _, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
+    tl.atomic_add(counts_ptr + loc, 1, mask=is_local, sem="relaxed")
+
+
+@triton.jit
+def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combsf_off,
+                 my_base, pool_off, pool_sf_off,
+                 offsets_ptr, cursor_ptr, pair_rows_ptr, pair_w_ptr, pair_dst_ptr, pair_dst_sf_ptr,
+                 rank, El, Tmax,
+                 X_WORDS: tl.constexpr, SF_WORDS: tl.constexpr, COMB_ROW_BYTES: tl.constexpr,
+                 COMB_SF_ROW_BYTES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+    s = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    base, k, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
+    need = tl.sum(is_local.to(tl.int32), axis=1) > 0                        # [BLOCK_T]
+
+    # Pairs: one per local slot.
+    pos = tl.atomic_add(cursor_ptr + loc, 1, mask=is_local, sem="relaxed")
+    pos = pos + tl.load(offsets_ptr + loc, mask=is_local, other=0)
+    wk = tl.load((base + w_off).to(tl.pointer_type(tl.float32)) + t[:, None] * K + k[None, :],
+                 mask=is_local, other=0.0)
+    row = s * Tmax + t
+    tl.store(pair_rows_ptr + pos, (row[:, None] + 0 * k[None, :]).to(tl.int32), mask=is_local)
+    tl.store(pair_w_ptr + pos, wk, mask=is_local)
+    tk = (t[:, None] * K + k[None, :]).to(tl.int64)
+    tl.store(pair_dst_ptr + pos, base + comb_off + tk * COMB_ROW_BYTES, mask=is_local)
+    if COMB_SF_ROW_BYTES > 0:
+        tl.store(pair_dst_sf_ptr + pos, base + combsf_off + tk * COMB_SF_ROW_BYTES, mask=is_local)
+
+    # The token row (once per token, however many local slots) and its scales.
+    src_x = (base + x_off).to(tl.pointer_type(tl.int32))
+    dst_x = (my_base + pool_off).to(tl.pointer_type(tl.int32))
+    t64 = t.to(tl.int64)
+    r64 = row.to(tl.int64)
+    for c0 in range(0, X_WORDS, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        m = need[:, None] & (c < X_WORDS)[None, :]
+        v = tl.load(src_x + t64[:, None] * X_WORDS + c[None, :], mask=m)
+        tl.store(dst_x + r64[:, None] * X_WORDS + c[None, :], v, mask=m)
+    if SF_WORDS > 0:
+        src_sf = (base + xsf_off).to(tl.pointer_type(tl.int32))
+        dst_sf = (my_base + pool_sf_off).to(tl.pointer_type(tl.int32))
+        for c0 in range(0, SF_WORDS, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            m = need[:, None] & (c < SF_WORDS)[None, :]
+            v = tl.load(src_sf + t64[:, None] * SF_WORDS + c[None, :], mask=m)
+            tl.store(dst_sf + r64[:, None] * SF_WORDS + c[None, :], v, mask=m)
+
+
+def _kp(K: int) -> int:
+    return triton.next_power_of_2(K)
+
+
+def dispatch_count(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torch.Tensor, *,
+                   rank: int, num_ranks: int, num_local_experts: int, max_tokens: int, topk: int,
+                   block_t: int = 64) -> None:
+    """counts int32 [E_local] += pairs every rank routes to each local expert (zero it first).
+
+    peer_bases int64 [R]: workspace base addresses; topk_idx_offset: byte offset of the int32
+    [T_max, K] `topk_idx` slot (rows beyond a rank's T hold -1, written by the pre-dispatch).
+    """
+    grid = (num_ranks, triton.cdiv(max_tokens, block_t))
+    _count_kernel[grid](peer_bases, topk_idx_offset, counts, rank, num_local_experts, max_tokens,
+                        K=topk, KP=_kp(topk), BLOCK_T=block_t, num_warps=4)
+
+
+def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch.Tensor,
+                  cursor: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor,
+                  pair_dst: torch.Tensor, pair_dst_sf: torch.Tensor, *, my_base: int, rank: int,
+                  num_ranks: int,
+                  num_local_experts: int, max_tokens: int, topk: int, x_row_bytes: int,
+                  sf_row_bytes: int, comb_row_bytes: int, comb_sf_row_bytes: int,
+                  block_t: int = 4, chunk: int = 512) -> None:
+    """Pull rows into the pool and write the expert-contiguous pair arrays (see module doc).
+
+    my_base: this rank's workspace base address (host int, fixed at workspace creation).
+    offsets: byte offsets of the slots "topk_idx", "topk_weights", "x", "x_sf", "combine",
+    "combine_sf", "recv_x", "recv_x_sf". expert_offsets int32 [E_local + 1] (exclusive prefix sums
+    of the counts), cursor int32 [E_local] zeroed; pair_rows int32 [P], pair_weights float32 [P],
+    pair_dst / pair_dst_sf int64 [P] outputs.
+    """
+    assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
+    grid = (num_ranks, triton.cdiv(max_tokens, block_t))
+    _fill_kernel[grid](
+        peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
+        offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
+        offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst, pair_dst_sf,
+        rank, num_local_experts, max_tokens,
+        X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
+        COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t, CHUNK=chunk,
+        num_warps=4)

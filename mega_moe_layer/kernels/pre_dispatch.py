@@ -1,0 +1,375 @@
+"""Pre-dispatch: quantise x per group (FP8 E4M3 or packed FP4 E2M1 + packed UE8M0 scales), copy the
+top-k ids and weights and pad the unused top-k rows — one kernel launch.
+
+Public entry point: `mega_moe_pre_dispatch` (destination passing: it writes into caller-owned
+buffers, allocates nothing, never synchronises with the host, so it can be captured in a CUDA
+graph). Bit-exact against `reference.per_token_cast_to_fp8` / `per_token_cast_to_fp4`.
+
+The numerics are done with integer operations on the float bit patterns (no float -> fp8 cast, no
+float division), which makes them identical on the GPU and in Triton's CPU interpreter; CPU
+tensors run the kernel in that interpreter (slow: for tests at small shapes).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import PRE_DISPATCH_GROUP_SIZES, PreDispatchConfig, next_power_of_2, pre_dispatch_config
+
+__all__ = ["mega_moe_pre_dispatch"]
+
+# float32 bit patterns of the DESIGN constants (the UE8M0 rule, reference.py).
+#: float32(1e-4): the amax floor.
+_AMAX_FLOOR_BITS = tl.constexpr(0x38D1B717)
+#: 448 = 1.75 * 2**8 (FP8 E4M3 max): unbiased exponent and mantissa field.
+_FP8_Q_EXP = tl.constexpr(8)
+_FP8_Q_MANT = tl.constexpr(0x600000)
+#: 6 = 1.5 * 2**2 (FP4 E2M1 max): unbiased exponent and mantissa field.
+_FP4_Q_EXP = tl.constexpr(2)
+_FP4_Q_MANT = tl.constexpr(0x400000)
+
+# NOTE: Triton's own `tl.max` cannot run in an interpreter created after `import triton` without
+# TRITON_INTERPRET=1 (it is itself a jit function). `tl.reduce` with this combine function is what
+# `tl.max` does on the GPU, and the interpreter recognises it and reduces with numpy.
+_MAX_COMBINE = tl.standard._elementwise_max
+
+
+@triton.jit(do_not_specialize=["num_tokens", "max_tokens"])
+def _pre_dispatch_kernel(
+    x_ptr,            # int32 [max_tokens, HIDDEN/2]: bf16 x, two columns per word (even column low)
+    topk_idx_ptr,     # int32 | int64 [max_tokens, TOPK]
+    topk_w_ptr,       # int32 [max_tokens, TOPK]: bit patterns of the float32 weights
+    out_x_ptr,        # FP8: int16 [>=T, HIDDEN/2] (two e4m3 bytes); FP4: int8 [>=T, HIDDEN/2]
+    out_sf_ptr,       # int32 [>=T, HIDDEN/GROUP/4]: packed UE8M0 bytes
+    out_idx_ptr,      # int32 | int64 [num_topk_rows, TOPK]
+    out_w_ptr,        # int32 [num_topk_rows, TOPK]: float32 bits
+    num_tokens_ptr,   # int32 [1] when NUM_TOKENS_ON_DEVICE, else None
+    num_tokens,       # rows to quantise / copy (ignored when NUM_TOKENS_ON_DEVICE)
+    max_tokens,       # rows of x and topk inputs: clamp of the on-device count
+    num_topk_rows,    # rows of the top-k buffers (copied below num_tokens, padded above)
+    num_topk_programs,
+    HIDDEN: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+    USE_FP4: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
+):
+    """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
+
+    A quantisation program owns BLOCK_M rows x BLOCK_W scale words (each word = 4 groups of GROUP
+    columns) and handles the 4 groups of its words one at a time (`j`), each as a
+    [BLOCK_M, BLOCK_W, GROUP/2] tile of bf16 pairs, so the 4 scale bytes of a word are combined
+    without any cross-lane reduction.
+
+    Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
+      FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
+          (reference: s = 3/448 = 0.0067 = 1.71 * 2**-8, mantissa != 0 -> e = 119 + 1 = 120);
+          x is multiplied by 2**(127-120) = 128: 3.0 -> 384 = 1.5 * 2**8 -> E4M3 0x7C,
+          -0.3 (bf16 -0.30078125) -> -38.5 -> -40 = -1.25 * 2**5 (nearest at 3 mantissa bits)
+          -> sign | E 12 | m 2 = 0xE2; scale byte 120 (0x78).
+      FP4, Q = 6 = 1.5 * 2**2: e = 128 - 2 + (0x400000 > 0x400000 = 0) = 126 (s = 0.5 exactly);
+          x * 2: 3.0 -> 6.0 -> code 7, -0.3 -> -0.6016 -> 0.5 (nearest) -> code 1 | sign 8 = 0x9;
+          the pair (3.0, -0.3) in columns (2i, 2i+1) packs to byte 0x97.
+    """
+    pid = tl.program_id(0)
+    if NUM_TOKENS_ON_DEVICE:
+        n = tl.load(num_tokens_ptr)
+        # NOTE: a count from the device cannot be validated on the host: clamp it so that a bad
+        # value never reads or writes out of bounds.
+        n = tl.minimum(tl.maximum(n, 0), max_tokens)
+    else:
+        n = num_tokens
+
+    if pid < num_topk_programs:
+        # ---- top-k ids / weights: copy rows < n, pad rows [n, num_topk_rows) with -1 / 0.0 ----
+        # NOTE: names here differ from the other branch's: Triton merges same-named variables of
+        # both branches of a runtime `if`, which then must have the same type.
+        t_rows = pid * TOPK_BLOCK_ROWS + tl.arange(0, TOPK_BLOCK_ROWS)
+        t_cols = tl.arange(0, TOPK_PAD)
+        t_offs = t_rows.to(tl.int64)[:, None] * TOPK + t_cols[None, :]
+        t_col_ok = (t_cols < TOPK)[None, :]
+        t_in = (t_rows < n)[:, None] & t_col_ok
+        t_out = (t_rows < num_topk_rows)[:, None] & t_col_ok
+        ids = tl.load(topk_idx_ptr + t_offs, mask=t_in, other=-1)
+        wts = tl.load(topk_w_ptr + t_offs, mask=t_in, other=0)  # 0 bits == +0.0
+        tl.store(out_idx_ptr + t_offs, ids.to(out_idx_ptr.dtype.element_ty), mask=t_out)
+        tl.store(out_w_ptr + t_offs, wts, mask=t_out)
+    else:
+        # ---- quantisation of a [BLOCK_M rows, BLOCK_W words] tile of x ----
+        # NOTE: derived sizes are annotated constexpr: the interpreter turns a plain `//` into a
+        # tensor op, and tl.arange needs compile-time bounds.
+        GP: tl.constexpr = GROUP // 2                         # bf16 pairs (x words) per group
+        PAIRS_PER_ROW: tl.constexpr = HIDDEN // 2
+        WORDS_PER_ROW: tl.constexpr = HIDDEN // (4 * GROUP)   # packed scale words per row
+        NUM_COL_BLOCKS: tl.constexpr = (WORDS_PER_ROW + BLOCK_W - 1) // BLOCK_W
+        q = pid - num_topk_programs
+        pid_m = q // NUM_COL_BLOCKS
+        pid_c = q - pid_m * NUM_COL_BLOCKS
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        words = pid_c * BLOCK_W + tl.arange(0, BLOCK_W)
+        pairs = tl.arange(0, GP)
+        rows64 = rows.to(tl.int64)
+        tile_ok = (rows < n)[:, None] & (words < WORDS_PER_ROW)[None, :]      # [BM, BW]
+        mask = tile_ok[:, :, None]                                            # [BM, BW, 1]
+        sf_word = tl.full((BLOCK_M, BLOCK_W), 0, tl.int32)
+        for j in tl.static_range(4):
+            # Pair column of (row, word, group j of the word, pair p of the group).
+            col = (words[:, None] * 4 + j) * GP + pairs[None, :]              # [BW, GP]
+            offs = rows64[:, None, None] * PAIRS_PER_ROW + col[None, :, :]    # [BM, BW, GP]
+            w = tl.load(x_ptr + offs, mask=mask, other=0)
+            # bf16 -> float32 bit patterns by shifting (exact; no float conversion involved).
+            lo = w << 16                      # even column
+            hi = w & -65536                   # odd column (0xFFFF0000)
+
+            # UE8M0 exponent. For finite non-negative floats the int order of the bit patterns is
+            # the float order, so amax is an integer max of |x| bits.
+            amax = tl.reduce(tl.maximum(lo & 0x7FFFFFFF, hi & 0x7FFF0000), 2, _MAX_COMBINE)
+            amax = tl.maximum(amax, _AMAX_FLOOR_BITS)
+            # NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
+            # amax <= Q * 2**(n-127), because for Q = 1.75 * 2**8 and 1.5 * 2**2 the next float
+            # above Q * 2**m is more than Q * 2**m * (1 + 2**-24) away, so the rounded quotient
+            # is <= 2**m exactly when amax <= Q * 2**m. With amax = M * 2**a (M in [1, 2)) that
+            # is n = a + 127 - Q_EXP + (M > Q's mantissa): pure integer arithmetic, no division
+            # (exhaustively checked against the reference over all bf16 values).
+            if USE_FP4:
+                e = (amax >> 23) - _FP4_Q_EXP + ((amax & 0x7FFFFF) > _FP4_Q_MANT).to(tl.int32)
+            else:
+                e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
+            e = tl.minimum(tl.maximum(e, 1), 254)
+            sf_word = sf_word | (e << (8 * j))   # byte j of the word; e << 24 may set the sign bit
+            # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
+            # finite bf16 input, kept for completeness).
+            inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)
+            # |q| <= Q by construction; the product is exact (a power-of-two multiply).
+            qv = (tl.join(lo, hi).to(tl.float32, bitcast=True) * inv[:, :, None, None]).to(tl.int32,
+                                                                                           bitcast=True)
+
+            # Round-to-nearest-even to the target format, on the float32 bits qv: |qv| in absb,
+            # implicit-bit mantissa in mant24 for the subnormal range of the target.
+            absb = qv & 0x7FFFFFFF
+            expf = absb >> 23
+            mant24 = (absb & 0x7FFFFF) | 0x800000
+            if USE_FP4:
+                # E2M1 normals (|q| >= 1): keep 1 mantissa bit; RNE by adding 0x1FFFFF + lsb, a
+                # mantissa carry correctly bumps the exponent (1.75 -> 2, 3.5 -> 4). Code =
+                # (biased exp << 1 | m) with bias 1: float32 exponent field 127 -> E = 1.
+                norm = ((absb + 0x1FFFFF + ((absb >> 22) & 1)) >> 22) - (126 << 1)
+                # |q| < 1: code = RNE(|q| * 2) in {0, 1, 2} (2 = 1.0, the smallest normal).
+                shift = tl.maximum(tl.minimum(149 - expf, 25), 1)
+                code = tl.where(expf >= 127, norm,
+                                (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift)
+                # Sign in bit 3 only for a non-zero code (no -0 in the packed data).
+                code = code | tl.where(code != 0, (qv >> 28) & 8, 0)
+                c_lo, c_hi = tl.split(code)
+                packed = (c_lo | (c_hi << 4)).to(tl.int8)           # even column in the low nibble
+            else:
+                # E4M3 normals (|q| >= 2**-6): keep 3 mantissa bits, bias 7 (field 121 -> E = 1).
+                norm = ((absb + 0x7FFFF + ((absb >> 20) & 1)) >> 20) - (120 << 3)
+                # |q| < 2**-6: code = RNE(|q| * 2**9) in 0..8 (8 = 2**-6, the smallest normal).
+                shift = tl.maximum(tl.minimum(141 - expf, 25), 1)
+                code = tl.where(expf >= 121, norm,
+                                (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift)
+                code = code | ((qv >> 24) & 0x80)                  # sign bit, -0 kept (as torch)
+                c_lo, c_hi = tl.split(code)
+                packed = (c_lo | (c_hi << 8)).to(tl.int16)          # little endian: even column first
+            tl.store(out_x_ptr + offs, packed, mask=mask)
+        sf_offs = rows64[:, None] * WORDS_PER_ROW + words[None, :]
+        tl.store(out_sf_ptr + sf_offs, sf_word, mask=tile_ok)
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreted_kernel():
+    """The same kernel run by Triton's CPU interpreter (for CPU tensors)."""
+    if isinstance(_pre_dispatch_kernel, triton.runtime.jit.JITFunction):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_pre_dispatch_kernel.fn)
+    return _pre_dispatch_kernel  # already an interpreter object (TRITON_INTERPRET=1 at import)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device (a cached host-side property query; no synchronisation)."""
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (host metadata only: no device access, no sync)
+# ------------------------------------------------------------------------------------------------
+def _need_tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _need_dtype(t: torch.Tensor, name: str, dtypes) -> None:
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {t.dtype}")
+
+
+def _need_shape(t: torch.Tensor, name: str, want: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+
+
+def _need_contiguous(t: torch.Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (strides {tuple(t.stride())} for shape "
+                         f"{tuple(t.shape)})")
+
+
+def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
+                         num_tokens, group_size: int = 32, use_fp4_acts: bool = False,
+                         config: Optional[PreDispatchConfig] = None) -> None:
+    """`mega_moe_pre_dispatch` with an optional explicit launch config (benchmarks / tuning)."""
+    # --- arguments ---
+    if not isinstance(use_fp4_acts, bool):
+        raise TypeError(f"use_fp4_acts: expected a bool, got {type(use_fp4_acts).__name__}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in PRE_DISPATCH_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {PRE_DISPATCH_GROUP_SIZES}, got {group_size!r}")
+    for t, name in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (buf_x, "buf_x"),
+                    (buf_x_sf, "buf_x_sf"), (buf_topk_idx, "buf_topk_idx"),
+                    (buf_topk_weights, "buf_topk_weights")):
+        _need_tensor(t, name)
+
+    _need_dtype(x, "x", (torch.bfloat16,))
+    _need_shape(x, "x", "[T, H] (2-D)", x.dim() == 2)
+    T, H = x.shape
+    if H <= 0 or H % (4 * group_size) != 0:
+        raise ValueError(f"x: hidden size H = {H} must be a positive multiple of 4 * group_size = "
+                         f"{4 * group_size} (4 UE8M0 scale bytes pack into one int32)")
+    _need_dtype(topk_idx, "topk_idx", (torch.int32, torch.int64))
+    _need_shape(topk_idx, "topk_idx", f"[T={T}, K] with K >= 1",
+                topk_idx.dim() == 2 and topk_idx.shape[0] == T and topk_idx.shape[1] >= 1)
+    K = topk_idx.shape[1]
+    _need_dtype(topk_weights, "topk_weights", (torch.float32,))
+    _need_shape(topk_weights, "topk_weights", f"[T={T}, K={K}]", tuple(topk_weights.shape) == (T, K))
+
+    cols_x = H // 2 if use_fp4_acts else H
+    _need_dtype(buf_x, "buf_x", (torch.int8,) if use_fp4_acts else (torch.float8_e4m3fn,))
+    _need_shape(buf_x, "buf_x", f"[rows, {cols_x}] ({'H/2 packed FP4' if use_fp4_acts else 'H'} columns)",
+                buf_x.dim() == 2 and buf_x.shape[1] == cols_x)
+    words = H // (4 * group_size)
+    _need_dtype(buf_x_sf, "buf_x_sf", (torch.int32,))
+    _need_shape(buf_x_sf, "buf_x_sf", f"[rows, {words}] (H / group_size / 4 packed UE8M0 words)",
+                buf_x_sf.dim() == 2 and buf_x_sf.shape[1] == words)
+    _need_dtype(buf_topk_idx, "buf_topk_idx", (torch.int32, torch.int64))
+    _need_shape(buf_topk_idx, "buf_topk_idx", f"[rows, K={K}]",
+                buf_topk_idx.dim() == 2 and buf_topk_idx.shape[1] == K)
+    R = buf_topk_idx.shape[0]
+    _need_dtype(buf_topk_weights, "buf_topk_weights", (torch.float32,))
+    _need_shape(buf_topk_weights, "buf_topk_weights", f"[rows={R}, K={K}] (same rows as buf_topk_idx)",
+                tuple(buf_topk_weights.shape) == (R, K))
+
+    device = buf_x.device
+    for t, name in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"),
+                    (buf_x_sf, "buf_x_sf"), (buf_topk_idx, "buf_topk_idx"),
+                    (buf_topk_weights, "buf_topk_weights")):
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of buf_x), got {t.device}")
+        _need_contiguous(t, name)
+    _need_contiguous(buf_x, "buf_x")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"buf_x: expected a CUDA tensor (or CPU for Triton's interpreter), got {device}")
+
+    # --- token count ---
+    on_device = isinstance(num_tokens, torch.Tensor)
+    if on_device:
+        _need_dtype(num_tokens, "num_tokens", (torch.int32,))
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens: expected a 1-element int32 tensor, got shape {tuple(num_tokens.shape)}")
+        if num_tokens.device != device:
+            raise ValueError(f"num_tokens: expected device {device}, got {num_tokens.device}")
+        rows_needed = T        # the count is only known on the device: buffers must hold all of x
+        count = 0
+    else:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens: expected an int or a 1-element int32 tensor, got "
+                            f"{type(num_tokens).__name__}")
+        if not 0 <= num_tokens <= T:
+            raise ValueError(f"num_tokens: expected 0 <= num_tokens <= T = {T} (rows of x), got {num_tokens}")
+        rows_needed = count = num_tokens
+    for t, name in ((buf_x, "buf_x"), (buf_x_sf, "buf_x_sf"), (buf_topk_idx, "buf_topk_idx")):
+        if t.shape[0] < rows_needed:
+            what = "rows of x (num_tokens is a device tensor)" if on_device else "num_tokens"
+            raise ValueError(f"{name}: too small: {t.shape[0]} rows < {rows_needed} ({what})")
+    if rows_needed >= 2**31 or R >= 2**31:
+        raise ValueError(f"x: {rows_needed} rows exceed the kernel's int32 row index")
+
+    # --- launch ---
+    if config is None:
+        if device.type == "cuda":
+            config = pre_dispatch_config(rows_needed, H, group_size, num_sms=_num_sms(device))
+        else:
+            config = pre_dispatch_config(rows_needed, H, group_size, interpreter=True)
+    num_topk_programs = config.num_topk_programs(R)
+    grid = (num_topk_programs + config.num_x_programs(rows_needed),)
+    if grid[0] == 0:
+        return
+    # Views only (no copies): bf16 pairs as int32 words, float32 weights as their bits, the FP8
+    # buffer as int16 byte pairs.
+    try:
+        x_words = x.view(torch.int32)
+    except RuntimeError as exc:  # e.g. a view starting at an odd element
+        raise ValueError(f"x: cannot be read as bf16 pairs (int32 words): {exc}") from exc
+    out_x = buf_x.view(torch.int8) if use_fp4_acts else buf_x.view(torch.int16)
+    kernel = _interpreted_kernel() if device.type == "cpu" else _pre_dispatch_kernel
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](
+            x_words, topk_idx, topk_weights.view(torch.int32),
+            out_x, buf_x_sf, buf_topk_idx, buf_topk_weights.view(torch.int32),
+            num_tokens if on_device else None,
+            count, T, R, num_topk_programs,
+            HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
+            USE_FP4=use_fp4_acts, NUM_TOKENS_ON_DEVICE=on_device,
+            BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
+            num_warps=config.num_warps, enable_fp_fusion=False,
+        )
+
+
+def mega_moe_pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                          buf_x: torch.Tensor, buf_x_sf: torch.Tensor, buf_topk_idx: torch.Tensor,
+                          buf_topk_weights: torch.Tensor, num_tokens: Union[int, torch.Tensor],
+                          group_size: int = 32, use_fp4_acts: bool = False) -> None:
+    """Quantise x and stage the top-k arrays into the dispatch buffers, in one kernel launch.
+
+    Args:
+        x: bf16 [T, H], contiguous; H a multiple of 4 * group_size. Only the first num_tokens rows
+            are read (x may be empty with a null data pointer when num_tokens is 0).
+        topk_idx: int32 or int64 [T, K] expert ids (-1 = masked slot; copied as they are).
+        topk_weights: float32 [T, K] (copied bit for bit).
+        buf_x: FP8 (use_fp4_acts=False): float8_e4m3fn [R_x >= num_tokens, H];
+            FP4 (use_fp4_acts=True): int8 [R_x >= num_tokens, H/2], two E2M1 codes per byte,
+            even column in the low nibble. Rows >= num_tokens are left untouched.
+        buf_x_sf: int32 [R_x' >= num_tokens, H/group_size/4]: UE8M0 scale bytes of 4 consecutive
+            groups per little-endian word. Rows >= num_tokens are left untouched.
+        buf_topk_idx: int32 or int64 [R >= num_tokens, K]: rows < num_tokens get topk_idx (converted
+            to this dtype), rows [num_tokens, R) get -1.
+        buf_topk_weights: float32 [R, K] (same R): rows < num_tokens get topk_weights, the rest 0.0.
+        num_tokens: a Python int in [0, T]; or a 1-element int32 tensor on the buffers' device,
+            read by the kernel, so that one captured CUDA graph can replay with varying counts.
+            With a tensor the buffers must have >= T rows, the grid covers all T rows of x, and a
+            count outside [0, T] is clamped into it on the device (it cannot be checked on the host).
+        group_size: 32, 64 or 128 columns per UE8M0 scale.
+        use_fp4_acts: packed E2M1 (Q = 6) instead of FP8 E4M3 (Q = 448).
+
+    Numerics (bitwise equal to `reference.per_token_cast_to_fp8` / `per_token_cast_to_fp4`):
+    amax per group floored at 1e-4, e = ceil-exponent of fl(amax / Q) clamped to [1, 254], values
+    multiplied exactly by 2**(127 - e) and rounded to nearest even. Inputs must be finite.
+
+    Raises TypeError / ValueError naming the argument for a wrong type, dtype, shape, device,
+    layout, group size or too-small buffer, before anything is launched. Never synchronises with
+    the host and allocates nothing (CUDA-graph capturable). CPU tensors run the same kernel in
+    Triton's interpreter (for tests).
+    """
+    _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
+                         num_tokens, group_size=group_size, use_fp4_acts=use_fp4_acts)

@@ -1,0 +1,143 @@
+"""Dispatch (pull) and combine-reduce kernels, with R ranks simulated in one process.
+
+Each simulated rank has its own workspace (`CPUWorkspace`, same layout as the symmetric one);
+`peer_bases` holds their addresses, exactly as the NVSHMEM peer table does on GPUs. Under the
+Triton interpreter (CPU) or on one GPU, the kernels move bytes between those buffers. The experts
+are replaced by a fixed function of the received row, so every check is bitwise.
+"""
+import pytest
+import torch
+
+import mega_moe_layer as mml
+from mega_moe_layer.comm.workspace import CPUWorkspace
+from mega_moe_layer.kernels import combine as combine_k
+from mega_moe_layer.kernels import dispatch as dispatch_k
+from mega_moe_layer.kernels import reference as ref
+from utils import assert_bitwise, make_inputs
+
+
+def _setup(R, cfg, Ts, seed, dev):
+    wss = [CPUWorkspace(cfg, R) for _ in range(R)]
+    if dev.type == "cuda":
+        for w in wss:
+            w.buffer.data = w.buffer.data.to(dev)   # same layout on the device
+            w._views.clear()
+    bases = torch.tensor([w.buffer.data_ptr() for w in wss], dtype=torch.int64, device=dev)
+    inputs = []
+    for r, w in enumerate(wss):
+        x, idx, wt = make_inputs(cfg, Ts[r], seed=seed + r, mask_frac=0.15)
+        xq, xsf = ref.quantize_act(x, cfg.act_format, cfg.act_group_size)
+        T = Ts[r]
+        w.view("x")[:T].copy_(xq.to(dev))
+        if xsf is not None:
+            w.view("x_sf")[:T].copy_(xsf.to(dev))
+        w.view("topk_idx").fill_(-1)
+        w.view("topk_idx")[:T].copy_(idx.to(dev))
+        w.view("topk_weights").zero_()
+        w.view("topk_weights")[:T].copy_(wt.to(dev))
+        inputs.append((x, idx, wt, xq, xsf))
+    return wss, bases, inputs
+
+
+def _fake_expert(xq_row, xsf_row, cfg, e):
+    """y_k of a fake expert: the dequantised row times (e + 1), in bf16 (a bitwise-checkable map)."""
+    x = ref.dequantize_act(xq_row, xsf_row, cfg.act_format, cfg.act_group_size)
+    return (x * (e + 1)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("R,act,comb", [(2, "fp8", "bf16"), (3, "fp4", "fp8"), (2, "bf16", "bf16"),
+                                        (1, "fp8", "fp8")])
+def test_dispatch_then_combine_bitwise(R, act, comb):
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = mml.MegaMoEConfig(hidden=512, intermediate=128, num_experts=6 * R, topk=4,
+                            max_tokens_per_rank=12, act_format=act, combine_format=comb)
+    Ts = [12, 0, 5][:R] if R > 1 else [7]
+    wss, bases, inputs = _setup(R, cfg, Ts, seed=10, dev=dev)
+    El, K, H, Tmax = cfg.num_experts // R, cfg.topk, cfg.hidden, cfg.max_tokens_per_rank
+    off = {s.name: s.offset for s in wss[0].layout}
+    x_bytes = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[act]
+    sf_bytes = 0 if act == "bf16" else H // cfg.act_group_size
+    comb_bytes = H * (1 if comb == "fp8" else 2)
+    comb_sf_bytes = H // 128 if comb == "fp8" else 0
+    P = R * Tmax * min(K, El)
+    for d in range(R):
+        kw = dict(rank=d, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K)
+        counts = torch.zeros(El, dtype=torch.int32, device=dev)
+        dispatch_k.dispatch_count(bases, off["topk_idx"], counts, **kw)
+        expect = torch.zeros(El, dtype=torch.int64)
+        for (_, idx, _, _, _) in inputs:
+            loc = idx[(idx >= d * El) & (idx < (d + 1) * El)] - d * El
+            expect += torch.bincount(loc, minlength=El)
+        assert torch.equal(counts.cpu().long(), expect), f"rank {d} counts"
+        offsets = torch.zeros(El + 1, dtype=torch.int32, device=dev)
+        offsets[1:] = torch.cumsum(counts, 0)
+        cursor = torch.zeros(El, dtype=torch.int32, device=dev)
+        pair_rows = wss[d].view("pair_rows")
+        pw = torch.zeros(P, dtype=torch.float32, device=dev)
+        pdst = torch.zeros(P, dtype=torch.int64, device=dev)
+        pdst_sf = torch.zeros(P, dtype=torch.int64, device=dev)
+        dispatch_k.dispatch_fill(bases, off, offsets, cursor, pair_rows, pw, pdst, pdst_sf,
+                                 my_base=int(bases[d]), x_row_bytes=x_bytes, sf_row_bytes=sf_bytes,
+                                 comb_row_bytes=comb_bytes, comb_sf_row_bytes=comb_sf_bytes, **kw)
+        n = int(offsets[-1])
+        assert torch.equal(cursor.cpu(), counts.cpu()), "every pair placed"
+        # Fake L2: for every pair, write y_k of the fake expert at the pair's destination address.
+        rows = pair_rows[:n].cpu().long()
+        recv_x = wss[d].view("recv_x").cpu()
+        recv_sf = wss[d].view("recv_x_sf").cpu() if sf_bytes else None
+        for p in range(n):
+            e = int(torch.searchsorted(offsets[1:].cpu(), torch.tensor(p), right=True))
+            s, t = divmod(int(rows[p]), Tmax)
+            # the pulled row is the source's quantised row, bitwise
+            assert_bitwise(recv_x[rows[p]], inputs[s][3][t], f"pool row of ({s}, {t})")
+            if sf_bytes:
+                assert_bitwise(recv_sf[rows[p]], inputs[s][4][t], f"pool scales of ({s}, {t})")
+            y = _fake_expert(recv_x[rows[p]:rows[p] + 1], None if recv_sf is None else
+                             recv_sf[rows[p]:rows[p] + 1], cfg, e + d * El)
+            addr = int(pdst[p]) - int(bases[s])
+            k = (addr - off["combine"]) // comb_bytes - t * K
+            assert 0 <= k < K and int(inputs[s][1][t, k]) == e + d * El, "destination row (t, k)"
+            assert float(pw[p]) == float(inputs[s][2][t, k]), "top-k weight of the pair"
+            buf = wss[s].buffer
+            if comb == "fp8":
+                q, sf = ref.combine_quantize(y)
+                buf[addr:addr + H] = q.view(torch.uint8)[0].to(dev)
+                a_sf = int(pdst_sf[p]) - int(bases[s])
+                buf[a_sf:a_sf + comb_sf_bytes] = sf.view(torch.uint8)[0].to(dev)
+            else:
+                buf[addr:addr + 2 * H] = y.view(torch.uint8)[0].to(dev)
+    # Combine reduce on every rank vs the reference reduce of the same fake-expert rows.
+    for s in range(R):
+        x, idx, wt, xq, xsf = inputs[s]
+        T = Ts[s]
+        y = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=dev)
+        err = torch.zeros(1, dtype=torch.int32, device=dev)
+        combine_k.combine_reduce(wss[s].view("combine"),
+                                 wss[s].view("combine_sf") if comb == "fp8" else None,
+                                 wss[s].view("topk_idx"), y, err, cfg.num_experts)
+        y_slots = torch.zeros(T, K, H)
+        for t in range(T):
+            for k in range(K):
+                e = int(idx[t, k])
+                if e >= 0:
+                    yk = _fake_expert(xq[t:t + 1], None if xsf is None else xsf[t:t + 1], cfg, e)
+                    y_slots[t, k] = (ref.combine_dequantize(*ref.combine_quantize(yk))
+                                     if comb == "fp8" else yk.float())[0]
+        assert_bitwise(y.cpu(), ref.combine_reduce(y_slots, idx), f"rank {s} combine")
+        assert int(err) == 0
+
+
+def test_combine_counts_out_of_range_ids():
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    K, H = 3, 512
+    comb = torch.randn(4, K, H).to(torch.bfloat16).to(dev)
+    idx = torch.tensor([[0, -1, 7], [9, 1, -3], [2, 2, 2], [-1, -1, -1]], dtype=torch.int32, device=dev)
+    y = torch.empty(4, H, dtype=torch.bfloat16, device=dev)
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
+    combine_k.combine_reduce(comb, None, idx, y, err, num_experts=8)
+    assert int(err) == 2                                        # 9 and -3
+    c = comb.float().cpu()
+    exp = torch.stack([c[0, 0] + c[0, 2], c[1, 1], c[2, 0] + c[2, 1] + c[2, 2], torch.zeros(H)])
+    # ascending-k float32 sum, one bf16 rounding
+    exp[2] = (c[2, 0] + c[2, 1]) + c[2, 2]
+    assert_bitwise(y.cpu(), exp.to(torch.bfloat16), "combine with masked / bad ids")
