@@ -39,8 +39,8 @@ class QuantizedWeight:
     def num_experts(self) -> int:
         return self.shape[0]
 
-    def dequantize(self, experts: Optional[slice] = None) -> torch.Tensor:
-        return dequantize_weight(self, experts)
+    def dequantize(self, experts: Optional[slice] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self, experts, dtype)
 
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(self.format, self.data.to(device),
@@ -61,9 +61,28 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor (bf16), got {w.dtype}")
 
 
+#: Experts quantised / dequantised at a time (bounds the float32 temporaries for large layers).
+_CHUNK_BYTES = 1 << 30
+
+
+def _chunks(E: int, per_expert_elems: int):
+    step = max(1, _CHUNK_BYTES // max(1, 4 * per_expert_elems))
+    return [(i, min(E, i + step)) for i in range(0, E, step)]
+
+
 def quantize_weight(w: torch.Tensor, fmt: str, name: str = "w") -> QuantizedWeight:
-    """bf16 (or float) [E, N, K] -> `QuantizedWeight` in `fmt`."""
+    """bf16 (or float) [E, N, K] -> `QuantizedWeight` in `fmt` (in chunks of experts)."""
     _check_weight(w, name)
+    E, N, K = w.shape
+    parts = _chunks(E, N * K)
+    if len(parts) > 1 and fmt in ("mxfp4", "fp8"):
+        qs = [_quantize(w[a:b], fmt, name) for a, b in parts]
+        return QuantizedWeight(fmt, torch.cat([q.data for q in qs]), torch.cat([q.scale for q in qs]),
+                               (E, N, K))
+    return _quantize(w, fmt, name)
+
+
+def _quantize(w: torch.Tensor, fmt: str, name: str) -> QuantizedWeight:
     E, N, K = w.shape
     if fmt == "bf16":
         return QuantizedWeight("bf16", w.to(torch.bfloat16).contiguous(), None, (E, N, K))
@@ -88,10 +107,22 @@ def quantize_weight(w: torch.Tensor, fmt: str, name: str = "w") -> QuantizedWeig
     raise ValueError(f"weight_format: expected one of {WEIGHT_FORMATS}, got {fmt!r}")
 
 
-def dequantize_weight(qw: QuantizedWeight, experts: Optional[slice] = None) -> torch.Tensor:
-    """`QuantizedWeight` -> float32 [E, N, K] (exact for the scales this module produces)."""
-    data = qw.data if experts is None else qw.data[experts]
-    scale = None if qw.scale is None else (qw.scale if experts is None else qw.scale[experts])
+def dequantize_weight(qw: QuantizedWeight, experts: Optional[slice] = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`QuantizedWeight` -> [E, N, K] in `dtype` (float32: exact for the scales this module
+    produces; bfloat16 too for mxfp4 and power-of-two fp8 scales). Works in chunks of experts."""
+    if experts is None:
+        experts = slice(0, qw.shape[0])
+    a, b, _ = experts.indices(qw.shape[0])
+    parts = _chunks(b - a, qw.shape[1] * qw.shape[2])
+    if len(parts) > 1:
+        return torch.cat([_dequantize(qw, slice(a + i, a + j)).to(dtype) for i, j in parts])
+    return _dequantize(qw, experts).to(dtype)
+
+
+def _dequantize(qw: QuantizedWeight, experts: slice) -> torch.Tensor:
+    data = qw.data[experts]
+    scale = None if qw.scale is None else qw.scale[experts]
     if qw.format == "bf16":
         return data.float()
     if qw.format == "mxfp4":

@@ -325,11 +325,14 @@ class MegaMoEExperts(nn.Module):
         Hopper has no MXFP4 grouped GEMM in torch, a user dequantises). Column-major B views."""
         self._gmm = {}
         for name, qw in (("w13", self.w13), ("w2", self.w2)):
-            w = qw.dequantize().to(torch.bfloat16)                        # [E_l, N, K]
+            w = qw.dequantize(dtype=torch.bfloat16)                       # [E_l, N, K]
             if self.cfg.weight_format == "fp8":
-                s = (w.float().abs().amax(dim=-1).clamp_min(1e-12) / 448.0)  # [E_l, N]
-                q = (w.float() / s.unsqueeze(-1)).to(torch.float8_e4m3fn)
-                self._gmm[name] = (q.transpose(-2, -1), s.float().contiguous())
+                s = (w.abs().amax(dim=-1).float().clamp_min(1e-12) / 448.0)  # [E_l, N]
+                q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+                for e in range(w.shape[0]):                                  # bounded temporaries
+                    q[e] = (w[e].float() / s[e].unsqueeze(-1)).to(torch.float8_e4m3fn)
+                del w
+                self._gmm[name] = (q.transpose(-2, -1), s.contiguous())
             else:
                 self._gmm[name] = (w.transpose(-2, -1), None)
 

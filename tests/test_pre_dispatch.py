@@ -34,60 +34,58 @@ BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 NUM_SPECIAL_KINDS = 8
 
 
-def special_group(kind: int, g: int, quantum: float, gen: torch.Generator) -> torch.Tensor:
-    """float64 [g] values of one group of a special `kind` (all exactly representable in bf16)."""
-    def rand(n):
-        return torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
+def make_x(T: int, H: int, g: int, quantum: float, seed: int, special: bool = True,
+           device="cpu") -> torch.Tensor:
+    """bf16 [T, H] on `device`: random groups; with `special`, each group is one of 8 kinds
+    (vectorised, so GPU tests can build 4096 x 7168 inputs quickly):
 
-    k = int(torch.randint(-60, 60, (1,), generator=gen))
-    if kind == 0:    # all zeros, some negative: amax floored to 1e-4, codes 0 / -0
-        v = torch.zeros(g, dtype=torch.float64)
-        v[1::3] = -0.0
-    elif kind == 1:  # amax < 1e-4 (floor applies), with bf16 subnormals
-        v = rand(g) * 9e-5
-        v[0] = 1e-40
-        v[1] = -3e-39
-    elif kind == 2:  # the group's amax lands exactly on Q after scaling (FP8 448 / FP4 6)
-        v = rand(g) * quantum * 2.0**k
-        v[int(torch.randint(0, g, (1,), generator=gen))] = -quantum * 2.0**k
-    elif kind == 3:  # every RNE tie of the target format, scale exactly 2**k
-        mids = E2M1_MIDPOINTS if quantum == ref.FP4_MAX else E4M3_MIDPOINTS
-        start = int(torch.randint(0, len(mids), (1,), generator=gen))
-        v = torch.tensor([mids[(start + i) % len(mids)] for i in range(g)], dtype=torch.float64)
-        v[1::2] *= -1
-        v[0] = quantum  # pins the scale: amax = Q * 2**k
-        v = v * 2.0**k
-    elif kind == 4:  # amax just above Q * 2**k: the mantissa != 0 branch of the ceiling rule
-        v = rand(g) * quantum * 2.0**k
-        v[0] = quantum * 2.0**k * (1 + 2.0**-7)   # next bf16 above Q * 2**k
-    elif kind == 5:  # bf16 extremes: the largest finite value next to tiny ones
-        v = rand(g) * 1e-30
-        v[0] = BF16_MAX
-        v[1] = -BF16_MAX
-    elif kind == 6:  # wide dynamic range inside one group (values far below the scale)
-        v = rand(g) * torch.pow(2.0, torch.randint(-40, 10, (g,), generator=gen).double())
-    else:            # plain random
-        v = torch.randn(g, generator=gen, dtype=torch.float64) * 2.0**k
-    return v
-
-
-def make_x(T: int, H: int, g: int, quantum: float, seed: int, special: bool = True) -> torch.Tensor:
-    """bf16 [T, H]: random rows; with `special`, every group cycles through the special kinds."""
-    gen = torch.Generator().manual_seed(seed)
+    0 all zeros (every third -0.0): amax floored to 1e-4;  1 amax < 1e-4 with bf16 subnormals;
+    2 amax exactly Q * 2**k (a negative element): scaled values reach FP8 448 / FP4 6;
+    3 every RNE tie of the target format (E4M3 or E2M1 midpoints) at scale 2**k;
+    4 amax one bf16 step above Q * 2**k (the mantissa != 0 branch of the ceiling rule);
+    5 +-bf16 max next to 1e-30 values;  6 wide dynamic range inside a group;  7 plain random.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
     if not special:
-        return (torch.randn(T, H, generator=gen) * 4).to(torch.bfloat16)
-    groups = [special_group((i + seed) % NUM_SPECIAL_KINDS, g, quantum, gen) for i in range(T * H // g)]
-    x = torch.cat(groups).reshape(T, H) if groups else torch.zeros(T, H, dtype=torch.float64)
-    xb = x.to(torch.bfloat16)
-    finite = torch.isfinite(xb.float()).all()
-    assert bool(finite), "special inputs must stay finite in bf16"
+        return (torch.randn(T, H, generator=gen, device=device) * 4).to(torch.bfloat16)
+    G = T * H // g
+    f32 = dict(dtype=torch.float32, device=device)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, **f32) * 2 - 1
+
+    kind = torch.randint(0, NUM_SPECIAL_KINDS, (G, 1), generator=gen, device=device)
+    kind[: min(G, NUM_SPECIAL_KINDS), 0] = torch.arange(min(G, NUM_SPECIAL_KINDS), device=device)
+    scale = torch.pow(2.0, torch.randint(-60, 60, (G, 1), generator=gen, device=device).float())
+    pos = torch.arange(g, device=device)[None, :]
+    mids = torch.tensor(E2M1_MIDPOINTS if quantum == ref.FP4_MAX else E4M3_MIDPOINTS, **f32)
+    ties = mids[torch.randint(0, mids.numel(), (G, g), generator=gen, device=device)]
+    ties = torch.where(pos % 2 == 1, -ties, ties)
+    ties = torch.where(pos == 0, torch.full_like(ties, quantum), ties) * scale
+    zeros = torch.where(pos % 3 == 1, -torch.zeros(G, g, **f32), torch.zeros(G, g, **f32))
+    tiny = rand(G, g) * 9e-5
+    tiny = torch.where(pos == 0, 1e-40, torch.where(pos == 1, -3e-39, tiny))
+    at_q = rand(G, g) * quantum * scale
+    hit = torch.randint(0, g, (G, 1), generator=gen, device=device)
+    at_q = torch.where(pos == hit, -quantum * scale, at_q)
+    next_above_q = quantum + 2.0 ** (math.floor(math.log2(quantum)) - 7)   # next bf16 after Q
+    above = torch.where(pos == 0, next_above_q * scale, rand(G, g) * quantum * scale)
+    extremes = torch.where(pos == 0, BF16_MAX, torch.where(pos == 1, -BF16_MAX, rand(G, g) * 1e-30))
+    wide = rand(G, g) * torch.pow(2.0, torch.randint(-40, 10, (G, g), generator=gen, device=device).float())
+    plain = torch.randn(G, g, generator=gen, **f32) * scale
+    x = plain
+    for k, v in enumerate((zeros, tiny, at_q, ties, above, extremes, wide)):
+        x = torch.where(kind == k, v, x)
+    xb = x.reshape(T, H).to(torch.bfloat16)
+    assert bool(torch.isfinite(xb.float()).all()), "special inputs must stay finite in bf16"
     return xb
 
 
-def make_topk(T: int, K: int, dtype: torch.dtype, seed: int, num_experts: int = 64):
-    gen = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(-1, num_experts, (T, K), generator=gen).to(dtype)
-    w = torch.randn(T, K, generator=gen)
+def make_topk(T: int, K: int, dtype: torch.dtype, seed: int, num_experts: int = 64, device="cpu"):
+    """(ids [T, K] of `dtype` in [-1, num_experts), float32 weights [T, K]) on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    ids = torch.randint(-1, num_experts, (T, K), generator=gen, device=device).to(dtype)
+    w = torch.randn(T, K, generator=gen, device=device)
     if T > 0:
         w[0, 0] = -0.0  # bit-exact copy keeps the sign of zero
     return ids, w
@@ -110,13 +108,13 @@ def make_buffers(rows_x: int, rows_topk: int, H: int, K: int, g: int, use_fp4: b
 def check_outputs(x, ids, w, n, g, use_fp4, buf_x, buf_sf, buf_idx, buf_w):
     """Rows < n equal the reference; x/sf rows >= n untouched; top-k rows >= n padded."""
     cast = ref.per_token_cast_to_fp4 if use_fp4 else ref.per_token_cast_to_fp8
-    want_q, want_sf = cast(x[:n].cpu(), g)
-    assert_bitwise(buf_x[:n].cpu(), want_q, "buf_x")
-    assert_bitwise(buf_sf[:n].cpu(), want_sf, "buf_x_sf")
+    want_q, want_sf = cast(x[:n], g)   # on x's device
+    assert_bitwise(buf_x[:n], want_q, "buf_x")
+    assert_bitwise(buf_sf[:n], want_sf, "buf_x_sf")
     assert bool((buf_x[n:].contiguous().view(torch.uint8) == POISON).all()), "buf_x rows >= num_tokens were written"
     assert bool((buf_sf[n:].contiguous().view(torch.uint8) == POISON).all()), "buf_x_sf rows >= num_tokens were written"
-    assert_bitwise(buf_idx[:n].cpu(), ids[:n].cpu().to(buf_idx.dtype), "buf_topk_idx")
-    assert_bitwise(buf_w[:n].cpu(), w[:n].cpu(), "buf_topk_weights")
+    assert_bitwise(buf_idx[:n], ids[:n].to(buf_idx.dtype), "buf_topk_idx")
+    assert_bitwise(buf_w[:n], w[:n], "buf_topk_weights")
     assert bool((buf_idx[n:] == -1).all()), "buf_topk_idx pad rows are not -1"
     pad_w = buf_w[n:].contiguous().view(torch.int32)
     assert bool((pad_w == 0).all()), "buf_topk_weights pad rows are not +0.0"
@@ -135,6 +133,13 @@ def test_bitwise_special_values(use_fp4, g):
     bufs = make_buffers(T + 3, T + 5, H, K, g, use_fp4, torch.int32)
     mega_moe_pre_dispatch(x, ids, w, *bufs, T, group_size=g, use_fp4_acts=use_fp4)
     check_outputs(x, ids, w, T, g, use_fp4, *bufs)
+    # The inputs really reach the format's extremes: +-Q codes and -0.
+    codes = bufs[0][:T].view(torch.uint8)
+    if use_fp4:
+        nibbles = torch.cat([codes & 0xF, codes >> 4])
+        assert {7, 15} <= set(nibbles.unique().tolist())
+    else:
+        assert {0x7E, 0xFE, 0x80} <= set(codes.unique().tolist())
 
 
 def test_worked_example_of_the_docstring():
@@ -356,6 +361,18 @@ def test_bad_fp4_buffers():
         mega_moe_pre_dispatch(**args)
 
 
+def test_views_at_odd_offsets_are_rejected():
+    """x is read as int32 pairs and the FP8 buffer written as int16 pairs: odd starts cannot be."""
+    args = _good()
+    args["x"] = torch.zeros(1 + 4 * 256, dtype=torch.bfloat16)[1:].view(4, 256)
+    with pytest.raises(ValueError, match="^x: cannot be read as bf16 pairs"):
+        mega_moe_pre_dispatch(**args)
+    args = _good()
+    args["buf_x"] = torch.zeros(1 + 4 * 256, dtype=torch.float8_e4m3fn)[1:].view(4, 256)
+    with pytest.raises(ValueError, match="^buf_x: cannot be written as byte pairs"):
+        mega_moe_pre_dispatch(**args)
+
+
 def test_device_count_needs_buffers_for_all_rows_of_x():
     args = _good()
     args["buf_x"] = args["buf_x"][:3]
@@ -367,12 +384,10 @@ def test_device_count_needs_buffers_for_all_rows_of_x():
 # ------------------------------------------------------------------------------------------------
 # Heuristics (pure)
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("H", [256, 512, 1024, 2048, 4096, 5120, 7168])
-@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("H,g", [(H, g) for H in (256, 512, 768, 1024, 2048, 4096, 5120, 7168)
+                                  for g in (32, 64, 128) if H % (4 * g) == 0])
 @pytest.mark.parametrize("T", [0, 1, 7, 128, 512, 4096, 8192])
 def test_heuristic_tiles_cover_the_row(T, H, g):
-    if H % (4 * g):
-        pytest.skip("H not a multiple of 4 * g")
     words = H // (4 * g)
     for interp in (False, True):
         c = pre_dispatch_config(T, H, g, interpreter=interp)

@@ -76,21 +76,24 @@ def gemm_block_m(expected_pairs_per_expert: float) -> int:
     """Tile height from the expected number of routed pairs per local expert.
 
     The true counts live on the device (the kernels never synchronise), so this is a hint the host
-    knows, e.g. ``num_tokens * topk / num_experts`` of this rank's own batch.
+    knows, e.g. ``num_tokens * topk / num_experts`` of this rank's own batch. Both grouped GEMMs
+    and `build_tile_map` must get the same value.
     """
     if expected_pairs_per_expert < 0:
         raise ValueError(f"expected_pairs_per_expert: expected >= 0, got {expected_pairs_per_expert}")
     if expected_pairs_per_expert <= 16:
-        # Decode: a few tokens per expert. 16 is the smallest MMA N that keeps the tensor cores
-        # busy; the kernel is weight-bandwidth bound and padding rows cost nothing but registers.
+        # Decode: a few tokens per expert. 16 is the smallest MMA N worth having; the kernels are
+        # weight-bandwidth bound and padded rows cost registers only.
         return 16
     if expected_pairs_per_expert <= 32:
         # Small-batch decode / speculative decoding (tens of tokens per expert).
         return 32
     if expected_pairs_per_expert <= 96:
-        # Mixed / chunked prefill: a tile of 64 rows amortises each weight slab over more tokens.
+        # Mixed / chunked prefill: 64 rows amortise each weight slab (and its dequantisation)
+        # over more tokens.
         return 64
-    # Prefill (hundreds of tokens per expert): compute bound; the largest tile the registers hold.
+    # Prefill (hundreds of tokens per expert): compute bound, and the in-register weight
+    # dequantisation (Hopper) is paid once per tile, so the tallest tile the registers hold.
     return 128
 
 
@@ -116,35 +119,27 @@ def _check_common(block_m: int, hidden: int, intermediate: int, weight_format: s
             raise ValueError(f"{name}: expected a positive multiple of {GEMM_BLOCK_K}, got {v}")
 
 
-def _largest_dividing(n: int, candidates) -> int:
-    for c in candidates:
-        if n % c == 0:
-            return c
-    raise ValueError(f"no block size in {tuple(candidates)} divides {n}")
-
-
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
                    arch: int = 90) -> GroupedGemmConfig:
     """Tiles of the L1 kernel (x [., H] -> gate/up [., I] each, SwiGLU, requantised h).
 
-    A program holds two accumulators (gate and up), 2 * block_n * block_m float32 values, plus the
-    dequantised bf16 weight tiles of both (2 * block_n * 128 values per K step).
+    A program stacks block_n rows of gate and block_n rows of up into one MMA operand of
+    2 * block_n rows. block_n = 64 makes that 128 rows: one Blackwell block-scaled MMA (its M must
+    be 128; fewer rows silently fall back to an upcast kind::f16 MMA) and two Hopper warpgroups of
+    64 rows. Register / shared-memory figures below are ptxas's for H 7168, I 2048 (Triton 3.9).
     """
     _check_common(block_m, hidden, intermediate, weight_format, act_format)
+    block_n = 64  # I is a multiple of 128
     if block_m <= 32:
-        # Decode: weight-bandwidth bound. block_n 128 rows of gate + 128 of up per program, so each
-        # (expert, 128-row) weight slab is read once per call; 8 warps give two warpgroups (64
-        # MMA rows each) and keep the two dequantised 128 x 128 bf16 tiles out of spills.
-        block_n = _largest_dividing(intermediate, (128, 64, 32))
-        num_warps, num_stages = 8, 3
+        # Decode: weight-bandwidth bound. 4 warps (~170 registers) leave room for 3 CTAs per SM,
+        # and 4 stages keep ~3 x 8 KB of MXFP4 weights in flight per CTA; twice as many programs
+        # as block_n 128 keeps small expert counts spread over all SMs. Each (expert, 64-row)
+        # weight slab is read by exactly one program per call.
+        num_warps, num_stages = 4, 4
     else:
-        # Prefill: compute bound. 64 rows of gate + 64 of up against 64-128 tokens keeps both
-        # accumulators at 64 registers per thread with 8 warps.
-        block_n = _largest_dividing(intermediate, (64, 32))
+        # Prefill: compute bound. A 128 x block_m accumulator over 8 warps: <= 250 registers
+        # without spills at block_m 128 (shared memory <= 200 KB even with bf16 operands).
         num_warps, num_stages = 8, 3
-    if weight_format == "bf16" and act_format == "bf16":
-        # Raw bf16 operands are 4x the bytes of MXFP4 per stage: two stages fit shared memory.
-        num_stages = 2
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
                              num_warps=num_warps, num_stages=num_stages)
 
@@ -154,21 +149,25 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
     """Tiles of the L2 kernel (h [., I] -> y [., H], stored to per-pair destination rows).
 
     With the FP8 combine a program quantises whole groups of 128 output columns, so block_n is a
-    multiple of 128 (H is one: the config requires H % 512 == 0 then).
+    multiple of 128 (H is one: the config requires H % 512 == 0 then). The Blackwell
+    block-scaled MMA needs 128 weight rows (block_n 128) too.
     """
     _check_common(block_m, hidden, intermediate, weight_format, act_format)
     if combine_format not in ("bf16", "fp8"):
         raise ValueError(f"combine_format: expected 'bf16' or 'fp8', got {combine_format!r}")
-    # Decode and prefill alike: 128 weight rows (output columns) per program, one accumulator of
-    # 128 x block_m. Decode (block_m <= 32): 4 warps, deep pipeline (weight streaming, K = I is
-    # short); prefill: 8 warps so a 128 x 128 accumulator is 64 registers per thread.
-    block_n = _largest_dividing(hidden, (128,)) if combine_format == "fp8" else \
-        _largest_dividing(hidden, (128, 64, 32))
+    need_128 = combine_format == "fp8" or uses_dot_scaled(arch, weight_format, act_format)
     if block_m <= 32:
-        num_warps, num_stages = 4, 4
+        # Decode: weight streaming over a short K (= I). block_n 64 with 4 warps (~128
+        # registers, several CTAs per SM), or 128 rows with 8 warps where 128 is required.
+        block_n, num_warps, num_stages = (128, 8, 4) if need_128 else (64, 4, 4)
+    elif block_m <= 64 or need_128:
+        # Prefill, 64-row tiles (or 128 columns required): one 128 x block_m accumulator, 8 warps.
+        # NOTE: at block_m 128 the FP8-combine epilogue spills ~150-400 bytes (ptxas, Hopper and
+        # Blackwell); it runs once per program.
+        block_n, num_warps, num_stages = 128, 8, 3
     else:
-        num_warps, num_stages = 8, 3
-    if weight_format == "bf16" and act_format == "bf16":
-        num_stages = min(num_stages, 3)
+        # Hopper prefill, 128-row tiles, bf16 combine: 64 weight rows keep the accumulator and
+        # the dequantised weights at <= 255 registers without spills.
+        block_n, num_warps, num_stages = 64, 8, 3
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
                              num_warps=num_warps, num_stages=num_stages)

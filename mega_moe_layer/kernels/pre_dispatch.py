@@ -39,7 +39,9 @@ _FP4_Q_MANT = tl.constexpr(0x400000)
 _MAX_COMBINE = tl.standard._elementwise_max
 
 
-@triton.jit(do_not_specialize=["num_tokens", "max_tokens"])
+# NOTE: no specialisation on the row counts: one compiled kernel serves every count (no recompiles
+# when num_tokens or the buffer size changes, e.g. between a warm-up and a graph capture).
+@triton.jit(do_not_specialize=["num_tokens", "max_tokens", "num_topk_rows", "num_topk_programs"])
 def _pre_dispatch_kernel(
     x_ptr,            # int32 [max_tokens, HIDDEN/2]: bf16 x, two columns per word (even column low)
     topk_idx_ptr,     # int32 | int64 [max_tokens, TOPK]
@@ -315,13 +317,18 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     grid = (num_topk_programs + config.num_x_programs(rows_needed),)
     if grid[0] == 0:
         return
+    if grid[0] >= 2**31:
+        raise ValueError(f"x: {rows_needed} rows need {grid[0]} programs, over CUDA's grid limit")
     # Views only (no copies): bf16 pairs as int32 words, float32 weights as their bits, the FP8
     # buffer as int16 byte pairs.
     try:
         x_words = x.view(torch.int32)
     except RuntimeError as exc:  # e.g. a view starting at an odd element
         raise ValueError(f"x: cannot be read as bf16 pairs (int32 words): {exc}") from exc
-    out_x = buf_x.view(torch.int8) if use_fp4_acts else buf_x.view(torch.int16)
+    try:
+        out_x = buf_x.view(torch.int8) if use_fp4_acts else buf_x.view(torch.int16)
+    except RuntimeError as exc:
+        raise ValueError(f"buf_x: cannot be written as byte pairs (int16 words): {exc}") from exc
     kernel = _interpreted_kernel() if device.type == "cpu" else _pre_dispatch_kernel
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](

@@ -1,0 +1,671 @@
+"""L1 grouped expert GEMM: gate/up = x . w13[e]^T, SwiGLU, top-k weight, requantised h (DESIGN 1-5).
+
+Public entry points:
+  * `l1_grouped_gemm` — the kernel's wrapper (destination passing, no allocation, no host sync,
+    CUDA-graph safe: a static upper-bound grid whose surplus programs exit at once).
+  * `build_tile_map` — the device tile map both grouped GEMMs read (pure torch, no host sync).
+  * `max_tiles` — the static bound on the number of tiles (re-exported from `gemm_heuristics`).
+
+Also the Triton helpers both grouped GEMMs share (`l2_gemm.py` imports them): exact dequantisation
+of every operand format to bf16 and the DESIGN's bitwise UE8M0 / E4M3 / E2M1 / bf16 rounding done
+with integer operations on float bit patterns (identical on the GPU and in Triton's interpreter).
+
+Common input (both GEMMs): the routed (token, slot) pairs of this rank sorted by local expert.
+Pairs of local expert e are the positions [expert_offsets[e], expert_offsets[e + 1]). The tile
+map cuts every expert's segment into tiles of BLOCK_M positions:
+
+    expert_offsets = [0, 3, 3, 40]     (E_local = 3; expert 1 has no pairs)   BLOCK_M = 16
+    tile_expert    = [0, 2, 2, 2, -1, ...]     tile_row_start = [0, 3, 19, 35, 0, ...]
+    num_tiles      = [4]
+
+Orientation: a program computes ``acc[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] . X[BLOCK_M, K]^T`` (weight
+rows on the MMA M side, pairs on its N side; see `gemm_heuristics`), then transposes in the
+epilogue. Hopper (sm_90): both operands are dequantised exactly to bf16 in registers and a bf16
+`tl.dot` accumulates in float32; FP8 weights multiply each per-128-K partial product by their
+float32 block scale. Blackwell (sm_100+): MXFP4 weights with FP8/FP4 activations go through
+`tl.dot_scaled` (native block-scaled tcgen05 MMA, scales per 32 as uint8 UE8M0).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles,
+                              uses_dot_scaled)
+
+__all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
+
+# float32 bit patterns of the DESIGN constants (the UE8M0 rule, reference.py).
+#: float32(1e-4): the amax floor.
+_AMAX_FLOOR_BITS = tl.constexpr(0x38D1B717)
+
+
+# =================================================================================================
+# Shared Triton helpers (also used by l2_gemm.py)
+# =================================================================================================
+@triton.jit
+def _or_combine(a, b):
+    return a | b
+
+
+@triton.jit
+def _exp2_ue8m0(e):
+    """int32 UE8M0 byte e (0..255) -> float32 2**(e - 127), exact (e = 0: the subnormal 2**-127)."""
+    return tl.where(e > 0, e << 23, 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_neg_ue8m0(e):
+    """int32 e in [1, 254] -> float32 2**(127 - e), exact (e = 254: the subnormal 2**-127)."""
+    return tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ue8m0_exponent(amax, IS_FP4: tl.constexpr):
+    """DESIGN scale rule: float32 group maxima (>= 0, finite) -> int32 e in [1, 254].
+
+    NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
+    amax <= Q * 2**(n-127), because for Q = 448 = 1.75 * 2**8 and Q = 6 = 1.5 * 2**2 the rounded
+    float32 quotient is a power of two exactly when amax's mantissa equals Q's and otherwise has a
+    non-zero mantissa (the nearest float32 quotient never rounds onto a power of two: the first
+    float above/below 1.75 or 1.5 divides to 1 +- ~0.6 ulp). With amax = M * 2**a that is
+    n = a + 127 - Q_EXP + (M > Q's mantissa): integer arithmetic only (no float division, whose
+    GPU lowering is not correctly rounded by default). Same rule as pre_dispatch.py.
+    """
+    b = tl.maximum(amax.to(tl.int32, bitcast=True), _AMAX_FLOOR_BITS)
+    if IS_FP4:
+        e = (b >> 23) - 2 + ((b & 0x7FFFFF) > 0x400000).to(tl.int32)   # Q = 6 = 1.5 * 2**2
+    else:
+        e = (b >> 23) - 8 + ((b & 0x7FFFFF) > 0x600000).to(tl.int32)   # Q = 448 = 1.75 * 2**8
+    return tl.minimum(tl.maximum(e, 1), 254)
+
+
+@triton.jit
+def _e4m3_code(q):
+    """float32 |q| <= 448 -> int32 E4M3 byte (0..255), round-to-nearest-even; -0 keeps its sign
+    (as torch's cast). Integer-only, so the interpreter rounds exactly like the GPU."""
+    qv = q.to(tl.int32, bitcast=True)
+    absb = qv & 0x7FFFFFFF
+    expf = absb >> 23
+    mant24 = (absb & 0x7FFFFF) | 0x800000
+    # Normals (|q| >= 2**-6): keep 3 mantissa bits with RNE; a carry bumps the exponent.
+    norm = ((absb + 0x7FFFF + ((absb >> 20) & 1)) >> 20) - (120 << 3)
+    # |q| < 2**-6: code = RNE(|q| * 2**9) in 0..8 (8 = 2**-6, the smallest normal).
+    shift = tl.maximum(tl.minimum(141 - expf, 25), 1)
+    sub = (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift
+    code = tl.where(expf >= 121, norm, sub)
+    return code | ((qv >> 24) & 0x80)
+
+
+@triton.jit
+def _e2m1_code(q):
+    """float32 |q| <= 6 -> int32 E2M1 code (0..15), round-to-nearest-even; the sign (bit 3) only
+    for a non-zero magnitude (DESIGN)."""
+    qv = q.to(tl.int32, bitcast=True)
+    absb = qv & 0x7FFFFFFF
+    expf = absb >> 23
+    mant24 = (absb & 0x7FFFFF) | 0x800000
+    # |q| >= 1: keep 1 mantissa bit (code = biased exp << 1 | m, bias 1).
+    norm = ((absb + 0x1FFFFF + ((absb >> 22) & 1)) >> 22) - (126 << 1)
+    # |q| < 1: code = RNE(|q| * 2) in {0, 1, 2}.
+    shift = tl.maximum(tl.minimum(149 - expf, 25), 1)
+    sub = (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift
+    code = tl.where(expf >= 127, norm, sub)
+    return code | tl.where(code != 0, (qv >> 28) & 8, 0)
+
+
+@triton.jit
+def _e2m1_decode(codes):
+    """int32 E2M1 codes (0..15) -> exact float32 values, built from bits (no lookup table):
+    magnitude m >= 2 is (1 + (m & 1) / 2) * 2**((m >> 1) - 1), i.e. bits (m + 252) << 22."""
+    mag = codes & 7
+    bits = tl.where(mag >= 2, (mag + 252) << 22, tl.where(mag == 1, 0x3F000000, 0))
+    return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_rne_bits(x):
+    """float32 -> int32 bit pattern of bf16(x) widened to float32 (low 16 bits zero), RNE.
+    Integer-only (the interpreter mis-rounds float -> bf16 casts). Finite inputs."""
+    b = x.to(tl.int32, bitcast=True)
+    return (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 -> float32 value of bf16(x), round-to-nearest-even."""
+    return _bf16_rne_bits(x).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack_e2m1(packed):
+    """int8 [R, C/2] packed E2M1 (even column in the low nibble) -> int32 codes [R, C]."""
+    b = packed.to(tl.int32) & 0xFF
+    return tl.interleave(b & 0xF, b >> 4)
+
+
+@triton.jit
+def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, k0,
+                      K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      WEIGHT_FORMAT: tl.constexpr):
+    """Rows `rows` (int64 [BLOCK_R], within one expert) x columns [k0, k0 + BLOCK_K) of a weight
+    [N, K] -> bf16 [BLOCK_R, BLOCK_K].
+
+    w_off / sf_off: int64 element offsets of the expert's data / scales. mxfp4: data int8
+    [N, K/2], scales uint8 [N, K/32] (exact: E2M1 x 2**k fits bf16); fp8: the raw E4M3 values
+    (exact in bf16; the float32 block scale is applied by the caller after the dot); bf16: as is.
+    """
+    if WEIGHT_FORMAT == "mxfp4":
+        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])
+        vals = _e2m1_decode(_unpack_e2m1(packed))                               # [R, BK] f32
+        scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        s = _exp2_ue8m0(tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :]).to(tl.int32))
+        vals = tl.reshape(tl.reshape(vals, (BLOCK_R, BLOCK_K // 32, 32)) * s[:, :, None], (BLOCK_R, BLOCK_K))
+        tile = vals.to(tl.bfloat16)
+    elif WEIGHT_FORMAT == "fp8":
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :]).to(tl.bfloat16)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
+    return tile
+
+
+@triton.jit
+def _act_scales(sf_ptr, rows64, row_ok, k0, K: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr):
+    """UE8M0 bytes (int32 [BLOCK_M, NUM_GROUPS]) of `NUM_GROUPS` consecutive groups of GROUP
+    columns starting at group k0 // GROUP, from packed int32 scales [rows, K / GROUP / 4]
+    (byte j of word i = group 4i + j). Masked rows read 0."""
+    g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
+    words = tl.load(sf_ptr + rows64[:, None] * (K // GROUP // 4) + (g // 4)[None, :],
+                    mask=row_ok[:, None], other=0)
+    return (words >> (8 * (g % 4))[None, :]) & 0xFF
+
+
+@triton.jit
+def _act_tile_bf16(x_ptr, sf_ptr, rows64, row_ok, k0,
+                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ACT_FORMAT: tl.constexpr):
+    """Activation rows `rows64` (int64 [BLOCK_M]; masked rows read 0) x columns [k0, k0 + BLOCK_K)
+    -> bf16 [BLOCK_M, BLOCK_K], dequantised exactly (E4M3 / E2M1 times 2**k fit bf16).
+
+    fp8: x float8_e4m3fn [rows, K]; fp4: x int8 [rows, K/2] packed E2M1; scales int32 packed
+    UE8M0 [rows, K / GROUP / 4]; bf16: x bf16 [rows, K], sf_ptr unused.
+    """
+    if ACT_FORMAT == "bf16":
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        if ACT_FORMAT == "fp8":
+            cols = k0 + tl.arange(0, BLOCK_K)
+            vals = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None],
+                           other=0.0).to(tl.float32)
+        else:
+            cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(x_ptr + rows64[:, None] * (K // 2) + cols[None, :], mask=row_ok[:, None], other=0)
+            vals = _e2m1_decode(_unpack_e2m1(packed))
+        s = _exp2_ue8m0(_act_scales(sf_ptr, rows64, row_ok, k0, K, GROUP, BLOCK_K // GROUP))
+        vals = tl.reshape(tl.reshape(vals, (BLOCK_M, BLOCK_K // GROUP, GROUP)) * s[:, :, None], (BLOCK_M, BLOCK_K))
+        tile = vals.to(tl.bfloat16)
+    return tile
+
+
+@triton.jit
+def _act_tile_mx(x_ptr, sf_ptr, rows64, row_ok, k0,
+                 K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ACT_FORMAT: tl.constexpr):
+    """`tl.dot_scaled` operands of activation rows: (raw tile, uint8 [BLOCK_M, BLOCK_K / 32] scales).
+
+    fp8: float8_e4m3fn [BLOCK_M, BLOCK_K]; fp4: uint8 [BLOCK_M, BLOCK_K / 2] packed E2M1 (K-packed).
+    A group of 128 repeats its byte over its four 32-column sub-groups (the MMA's scale block is 32).
+    """
+    if ACT_FORMAT == "fp8":
+        cols = k0 + tl.arange(0, BLOCK_K)
+        raw = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        raw = tl.load(x_ptr + rows64[:, None] * (K // 2) + cols[None, :], mask=row_ok[:, None],
+                      other=0).to(tl.uint8, bitcast=True)
+    sub = (k0 + 32 * tl.arange(0, BLOCK_K // 32)) // GROUP                # group of each 32-block
+    words = tl.load(sf_ptr + rows64[:, None] * (K // GROUP // 4) + (sub // 4)[None, :],
+                    mask=row_ok[:, None], other=0)
+    # Masked rows: byte 127 (scale 1) times zero data. NOTE: never hand byte 0/255 to the MMA
+    # (Triton 3.6 decodes them as 0 / inf).
+    sf = tl.where(row_ok[:, None], (words >> (8 * (sub % 4))[None, :]) & 0xFF, 127)
+    return raw, sf.to(tl.uint8)
+
+
+@triton.jit
+def _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, rows, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`tl.dot_scaled` operands of MXFP4 weight rows: uint8 [R, BLOCK_K/2] packed E2M1 (K-packed)
+    and uint8 [R, BLOCK_K/32] UE8M0 scales."""
+    cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :]).to(tl.uint8, bitcast=True)
+    scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    sf = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])
+    return packed, sf
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_IN_F32: tl.constexpr):
+    """acc + a . b (bf16 operands, float32 accumulator).
+
+    NOTE: DOT_IN_F32 widens the operands to float32 first (exact) — only for Triton's CPU
+    interpreter, whose tl.dot multiplies the raw bit patterns of bf16 tensors (Triton 3.9).
+    """
+    if DOT_IN_F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _tile_coords(pid, num_tiles, NUM_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (tile, N block), bands of GROUP_M tiles sweeping all N blocks (the tiles of a
+    band share x in L2; consecutive tiles of one expert share its weight slab). Requires
+    pid < num_tiles * NUM_N."""
+    per_group = GROUP_M * NUM_N
+    group = pid // per_group
+    first = group * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def _quant_store_rows(y, row_ok, col0, out_rows, sf_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP: tl.constexpr, FORMAT: tl.constexpr):
+    """Quantise float32 y [BLOCK_M, BLOCK_N] (columns col0 ..) per GROUP columns and store it.
+
+    out_rows: [BLOCK_M, 1] pointers to each row's element 0: int8 (FORMAT "fp8": E4M3 bytes at
+    column c; "fp4": packed E2M1 at byte c / 2) or int16 ("bf16": bf16 bits, RNE).
+    sf_rows: [BLOCK_M, 1] uint8 pointers to each row's scale byte 0 (byte g = group g, i.e. the
+    little-endian packed int32 layout); unused for bf16. Rows with row_ok False are not written.
+    """
+    mask = row_ok[:, None]
+    cols = col0 + tl.arange(0, BLOCK_N)
+    if FORMAT == "bf16":
+        bits = _bf16_rne_bits(y) >> 16
+        tl.store(out_rows + cols[None, :], bits.to(tl.int16), mask=mask)
+    else:
+        NG: tl.constexpr = BLOCK_N // GROUP
+        y3 = tl.reshape(y, (BLOCK_M, NG, GROUP))
+        amax = tl.max(tl.abs(y3), axis=2)                                           # [BM, NG]
+        e = _ue8m0_exponent(amax, FORMAT == "fp4")
+        q3 = y3 * _exp2_neg_ue8m0(e)[:, :, None]                                    # exact
+        q = tl.reshape(q3, (BLOCK_M, BLOCK_N))
+        if FORMAT == "fp8":
+            tl.store(out_rows + cols[None, :], _e4m3_code(q).to(tl.int8), mask=mask)
+        else:
+            lo, hi = tl.split(tl.reshape(_e2m1_code(q), (BLOCK_M, BLOCK_N // 2, 2)))
+            pcols = col0 // 2 + tl.arange(0, BLOCK_N // 2)
+            tl.store(out_rows + pcols[None, :], (lo | (hi << 4)).to(tl.int8), mask=mask)
+        gcols = col0 // GROUP + tl.arange(0, NG)
+        # NOTE: bytes, not int32 words: a program may own fewer than 4 groups of a word, and the
+        # bytes of a little-endian word are exactly the packed layout, so no read-modify-write.
+        tl.store(sf_rows + gcols[None, :], e.to(tl.uint8), mask=mask)
+
+
+# =================================================================================================
+# The L1 kernel
+# =================================================================================================
+@triton.jit(do_not_specialize=["max_tiles", "clamp"])
+def _l1_kernel(
+    x_ptr,            # fp8: float8_e4m3fn [Npool, H]; fp4: int8 [Npool, H/2]; bf16: bf16 [Npool, H]
+    x_sf_ptr,         # int32 [Npool, H/ACT_GROUP/4] packed UE8M0 (None for bf16)
+    pair_rows_ptr,    # int32 [P]: pool row of each pair
+    pair_w_ptr,       # float32 [P]: top-k weight of each pair
+    offsets_ptr,      # int32 [E_local + 1]
+    tile_expert_ptr,  # int32 [max_tiles]
+    tile_row_ptr,     # int32 [max_tiles]
+    num_tiles_ptr,    # int32 [1]
+    w_ptr,            # mxfp4: int8 [E_local, 2I, H/2]; fp8: float8_e4m3fn [E_local, 2I, H]; bf16 [E_local, 2I, H]
+    w_sf_ptr,         # mxfp4: uint8 [E_local, 2I, H/32]; fp8: float32 [E_local, 2I/128, H/128]; bf16: None
+    h_ptr,            # fp8: int8 [P, I]; fp4: int8 [P, I/2]; bf16: int16 [P, I] (bf16 bits)
+    h_sf_ptr,         # uint8 [P, I/32] (= int32 [P, I/128] packed); None for bf16
+    max_tiles,        # rows of the tile map (bounds the device count)
+    clamp,            # float32 SwiGLU clamp C (unused unless HAS_CLAMP)
+    HIDDEN: tl.constexpr, INTER: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, ACT_GROUP: tl.constexpr,
+    HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One program: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
+
+    Worked example (HIDDEN 256, INTER 128, BLOCK_M 16, BLOCK_N 64, fp8 acts and h):
+      grid = max_tiles * 2 programs; with num_tiles = 4, programs 8.. exit at once. Program
+      (tile 1 = expert 2 rows [3, 19), N block 1) accumulates gate columns 64..127 (w13 rows
+      64..127) and up columns 64..127 (w13 rows 192..255) over K = 256 in 2 steps of 128, as
+      transposed [64, 16] tiles; the epilogue rounds both to bf16, clamps, forms
+      h = silu(gate) * up * pair_weight, transposes to [16, 64], and quantises each row's two
+      groups of 32 columns: e.g. a group with amax 3.0 gets e = 120 (scale 2**-7), its values are
+      multiplied by 128 and rounded to E4M3 (3.0 -> 384 = 0x7C). Bytes 2 and 3 of each row's
+      first scale word (groups 2, 3 = columns 64..127) are written by this program, bytes 0, 1
+      by the program of N block 0.
+    """
+    NUM_N: tl.constexpr = INTER // BLOCK_N
+    pid = tl.program_id(0)
+    # NOTE: the count comes from the device; clamp it so a bad value never reads past the map.
+    num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
+    if pid >= num_tiles * NUM_N:
+        return
+    tile, pid_n = _tile_coords(pid, num_tiles, NUM_N, GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile)
+    row_start = tl.load(tile_row_ptr + tile)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows64 = rows.to(tl.int64)
+    prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+
+    e64 = expert.to(tl.int64)
+    # NOTE: gate and up rows are stacked into ONE operand of 2 * BLOCK_N rows (gate rows
+    # n0..n0+BN-1, then up rows I+n0..): one MMA of M = 2 * BLOCK_N per K step (128 rows = one
+    # Blackwell block-scaled MMA at BLOCK_N 64), one accumulator, and no operand shared between
+    # two MMAs (Triton 3.6's Blackwell warp specialisation asserts on a shared scale operand).
+    r = tl.arange(0, 2 * BLOCK_N)
+    n_rows = (tl.where(r < BLOCK_N, r, r - BLOCK_N + INTER) + pid_n * BLOCK_N).to(tl.int64)
+    if WEIGHT_FORMAT == "mxfp4":
+        w_off = e64 * (2 * INTER * (HIDDEN // 2))
+        sf_off = e64 * (2 * INTER * (HIDDEN // 32))
+    elif WEIGHT_FORMAT == "fp8":
+        w_off = e64 * (2 * INTER * HIDDEN)
+        sf_off = e64 * ((2 * INTER // 128) * (HIDDEN // 128))
+    else:
+        w_off = e64 * (2 * INTER * HIDDEN)
+        sf_off = e64 * 0
+
+    acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        if USE_DOT_SCALED:
+            # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
+            x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, k0, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
+            w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, k0, HIDDEN, BLOCK_K)
+            acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
+                                "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+        else:
+            x_t = tl.trans(_act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, k0, HIDDEN, ACT_GROUP, BLOCK_M,
+                                          BLOCK_K, ACT_FORMAT))                             # [BK, BM]
+            w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, k0, HIDDEN, 2 * BLOCK_N, BLOCK_K,
+                                  WEIGHT_FORMAT)                                            # [2BN, BK]
+            if WEIGHT_FORMAT == "fp8":
+                # Block scales (any positive float32) multiply the per-128-K partial products.
+                s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + k0 // 128)
+                acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
+            else:
+                acc = _mma(w, x_t, acc, DOT_IN_F32)
+
+    # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
+    # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
+    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    if HAS_CLAMP:
+        gate = tl.minimum(gate, clamp)
+        up = tl.minimum(tl.maximum(up, -clamp), clamp)
+    weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
+    h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
+    if ACT_FORMAT == "fp4":
+        h_rows = h_ptr + rows64[:, None] * (INTER // 2)
+    else:
+        h_rows = h_ptr + rows64[:, None] * INTER
+    if ACT_FORMAT == "bf16":
+        sf_rows = h_rows  # unused
+    else:
+        sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
+    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
+
+
+# =================================================================================================
+# Host side
+# =================================================================================================
+def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
+                   out_tile_expert: torch.Tensor, out_tile_row_start: torch.Tensor,
+                   out_num_tiles: torch.Tensor) -> None:
+    """Cut each local expert's pair segment into tiles of `block_m` positions (device ops only).
+
+    Args:
+        expert_offsets: int32/int64 [E_local + 1] non-decreasing prefix sums, offsets[0] = 0.
+        block_m: tile height (the kernels' BLOCK_M).
+        max_tiles: rows of the outputs, >= `max_tiles(max_pairs, E_local, block_m)`.
+        out_tile_expert: int32 [max_tiles]: local expert of tile t, -1 for t >= num_tiles.
+        out_tile_row_start: int32 [max_tiles]: position of tile t's first pair, 0 for t >= num_tiles.
+        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m), clamped to max_tiles.
+
+    Tiles are in expert order; within an expert, in row order. No host synchronisation (the
+    counts are read by torch ops on the device; temporaries come from the caching allocator, so
+    the call is CUDA-graph capturable).
+
+    Example: offsets [0, 3, 3, 40], block_m 16, max_tiles 6 -> tile_expert [0, 2, 2, 2, -1, -1],
+    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4].
+    """
+    if not isinstance(expert_offsets, torch.Tensor) or expert_offsets.dim() != 1 or expert_offsets.numel() < 2:
+        raise ValueError("expert_offsets: expected a 1-D tensor [E_local + 1] with E_local >= 1")
+    if expert_offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"expert_offsets: expected int32 or int64, got {expert_offsets.dtype}")
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
+        raise ValueError(f"max_tiles: expected an int >= 0, got {max_tiles!r}")
+    for t, name, n in ((out_tile_expert, "out_tile_expert", max_tiles),
+                       (out_tile_row_start, "out_tile_row_start", max_tiles), (out_num_tiles, "out_num_tiles", 1)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: expected int32 [{n}], got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != expert_offsets.device:
+            raise ValueError(f"{name}: expected device {expert_offsets.device}, got {t.device}")
+    num_experts = expert_offsets.numel() - 1
+    off = expert_offsets.to(torch.int64)
+    counts = (off[1:] - off[:-1]).clamp_min(0)
+    tiles = (counts + (block_m - 1)) // block_m                               # [E]
+    ends = torch.cumsum(tiles, 0)                                             # inclusive
+    t = torch.arange(max_tiles, device=off.device, dtype=torch.int64)
+    expert = torch.searchsorted(ends, t, right=True)                          # first e with ends[e] > t
+    valid = expert < num_experts
+    e_c = expert.clamp_max(num_experts - 1)
+    row_start = off[e_c] + (t - (ends - tiles)[e_c]) * block_m
+    out_tile_expert.copy_(torch.where(valid, e_c, -1))
+    out_tile_row_start.copy_(torch.where(valid, row_start, 0))
+    out_num_tiles.copy_(ends[-1:].clamp_max(max_tiles))
+
+
+def _is_interpreted(kernel) -> bool:
+    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+def _device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_tensor(t, name: str, dtype, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
+
+
+def _check_launch_device(device: torch.device, kernel) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and _is_interpreted(kernel):
+        return
+    raise ValueError(f"tensors on {device}: expected CUDA tensors (CPU tensors only run in Triton's "
+                     "interpreter, TRITON_INTERPRET=1 set before the package is imported)")
+
+
+def _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
+                    num_pairs, block_m) -> int:
+    _check_tensor(expert_offsets, "expert_offsets", torch.int32, (num_experts + 1,), device)
+    _check_tensor(tile_expert, "tile_expert", torch.int32, None, device)
+    if tile_expert.dim() != 1:
+        raise ValueError(f"tile_expert: expected a 1-D tensor [max_tiles], got {list(tile_expert.shape)}")
+    n_tiles = tile_expert.shape[0]
+    _check_tensor(tile_row_start, "tile_row_start", torch.int32, (n_tiles,), device)
+    _check_tensor(num_tiles, "num_tiles", torch.int32, (1,), device)
+    if block_m not in GEMM_BLOCK_MS:
+        raise ValueError(f"block_m: expected one of {GEMM_BLOCK_MS}, got {block_m!r}")
+    need = max_tiles(num_pairs, num_experts, block_m)
+    if n_tiles < need:
+        raise ValueError(f"tile_expert: {n_tiles} tiles < max_tiles({num_pairs}, {num_experts}, {block_m}) = "
+                         f"{need}; build the tile map with the kernels' block_m")
+    return n_tiles
+
+
+def _weight_shapes(weight_format: str, num_experts: int, n: int, k: int):
+    """(data dtype, data shape, scale dtype, scale shape) of a [E, N, K] weight (formats.py)."""
+    if weight_format == "mxfp4":
+        return torch.int8, (num_experts, n, k // 2), torch.uint8, (num_experts, n, k // 32)
+    if weight_format == "fp8":
+        return torch.float8_e4m3fn, (num_experts, n, k), torch.float32, (num_experts, n // 128, k // 128)
+    if weight_format == "bf16":
+        return torch.bfloat16, (num_experts, n, k), None, None
+    raise ValueError(f"weight_format: expected 'mxfp4', 'fp8' or 'bf16', got {weight_format!r}")
+
+
+def _act_shapes(act_format: str, rows: int, k: int, group: int):
+    """(data dtype, data shape, scale shape or None) of quantised activations [rows, K]."""
+    if act_format == "fp8":
+        return torch.float8_e4m3fn, (rows, k), (rows, k // group // 4)
+    if act_format == "fp4":
+        return torch.int8, (rows, k // 2), (rows, k // group // 4)
+    if act_format == "bf16":
+        return torch.bfloat16, (rows, k), None
+    raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
+
+
+def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pair_rows: torch.Tensor,
+                    pair_weights: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
+                    tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w13_data: torch.Tensor,
+                    w13_scale: Optional[torch.Tensor], h_out: torch.Tensor, h_sf_out: Optional[torch.Tensor], *,
+                    weight_format: str, act_format: str, act_group_size: int,
+                    activation_clamp: Optional[float], block_m: int,
+                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None) -> None:
+    """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
+
+    Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
+        pool_x: receive pool [Npool, H] float8_e4m3fn (fp8) | int8 [Npool, H/2] packed E2M1 (fp4)
+            | bfloat16 [Npool, H] (bf16).
+        pool_x_sf: int32 [Npool, H/g/4] packed UE8M0 (byte j of word i = group 4i + j); None for bf16.
+        pair_rows: int32 [P] pool row of each pair (pairs sorted by local expert).
+        pair_weights: float32 [P] top-k weight of each pair.
+        expert_offsets: int32 [E_local + 1] prefix sums: pairs of expert e are [off[e], off[e+1]).
+        tile_expert, tile_row_start: int32 [max_tiles]; num_tiles: int32 [1] (`build_tile_map`
+            with this `block_m`).
+        w13_data / w13_scale: local experts [E_local, 2I, H] (gate rows then up rows):
+            mxfp4 int8 [E_local, 2I, H/2] + uint8 [E_local, 2I, H/32];
+            fp8 float8_e4m3fn [E_local, 2I, H] + float32 [E_local, 2I/128, H/128];
+            bf16 bfloat16 [E_local, 2I, H] + None.
+        h_out: written rows [off[0], off[E_local]): float8_e4m3fn [P, I] (act fp8) | int8 [P, I/2]
+            (act fp4) | bfloat16 [P, I] (act bf16); row p is pair p.
+        h_sf_out: int32 [P, I/128] packed UE8M0 of h per 32 columns; None for bf16.
+        weight_format: "mxfp4" | "fp8" | "bf16"; act_format: "fp8" | "fp4" | "bf16" (x and h).
+        act_group_size: g, 32 or 128 (scale granularity of x; h always uses 32).
+        activation_clamp: SwiGLU clamp C or None.
+        block_m: tile height of the tile map (`gemm_heuristics.gemm_block_m`).
+        config: explicit tiles (block_m must match); default `gemm_heuristics.l1_gemm_config`.
+        arch: compute capability as 90 / 100 (default: the tensors' device).
+
+    Numerics: DESIGN steps 2-5: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K
+    partial products times the float32 block scale), gate/up rounded to bf16 (RNE), clamp,
+    h = silu(gate) * up * weight in float32, quantised per 32 with the UE8M0 rule (bitwise the
+    reference's quantiser given the same float32 h).
+
+    No allocation, no host synchronisation (the pair count lives on the device): a static grid of
+    max_tiles * I / block_n programs whose surplus exits at once. Rows of h beyond the pairs are
+    untouched. CPU tensors run in Triton's interpreter (tests) when TRITON_INTERPRET=1 was set at
+    import.
+    """
+    if weight_format not in ("mxfp4", "fp8", "bf16"):
+        raise ValueError(f"weight_format: expected 'mxfp4', 'fp8' or 'bf16', got {weight_format!r}")
+    if act_format not in ("fp8", "fp4", "bf16"):
+        raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
+    if act_group_size not in (32, 128):
+        raise ValueError(f"act_group_size: expected 32 or 128, got {act_group_size!r}")
+    if activation_clamp is not None and not (isinstance(activation_clamp, (int, float)) and activation_clamp > 0):
+        raise ValueError(f"activation_clamp: expected a positive float or None, got {activation_clamp!r}")
+    if not isinstance(w13_data, torch.Tensor) or w13_data.dim() != 3:
+        raise ValueError("w13_data: expected a 3-D tensor [E_local, 2I, H (or H/2)]")
+    if not isinstance(pool_x, torch.Tensor) or pool_x.dim() != 2:
+        raise ValueError("pool_x: expected a 2-D tensor [Npool, H (or H/2)]")
+    device = pool_x.device
+    _check_launch_device(device, _l1_kernel)
+    num_experts, two_i = w13_data.shape[0], w13_data.shape[1]
+    hidden = pool_x.shape[1] * (2 if act_format == "fp4" else 1)
+    inter = two_i // 2
+    if two_i % 2 != 0 or inter % 128 != 0 or hidden % 128 != 0 or hidden % (4 * act_group_size) != 0:
+        raise ValueError(f"shapes: expected I (= {two_i}/2) and H (= {hidden}) multiples of 128 and H a "
+                         f"multiple of 4 * act_group_size")
+    wd, wshape, sd, sshape = _weight_shapes(weight_format, num_experts, two_i, hidden)
+    _check_tensor(w13_data, "w13_data", wd, wshape, device)
+    if sd is None:
+        if w13_scale is not None:
+            raise ValueError("w13_scale: expected None for bf16 weights")
+    else:
+        _check_tensor(w13_scale, "w13_scale", sd, sshape, device)
+    npool = pool_x.shape[0]
+    xd, xshape, xsshape = _act_shapes(act_format, npool, hidden, act_group_size)
+    _check_tensor(pool_x, "pool_x", xd, xshape, device)
+    if xsshape is None:
+        if pool_x_sf is not None:
+            raise ValueError("pool_x_sf: expected None for bf16 activations")
+    else:
+        _check_tensor(pool_x_sf, "pool_x_sf", torch.int32, xsshape, device)
+    if not isinstance(pair_rows, torch.Tensor) or pair_rows.dim() != 1:
+        raise ValueError("pair_rows: expected a 1-D int32 tensor [P]")
+    num_pairs = pair_rows.shape[0]
+    _check_tensor(pair_rows, "pair_rows", torch.int32, (num_pairs,), device)
+    _check_tensor(pair_weights, "pair_weights", torch.float32, (num_pairs,), device)
+    n_tiles = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
+                              num_pairs, block_m)
+    hd, hshape, hsshape = _act_shapes(act_format, num_pairs, inter, 32)
+    _check_tensor(h_out, "h_out", hd, hshape, device)
+    if hsshape is None:
+        if h_sf_out is not None:
+            raise ValueError("h_sf_out: expected None for bf16 activations")
+    else:
+        _check_tensor(h_sf_out, "h_sf_out", torch.int32, hsshape, device)
+
+    if arch is None:
+        arch = _device_arch(device) if device.type == "cuda" else 90
+    if config is None:
+        config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch)
+    if config.block_m != block_m:
+        raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
+    if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
+        raise ValueError(f"config: block_n {config.block_n} must divide I = {inter} and be a multiple of 32; "
+                         f"block_k must be 128, got {config.block_k}")
+    grid = (n_tiles * (inter // config.block_n),)
+    if grid[0] == 0 or num_pairs == 0:
+        return
+    h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)
+    h_sf_view = None if h_sf_out is None else h_sf_out.view(torch.uint8)
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        _l1_kernel[grid](
+            pool_x, pool_x_sf, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
+            num_tiles, w13_data, w13_scale, h_view, h_sf_view, n_tiles,
+            float(activation_clamp) if activation_clamp is not None else 0.0,
+            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
+            ACT_GROUP=act_group_size, HAS_CLAMP=activation_clamp is not None,
+            USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
+            DOT_IN_F32=_is_interpreted(_l1_kernel),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
+        )

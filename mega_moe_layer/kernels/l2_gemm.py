@@ -1,0 +1,212 @@
+"""L2 grouped expert GEMM: y_p = h_p . w2[e]^T, rounded to bf16, stored to a per-pair destination
+row anywhere in (peer-mapped) device memory, optionally quantised for the FP8 combine (DESIGN 6).
+
+Public entry point: `l2_grouped_gemm` (destination passing through absolute row addresses; no
+allocation, no host sync, CUDA-graph safe: static upper-bound grid with early exit).
+
+Reads the same tile map as L1 (`l1_gemm.build_tile_map`) and shares its Triton helpers (operand
+dequantisation, bitwise rounding); see `l1_gemm`'s docstring for the layout of the pairs and the
+orientation of the MMA (weight rows on the M side, pairs on the N side).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
+from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _check_launch_device, _check_tensor,
+                      _check_tile_map, _device_arch, _is_interpreted, _mma, _nullcontext, _quant_store_rows, _round_bf16,
+                      _tile_coords, _weight_shapes, _weight_tile_bf16, _weight_tile_mx)
+
+__all__ = ["l2_grouped_gemm"]
+
+#: Columns per UE8M0 scale of the FP8 combine (config.COMBINE_FP8_GROUP).
+_COMBINE_GROUP = 128
+#: Columns per UE8M0 scale of h (config.H_GROUP).
+_H_GROUP = 32
+
+
+@triton.jit(do_not_specialize=["max_tiles"])
+def _l2_kernel(
+    h_ptr,            # fp8: float8_e4m3fn [P, I]; fp4: int8 [P, I/2]; bf16: bf16 [P, I]
+    h_sf_ptr,         # int32 [P, I/128] packed UE8M0 per 32 columns (None for bf16)
+    offsets_ptr,      # int32 [E_local + 1]
+    tile_expert_ptr,  # int32 [max_tiles]
+    tile_row_ptr,     # int32 [max_tiles]
+    num_tiles_ptr,    # int32 [1]
+    w_ptr,            # mxfp4: int8 [E_local, H, I/2]; fp8: float8_e4m3fn [E_local, H, I]; bf16 [E_local, H, I]
+    w_sf_ptr,         # mxfp4: uint8 [E_local, H, I/32]; fp8: float32 [E_local, H/128, I/128]; bf16: None
+    dst_ptr,          # int64 [P]: absolute address of pair p's destination row (0 = skip)
+    dst_sf_ptr,       # int64 [P]: absolute address of its scale words (fp8 combine; else None)
+    max_tiles,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, COMBINE_FORMAT: tl.constexpr,
+    USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One program: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
+
+    Worked example (HIDDEN 512, INTER 128, BLOCK_M 16, BLOCK_N 128, fp8 h, fp8 combine):
+      grid = max_tiles * 4. Program (tile 0 = expert 0 rows [0, 3), N block 2) loads h rows 0..2
+      (13 masked) for K = 128 in one step, dequantises each 32-column group exactly
+      (E4M3 x 2**(e-127)), multiplies by w2[0] rows 256..383 as a transposed [128, 16] tile,
+      rounds y to bf16, and quantises each row's 128 columns with Q = 448: amax 0.75 gives
+      e = 127 - 9 = 118 (0.75 / 448 = 1.67e-3 -> next power of two 2**-9), values times 2**9.
+      Bytes 256..383 of each destination row get the E4M3 codes and byte 2 of its scale row the
+      exponent 118 (word 0, little-endian byte 2); a pair whose address is 0 is skipped.
+    """
+    NUM_N: tl.constexpr = HIDDEN // BLOCK_N
+    pid = tl.program_id(0)
+    num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
+    if pid >= num_tiles * NUM_N:
+        return
+    tile, pid_n = _tile_coords(pid, num_tiles, NUM_N, GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile)
+    row_start = tl.load(tile_row_ptr + tile)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
+    row_ok = row_ok & (dst != 0)
+    rows64 = rows.to(tl.int64)
+
+    e64 = expert.to(tl.int64)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)            # w2 rows = columns of y
+    if WEIGHT_FORMAT == "mxfp4":
+        w_off = e64 * (HIDDEN * (INTER // 2))
+        sf_off = e64 * (HIDDEN * (INTER // 32))
+    elif WEIGHT_FORMAT == "fp8":
+        w_off = e64 * (HIDDEN * INTER)
+        sf_off = e64 * ((HIDDEN // 128) * (INTER // 128))
+    else:
+        w_off = e64 * (HIDDEN * INTER)
+        sf_off = e64 * 0
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        if USE_DOT_SCALED:
+            h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, k0, INTER, 32, BLOCK_K, ACT_FORMAT)
+            w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, k0, INTER, BLOCK_K)
+            acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
+                                "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+        else:
+            h_t = tl.trans(_act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, k0, INTER, 32, BLOCK_M, BLOCK_K,
+                                          ACT_FORMAT))                                  # [BK, BM]
+            w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, k0, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT)
+            if WEIGHT_FORMAT == "fp8":
+                s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + k0 // 128)
+                acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
+            else:
+                acc = _mma(w, h_t, acc, DOT_IN_F32)
+
+    # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
+    y = tl.trans(_round_bf16(acc))                                                  # [BM, BN] f32
+    if COMBINE_FORMAT == "fp8":
+        out_rows = dst.to(tl.pointer_type(tl.int8))[:, None]
+        sf_dst = tl.load(dst_sf_ptr + rows, mask=row_ok, other=0)
+        sf_rows = sf_dst.to(tl.pointer_type(tl.uint8))[:, None]
+        _quant_store_rows(y, row_ok, pid_n * BLOCK_N, out_rows, sf_rows, BLOCK_M, BLOCK_N, 128, "fp8")
+    else:
+        out_rows = dst.to(tl.pointer_type(tl.int16))[:, None]
+        _quant_store_rows(y, row_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
+
+
+def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offsets: torch.Tensor,
+                    tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
+                    w2_data: torch.Tensor, w2_scale: Optional[torch.Tensor], pair_dst: torch.Tensor,
+                    pair_dst_sf: Optional[torch.Tensor], *, weight_format: str, act_format: str,
+                    combine_format: str, hidden: int, block_m: int,
+                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None) -> None:
+    """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
+
+    Args (P = pairs capacity, H = hidden, I = intermediate):
+        h: L1's output, float8_e4m3fn [P, I] | int8 [P, I/2] packed E2M1 | bfloat16 [P, I].
+        h_sf: int32 [P, I/128] packed UE8M0 per 32 columns; None for bf16.
+        expert_offsets: int32 [E_local + 1]; tile_expert, tile_row_start: int32 [max_tiles];
+            num_tiles: int32 [1] — the tile map L1 used (same `block_m`).
+        w2_data / w2_scale: local experts [E_local, H, I]: mxfp4 int8 [E_local, H, I/2] + uint8
+            [E_local, H, I/32]; fp8 float8_e4m3fn [E_local, H, I] + float32 [E_local, H/128, I/128];
+            bf16 bfloat16 [E_local, H, I] + None.
+        pair_dst: int64 [P] absolute device address of pair p's destination row: bfloat16 [H]
+            (combine bf16) or float8_e4m3fn [H] (combine fp8); 0 = skip the pair. May point into a
+            peer GPU's memory (NVLink), e.g. `tensor.data_ptr() + row * row_bytes`.
+        pair_dst_sf: int64 [P] (fp8 combine) address of the pair's scales, int32 [H/512] words
+            (UE8M0 per 128 columns, 4 per little-endian word); None for bf16.
+        weight_format, act_format: as in L1 (act_format is h's format); combine_format "bf16" | "fp8".
+        hidden: H.
+        block_m, config, arch: as in `l1_grouped_gemm` (default config `gemm_heuristics.l2_gemm_config`).
+
+    Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
+    times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
+    columns with Q = 448 (bitwise `reference.combine_quantize` given the same bf16 y).
+
+    No allocation, no host synchronisation; static grid max_tiles * H / block_n with early exit.
+    """
+    if weight_format not in ("mxfp4", "fp8", "bf16"):
+        raise ValueError(f"weight_format: expected 'mxfp4', 'fp8' or 'bf16', got {weight_format!r}")
+    if act_format not in ("fp8", "fp4", "bf16"):
+        raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
+    if combine_format not in ("bf16", "fp8"):
+        raise ValueError(f"combine_format: expected 'bf16' or 'fp8', got {combine_format!r}")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0 or hidden % 128 != 0:
+        raise ValueError(f"hidden: expected a positive multiple of 128, got {hidden!r}")
+    if combine_format == "fp8" and hidden % (4 * _COMBINE_GROUP) != 0:
+        raise ValueError(f"hidden: expected a multiple of {4 * _COMBINE_GROUP} for the fp8 combine, got {hidden}")
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise ValueError("h: expected a 2-D tensor [P, I (or I/2)]")
+    if not isinstance(w2_data, torch.Tensor) or w2_data.dim() != 3:
+        raise ValueError("w2_data: expected a 3-D tensor [E_local, H, I (or I/2)]")
+    device = h.device
+    _check_launch_device(device, _l2_kernel)
+    num_pairs = h.shape[0]
+    inter = h.shape[1] * (2 if act_format == "fp4" else 1)
+    if inter % 128 != 0:
+        raise ValueError(f"h: I = {inter} must be a multiple of 128")
+    hd, hshape, hsshape = _act_shapes(act_format, num_pairs, inter, _H_GROUP)
+    _check_tensor(h, "h", hd, hshape, device)
+    if hsshape is None:
+        if h_sf is not None:
+            raise ValueError("h_sf: expected None for bf16 activations")
+    else:
+        _check_tensor(h_sf, "h_sf", torch.int32, hsshape, device)
+    num_experts = w2_data.shape[0]
+    wd, wshape, sd, sshape = _weight_shapes(weight_format, num_experts, hidden, inter)
+    _check_tensor(w2_data, "w2_data", wd, wshape, device)
+    if sd is None:
+        if w2_scale is not None:
+            raise ValueError("w2_scale: expected None for bf16 weights")
+    else:
+        _check_tensor(w2_scale, "w2_scale", sd, sshape, device)
+    n_tiles = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
+                              num_pairs, block_m)
+    _check_tensor(pair_dst, "pair_dst", torch.int64, (num_pairs,), device)
+    if combine_format == "fp8":
+        _check_tensor(pair_dst_sf, "pair_dst_sf", torch.int64, (num_pairs,), device)
+    elif pair_dst_sf is not None:
+        raise ValueError("pair_dst_sf: expected None for the bf16 combine")
+
+    if arch is None:
+        arch = _device_arch(device) if device.type == "cuda" else 90
+    if config is None:
+        config = l2_gemm_config(block_m, hidden, inter, weight_format, act_format, combine_format, arch)
+    if config.block_m != block_m:
+        raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
+    need_mult = _COMBINE_GROUP if combine_format == "fp8" else 32
+    if hidden % config.block_n != 0 or config.block_n % need_mult != 0 or config.block_k != 128:
+        raise ValueError(f"config: block_n {config.block_n} must divide H = {hidden} and be a multiple of "
+                         f"{need_mult}; block_k must be 128, got {config.block_k}")
+    grid = (n_tiles * (hidden // config.block_n),)
+    if grid[0] == 0 or num_pairs == 0:
+        return
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        _l2_kernel[grid](
+            h, h_sf, expert_offsets, tile_expert, tile_row_start, num_tiles, w2_data, w2_scale,
+            pair_dst, pair_dst_sf, n_tiles,
+            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
+            COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
+            DOT_IN_F32=_is_interpreted(_l2_kernel), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
+        )
