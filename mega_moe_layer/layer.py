@@ -377,13 +377,20 @@ class TopKRouter(nn.Module):
     unbiased scores, optionally normalised). Weights are finally multiplied by
     `routed_scaling_factor`.
 
-    forward(x [T, H]) -> (topk_idx int64 [T, K], topk_weights float32 [T, K]).
+    logits_dtype: dtype of the router GEMM `x · weight^T` (x and the weight are cast to it):
+    float32 (default; DeepSeek-V3) or None = the router weight's dtype (Mixtral / Qwen-MoE compute
+    logits in the module's dtype, e.g. bf16, and only then softmax in float32). Selection matches
+    the transformers routers exactly only when this matches theirs.
+
+    forward(x [T, H]) -> (topk_idx int64 [T, K], topk_weights float32 [T, K]); with
+    return_logits=True also the router logits [T, E] (in `logits_dtype`) as a third element.
     """
 
     def __init__(self, hidden: int, num_experts: int, topk: int, scoring: str = "softmax",
                  norm_topk_prob: bool = True, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, routed_scaling_factor: float = 1.0,
-                 use_correction_bias: bool = False, device=None, dtype=torch.float32):
+                 use_correction_bias: bool = False, device=None, dtype=torch.float32,
+                 logits_dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
@@ -400,6 +407,7 @@ class TopKRouter(nn.Module):
         self.scoring, self.norm_topk_prob = scoring, norm_topk_prob
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
+        self.logits_dtype = logits_dtype
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=hidden ** -0.5)
         if use_correction_bias:
@@ -408,14 +416,15 @@ class TopKRouter(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected shape [T, {self.hidden}], got {tuple(x.shape)}")
-        logits = x.float() @ self.weight.float().t()
+        dt = self.weight.dtype if self.logits_dtype is None else self.logits_dtype
+        logits = nn.functional.linear(x.to(dt), self.weight.to(dt))
         if self.scoring == "softmax":
-            scores = torch.softmax(logits, dim=-1)
+            scores = torch.softmax(logits.float(), dim=-1)
         else:
-            scores = torch.sigmoid(logits)
+            scores = torch.sigmoid(logits.float())
         choice = scores
         if self.e_score_correction_bias is not None:
             choice = scores + self.e_score_correction_bias.unsqueeze(0)
@@ -431,7 +440,10 @@ class TopKRouter(nn.Module):
         topk_weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_idx, (topk_weights * self.routed_scaling_factor).float()
+        topk_weights = (topk_weights * self.routed_scaling_factor).float()
+        if return_logits:
+            return topk_idx, topk_weights, logits
+        return topk_idx, topk_weights
 
 
 class SharedExpert(nn.Module):

@@ -40,8 +40,9 @@ class NvshmemForward:
         self.off = {s.name: s.offset for s in lay}
         El = cfg.num_experts // num_ranks
         self.num_local_experts = El
-        self.max_pairs = num_ranks * cfg.max_tokens_per_rank * min(cfg.topk, El)
-        P = self.max_pairs
+        # Pair capacity: the workspace's `pair_rows` / `h` rows (R T min(K, E_l) plus tile padding).
+        P = self.ws.view("pair_rows").numel()
+        self.max_pairs = P
         i32 = dict(dtype=torch.int32, device=device)
         self.counts = torch.zeros(El, **i32)
         self.cursor = torch.zeros(El, **i32)
@@ -49,8 +50,7 @@ class NvshmemForward:
         self.pair_weights = torch.zeros(P, dtype=torch.float32, device=device)
         self.pair_dst = torch.zeros(P, dtype=torch.int64, device=device)
         self.pair_dst_sf = torch.zeros(P, dtype=torch.int64, device=device)
-        self.block_m = gemm_api.block_m_for(cfg, P)
-        self.max_tiles = gemm_api.max_tiles(P, El, self.block_m)
+        self.max_tiles = gemm_api.max_tiles(P, El, gemm_api.SMALLEST_BLOCK_M)
         self.tile_expert = torch.zeros(self.max_tiles, **i32)
         self.tile_row_start = torch.zeros(self.max_tiles, **i32)
         self.num_tiles = torch.zeros(1, **i32)
@@ -101,7 +101,8 @@ class NvshmemForward:
 
         # 3. the expert GEMMs; L2 stores into the owners' combine slots.
         g = self._gemm
-        g.build_tile_map(self.expert_offsets, self.block_m, self.max_tiles, self.tile_expert,
+        bm = g.block_m_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
+        g.build_tile_map(self.expert_offsets, bm, self.max_tiles, self.tile_expert,
                          self.tile_row_start, self.num_tiles)
         h, h_sf = ws.view("h"), ws.view("h_sf")
         g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
@@ -109,12 +110,14 @@ class NvshmemForward:
                           self.tile_row_start, self.num_tiles, w13.data, w13.scale, h,
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
-                          act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp)
+                          act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
+                          block_m=bm)
         g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
                           self.tile_expert, self.tile_row_start, self.num_tiles, w2.data, w2.scale,
-                          self.pair_dst, self.pair_dst_sf, weight_format=cfg.weight_format,
+                          self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
+                          weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
-                          hidden=cfg.hidden)
+                          hidden=cfg.hidden, block_m=bm)
         self._barrier("combine")
 
         # 4. combine reduce into a fresh y (the caller owns it).

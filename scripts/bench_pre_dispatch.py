@@ -6,10 +6,11 @@ For each token count T (default 128, 1024, 4096, 8192) at H = 7168, FP8 and FP4,
 GPU time of one launch (CUDA events around the launch, the GPU kept busy by a sleep kernel before
 the start event so the host's launch latency is not timed; warm-up, median of --iters >= 50 runs),
 bytes moved (read x, ids, weights; write data, scales, ids, weights), the resulting GB/s and its
-fraction of a large `copy_`'s read+write bandwidth. Also the host-side cost of one eager call
-(Python + Triton launcher) and the plain-PyTorch reference's time for context. Every measured
-configuration is checked bitwise against the reference first. `--sweep` also times other tile
-configurations and reports the best next to the heuristic's choice.
+fraction of a large `copy_`'s read+write bandwidth, and the time of a `copy_` that moves the same
+bytes (what a pure streaming kernel of that size can reach, launch and ramp included). Also the
+host-side cost of one eager call (Python + Triton launcher) and the plain-PyTorch reference's time
+for context. Every measured configuration is checked bitwise against the reference first.
+`--sweep` also times other tile configurations and reports the best next to the heuristic's choice.
 
 Prints a markdown table; writes everything as JSON to --out.
 """
@@ -69,6 +70,13 @@ def hbm_copy_gbps(iters: int, nbytes: int = 1 << 30) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (t * 1e-6) / 1e9
+
+
+def same_bytes_copy_us(nbytes: int, iters: int) -> float:
+    """GPU time of a `copy_` that reads and writes nbytes in total."""
+    src = torch.empty(nbytes // 8, dtype=torch.int32, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return gpu_time_us(lambda: dst.copy_(src), iters)
 
 
 def bytes_moved(T: int, H: int, K: int, g: int, use_fp4: bool, idx_in_size: int, idx_out_size: int,
@@ -135,7 +143,7 @@ def main() -> None:
         for g in (int(v) for v in args.groups.split(",")):
             for T in (int(v) for v in args.tokens.split(",")):
                 case = make_case(T, H, K, g, use_fp4)
-                cfg = pre_dispatch_config(T, H, g, num_sms=_num_sms(dev))
+                cfg = pre_dispatch_config(T, H, g, num_sms=_num_sms(dev), use_fp4=use_fp4)
 
                 def launch(c=cfg):
                     _launch_pre_dispatch(*case, T, group_size=g, use_fp4_acts=use_fp4, config=c)
@@ -153,9 +161,10 @@ def main() -> None:
                 ref_us = gpu_time_us(lambda: cast(x, g), max(50, args.iters // 2), warmup=3)
                 nbytes = bytes_moved(T, H, K, g, use_fp4, 8, 4, T)
                 gbps = nbytes / (t_us * 1e-6) / 1e9
+                copy_us = same_bytes_copy_us(nbytes, args.iters)
                 row = dict(T=T, H=H, K=K, group=g, format=fmt, kernel_us=t_us, host_us_per_call=host_us,
-                           bytes=nbytes, GBps=gbps, frac_of_copy=gbps / copy_bw, torch_reference_us=ref_us,
-                           config=cfg.__dict__)
+                           bytes=nbytes, GBps=gbps, frac_of_copy=gbps / copy_bw, same_bytes_copy_us=copy_us,
+                           torch_reference_us=ref_us, config=cfg.__dict__)
                 if args.sweep:
                     best = (t_us, cfg)
                     for c in sweep_configs(T, H, g, cfg):
@@ -168,7 +177,7 @@ def main() -> None:
                     row.update(best_sweep_us=best[0], best_sweep_config=best[1].__dict__)
                 rows.append(row)
                 line = (f"| {T} | {fmt} | {g} | {t_us:.2f} | {nbytes / 1e6:.2f} | {gbps:.0f} | "
-                        f"{100 * gbps / copy_bw:.0f}% | {host_us:.1f} | {ref_us:.1f} | "
+                        f"{100 * gbps / copy_bw:.0f}% | {copy_us:.2f} | {host_us:.1f} | {ref_us:.1f} | "
                         f"m{cfg.block_m} w{cfg.block_w} warps{cfg.num_warps} |")
                 if args.sweep:
                     b = row["best_sweep_config"]
@@ -180,9 +189,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev)
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}; HBM copy (read+write) "
           f"{copy_bw:.0f} GB/s; H={H}, K={K}; median of {args.iters}\n")
-    head = ("| T | format | group | kernel us | MB moved | GB/s | of copy BW | host us/call | torch ref us "
-            "| config |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|"
+    head = ("| T | format | group | kernel us | MB moved | GB/s | of copy BW | same-bytes copy us | host us/call "
+            "| torch ref us | config |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|"
     if args.sweep:
         head += " best sweep us (config) |"
         sep += "---|"

@@ -50,12 +50,26 @@ def env():
             torch.cuda.set_device(0)
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
-    yield dist.get_rank(), dist.get_world_size()
+    R = dist.get_world_size()
+    from mega_moe_layer.comm import workspace as wsm
+    wsm.reserve(_all_cfgs(R), dist.group.WORLD)     # one shared workspace fits every layer here
+    yield dist.get_rank(), R
+    wsm.destroy_all_workspaces()
 
 
 def _cfg(R, **kw):
     base = dict(hidden=1024, intermediate=512, num_experts=8 * R, topk=4, max_tokens_per_rank=128)
     return mml.MegaMoEConfig(**{**base, **kw})
+
+
+def _cfg_b(R):
+    return _cfg(R, hidden=512, intermediate=256, max_tokens_per_rank=64, act_format="fp4",
+                combine_format="fp8")
+
+
+def _all_cfgs(R):
+    return ([_cfg(R, weight_format=w, act_format=a, combine_format=c) for w, a, c in FORMATS]
+            + [_cfg(R, act_group_size=128, activation_clamp=0.5), _cfg_b(R)])
 
 
 _LAYERS = {}
@@ -157,8 +171,7 @@ def test_repeated_calls_no_drift(env):
 def test_two_layers_share_workspace(env):
     rank, R = env
     a = _cfg(R)
-    b = _cfg(R, hidden=512, intermediate=256, max_tokens_per_rank=64, act_format="fp4",
-             combine_format="fp8")
+    b = _cfg_b(R)
     la, lb = _layer(a), _layer(b)
     assert la._gpu.ws.shares_allocation(lb._gpu.ws)
     for i in range(3):   # interleaved calls: each leaves the workspace clean for the other

@@ -1,9 +1,10 @@
 """Pre-dispatch kernel on the CPU: Triton's interpreter, bitwise against the reference codecs, plus
 sm_90a / sm_100a compile checks and the launch heuristics.
 
-The kernel encodes with integer operations only, so the interpreter (which mis-rounds float ->
-fp8/bf16 casts) computes exactly what the GPU does. CPU tensors run it in the interpreter; shapes
-stay small because the interpreter pays ~20 ms of Python per program.
+In the interpreter (which mis-rounds float -> fp8/bf16 casts) the kernel encodes with exact float32
+additions and integer operations; on a GPU, FP8 uses the hardware conversion instead (checked
+bitwise by test_pre_dispatch_gpu.py, on the same inputs). CPU tensors run it in the interpreter;
+shapes stay small because the interpreter pays ~20 ms of Python per program.
 """
 from __future__ import annotations
 
@@ -159,6 +160,10 @@ def test_worked_example_of_the_docstring():
 
 @pytest.mark.parametrize("use_fp4", [False, True], ids=["fp8", "fp4"])
 def test_every_bf16_value_encodes_like_the_reference(use_fp4):
+    check_every_bf16_value(use_fp4)
+
+
+def check_every_bf16_value(use_fp4: bool, device="cpu"):
     """Every bf16 value |v| <= Q as a quantised value (scale pinned to 1 by an anchor = Q per
     group): the encoder on every input it can see, including all ties and subnormals."""
     quantum = ref.FP4_MAX if use_fp4 else ref.FP8_MAX
@@ -175,9 +180,9 @@ def test_every_bf16_value_encodes_like_the_reference(use_fp4):
     T = -(-groups.numel() // H)
     x = torch.zeros(T * H, dtype=torch.bfloat16)
     x[:groups.numel()] = groups
-    x = x.reshape(T, H)
-    ids, w = make_topk(T, 2, torch.int32, 0)
-    bufs = make_buffers(T, T, H, 2, g, use_fp4, torch.int32)
+    x = x.reshape(T, H).to(device)
+    ids, w = make_topk(T, 2, torch.int32, 0, device=device)
+    bufs = make_buffers(T, T, H, 2, g, use_fp4, torch.int32, device=device)
     mega_moe_pre_dispatch(x, ids, w, *bufs, T, group_size=g, use_fp4_acts=use_fp4)
     check_outputs(x, ids, w, T, g, use_fp4, *bufs)
     assert bool((ref.unpack_ue8m0(bufs[1])[: n_groups // (H // g)] == 127).all())  # the scale really is 1
@@ -185,6 +190,10 @@ def test_every_bf16_value_encodes_like_the_reference(use_fp4):
 
 @pytest.mark.parametrize("use_fp4", [False, True], ids=["fp8", "fp4"])
 def test_every_bf16_amax_gives_the_reference_scale(use_fp4):
+    check_every_bf16_amax(use_fp4)
+
+
+def check_every_bf16_amax(use_fp4: bool, device="cpu"):
     """One group per positive finite bf16 value as its amax: the UE8M0 ceiling rule everywhere."""
     quantum = ref.FP4_MAX if use_fp4 else ref.FP8_MAX
     amax = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -197,9 +206,9 @@ def test_every_bf16_amax_gives_the_reference_scale(use_fp4):
     n_rows = -(-x.numel() // H)
     flat = torch.zeros(n_rows * H, dtype=torch.bfloat16)
     flat[:x.numel()] = x.reshape(-1)
-    x = flat.reshape(n_rows, H)
-    ids, w = make_topk(n_rows, 1, torch.int32, 0)
-    bufs = make_buffers(n_rows, n_rows, H, 1, g, use_fp4, torch.int32)
+    x = flat.reshape(n_rows, H).to(device)
+    ids, w = make_topk(n_rows, 1, torch.int32, 0, device=device)
+    bufs = make_buffers(n_rows, n_rows, H, 1, g, use_fp4, torch.int32, device=device)
     mega_moe_pre_dispatch(x, ids, w, *bufs, n_rows, group_size=g, use_fp4_acts=use_fp4)
     check_outputs(x, ids, w, n_rows, g, use_fp4, *bufs)
 
@@ -389,8 +398,8 @@ def test_device_count_needs_buffers_for_all_rows_of_x():
 @pytest.mark.parametrize("T", [0, 1, 7, 128, 512, 4096, 8192])
 def test_heuristic_tiles_cover_the_row(T, H, g):
     words = H // (4 * g)
-    for interp in (False, True):
-        c = pre_dispatch_config(T, H, g, interpreter=interp)
+    for interp, use_fp4 in ((False, False), (False, True), (True, False)):
+        c = pre_dispatch_config(T, H, g, interpreter=interp, use_fp4=use_fp4)
         assert c.block_w & (c.block_w - 1) == 0 and c.block_m & (c.block_m - 1) == 0
         assert c.num_col_blocks * c.block_w >= words > (c.num_col_blocks - 1) * c.block_w
         assert c.num_x_programs(T) * c.block_m >= T * c.num_col_blocks
@@ -401,11 +410,14 @@ def test_heuristic_tiles_cover_the_row(T, H, g):
 
 
 def test_heuristic_branches():
-    assert pre_dispatch_config(128, 7168, 32).block_m == 1       # decode: all SMs stream one row
-    assert pre_dispatch_config(4096, 7168, 32).block_m == 4      # prefill: fatter programs
+    for use_fp4 in (False, True):
+        assert pre_dispatch_config(128, 7168, 32, use_fp4=use_fp4).block_m == 1    # decode: all SMs stream one row
+    assert pre_dispatch_config(4096, 7168, 32).block_m == 2      # prefill, FP8 (bandwidth-bound): 2 rows
+    assert pre_dispatch_config(4096, 7168, 32, use_fp4=True).block_m == 4   # FP4 (issue-bound): fatter
     assert pre_dispatch_config(4096, 7168, 32).num_col_blocks == 7
     assert pre_dispatch_config(4096, 7168, 128).num_col_blocks == 7
-    assert pre_dispatch_config(200, 7168, 32, num_sms=8).block_m == 4
+    assert pre_dispatch_config(200, 7168, 32, num_sms=8, use_fp4=True).block_m == 4
+    assert pre_dispatch_config(12, 7168, 32, num_sms=8, use_fp4=True).block_m == 2
     assert pre_dispatch_config(0, 7168, 32).num_x_programs(0) == 0
     assert pre_dispatch_config(0, 7168, 32).num_topk_programs(65) == 2
     with pytest.raises(ValueError, match="^group_size"):
@@ -420,13 +432,13 @@ def test_heuristic_branches():
 # Compile checks: the kernel builds for Hopper and Blackwell
 # ------------------------------------------------------------------------------------------------
 def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7168, g=32, K=8):
-    cfg = pre_dispatch_config(4096, H, g)
+    cfg = pre_dispatch_config(4096, H, g, use_fp4=use_fp4)
     sig = {"x_ptr": "*i32", "topk_idx_ptr": f"*{idx_in}", "topk_w_ptr": "*i32",
-           "out_x_ptr": "*i8" if use_fp4 else "*i16", "out_sf_ptr": "*i32", "out_idx_ptr": f"*{idx_out}",
+           "out_x_ptr": "*i8" if use_fp4 else "*i16", "out_sf_ptr": "*i8", "out_idx_ptr": f"*{idx_out}",
            "out_w_ptr": "*i32", "num_tokens": "i32", "max_tokens": "i32", "num_topk_rows": "i32",
            "num_topk_programs": "i32"}
     constexprs = dict(HIDDEN=H, GROUP=g, TOPK=K, TOPK_PAD=heuristics.next_power_of_2(K), USE_FP4=use_fp4,
-                      NUM_TOKENS_ON_DEVICE=on_device, BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w,
+                      HW_CVT=True, NUM_TOKENS_ON_DEVICE=on_device, BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w,
                       TOPK_BLOCK_ROWS=cfg.topk_block_rows)
     if on_device:
         sig["num_tokens_ptr"] = "*i32"
@@ -470,7 +482,9 @@ def test_compiles_for_hopper_and_blackwell(compiled_ptx, variant, arch):
     assert _compile.ptx_entries(ptx) == ["_pre_dispatch_kernel"]
     assert ".local" not in ptx, "local memory in the PTX"
     assert "ld.global.v4.b32" in ptx, "x should be read with 16-byte vector loads"
-    assert "div." not in ptx and "cvt.rn.satfinite" not in ptx, "numerics must stay integer (no div, no fp8 cvt)"
+    assert "div." not in ptx, "no division"
+    use_fp4 = COMPILE_VARIANTS[variant][0]
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) != use_fp4, "FP8 uses the hardware conversion (FP4 has none)"
     try:
         usage = _compile.ptxas_usage(ptx, arch)
     except _compile.CompileUnavailable as exc:

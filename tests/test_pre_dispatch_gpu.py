@@ -14,7 +14,8 @@ import torch
 
 from mega_moe_layer.kernels import reference as ref
 from mega_moe_layer.kernels.pre_dispatch import mega_moe_pre_dispatch
-from test_pre_dispatch import POISON, check_outputs, make_buffers, make_topk, make_x
+from test_pre_dispatch import (POISON, check_every_bf16_amax, check_every_bf16_value, check_outputs, make_buffers,
+                               make_topk, make_x)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -58,6 +59,14 @@ TOPK_CASES = [(6, torch.int32, torch.int32), (8, torch.int64, torch.int64),
 def test_bitwise_vs_reference(M, H, g, use_fp4, topk, session_seed):
     K, idx_in, idx_out = topk
     _run_case(M, H, K, g, use_fp4, idx_in, idx_out, seed=session_seed + M * 7 + H + g)
+
+
+@pytest.mark.parametrize("use_fp4", [False, True], ids=["fp8", "fp4"])
+def test_every_bf16_value_and_amax(use_fp4):
+    """The GPU's encoder (FP8: the hardware conversion) on every bf16 value, and the scale rule on
+    every bf16 amax (the interpreter tests' exhaustive inputs)."""
+    check_every_bf16_value(use_fp4, device=DEV)
+    check_every_bf16_amax(use_fp4, device=DEV)
 
 
 def test_gpu_reference_equals_cpu_reference(session_seed):

@@ -3,9 +3,9 @@
 Nothing here touches a device, a tensor or the environment: every function is a plain function of
 integers and format names, tested on the CPU.
 
-Orientation (both kernels, see `l1_gemm.py`): a program computes the transposed tile
-``acc[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] . X[BLOCK_M, K]^T`` — expert weight rows on the MMA's M
-side, routed pairs (tokens) on its N side. The dequantised weight is then the register operand of
+Orientation (both kernels, see `l1_gemm.py`): a work item computes the transposed tile
+``acc[R, BLOCK_M] = W[R, K] . X[BLOCK_M, K]^T`` — expert weight rows on the MMA's M side (R =
+2 * block_n stacked gate and up rows in L1, block_n in L2), routed pairs (tokens) on its N side. The dequantised weight is then the register operand of
 Hopper's wgmma (KERNEL_NOTES: the upcast operand belongs on the left) and a handful of tokens per
 expert (decode) costs an MMA N of 16, not a padded M of 64.
 
@@ -43,6 +43,8 @@ class GroupedGemmConfig:
         group_m: tiles that share a band of programs sweeping all N blocks (L2-cache reuse of the
             x tiles and of an expert's weight slab at prefill sizes; irrelevant at decode).
         num_warps, num_stages: Triton launch options.
+        ctas_per_sm: persistent CTAs launched per SM (the grid is min(work items, SMs x this));
+            what the registers / shared memory of one CTA let reside at once.
     """
 
     block_m: int
@@ -51,6 +53,11 @@ class GroupedGemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    ctas_per_sm: int = 1
+
+    def grid(self, num_work_items: int, num_sms: int) -> int:
+        """Programs of the persistent grid: every SM busy, never more programs than work items."""
+        return max(0, min(int(num_work_items), max(1, int(num_sms)) * self.ctas_per_sm))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -141,7 +148,8 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # without spills at block_m 128 (shared memory <= 200 KB even with bf16 operands).
         num_warps, num_stages = 8, 3
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
-                             num_warps=num_warps, num_stages=num_stages)
+                             num_warps=num_warps, num_stages=num_stages,
+                             ctas_per_sm=2 if num_warps <= 4 else 1)
 
 
 def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
@@ -170,4 +178,5 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # the dequantised weights at <= 255 registers without spills.
         block_n, num_warps, num_stages = 64, 8, 3
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
-                             num_warps=num_warps, num_stages=num_stages)
+                             num_warps=num_warps, num_stages=num_stages,
+                             ctas_per_sm=2 if num_warps <= 4 else 1)

@@ -66,8 +66,8 @@ class PreDispatchConfig:
         return cdiv(num_topk_rows, self.topk_block_rows)
 
 
-def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
-                        num_sms: int = DEFAULT_NUM_SMS, interpreter: bool = False) -> PreDispatchConfig:
+def pre_dispatch_config(num_rows: int, hidden: int, group_size: int, num_sms: int = DEFAULT_NUM_SMS,
+                        interpreter: bool = False, use_fp4: bool = False) -> PreDispatchConfig:
     """Tiles of the pre-dispatch kernel for `num_rows` tokens (an upper bound) of width `hidden`.
 
     The kernel is a pure streaming pass (read 2 bytes, write 1 or 0.5 + scales per element), so
@@ -75,10 +75,13 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
 
     * Along H a program covers up to 1024 elements (a whole number of 4-group scale words), so
       H = 7168 splits into 7 full column blocks whatever the group size, and H = 1024 into one.
-    * Along T, rows per program grow (1 -> 2 -> 4) only while the grid still has >= 4 programs
+    * Along T, rows per program grow (1 -> 2 [-> 4]) only while the grid still has >= 4 programs
       per SM: decode-sized batches (T <= ~128 at H = 7168) keep one row per program so all SMs
-      stream; prefill-sized batches take 4 rows (8 KB of bf16 in flight per program) so fewer,
-      fatter programs amortise index math.
+      stream. FP8 (the hardware conversion: bandwidth-bound, as fast as a same-size `copy_`)
+      stops at 2 rows (4 KB of bf16 per program: more, smaller programs in flight); FP4 (no
+      hardware E2M1 conversion on Hopper: issue-bound) takes 4 rows (8 KB), so fewer, fatter
+      programs amortise index math. Each was the fastest (within ~2% run-to-run noise) of 1/2/4/8
+      rows and 4/8 warps on an H200 at T = 1024-8192, H = 7168 (bench_pre_dispatch.py --sweep).
     * `interpreter=True` (CPU tensors, Triton's interpreter): the interpreter pays a fixed Python
       cost per program and vectorises within one, so programs are as large as possible (a whole
       row, up to 64 rows or 64K elements).
@@ -102,7 +105,7 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int,
 
     target_programs = 4 * max(1, num_sms)
     block_m = 1
-    for bm in (4, 2):  # the largest that still fills the machine
+    for bm in (4, 2) if use_fp4 else (2,):  # the largest that still fills the machine
         if cdiv(num_rows, bm) * num_col_blocks >= target_programs:
             block_m = bm
             break

@@ -2,7 +2,8 @@
 
 Public entry points:
   * `l1_grouped_gemm` — the kernel's wrapper (destination passing, no allocation, no host sync,
-    CUDA-graph safe: a static upper-bound grid whose surplus programs exit at once).
+    CUDA-graph safe: a static grid of a few persistent CTAs per SM, never more than the upper
+    bound of work items, whose programs loop over the items below the device tile count).
   * `build_tile_map` — the device tile map both grouped GEMMs read (pure torch, no host sync).
   * `max_tiles` — the static bound on the number of tiles (re-exported from `gemm_heuristics`).
 
@@ -18,15 +19,22 @@ map cuts every expert's segment into tiles of BLOCK_M positions:
     tile_expert    = [0, 2, 2, 2, -1, ...]     tile_row_start = [0, 3, 19, 35, 0, ...]
     num_tiles      = [4]
 
-Orientation: a program computes ``acc[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] . X[BLOCK_M, K]^T`` (weight
-rows on the MMA M side, pairs on its N side; see `gemm_heuristics`), then transposes in the
-epilogue. Hopper (sm_90): both operands are dequantised exactly to bf16 in registers and a bf16
-`tl.dot` accumulates in float32; FP8 weights multiply each per-128-K partial product by their
-float32 block scale. Blackwell (sm_100+): MXFP4 weights with FP8/FP4 activations go through
-`tl.dot_scaled` (native block-scaled tcgen05 MMA, scales per 32 as uint8 UE8M0).
+Orientation: a work item computes ``acc[R, BLOCK_M] = W[R, K] . X[BLOCK_M, K]^T`` (weight rows on
+the MMA M side, pairs on its N side; see `gemm_heuristics`; R = 2 * BLOCK_N stacked gate + up rows
+in L1, BLOCK_N in L2), then transposes in the epilogue. The weight is the left operand, as
+KERNEL_NOTES recommends for an upcast operand (Hopper's wgmma takes it from registers), and a
+decode-sized handful of pairs is the MMA's N (16), not a padded M of 64.
+
+Hopper (sm_90): both operands are dequantised exactly to bf16 in registers and a bf16 `tl.dot`
+accumulates in float32; FP8 weights multiply each per-128-K partial product by their float32
+block scale (any positive value). Blackwell (sm_100 / 103 / 110): MXFP4 weights with FP8/FP4
+activations go through `tl.dot_scaled` (native block-scaled tcgen05 MMA, uint8 UE8M0 scales per
+32); the other combinations take the dequantising path. The path is a constexpr chosen from the
+target arch (`gemm_heuristics.uses_dot_scaled`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -148,74 +156,77 @@ def _unpack_e2m1(packed):
 
 
 @triton.jit
-def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, k0,
+def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       WEIGHT_FORMAT: tl.constexpr):
-    """Rows `rows` (int64 [BLOCK_R], within one expert) x columns [k0, k0 + BLOCK_K) of a weight
-    [N, K] -> bf16 [BLOCK_R, BLOCK_K].
+    """Rows `rows` (int64 [BLOCK_R], within one expert) x K tile `kt` (columns kt * BLOCK_K ...
+    + BLOCK_K - 1) of a weight [N, K] -> bf16 [BLOCK_R, BLOCK_K].
+
+    NOTE: K offsets are built as kt * constant (not k0 // 2): Triton's alignment analysis keeps
+    the divisibility of a product, not of a quotient.
 
     w_off / sf_off: int64 element offsets of the expert's data / scales. mxfp4: data int8
     [N, K/2], scales uint8 [N, K/32] (exact: E2M1 x 2**k fits bf16); fp8: the raw E4M3 values
     (exact in bf16; the float32 block scale is applied by the caller after the dot); bf16: as is.
     """
     if WEIGHT_FORMAT == "mxfp4":
-        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])
         vals = _e2m1_decode(_unpack_e2m1(packed))                               # [R, BK] f32
-        scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         s = _exp2_ue8m0(tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :]).to(tl.int32))
         vals = tl.reshape(tl.reshape(vals, (BLOCK_R, BLOCK_K // 32, 32)) * s[:, :, None], (BLOCK_R, BLOCK_K))
         tile = vals.to(tl.bfloat16)
     elif WEIGHT_FORMAT == "fp8":
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :]).to(tl.bfloat16)
     else:
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
     return tile
 
 
 @triton.jit
-def _act_scales(sf_ptr, rows64, row_ok, k0, K: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr):
+def _act_scales(sf_ptr, rows64, row_ok, kt, K: tl.constexpr, GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr):
     """UE8M0 bytes (int32 [BLOCK_M, NUM_GROUPS]) of `NUM_GROUPS` consecutive groups of GROUP
-    columns starting at group k0 // GROUP, from packed int32 scales [rows, K / GROUP / 4]
+    columns starting at group kt * NUM_GROUPS, from packed int32 scales [rows, K / GROUP / 4]
     (byte j of word i = group 4i + j). Masked rows read 0."""
-    g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
+    g = kt * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
     words = tl.load(sf_ptr + rows64[:, None] * (K // GROUP // 4) + (g // 4)[None, :],
                     mask=row_ok[:, None], other=0)
     return (words >> (8 * (g % 4))[None, :]) & 0xFF
 
 
 @triton.jit
-def _act_tile_bf16(x_ptr, sf_ptr, rows64, row_ok, k0,
+def _act_tile_bf16(x_ptr, sf_ptr, rows64, row_ok, kt,
                    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                    ACT_FORMAT: tl.constexpr):
-    """Activation rows `rows64` (int64 [BLOCK_M]; masked rows read 0) x columns [k0, k0 + BLOCK_K)
+    """Activation rows `rows64` (int64 [BLOCK_M]; masked rows read 0) x K tile `kt`
     -> bf16 [BLOCK_M, BLOCK_K], dequantised exactly (E4M3 / E2M1 times 2**k fit bf16).
 
     fp8: x float8_e4m3fn [rows, K]; fp4: x int8 [rows, K/2] packed E2M1; scales int32 packed
     UE8M0 [rows, K / GROUP / 4]; bf16: x bf16 [rows, K], sf_ptr unused.
     """
     if ACT_FORMAT == "bf16":
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None], other=0.0)
     else:
         if ACT_FORMAT == "fp8":
-            cols = k0 + tl.arange(0, BLOCK_K)
+            cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             vals = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None],
                            other=0.0).to(tl.float32)
         else:
-            cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(x_ptr + rows64[:, None] * (K // 2) + cols[None, :], mask=row_ok[:, None], other=0)
             vals = _e2m1_decode(_unpack_e2m1(packed))
-        s = _exp2_ue8m0(_act_scales(sf_ptr, rows64, row_ok, k0, K, GROUP, BLOCK_K // GROUP))
+        s = _exp2_ue8m0(_act_scales(sf_ptr, rows64, row_ok, kt, K, GROUP, BLOCK_K // GROUP))
         vals = tl.reshape(tl.reshape(vals, (BLOCK_M, BLOCK_K // GROUP, GROUP)) * s[:, :, None], (BLOCK_M, BLOCK_K))
         tile = vals.to(tl.bfloat16)
     return tile
 
 
 @triton.jit
-def _act_tile_mx(x_ptr, sf_ptr, rows64, row_ok, k0,
+def _act_tile_mx(x_ptr, sf_ptr, rows64, row_ok, kt,
                  K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ACT_FORMAT: tl.constexpr):
     """`tl.dot_scaled` operands of activation rows: (raw tile, uint8 [BLOCK_M, BLOCK_K / 32] scales).
 
@@ -223,13 +234,13 @@ def _act_tile_mx(x_ptr, sf_ptr, rows64, row_ok, k0,
     A group of 128 repeats its byte over its four 32-column sub-groups (the MMA's scale block is 32).
     """
     if ACT_FORMAT == "fp8":
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         raw = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None], other=0.0)
     else:
-        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         raw = tl.load(x_ptr + rows64[:, None] * (K // 2) + cols[None, :], mask=row_ok[:, None],
                       other=0).to(tl.uint8, bitcast=True)
-    sub = (k0 + 32 * tl.arange(0, BLOCK_K // 32)) // GROUP                # group of each 32-block
+    sub = (kt * BLOCK_K + 32 * tl.arange(0, BLOCK_K // 32)) // GROUP                # group of each 32-block
     words = tl.load(sf_ptr + rows64[:, None] * (K // GROUP // 4) + (sub // 4)[None, :],
                     mask=row_ok[:, None], other=0)
     # Masked rows: byte 127 (scale 1) times zero data. NOTE: never hand byte 0/255 to the MMA
@@ -239,12 +250,12 @@ def _act_tile_mx(x_ptr, sf_ptr, rows64, row_ok, k0,
 
 
 @triton.jit
-def _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, rows, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """`tl.dot_scaled` operands of MXFP4 weight rows: uint8 [R, BLOCK_K/2] packed E2M1 (K-packed)
     and uint8 [R, BLOCK_K/32] UE8M0 scales."""
-    cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :]).to(tl.uint8, bitcast=True)
-    scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
     sf = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])
     return packed, sf
 
@@ -264,15 +275,16 @@ def _mma(a, b, acc, DOT_IN_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile_coords(pid, num_tiles, NUM_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (tile, N block), bands of GROUP_M tiles sweeping all N blocks (the tiles of a
+def _tile_coords(work, num_tiles, NUM_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Work item -> (tile, N block), bands of GROUP_M tiles sweeping all N blocks (the tiles of a
     band share x in L2; consecutive tiles of one expert share its weight slab). Requires
-    pid < num_tiles * NUM_N."""
+    work < num_tiles * NUM_N. Example: num_tiles 4, NUM_N 2, GROUP_M 8: items 0..7 ->
+    (0,0) (1,0) (2,0) (3,0) (0,1) (1,1) (2,1) (3,1)."""
     per_group = GROUP_M * NUM_N
-    group = pid // per_group
+    group = work // per_group
     first = group * GROUP_M
     size = tl.minimum(num_tiles - first, GROUP_M)
-    local = pid % per_group
+    local = work % per_group
     return first + local % size, local // size
 
 
@@ -334,88 +346,91 @@ def _l1_kernel(
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One program: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
+    """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
 
-    Worked example (HIDDEN 256, INTER 128, BLOCK_M 16, BLOCK_N 64, fp8 acts and h):
-      grid = max_tiles * 2 programs; with num_tiles = 4, programs 8.. exit at once. Program
-      (tile 1 = expert 2 rows [3, 19), N block 1) accumulates gate columns 64..127 (w13 rows
-      64..127) and up columns 64..127 (w13 rows 192..255) over K = 256 in 2 steps of 128, as
-      transposed [64, 16] tiles; the epilogue rounds both to bf16, clamps, forms
-      h = silu(gate) * up * pair_weight, transposes to [16, 64], and quantises each row's two
-      groups of 32 columns: e.g. a group with amax 3.0 gets e = 120 (scale 2**-7), its values are
-      multiplied by 128 and rounded to E4M3 (3.0 -> 384 = 0x7C). Bytes 2 and 3 of each row's
-      first scale word (groups 2, 3 = columns 64..127) are written by this program, bytes 0, 1
-      by the program of N block 0.
+    Persistent: program p handles work items p, p + num_programs, ... below num_tiles * I / BLOCK_N.
+
+    Worked example (HIDDEN 256, INTER 128, BLOCK_M 16, BLOCK_N 64, GROUP_M 8, fp8 x and h; the
+    tile map of the module docstring, num_tiles = 4, so 4 x 2 = 8 work items; 4 programs):
+      program 1 takes items 1 and 5 = tile 1 (expert 2, pair rows [3, 19)) x N blocks 0 and 1.
+      Item 5 stacks w13[2] rows 64..127 (gate) and 192..255 (up) into one [128, 128] operand per
+      K step, two steps over K = 256, accumulating the transposed [128, 16] tile; the epilogue
+      rounds to bf16, transposes to [16, 128], splits gate / up [16, 64], clamps, forms
+      h = silu(gate) * up * pair_weight and quantises each row's two groups of 32 columns: a group
+      with amax 3.0 gets e = 120 (scale 2**-7), its values times 128 round to E4M3 (3.0 -> 384 =
+      0x7C). It writes h columns 64..127 of rows 3..18 and bytes 2, 3 of each row's first scale
+      word (groups 2, 3); item 1 writes bytes 0, 1.
     """
     NUM_N: tl.constexpr = INTER // BLOCK_N
     pid = tl.program_id(0)
     # NOTE: the count comes from the device; clamp it so a bad value never reads past the map.
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
-    if pid >= num_tiles * NUM_N:
-        return
-    tile, pid_n = _tile_coords(pid, num_tiles, NUM_N, GROUP_M)
-    expert = tl.load(tile_expert_ptr + tile)
-    row_start = tl.load(tile_row_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    rows64 = rows.to(tl.int64)
-    prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    # Persistent loop over (tile, N block) work items: a grid of a few CTAs per SM serves any
+    # count, so a map sized for the worst case costs no empty CTAs at decode sizes.
+    for work in range(pid, num_tiles * NUM_N, tl.num_programs(0)):
+        tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
+        expert = tl.load(tile_expert_ptr + tile)
+        row_start = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
 
-    e64 = expert.to(tl.int64)
-    # NOTE: gate and up rows are stacked into ONE operand of 2 * BLOCK_N rows (gate rows
-    # n0..n0+BN-1, then up rows I+n0..): one MMA of M = 2 * BLOCK_N per K step (128 rows = one
-    # Blackwell block-scaled MMA at BLOCK_N 64), one accumulator, and no operand shared between
-    # two MMAs (Triton 3.6's Blackwell warp specialisation asserts on a shared scale operand).
-    r = tl.arange(0, 2 * BLOCK_N)
-    n_rows = (tl.where(r < BLOCK_N, r, r - BLOCK_N + INTER) + pid_n * BLOCK_N).to(tl.int64)
-    if WEIGHT_FORMAT == "mxfp4":
-        w_off = e64 * (2 * INTER * (HIDDEN // 2))
-        sf_off = e64 * (2 * INTER * (HIDDEN // 32))
-    elif WEIGHT_FORMAT == "fp8":
-        w_off = e64 * (2 * INTER * HIDDEN)
-        sf_off = e64 * ((2 * INTER // 128) * (HIDDEN // 128))
-    else:
-        w_off = e64 * (2 * INTER * HIDDEN)
-        sf_off = e64 * 0
-
-    acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        if USE_DOT_SCALED:
-            # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
-            x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, k0, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
-            w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, k0, HIDDEN, BLOCK_K)
-            acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
-                                "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+        e64 = expert.to(tl.int64)
+        # NOTE: gate and up rows are stacked into ONE operand of 2 * BLOCK_N rows (gate rows
+        # n0..n0+BN-1, then up rows I+n0..): one MMA of M = 2 * BLOCK_N per K step (128 rows = one
+        # Blackwell block-scaled MMA at BLOCK_N 64), one accumulator, and no operand shared between
+        # two MMAs (Triton 3.6's Blackwell warp specialisation asserts on a shared scale operand).
+        r = tl.arange(0, 2 * BLOCK_N)
+        n_rows = (tl.where(r < BLOCK_N, r, r - BLOCK_N + INTER) + pid_n * BLOCK_N).to(tl.int64)
+        if WEIGHT_FORMAT == "mxfp4":
+            w_off = e64 * (2 * INTER * (HIDDEN // 2))
+            sf_off = e64 * (2 * INTER * (HIDDEN // 32))
+        elif WEIGHT_FORMAT == "fp8":
+            w_off = e64 * (2 * INTER * HIDDEN)
+            sf_off = e64 * ((2 * INTER // 128) * (HIDDEN // 128))
         else:
-            x_t = tl.trans(_act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, k0, HIDDEN, ACT_GROUP, BLOCK_M,
-                                          BLOCK_K, ACT_FORMAT))                             # [BK, BM]
-            w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, k0, HIDDEN, 2 * BLOCK_N, BLOCK_K,
-                                  WEIGHT_FORMAT)                                            # [2BN, BK]
-            if WEIGHT_FORMAT == "fp8":
-                # Block scales (any positive float32) multiply the per-128-K partial products.
-                s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + k0 // 128)
-                acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
-            else:
-                acc = _mma(w, x_t, acc, DOT_IN_F32)
+            w_off = e64 * (2 * INTER * HIDDEN)
+            sf_off = e64 * 0
 
-    # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
-    # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
-    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    if HAS_CLAMP:
-        gate = tl.minimum(gate, clamp)
-        up = tl.minimum(tl.maximum(up, -clamp), clamp)
-    weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
-    h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
-    if ACT_FORMAT == "fp4":
-        h_rows = h_ptr + rows64[:, None] * (INTER // 2)
-    else:
-        h_rows = h_ptr + rows64[:, None] * INTER
-    if ACT_FORMAT == "bf16":
-        sf_rows = h_rows  # unused
-    else:
-        sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
-    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
+        acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, HIDDEN // BLOCK_K):
+            if USE_DOT_SCALED:
+                # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
+                x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
+                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
+                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
+                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            else:
+                x_t = tl.trans(_act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M,
+                                              BLOCK_K, ACT_FORMAT))                             # [BK, BM]
+                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
+                                      WEIGHT_FORMAT)                                            # [2BN, BK]
+                if WEIGHT_FORMAT == "fp8":
+                    # Block scales (any positive float32) multiply the per-128-K partial products.
+                    s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
+                    acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
+                else:
+                    acc = _mma(w, x_t, acc, DOT_IN_F32)
+
+        # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
+        # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
+        gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        if HAS_CLAMP:
+            gate = tl.minimum(gate, clamp)
+            up = tl.minimum(tl.maximum(up, -clamp), clamp)
+        weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
+        h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
+        if ACT_FORMAT == "fp4":
+            h_rows = h_ptr + rows64[:, None] * (INTER // 2)
+        else:
+            h_rows = h_ptr + rows64[:, None] * INTER
+        if ACT_FORMAT == "bf16":
+            sf_rows = h_rows  # unused
+        else:
+            sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
+        _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
 
 
 # =================================================================================================
@@ -475,9 +490,15 @@ def _is_interpreted(kernel) -> bool:
     return not isinstance(kernel, triton.runtime.jit.JITFunction)
 
 
+@functools.lru_cache(maxsize=None)
 def _device_arch(device: torch.device) -> int:
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _device_num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _nullcontext:
@@ -512,7 +533,8 @@ def _check_launch_device(device: torch.device, kernel) -> None:
 
 
 def _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
-                    num_pairs, block_m) -> int:
+                    num_pairs, block_m):
+    """Validate the tile map; returns (rows of the map, block_m) with block_m inferred if None."""
     _check_tensor(expert_offsets, "expert_offsets", torch.int32, (num_experts + 1,), device)
     _check_tensor(tile_expert, "tile_expert", torch.int32, None, device)
     if tile_expert.dim() != 1:
@@ -520,13 +542,21 @@ def _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_
     n_tiles = tile_expert.shape[0]
     _check_tensor(tile_row_start, "tile_row_start", torch.int32, (n_tiles,), device)
     _check_tensor(num_tiles, "num_tiles", torch.int32, (1,), device)
+    if block_m is None:
+        # NOTE: the map's length identifies the block_m it was sized for when exactly one tile
+        # height gives max_tiles(P, E_local, bm) == len(map); otherwise the caller must say.
+        fits = [bm for bm in GEMM_BLOCK_MS if max_tiles(num_pairs, num_experts, bm) == n_tiles]
+        if len(fits) != 1:
+            raise ValueError(f"block_m: cannot infer the tile height from a map of {n_tiles} tiles for "
+                             f"P={num_pairs}, E_local={num_experts} (candidates {fits}); pass block_m=")
+        block_m = fits[0]
     if block_m not in GEMM_BLOCK_MS:
         raise ValueError(f"block_m: expected one of {GEMM_BLOCK_MS}, got {block_m!r}")
     need = max_tiles(num_pairs, num_experts, block_m)
     if n_tiles < need:
         raise ValueError(f"tile_expert: {n_tiles} tiles < max_tiles({num_pairs}, {num_experts}, {block_m}) = "
                          f"{need}; build the tile map with the kernels' block_m")
-    return n_tiles
+    return n_tiles, block_m
 
 
 def _weight_shapes(weight_format: str, num_experts: int, n: int, k: int):
@@ -556,8 +586,9 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w13_data: torch.Tensor,
                     w13_scale: Optional[torch.Tensor], h_out: torch.Tensor, h_sf_out: Optional[torch.Tensor], *,
                     weight_format: str, act_format: str, act_group_size: int,
-                    activation_clamp: Optional[float], block_m: int,
-                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None) -> None:
+                    activation_clamp: Optional[float], block_m: Optional[int] = None,
+                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
+                    num_sms: Optional[int] = None) -> None:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -579,17 +610,21 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         weight_format: "mxfp4" | "fp8" | "bf16"; act_format: "fp8" | "fp4" | "bf16" (x and h).
         act_group_size: g, 32 or 128 (scale granularity of x; h always uses 32).
         activation_clamp: SwiGLU clamp C or None.
-        block_m: tile height of the tile map (`gemm_heuristics.gemm_block_m`).
+        block_m: tile height the tile map was built with (`gemm_heuristics.gemm_block_m`); None
+            infers it from len(tile_expert) == max_tiles(P, E_local, block_m) when that is unique
+            (ValueError otherwise).
         config: explicit tiles (block_m must match); default `gemm_heuristics.l1_gemm_config`.
         arch: compute capability as 90 / 100 (default: the tensors' device).
+        num_sms: SMs the persistent grid covers (default: the device's; 4 in the interpreter).
 
     Numerics: DESIGN steps 2-5: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K
     partial products times the float32 block scale), gate/up rounded to bf16 (RNE), clamp,
     h = silu(gate) * up * weight in float32, quantised per 32 with the UE8M0 rule (bitwise the
     reference's quantiser given the same float32 h).
 
-    No allocation, no host synchronisation (the pair count lives on the device): a static grid of
-    max_tiles * I / block_n programs whose surplus exits at once. Rows of h beyond the pairs are
+    No allocation, no host synchronisation (the pair count lives on the device): a static
+    persistent grid (a few CTAs per SM, never more than max_tiles * I / block_n) whose programs
+    loop over the (tile, N block) items below the device count. Rows of h beyond the pairs are
     untouched. CPU tensors run in Triton's interpreter (tests) when TRITON_INTERPRET=1 was set at
     import.
     """
@@ -606,7 +641,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     if not isinstance(pool_x, torch.Tensor) or pool_x.dim() != 2:
         raise ValueError("pool_x: expected a 2-D tensor [Npool, H (or H/2)]")
     device = pool_x.device
-    _check_launch_device(device, _l1_kernel)
     num_experts, two_i = w13_data.shape[0], w13_data.shape[1]
     hidden = pool_x.shape[1] * (2 if act_format == "fp4" else 1)
     inter = two_i // 2
@@ -633,8 +667,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     num_pairs = pair_rows.shape[0]
     _check_tensor(pair_rows, "pair_rows", torch.int32, (num_pairs,), device)
     _check_tensor(pair_weights, "pair_weights", torch.float32, (num_pairs,), device)
-    n_tiles = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
-                              num_pairs, block_m)
+    n_tiles, block_m = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts,
+                                       device, num_pairs, block_m)
     hd, hshape, hsshape = _act_shapes(act_format, num_pairs, inter, 32)
     _check_tensor(h_out, "h_out", hd, hshape, device)
     if hsshape is None:
@@ -652,7 +686,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
         raise ValueError(f"config: block_n {config.block_n} must divide I = {inter} and be a multiple of 32; "
                          f"block_k must be 128, got {config.block_k}")
-    grid = (n_tiles * (inter // config.block_n),)
+    _check_launch_device(device, _l1_kernel)
+    if num_sms is None:
+        num_sms = _device_num_sms(device) if device.type == "cuda" else 4
+    grid = (config.grid(n_tiles * (inter // config.block_n), num_sms),)
     if grid[0] == 0 or num_pairs == 0:
         return
     h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)

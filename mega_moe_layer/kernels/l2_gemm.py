@@ -2,7 +2,8 @@
 row anywhere in (peer-mapped) device memory, optionally quantised for the FP8 combine (DESIGN 6).
 
 Public entry point: `l2_grouped_gemm` (destination passing through absolute row addresses; no
-allocation, no host sync, CUDA-graph safe: static upper-bound grid with early exit).
+allocation, no host sync, CUDA-graph safe: a static persistent grid whose programs loop over the
+work items below the device tile count).
 
 Reads the same tile map as L1 (`l1_gemm.build_tile_map`) and shares its Triton helpers (operand
 dequantisation, bitwise rounding); see `l1_gemm`'s docstring for the layout of the pairs and the
@@ -18,8 +19,9 @@ import triton.language as tl
 
 from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _check_launch_device, _check_tensor,
-                      _check_tile_map, _device_arch, _is_interpreted, _mma, _nullcontext, _quant_store_rows, _round_bf16,
-                      _tile_coords, _weight_shapes, _weight_tile_bf16, _weight_tile_mx)
+                      _check_tile_map, _device_arch, _device_num_sms, _is_interpreted, _mma, _nullcontext,
+                      _quant_store_rows, _round_bf16, _tile_coords, _weight_shapes, _weight_tile_bf16,
+                      _weight_tile_mx)
 
 __all__ = ["l2_grouped_gemm"]
 
@@ -27,6 +29,23 @@ __all__ = ["l2_grouped_gemm"]
 _COMBINE_GROUP = 128
 #: Columns per UE8M0 scale of h (config.H_GROUP).
 _H_GROUP = 32
+
+
+@triton.jit
+def _addr_rows(anchor_ptr, addr, DTYPE: tl.constexpr):
+    """int64 absolute addresses [BLOCK_M] -> [BLOCK_M, 1] pointers to DTYPE.
+
+    NOTE: built as anchor + (addr - anchor) elements from a kernel argument (16-byte aligned)
+    rather than by an int -> pointer cast, so Triton's alignment analysis sees 16-byte aligned
+    rows (addresses are 16-byte aligned by contract) and the epilogue stores 16-byte vectors;
+    a cast pointer would be stored one element at a time. Masked rows (addr 0) give wild
+    pointers that are never dereferenced.
+    """
+    base = anchor_ptr.to(tl.pointer_type(DTYPE), bitcast=True)
+    delta = tl.multiple_of(addr - anchor_ptr.to(tl.int64), 16)
+    if DTYPE == tl.int16:
+        delta = delta // 2
+    return (base + delta)[:, None]
 
 
 @triton.jit(do_not_specialize=["max_tiles"])
@@ -47,10 +66,12 @@ def _l2_kernel(
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One program: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
+    """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
+
+    Persistent: program p handles work items p, p + num_programs, ... below num_tiles * H / BLOCK_N.
 
     Worked example (HIDDEN 512, INTER 128, BLOCK_M 16, BLOCK_N 128, fp8 h, fp8 combine):
-      grid = max_tiles * 4. Program (tile 0 = expert 0 rows [0, 3), N block 2) loads h rows 0..2
+      num_tiles * 4 work items. Item (tile 0 = expert 0 rows [0, 3), N block 2) loads h rows 0..2
       (13 masked) for K = 128 in one step, dequantises each 32-column group exactly
       (E4M3 x 2**(e-127)), multiplies by w2[0] rows 256..383 as a transposed [128, 16] tile,
       rounds y to bf16, and quantises each row's 128 columns with Q = 448: amax 0.75 gives
@@ -61,65 +82,66 @@ def _l2_kernel(
     NUM_N: tl.constexpr = HIDDEN // BLOCK_N
     pid = tl.program_id(0)
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
-    if pid >= num_tiles * NUM_N:
-        return
-    tile, pid_n = _tile_coords(pid, num_tiles, NUM_N, GROUP_M)
-    expert = tl.load(tile_expert_ptr + tile)
-    row_start = tl.load(tile_row_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
-    row_ok = row_ok & (dst != 0)
-    rows64 = rows.to(tl.int64)
+    # Persistent loop over (tile, N block) work items: a grid of a few CTAs per SM serves any
+    # count, so a map sized for the worst case costs no empty CTAs at decode sizes.
+    for work in range(pid, num_tiles * NUM_N, tl.num_programs(0)):
+        tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
+        expert = tl.load(tile_expert_ptr + tile)
+        row_start = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
+        row_ok = row_ok & (dst != 0)
+        rows64 = rows.to(tl.int64)
 
-    e64 = expert.to(tl.int64)
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)            # w2 rows = columns of y
-    if WEIGHT_FORMAT == "mxfp4":
-        w_off = e64 * (HIDDEN * (INTER // 2))
-        sf_off = e64 * (HIDDEN * (INTER // 32))
-    elif WEIGHT_FORMAT == "fp8":
-        w_off = e64 * (HIDDEN * INTER)
-        sf_off = e64 * ((HIDDEN // 128) * (INTER // 128))
-    else:
-        w_off = e64 * (HIDDEN * INTER)
-        sf_off = e64 * 0
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
-        if USE_DOT_SCALED:
-            h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, k0, INTER, 32, BLOCK_K, ACT_FORMAT)
-            w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, k0, INTER, BLOCK_K)
-            acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
-                                "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+        e64 = expert.to(tl.int64)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)            # w2 rows = columns of y
+        if WEIGHT_FORMAT == "mxfp4":
+            w_off = e64 * (HIDDEN * (INTER // 2))
+            sf_off = e64 * (HIDDEN * (INTER // 32))
+        elif WEIGHT_FORMAT == "fp8":
+            w_off = e64 * (HIDDEN * INTER)
+            sf_off = e64 * ((HIDDEN // 128) * (INTER // 128))
         else:
-            h_t = tl.trans(_act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, k0, INTER, 32, BLOCK_M, BLOCK_K,
-                                          ACT_FORMAT))                                  # [BK, BM]
-            w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, k0, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT)
-            if WEIGHT_FORMAT == "fp8":
-                s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + k0 // 128)
-                acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
-            else:
-                acc = _mma(w, h_t, acc, DOT_IN_F32)
+            w_off = e64 * (HIDDEN * INTER)
+            sf_off = e64 * 0
 
-    # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
-    y = tl.trans(_round_bf16(acc))                                                  # [BM, BN] f32
-    if COMBINE_FORMAT == "fp8":
-        out_rows = dst.to(tl.pointer_type(tl.int8))[:, None]
-        sf_dst = tl.load(dst_sf_ptr + rows, mask=row_ok, other=0)
-        sf_rows = sf_dst.to(tl.pointer_type(tl.uint8))[:, None]
-        _quant_store_rows(y, row_ok, pid_n * BLOCK_N, out_rows, sf_rows, BLOCK_M, BLOCK_N, 128, "fp8")
-    else:
-        out_rows = dst.to(tl.pointer_type(tl.int16))[:, None]
-        _quant_store_rows(y, row_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, INTER // BLOCK_K):
+            if USE_DOT_SCALED:
+                h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
+                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
+                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
+                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            else:
+                h_t = tl.trans(_act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
+                                              ACT_FORMAT))                                  # [BK, BM]
+                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT)
+                if WEIGHT_FORMAT == "fp8":
+                    s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
+                    acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
+                else:
+                    acc = _mma(w, h_t, acc, DOT_IN_F32)
+
+        # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
+        y = tl.trans(_round_bf16(acc))                                              # [BM, BN] f32
+        if COMBINE_FORMAT == "fp8":
+            sf_dst = tl.load(dst_sf_ptr + rows, mask=row_ok, other=0)
+            _quant_store_rows(y, row_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
+                              sf_dst.to(tl.pointer_type(tl.uint8))[:, None], BLOCK_M, BLOCK_N, 128, "fp8")
+        else:
+            out_rows = _addr_rows(dst_ptr, dst, tl.int16)
+            _quant_store_rows(y, row_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
 
 
 def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offsets: torch.Tensor,
                     tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
                     w2_data: torch.Tensor, w2_scale: Optional[torch.Tensor], pair_dst: torch.Tensor,
                     pair_dst_sf: Optional[torch.Tensor], *, weight_format: str, act_format: str,
-                    combine_format: str, hidden: int, block_m: int,
-                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None) -> None:
+                    combine_format: str, hidden: int, block_m: Optional[int] = None,
+                    config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
+                    num_sms: Optional[int] = None) -> None:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -131,19 +153,21 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             [E_local, H, I/32]; fp8 float8_e4m3fn [E_local, H, I] + float32 [E_local, H/128, I/128];
             bf16 bfloat16 [E_local, H, I] + None.
         pair_dst: int64 [P] absolute device address of pair p's destination row: bfloat16 [H]
-            (combine bf16) or float8_e4m3fn [H] (combine fp8); 0 = skip the pair. May point into a
-            peer GPU's memory (NVLink), e.g. `tensor.data_ptr() + row * row_bytes`.
+            (combine bf16) or float8_e4m3fn [H] (combine fp8), 16-byte aligned; 0 = skip the pair.
+            May point into a peer GPU's memory (NVLink), e.g. `tensor.data_ptr() + row * row_bytes`.
         pair_dst_sf: int64 [P] (fp8 combine) address of the pair's scales, int32 [H/512] words
             (UE8M0 per 128 columns, 4 per little-endian word); None for bf16.
         weight_format, act_format: as in L1 (act_format is h's format); combine_format "bf16" | "fp8".
         hidden: H.
-        block_m, config, arch: as in `l1_grouped_gemm` (default config `gemm_heuristics.l2_gemm_config`).
+        block_m, config, arch, num_sms: as in `l1_grouped_gemm` (default config
+            `gemm_heuristics.l2_gemm_config`).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
     columns with Q = 448 (bitwise `reference.combine_quantize` given the same bf16 y).
 
-    No allocation, no host synchronisation; static grid max_tiles * H / block_n with early exit.
+    No allocation, no host synchronisation; a static persistent grid (a few CTAs per SM) whose
+    programs loop over the (tile, N block) items below the device count.
     """
     if weight_format not in ("mxfp4", "fp8", "bf16"):
         raise ValueError(f"weight_format: expected 'mxfp4', 'fp8' or 'bf16', got {weight_format!r}")
@@ -160,7 +184,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     if not isinstance(w2_data, torch.Tensor) or w2_data.dim() != 3:
         raise ValueError("w2_data: expected a 3-D tensor [E_local, H, I (or I/2)]")
     device = h.device
-    _check_launch_device(device, _l2_kernel)
     num_pairs = h.shape[0]
     inter = h.shape[1] * (2 if act_format == "fp4" else 1)
     if inter % 128 != 0:
@@ -180,9 +203,13 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             raise ValueError("w2_scale: expected None for bf16 weights")
     else:
         _check_tensor(w2_scale, "w2_scale", sd, sshape, device)
-    n_tiles = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts, device,
-                              num_pairs, block_m)
+    n_tiles, block_m = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts,
+                                       device, num_pairs, block_m)
     _check_tensor(pair_dst, "pair_dst", torch.int64, (num_pairs,), device)
+    if pair_dst.data_ptr() % 16 != 0:
+        # NOTE: the kernel forms destination pointers relative to pair_dst's own (16-byte aligned)
+        # address so that its stores vectorise; see `_addr_rows`.
+        raise ValueError(f"pair_dst: expected a 16-byte aligned tensor, got address {pair_dst.data_ptr():#x}")
     if combine_format == "fp8":
         _check_tensor(pair_dst_sf, "pair_dst_sf", torch.int64, (num_pairs,), device)
     elif pair_dst_sf is not None:
@@ -198,7 +225,10 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     if hidden % config.block_n != 0 or config.block_n % need_mult != 0 or config.block_k != 128:
         raise ValueError(f"config: block_n {config.block_n} must divide H = {hidden} and be a multiple of "
                          f"{need_mult}; block_k must be 128, got {config.block_k}")
-    grid = (n_tiles * (hidden // config.block_n),)
+    _check_launch_device(device, _l2_kernel)
+    if num_sms is None:
+        num_sms = _device_num_sms(device) if device.type == "cuda" else 4
+    grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
     if grid[0] == 0 or num_pairs == 0:
         return
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
@@ -207,6 +237,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             pair_dst, pair_dst_sf, n_tiles,
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
             COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
-            DOT_IN_F32=_is_interpreted(_l2_kernel), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            DOT_IN_F32=_is_interpreted(_l2_kernel),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )

@@ -5,9 +5,11 @@ Public entry point: `mega_moe_pre_dispatch` (destination passing: it writes into
 buffers, allocates nothing, never synchronises with the host, so it can be captured in a CUDA
 graph). Bit-exact against `reference.per_token_cast_to_fp8` / `per_token_cast_to_fp4`.
 
-The numerics are done with integer operations on the float bit patterns (no float -> fp8 cast, no
-float division), which makes them identical on the GPU and in Triton's CPU interpreter; CPU
-tensors run the kernel in that interpreter (slow: for tests at small shapes).
+No float division: the scales come from integer operations on the amax bits, and values are scaled
+by exact power-of-two multiplies. Rounding to the target format: on a GPU, FP8 uses the hardware
+conversion (cvt.rn.satfinite.e4m3x2.f32); FP4 (Hopper has no E2M1 conversion) and, in Triton's CPU
+interpreter (which mis-rounds fp8 casts), FP8 too round with one exact float32 addition and a few
+integer operations. CPU tensors run the kernel in that interpreter (slow: for tests at small shapes).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _pre_dispatch_kernel(
     topk_idx_ptr,     # int32 | int64 [max_tokens, TOPK]
     topk_w_ptr,       # int32 [max_tokens, TOPK]: bit patterns of the float32 weights
     out_x_ptr,        # FP8: int16 [>=T, HIDDEN/2] (two e4m3 bytes); FP4: int8 [>=T, HIDDEN/2]
-    out_sf_ptr,       # int32 [>=T, HIDDEN/GROUP/4]: packed UE8M0 bytes
+    out_sf_ptr,       # int8 [>=T, HIDDEN/GROUP]: UE8M0 bytes (the bytes of the packed int32 words)
     out_idx_ptr,      # int32 | int64 [num_topk_rows, TOPK]
     out_w_ptr,        # int32 [num_topk_rows, TOPK]: float32 bits
     num_tokens_ptr,   # int32 [1] when NUM_TOKENS_ON_DEVICE, else None
@@ -56,15 +58,17 @@ def _pre_dispatch_kernel(
     num_topk_rows,    # rows of the top-k buffers (copied below num_tokens, padded above)
     num_topk_programs,
     HIDDEN: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-    USE_FP4: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
+    USE_FP4: tl.constexpr, HW_CVT: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
 ):
     """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
 
     A quantisation program owns BLOCK_M rows x BLOCK_W scale words (each word = 4 groups of GROUP
-    columns) and handles the 4 groups of its words one at a time (`j`), each as a
-    [BLOCK_M, BLOCK_W, GROUP/2] tile of bf16 pairs, so the 4 scale bytes of a word are combined
-    without any cross-lane reduction.
+    columns) as one [BLOCK_M, 4 * BLOCK_W, GROUP/2] tile of bf16 pairs: all of its loads are
+    issued before any store (the compiler cannot reorder loads and stores that may alias). The
+    scales are stored as bytes: byte j of a packed little-endian word is its group j.
+
+    HW_CVT: round FP8 with the GPU's conversion instruction (False in the interpreter).
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
@@ -100,87 +104,84 @@ def _pre_dispatch_kernel(
         tl.store(out_idx_ptr + t_offs, ids.to(out_idx_ptr.dtype.element_ty), mask=t_out)
         tl.store(out_w_ptr + t_offs, wts, mask=t_out)
     else:
-        # ---- quantisation of a [BLOCK_M rows, BLOCK_W words] tile of x ----
+        # ---- quantisation of a [BLOCK_M rows, BLOCK_W scale words] tile of x ----
         # NOTE: derived sizes are annotated constexpr: the interpreter turns a plain `//` into a
         # tensor op, and tl.arange needs compile-time bounds.
         GP: tl.constexpr = GROUP // 2                         # bf16 pairs (x words) per group
+        NG: tl.constexpr = 4 * BLOCK_W                        # groups per program
         PAIRS_PER_ROW: tl.constexpr = HIDDEN // 2
-        WORDS_PER_ROW: tl.constexpr = HIDDEN // (4 * GROUP)   # packed scale words per row
-        NUM_COL_BLOCKS: tl.constexpr = (WORDS_PER_ROW + BLOCK_W - 1) // BLOCK_W
-        q = pid - num_topk_programs
-        pid_m = q // NUM_COL_BLOCKS
-        pid_c = q - pid_m * NUM_COL_BLOCKS
+        GROUPS_PER_ROW: tl.constexpr = HIDDEN // GROUP
+        NUM_COL_BLOCKS: tl.constexpr = (GROUPS_PER_ROW + NG - 1) // NG
+        # Target format: mantissa bits and float32 exponent field of its smallest normal.
+        MB: tl.constexpr = 1 if USE_FP4 else 3
+        EMIN: tl.constexpr = 127 if USE_FP4 else 121                  # 2**0 (E2M1), 2**-6 (E4M3)
+        xp = pid - num_topk_programs
+        pid_m = xp // NUM_COL_BLOCKS
+        pid_c = xp - pid_m * NUM_COL_BLOCKS
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        words = pid_c * BLOCK_W + tl.arange(0, BLOCK_W)
-        pairs = tl.arange(0, GP)
+        groups = pid_c * NG + tl.arange(0, NG)
         rows64 = rows.to(tl.int64)
-        tile_ok = (rows < n)[:, None] & (words < WORDS_PER_ROW)[None, :]      # [BM, BW]
-        mask = tile_ok[:, :, None]                                            # [BM, BW, 1]
-        sf_word = tl.full((BLOCK_M, BLOCK_W), 0, tl.int32)
-        for j in tl.static_range(4):
-            # Pair column of (row, word, group j of the word, pair p of the group).
-            col = (words[:, None] * 4 + j) * GP + pairs[None, :]              # [BW, GP]
-            offs = rows64[:, None, None] * PAIRS_PER_ROW + col[None, :, :]    # [BM, BW, GP]
-            w = tl.load(x_ptr + offs, mask=mask, other=0)
-            # bf16 -> float32 bit patterns by shifting (exact; no float conversion involved).
-            lo = w << 16                      # even column
-            hi = w & -65536                   # odd column (0xFFFF0000)
+        tile_ok = (rows < n)[:, None] & (groups < GROUPS_PER_ROW)[None, :]    # [BM, NG]
+        mask = tile_ok[:, :, None]                                            # [BM, NG, 1]
+        col = groups[:, None] * GP + tl.arange(0, GP)[None, :]                # [NG, GP] pair column
+        offs = rows64[:, None, None] * PAIRS_PER_ROW + col[None, :, :]        # [BM, NG, GP]
+        w = tl.load(x_ptr + offs, mask=mask, other=0)
+        # bf16 -> float32 by shifting the bits (exact).
+        lo = (w << 16).to(tl.float32, bitcast=True)           # even column
+        hi = (w & -65536).to(tl.float32, bitcast=True)         # odd column (0xFFFF0000)
 
-            # UE8M0 exponent. For finite non-negative floats the int order of the bit patterns is
-            # the float order, so amax is an integer max of |x| bits.
-            amax = tl.reduce(tl.maximum(lo & 0x7FFFFFFF, hi & 0x7FFF0000), 2, _MAX_COMBINE)
-            amax = tl.maximum(amax, _AMAX_FLOOR_BITS)
-            # NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
-            # amax <= Q * 2**(n-127), because for Q = 1.75 * 2**8 and 1.5 * 2**2 the next float
-            # above Q * 2**m is more than Q * 2**m * (1 + 2**-24) away, so the rounded quotient
-            # is <= 2**m exactly when amax <= Q * 2**m. With amax = M * 2**a (M in [1, 2)) that
-            # is n = a + 127 - Q_EXP + (M > Q's mantissa): pure integer arithmetic, no division
-            # (exhaustively checked against the reference over all bf16 values).
-            if USE_FP4:
-                e = (amax >> 23) - _FP4_Q_EXP + ((amax & 0x7FFFFF) > _FP4_Q_MANT).to(tl.int32)
-            else:
-                e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
-            e = tl.minimum(tl.maximum(e, 1), 254)
-            sf_word = sf_word | (e << (8 * j))   # byte j of the word; e << 24 may set the sign bit
-            # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
-            # finite bf16 input, kept for completeness).
-            inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)
-            # |q| <= Q by construction; the product is exact (a power-of-two multiply).
-            qv = (tl.join(lo, hi).to(tl.float32, bitcast=True) * inv[:, :, None, None]).to(tl.int32,
-                                                                                           bitcast=True)
+        # UE8M0 exponent of each group's amax (a float max of |x|: exact).
+        amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi)), 2, _MAX_COMBINE).to(tl.int32, bitcast=True)
+        amax = tl.maximum(amax, _AMAX_FLOOR_BITS)
+        # NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
+        # amax <= Q * 2**(n-127), because for Q = 1.75 * 2**8 and 1.5 * 2**2 the next float
+        # above Q * 2**m is more than Q * 2**m * (1 + 2**-24) away, so the rounded quotient
+        # is <= 2**m exactly when amax <= Q * 2**m. With amax = M * 2**a (M in [1, 2)) that
+        # is n = a + 127 - Q_EXP + (M > Q's mantissa): pure integer arithmetic, no division
+        # (exhaustively checked against the reference over all bf16 values).
+        if USE_FP4:
+            e = (amax >> 23) - _FP4_Q_EXP + ((amax & 0x7FFFFF) > _FP4_Q_MANT).to(tl.int32)
+        else:
+            e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
+        e = tl.minimum(tl.maximum(e, 1), 254)
+        tl.store(out_sf_ptr + rows64[:, None] * GROUPS_PER_ROW + groups[None, :], e.to(tl.int8), mask=tile_ok)
+        # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
+        # finite bf16 input, kept for completeness).
+        inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)[:, :, None, None]
+        x = tl.join(lo, hi)                                                    # [BM, NG, GP, 2]
 
-            # Round-to-nearest-even to the target format, on the float32 bits qv: |qv| in absb,
-            # implicit-bit mantissa in mant24 for the subnormal range of the target.
-            absb = qv & 0x7FFFFFFF
-            expf = absb >> 23
-            mant24 = (absb & 0x7FFFFF) | 0x800000
+        if USE_FP4 or not HW_CVT:
+            # Round-to-nearest-even of |q| = |x| * 2**(127 - e) (<= Q) to the target format by one
+            # exact fma: M is the power of two whose float32 ulp is the format's spacing in |q|'s
+            # binade (binades below the smallest normal 2**(EMIN-127) share its spacing:
+            # subnormals), so t = |x| * inv + M rounds |q| to that spacing, ties to even, and
+            # bits(t) - bits(M) counts spacings; the code is that count plus the codes below the
+            # binade, (binade - EMIN) << MB (a carry into the next binade comes out right).
+            # M's exponent field: max(q's = x's + 127 - e, EMIN) + 23 - MB. A zero or subnormal x
+            # (field 0) gives 127 - e < EMIN (e >= 105 as amax >= 1e-4), i.e. code 0, as it must.
+            xb = x.to(tl.int32, bitcast=True)
+            shift = ((127 - e + 23 - MB) << 23)[:, :, None, None]
+            mb = tl.maximum((xb & 0x7F800000) + shift, (EMIN + 23 - MB) << 23)
+            t = tl.fma(tl.abs(x), inv, mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+            code = t - mb + ((mb >> (23 - MB)) - ((EMIN + 23 - MB) << MB))
             if USE_FP4:
-                # E2M1 normals (|q| >= 1): keep 1 mantissa bit; RNE by adding 0x1FFFFF + lsb, a
-                # mantissa carry correctly bumps the exponent (1.75 -> 2, 3.5 -> 4). Code =
-                # (biased exp << 1 | m) with bias 1: float32 exponent field 127 -> E = 1.
-                norm = ((absb + 0x1FFFFF + ((absb >> 22) & 1)) >> 22) - (126 << 1)
-                # |q| < 1: code = RNE(|q| * 2) in {0, 1, 2} (2 = 1.0, the smallest normal).
-                shift = tl.maximum(tl.minimum(149 - expf, 25), 1)
-                code = tl.where(expf >= 127, norm,
-                                (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift)
-                # Sign in bit 3 only for a non-zero code (no -0 in the packed data).
-                code = code | tl.where(code != 0, (qv >> 28) & 8, 0)
-                c_lo, c_hi = tl.split(code)
-                packed = (c_lo | (c_hi << 4)).to(tl.int8)           # even column in the low nibble
+                # Sign in bit 3 only for a non-zero code, i.e. q < -0.25 (the tie 0.25 goes to the
+                # even code 0): no -0 in the packed data. -0.25 * 2**(e - 127) is exact.
+                neg_thr = ((e << 23).to(tl.float32, bitcast=True) * -0.25)[:, :, None, None]
+                code = code | tl.where(x < neg_thr, 8, 0)
             else:
-                # E4M3 normals (|q| >= 2**-6): keep 3 mantissa bits, bias 7 (field 121 -> E = 1).
-                norm = ((absb + 0x7FFFF + ((absb >> 20) & 1)) >> 20) - (120 << 3)
-                # |q| < 2**-6: code = RNE(|q| * 2**9) in 0..8 (8 = 2**-6, the smallest normal).
-                shift = tl.maximum(tl.minimum(141 - expf, 25), 1)
-                code = tl.where(expf >= 121, norm,
-                                (mant24 + ((1 << (shift - 1)) - 1) + ((mant24 >> shift) & 1)) >> shift)
-                code = code | ((qv >> 24) & 0x80)                  # sign bit, -0 kept (as torch)
-                c_lo, c_hi = tl.split(code)
-                packed = (c_lo | (c_hi << 8)).to(tl.int16)          # little endian: even column first
-            tl.store(out_x_ptr + offs, packed, mask=mask)
-        sf_offs = rows64[:, None] * WORDS_PER_ROW + words[None, :]
-        tl.store(out_sf_ptr + sf_offs, sf_word, mask=tile_ok)
+                code = code | ((xb >> 24) & 0x80)                   # sign bit, -0 kept (as torch)
+        else:
+            # The GPU's cvt.rn.satfinite.e4m3x2.f32 of the exact product: round-to-nearest-even
+            # (|q| <= 448, so saturation never applies), -0 kept.
+            code = (x * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        c_lo, c_hi = tl.split(code)
+        if USE_FP4:
+            packed = (c_lo | (c_hi << 4)).to(tl.int8)               # even column in the low nibble
+        else:
+            packed = (c_lo | (c_hi << 8)).to(tl.int16)              # little endian: even column first
+        tl.store(out_x_ptr + offs, packed, mask=mask)
 
 
 @functools.lru_cache(maxsize=1)
@@ -310,7 +311,8 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     # --- launch ---
     if config is None:
         if device.type == "cuda":
-            config = pre_dispatch_config(rows_needed, H, group_size, num_sms=_num_sms(device))
+            config = pre_dispatch_config(rows_needed, H, group_size, num_sms=_num_sms(device),
+                                         use_fp4=use_fp4_acts)
         else:
             config = pre_dispatch_config(rows_needed, H, group_size, interpreter=True)
     num_topk_programs = config.num_topk_programs(R)
@@ -320,7 +322,7 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     if grid[0] >= 2**31:
         raise ValueError(f"x: {rows_needed} rows need {grid[0]} programs, over CUDA's grid limit")
     # Views only (no copies): bf16 pairs as int32 words, float32 weights as their bits, the FP8
-    # buffer as int16 byte pairs.
+    # buffer as int16 byte pairs, the packed scale words as their bytes.
     try:
         x_words = x.view(torch.int32)
     except RuntimeError as exc:  # e.g. a view starting at an odd element
@@ -330,14 +332,15 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     except RuntimeError as exc:
         raise ValueError(f"buf_x: cannot be written as byte pairs (int16 words): {exc}") from exc
     kernel = _interpreted_kernel() if device.type == "cpu" else _pre_dispatch_kernel
+    hw_cvt = isinstance(kernel, triton.runtime.jit.JITFunction)   # not Triton's interpreter
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](
             x_words, topk_idx, topk_weights.view(torch.int32),
-            out_x, buf_x_sf, buf_topk_idx, buf_topk_weights.view(torch.int32),
+            out_x, buf_x_sf.view(torch.int8), buf_topk_idx, buf_topk_weights.view(torch.int32),
             num_tokens if on_device else None,
             count, T, R, num_topk_programs,
             HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
-            USE_FP4=use_fp4_acts, NUM_TOKENS_ON_DEVICE=on_device,
+            USE_FP4=use_fp4_acts, HW_CVT=hw_cvt, NUM_TOKENS_ON_DEVICE=on_device,
             BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
             num_warps=config.num_warps, enable_fp_fusion=False,
         )

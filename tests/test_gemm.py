@@ -1,0 +1,673 @@
+"""Grouped expert GEMMs (kernels/l1_gemm.py, l2_gemm.py, gemm_heuristics.py) on the CPU.
+
+* The tile map, exactly, against a plain loop; the heuristics' invariants (pure functions).
+* The kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 on machines without a GPU;
+  elsewhere one test reruns them in a child process with it set) against
+  `reference.expert_forward`, at tiny shapes: every weight x act format, both combine formats,
+  the Blackwell `tl.dot_scaled` path (arch=100 runs it in the interpreter), the clamp, group 128,
+  an expert with 0 pairs, a partial tile, more work items than programs (persistent loop), rows
+  and destinations that must stay untouched. The interpreter computes in float32 like the GPU and
+  the kernels round with integer operations, so results match the reference almost bitwise; the
+  asserted tolerance is still the DESIGN's GEMM rel-RMSE.
+* Compile checks (one child process without the interpreter): sm_90a for every weight x act
+  format (Hopper wgmma, no spills at the decode tiles of DeepSeek-V3's shape), sm_100a with the
+  native block-scaled tcgen05 MMA for MXFP4 weights x FP4 / FP8 activations.
+
+The problem builder and checkers are shared with tests/test_gemm_gpu.py.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, Optional, Sequence
+
+import pytest
+import torch
+import triton
+
+from mega_moe_layer import formats
+from mega_moe_layer.kernels import gemm_heuristics as gh
+from mega_moe_layer.kernels import reference as ref
+from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm
+from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
+from utils import TOLERANCES, assert_rel_rmse
+
+WEIGHT_FORMATS = ("mxfp4", "fp8", "bf16")
+ACT_FORMATS = ("fp8", "fp4", "bf16")
+COMBOS = [(w, a) for w in WEIGHT_FORMATS for a in ACT_FORMATS]
+POISON = 0x7F
+#: Fraction of quantised h bytes that must equal the reference's. Only the float32 accumulation
+#: order differs from the reference's float64 (DESIGN), which moves a value across a rounding
+#: boundary of bf16 gate/up or of the h format in a small fraction of elements.
+H_BYTES_MIN_FRACTION = 0.99
+
+INTERPRETED = not isinstance(_l1_kernel, triton.runtime.jit.JITFunction)
+
+
+# =================================================================================================
+# Problem builder and checks (shared with test_gemm_gpu.py)
+# =================================================================================================
+@dataclasses.dataclass
+class GemmProblem:
+    """One rank's routed pairs, sorted by local expert, with weights and the tile map.
+
+    Pair positions [0, P) where P = sum(counts) + slack: positions >= sum(counts) belong to no
+    expert (the kernels must not write their rows).
+    """
+
+    hidden: int
+    inter: int
+    counts: Sequence[int]
+    weight_format: str
+    act_format: str
+    act_group_size: int
+    clamp: Optional[float]
+    block_m: int
+    pool_x: torch.Tensor
+    pool_x_sf: Optional[torch.Tensor]
+    pair_rows: torch.Tensor          # int32 [P]
+    pair_weights: torch.Tensor       # float32 [P]
+    expert_offsets: torch.Tensor     # int32 [E + 1]
+    tile_expert: torch.Tensor
+    tile_row_start: torch.Tensor
+    num_tiles: torch.Tensor
+    w13: formats.QuantizedWeight     # [E, 2I, H]
+    w2: formats.QuantizedWeight      # [E, H, I]
+    w13_f32: torch.Tensor
+    w2_f32: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_rows.shape[0]
+
+    @property
+    def num_routed(self) -> int:
+        return int(sum(self.counts))
+
+    def segments(self):
+        """(expert, start, end) of every expert with pairs."""
+        off = [0]
+        for c in self.counts:
+            off.append(off[-1] + c)
+        return [(e, off[e], off[e + 1]) for e in range(len(self.counts)) if off[e + 1] > off[e]]
+
+
+def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: str, act_format: str, *,
+                 act_group_size: int = 32, clamp: Optional[float] = None, block_m: int = 16, slack: int = 3,
+                 seed: int = 0, device="cpu") -> GemmProblem:
+    """Random problem: x ~ N(0, 1) in the pool (quantised by the reference codecs), weights scaled
+    so gate/up/h/y are O(1), pair rows drawn with repeats from a pool larger than the pairs."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    E = len(counts)
+    P = int(sum(counts)) + slack
+    npool = P + 5
+    w13 = (torch.randn(E, 2 * inter, hidden, generator=gen, device=device) * hidden ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, hidden, inter, generator=gen, device=device) * inter ** -0.5).to(torch.bfloat16)
+    q13, q2 = formats.quantize_weight(w13, weight_format), formats.quantize_weight(w2, weight_format)
+    x = torch.randn(npool, hidden, generator=gen, device=device).to(torch.bfloat16)
+    pool_x, pool_x_sf = ref.quantize_act(x, act_format, act_group_size)
+    pair_rows = torch.randint(0, npool, (P,), generator=gen, device=device).to(torch.int32)
+    pair_weights = (torch.rand(P, generator=gen, device=device) + 0.1).float()
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(torch.tensor(list(counts), device=device), 0).to(torch.int32)
+    mt = gh.max_tiles(P, E, block_m)
+    i32 = dict(dtype=torch.int32, device=device)
+    tile_expert, tile_row_start, num_tiles = torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32)
+    build_tile_map(offsets, block_m, mt, tile_expert, tile_row_start, num_tiles)
+    return GemmProblem(hidden, inter, list(counts), weight_format, act_format, act_group_size, clamp, block_m,
+                       pool_x, pool_x_sf, pair_rows, pair_weights, offsets, tile_expert, tile_row_start, num_tiles,
+                       q13, q2, q13.dequantize(), q2.dequantize())
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return torch.full((nbytes,), POISON, dtype=torch.uint8, device=device).view(dtype).reshape(shape)
+
+
+def h_buffers(prob: GemmProblem, device):
+    """Poisoned (h [P, I or I/2], h_sf int32 [P, I/128] or None)."""
+    P, I = prob.num_pairs, prob.inter
+    if prob.act_format == "fp8":
+        h = poisoned((P, I), torch.float8_e4m3fn, device)
+    elif prob.act_format == "fp4":
+        h = poisoned((P, I // 2), torch.int8, device)
+    else:
+        h = poisoned((P, I), torch.bfloat16, device)
+    h_sf = None if prob.act_format == "bf16" else poisoned((P, I // 128), torch.int32, device)
+    return h, h_sf
+
+
+def run_l1(prob: GemmProblem, **kw):
+    h, h_sf = h_buffers(prob, prob.pool_x.device)
+    l1_grouped_gemm(prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets,
+                    prob.tile_expert, prob.tile_row_start, prob.num_tiles, prob.w13.data, prob.w13.scale, h, h_sf,
+                    weight_format=prob.weight_format, act_format=prob.act_format,
+                    act_group_size=prob.act_group_size, activation_clamp=prob.clamp, block_m=prob.block_m, **kw)
+    return h, h_sf
+
+
+@dataclasses.dataclass
+class Destinations:
+    """Combine-like destination rows at scattered positions: pair p -> row dest_row[p] (-1 = skip)."""
+
+    out: torch.Tensor                 # bf16 [R, H] or float8_e4m3fn [R, H], poisoned
+    out_sf: Optional[torch.Tensor]    # int32 [R, H/512] (fp8), poisoned
+    dest_row: torch.Tensor            # int64 [P] (cpu)
+    pair_dst: torch.Tensor            # int64 [P] absolute addresses (0 = skip)
+    pair_dst_sf: Optional[torch.Tensor]
+
+
+def make_destinations(prob: GemmProblem, combine_format: str, skip: Sequence[int] = (),
+                      seed: int = 0) -> Destinations:
+    device = prob.pool_x.device
+    P, H = prob.num_pairs, prob.hidden
+    R = P + 4
+    gen = torch.Generator().manual_seed(seed + 7)
+    dest_row = torch.randperm(R, generator=gen)[:P].to(torch.int64)
+    dest_row[list(skip)] = -1
+    if combine_format == "fp8":
+        out, out_sf = poisoned((R, H), torch.float8_e4m3fn, device), poisoned((R, H // 512), torch.int32, device)
+        row_bytes, sf_bytes = H, H // 128
+    else:
+        out, out_sf = poisoned((R, H), torch.bfloat16, device), None
+        row_bytes = 2 * H
+    keep = dest_row >= 0
+    dst = torch.where(keep, out.data_ptr() + dest_row.clamp_min(0) * row_bytes, torch.zeros_like(dest_row))
+    dst_sf = None
+    if out_sf is not None:
+        dst_sf = torch.where(keep, out_sf.data_ptr() + dest_row.clamp_min(0) * sf_bytes, torch.zeros_like(dest_row))
+        dst_sf = dst_sf.to(device)
+    return Destinations(out, out_sf, dest_row, dst.to(device), dst_sf)
+
+
+def run_l2(prob: GemmProblem, h, h_sf, combine_format: str, dest: Destinations, **kw) -> None:
+    l2_grouped_gemm(h, h_sf, prob.expert_offsets, prob.tile_expert, prob.tile_row_start, prob.num_tiles,
+                    prob.w2.data, prob.w2.scale, dest.pair_dst, dest.pair_dst_sf, weight_format=prob.weight_format,
+                    act_format=prob.act_format, combine_format=combine_format, hidden=prob.hidden,
+                    block_m=prob.block_m, **kw)
+
+
+def reference_h(prob: GemmProblem):
+    """DESIGN steps 2-5 per routed pair, as `reference.expert_forward` computes them:
+    (float32 h [n, I] before quantisation, quantised data, packed scales or None) for positions
+    [0, num_routed)."""
+    x = ref.dequantize_act(prob.pool_x[prob.pair_rows.long()], None if prob.pool_x_sf is None else
+                           prob.pool_x_sf[prob.pair_rows.long()], prob.act_format, prob.act_group_size).double()
+    I = prob.inter
+    h = torch.zeros(prob.num_routed, I, dtype=torch.float32, device=x.device)
+    for e, s, t in prob.segments():
+        gu = (x[s:t] @ prob.w13_f32[e].double().t()).to(torch.bfloat16).double()
+        gate, up = gu[:, :I], gu[:, I:]
+        if prob.clamp is not None:
+            gate = torch.clamp(gate, max=float(prob.clamp))
+            up = torch.clamp(up, -float(prob.clamp), float(prob.clamp))
+        h[s:t] = (gate * torch.sigmoid(gate) * up * prob.pair_weights[s:t].double().unsqueeze(-1)).float()
+    hq, hsf = ref.quantize_act(h, prob.act_format, 32)
+    return h, hq, hsf
+
+
+def reference_y(prob: GemmProblem) -> torch.Tensor:
+    """`reference.expert_forward` per expert: bf16 [num_routed, H]."""
+    rows = prob.pair_rows.long()
+    y = torch.zeros(prob.num_routed, prob.hidden, dtype=torch.bfloat16, device=prob.pool_x.device)
+    for e, s, t in prob.segments():
+        y[s:t] = ref.expert_forward(prob.pool_x[rows[s:t]], None if prob.pool_x_sf is None else
+                                    prob.pool_x_sf[rows[s:t]], prob.pair_weights[s:t], prob.w13_f32[e],
+                                    prob.w2_f32[e], act_format=prob.act_format,
+                                    act_group_size=prob.act_group_size, activation_clamp=prob.clamp)
+    return y
+
+
+def bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def check_l1(prob: GemmProblem, h, h_sf, what: str = "") -> Dict[str, float]:
+    """h rows of routed pairs vs the reference (dequantised rel-RMSE, fraction of equal bytes);
+    rows beyond the routed pairs untouched. Returns the metrics."""
+    n = prob.num_routed
+    _, hq, hsf = reference_h(prob)
+    got = ref.dequantize_act(h[:n], None if h_sf is None else h_sf[:n], prob.act_format, 32)
+    want = ref.dequantize_act(hq, hsf, prob.act_format, 32)
+    err = assert_rel_rmse(got, want, TOLERANCES["gemm_rel_rmse"], f"{what} h")
+    same = float((bytes_of(h[:n]) == bytes_of(hq)).float().mean())
+    sf_same = 1.0 if h_sf is None else float((bytes_of(h_sf[:n]) == bytes_of(hsf)).float().mean())
+    assert same >= H_BYTES_MIN_FRACTION, f"{what}: only {same:.4f} of the h bytes equal the reference's"
+    assert sf_same >= H_BYTES_MIN_FRACTION, f"{what}: only {sf_same:.4f} of the h scale bytes equal the reference's"
+    assert bool((bytes_of(h[n:]) == POISON).all()), f"{what}: h rows beyond the routed pairs were written"
+    if h_sf is not None:
+        assert bool((bytes_of(h_sf[n:]) == POISON).all()), f"{what}: h_sf rows beyond the routed pairs were written"
+    return {"h_rel_rmse": err, "h_bytes_equal": same, "h_sf_bytes_equal": sf_same}
+
+
+def gather_y(dest: Destinations, combine_format: str, n: int) -> torch.Tensor:
+    """float32 [n, H] of the first n pairs' destination rows (dequantised for fp8), NaN rows for
+    skipped pairs."""
+    rows = dest.dest_row[:n].clamp_min(0).to(dest.out.device)
+    if combine_format == "fp8":
+        y = ref.combine_dequantize(dest.out[rows], dest.out_sf[rows])
+    else:
+        y = dest.out[rows].float()
+    return torch.where((dest.dest_row[:n] >= 0).to(y.device)[:, None], y, float("nan"))
+
+
+def check_l2(prob: GemmProblem, dest: Destinations, combine_format: str, y_want: torch.Tensor,
+             what: str = "") -> Dict[str, float]:
+    """Destination rows of routed, non-skipped pairs vs y_want (bf16 [num_routed, H]; rounded
+    through the FP8 combine codec when combine_format is fp8); every other byte untouched."""
+    n = prob.num_routed
+    keep = (dest.dest_row[:n] >= 0).to(y_want.device)
+    got = gather_y(dest, combine_format, n)[keep]
+    if combine_format == "fp8":
+        q, s = ref.combine_quantize(y_want)
+        want = ref.combine_dequantize(q, s)[keep]
+        rows = dest.dest_row[:n][keep.cpu()].to(dest.out.device)
+        same = float((bytes_of(dest.out[rows]) == bytes_of(q[keep])).float().mean())
+    else:
+        want = y_want.float()[keep]
+        rows = dest.dest_row[:n][keep.cpu()].to(dest.out.device)
+        same = float((bytes_of(dest.out[rows]) == bytes_of(y_want[keep])).float().mean())
+    err = assert_rel_rmse(got, want, TOLERANCES["gemm_rel_rmse"], f"{what} y")
+    written = torch.zeros(dest.out.shape[0], dtype=torch.bool)
+    written[dest.dest_row[:n][keep.cpu()]] = True
+    untouched = (~written).to(dest.out.device)
+    assert bool((bytes_of(dest.out[untouched]) == POISON).all()), f"{what}: a row without a live pair was written"
+    if dest.out_sf is not None:
+        assert bool((bytes_of(dest.out_sf[untouched]) == POISON).all()), \
+            f"{what}: a scale row without a live pair was written"
+    return {"y_rel_rmse": err, "y_bytes_equal": same}
+
+
+# =================================================================================================
+# Tile map and heuristics (pure)
+# =================================================================================================
+def _tile_map_loop(offsets, block_m, mt):
+    te, tr = [-1] * mt, [0] * mt
+    t = 0
+    for e in range(len(offsets) - 1):
+        for start in range(offsets[e], offsets[e + 1], block_m):
+            if t < mt:
+                te[t], tr[t] = e, start
+            t += 1
+    return te, tr, min(t, mt)
+
+
+@pytest.mark.parametrize("counts,block_m", [([3, 0, 37], 16), ([0, 0, 0], 16), ([1], 16), ([16, 16, 17, 0, 5], 16),
+                                            ([300, 1, 0, 64], 64), ([0, 129, 0], 128), ([33, 31, 32], 32)])
+def test_build_tile_map_matches_a_loop(counts, block_m):
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    for mt in (gh.max_tiles(offsets[-1], len(counts), block_m), gh.max_tiles(offsets[-1], len(counts), block_m) + 5):
+        te, tr, nt = (torch.full((mt,), 99, dtype=torch.int32), torch.full((mt,), 99, dtype=torch.int32),
+                      torch.zeros(1, dtype=torch.int32))
+        build_tile_map(torch.tensor(offsets, dtype=torch.int32), block_m, mt, te, tr, nt)
+        want_te, want_tr, want_nt = _tile_map_loop(offsets, block_m, mt)
+        assert te.tolist() == want_te and tr.tolist() == want_tr and nt.tolist() == [want_nt]
+
+
+def test_build_tile_map_docstring_example_and_clamp():
+    te, tr, nt = (torch.empty(n, dtype=torch.int32) for n in (6, 6, 1))
+    build_tile_map(torch.tensor([0, 3, 3, 40]), 16, 6, te, tr, nt)
+    assert te.tolist() == [0, 2, 2, 2, -1, -1] and tr.tolist() == [0, 3, 19, 35, 0, 0] and nt.tolist() == [4]
+    te, tr = torch.empty(2, dtype=torch.int32), torch.empty(2, dtype=torch.int32)
+    build_tile_map(torch.tensor([0, 3, 3, 40]), 16, 2, te, tr, nt)   # map too small: count clamped
+    assert te.tolist() == [0, 2] and tr.tolist() == [0, 3] and nt.tolist() == [2]
+
+
+def test_build_tile_map_rejects_bad_outputs():
+    off = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out_tile_expert"):
+        build_tile_map(off, 16, 4, torch.empty(3, dtype=torch.int32), torch.empty(4, dtype=torch.int32),
+                       torch.empty(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out_num_tiles"):
+        build_tile_map(off, 16, 4, torch.empty(4, dtype=torch.int32), torch.empty(4, dtype=torch.int32),
+                       torch.empty(1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="expert_offsets"):
+        build_tile_map(off.float(), 16, 4, *(torch.empty(n, dtype=torch.int32) for n in (4, 4, 1)))
+
+
+def test_max_tiles():
+    assert gh.max_tiles(100, 3, 16) == 10
+    assert gh.max_tiles(0, 4, 16) == 4
+    for counts in ([15, 1, 16, 17], [1] * 9, [0, 0, 100]):
+        for bm in gh.GEMM_BLOCK_MS:
+            assert sum(-(-c // bm) for c in counts) <= gh.max_tiles(sum(counts), len(counts), bm)
+    with pytest.raises(ValueError):
+        gh.max_tiles(10, 0, 16)
+
+
+def test_gemm_block_m_branches():
+    got = [gh.gemm_block_m(v) for v in (0, 1, 16, 17, 32, 33, 96, 97, 4096)]
+    assert got == [16, 16, 16, 32, 32, 64, 64, 128, 128]
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+@pytest.mark.parametrize("block_m", gh.GEMM_BLOCK_MS)
+@pytest.mark.parametrize("wf,af", COMBOS)
+def test_gemm_config_invariants(wf, af, block_m, arch):
+    for H, I in ((7168, 2048), (256, 128), (512, 384), (4096, 1536)):
+        c1 = gh.l1_gemm_config(block_m, H, I, wf, af, arch)
+        assert c1.block_m == block_m and c1.block_k == 128 and I % c1.block_n == 0 and c1.block_n % 32 == 0
+        if gh.uses_dot_scaled(arch, wf, af):
+            assert 2 * c1.block_n == 128, "the block-scaled MMA needs 128 stacked gate+up rows"
+        for comb in ("bf16", "fp8"):
+            if comb == "fp8" and H % 512:
+                continue
+            c2 = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch)
+            assert c2.block_m == block_m and c2.block_k == 128 and H % c2.block_n == 0
+            if comb == "fp8" or gh.uses_dot_scaled(arch, wf, af):
+                assert c2.block_n % 128 == 0
+            for c in (c1, c2):
+                assert c.num_warps in (4, 8) and 1 <= c.ctas_per_sm <= 4 and c.group_m >= 1
+                assert c.grid(0, 132) == 0 and c.grid(5, 132) == 5 and c.grid(10**6, 132) == 132 * c.ctas_per_sm
+
+
+def test_uses_dot_scaled():
+    assert gh.uses_dot_scaled(100, "mxfp4", "fp4") and gh.uses_dot_scaled(103, "mxfp4", "fp8")
+    assert not gh.uses_dot_scaled(90, "mxfp4", "fp4") and not gh.uses_dot_scaled(100, "mxfp4", "bf16")
+    assert not gh.uses_dot_scaled(100, "fp8", "fp8") and not gh.uses_dot_scaled(120, "mxfp4", "fp4")
+
+
+# =================================================================================================
+# Wrapper validation (host only: nothing launched)
+# =================================================================================================
+def _small(wf="mxfp4", af="fp8"):
+    return make_problem(256, 128, [3, 0, 5], wf, af, slack=2)
+
+
+def test_l1_rejects_bad_arguments():
+    prob = _small()
+    h, h_sf = h_buffers(prob, "cpu")
+    args = [prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets, prob.tile_expert,
+            prob.tile_row_start, prob.num_tiles, prob.w13.data, prob.w13.scale, h, h_sf]
+    kw = dict(weight_format="mxfp4", act_format="fp8", act_group_size=32, activation_clamp=None, block_m=16)
+
+    def call(i=None, value=None, **over):
+        a = list(args)
+        if i is not None:
+            a[i] = value
+        l1_grouped_gemm(*a, **{**kw, **over})
+
+    with pytest.raises(ValueError, match="weight_format"):
+        call(weight_format="int4")
+    with pytest.raises(ValueError, match="act_group_size"):
+        call(act_group_size=64)
+    with pytest.raises(TypeError, match="h_out"):
+        call(10, h.view(torch.int8))
+    with pytest.raises(ValueError, match="h_sf_out"):
+        call(11, h_sf[:, :0])
+    with pytest.raises(TypeError, match="w13_scale"):
+        call(9, prob.w13.scale.float())
+    with pytest.raises(ValueError, match="pair_weights"):
+        call(3, prob.pair_weights[:-1])
+    with pytest.raises(ValueError, match="tile_row_start"):
+        call(5, prob.tile_expert[:2], block_m=16)
+    with pytest.raises(ValueError, match="tile_expert: 2 tiles"):
+        a = list(args)
+        a[5], a[6] = prob.tile_expert[:2], prob.tile_row_start[:2]
+        l1_grouped_gemm(*a, **kw)
+    with pytest.raises(ValueError, match="block_m"):
+        call(block_m=48)
+    with pytest.raises(ValueError, match="config.block_m"):
+        call(config=gh.l1_gemm_config(32, 256, 128, "mxfp4", "fp8"))
+    with pytest.raises(ValueError, match="activation_clamp"):
+        call(activation_clamp=-1.0)
+
+
+def test_block_m_is_inferred_from_the_map_when_unique():
+    prob = make_problem(256, 128, [40, 0, 50], "bf16", "bf16", slack=10, block_m=32)   # P = 100
+    h, h_sf = h_buffers(prob, "cpu")
+    args = [prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets, prob.tile_expert,
+            prob.tile_row_start, prob.num_tiles, prob.w13.data, None, h, h_sf]
+    kw = dict(weight_format="bf16", act_format="bf16", act_group_size=32, activation_clamp=None)
+    if INTERPRETED:
+        l1_grouped_gemm(*args, **kw)            # max_tiles(100, 3, 32) = 7: only block_m 32 fits
+        check_l1(prob, h, h_sf, "inferred block_m")
+    small = make_problem(256, 128, [1, 0, 2], "bf16", "bf16", slack=0)          # P = 3: every block_m fits
+    h2, _ = h_buffers(small, "cpu")
+    with pytest.raises(ValueError, match="cannot infer"):
+        l1_grouped_gemm(small.pool_x, None, small.pair_rows, small.pair_weights, small.expert_offsets,
+                        small.tile_expert, small.tile_row_start, small.num_tiles, small.w13.data, None, h2, None,
+                        **kw)
+
+
+def test_l2_rejects_bad_arguments():
+    prob = _small()
+    h, h_sf = h_buffers(prob, "cpu")
+    dest = make_destinations(prob, "bf16")
+    base = dict(weight_format="mxfp4", act_format="fp8", combine_format="bf16", hidden=256, block_m=16)
+
+    def call(**over):
+        a = dict(h=h, h_sf=h_sf, pair_dst=dest.pair_dst, pair_dst_sf=None)
+        kw = dict(base)
+        for k, v in over.items():
+            (a if k in a else kw)[k] = v
+        l2_grouped_gemm(a["h"], a["h_sf"], prob.expert_offsets, prob.tile_expert, prob.tile_row_start, prob.num_tiles,
+                        prob.w2.data, prob.w2.scale, a["pair_dst"], a["pair_dst_sf"], **kw)
+
+    with pytest.raises(ValueError, match="combine_format"):
+        call(combine_format="fp16")
+    with pytest.raises(ValueError, match="512"):
+        call(combine_format="fp8", pair_dst_sf=dest.pair_dst)          # H = 256 cannot carry fp8 scale words
+    with pytest.raises(TypeError, match="pair_dst"):
+        call(pair_dst=dest.pair_dst.int())
+    with pytest.raises(ValueError, match="pair_dst_sf"):
+        call(pair_dst_sf=dest.pair_dst)
+    with pytest.raises(ValueError, match="w2_data"):
+        call(hidden=384)
+    with pytest.raises(TypeError, match="h_sf"):
+        call(h_sf=h_sf.float())
+
+
+@pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process: CPU tensors are accepted")
+def test_cpu_tensors_without_the_interpreter_are_rejected():
+    prob = _small()
+    h, h_sf = h_buffers(prob, "cpu")
+    with pytest.raises(ValueError, match="interpreter"):
+        run_l1(prob)
+
+
+# =================================================================================================
+# Kernels in the interpreter
+# =================================================================================================
+_TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+interp = pytest.mark.skipif(not INTERPRETED or _TRITON_VERSION < (3, 8),
+                            reason="kernels not interpreted here (test_interpreter_tests_in_a_child_process runs "
+                                   "them), or Triton < 3.8, whose interpreter lacks tl.dot_scaled and loops "
+                                   "bounded by loaded values")
+
+
+def _chain(prob: GemmProblem, combine_format: str, skip=(), arch=None, num_sms=None, what=""):
+    """L1 then L2 on the kernels' own h; checks h and y (y against expert_forward)."""
+    extra = {} if arch is None else {"arch": arch}
+    if num_sms is not None:
+        extra["num_sms"] = num_sms
+    h, h_sf = run_l1(prob, **extra)
+    m1 = check_l1(prob, h, h_sf, what)
+    dest = make_destinations(prob, combine_format, skip=skip)
+    run_l2(prob, h, h_sf, combine_format, dest, **extra)
+    m2 = check_l2(prob, dest, combine_format, reference_y(prob), what)
+    return {**m1, **m2}
+
+
+@interp
+@pytest.mark.parametrize("wf,af", COMBOS)
+def test_l1_l2_every_format(wf, af):
+    """H 256, I 128, 3 experts (one empty, one with a partial second tile), 3 slack positions."""
+    prob = make_problem(256, 128, [5, 0, 19], wf, af, seed=COMBOS.index((wf, af)))
+    _chain(prob, "bf16", skip=(1,), what=f"{wf} x {af}")
+
+
+@interp
+@pytest.mark.parametrize("wf,af", [("mxfp4", "fp8"), ("fp8", "fp4"), ("bf16", "bf16"), ("mxfp4", "fp4")])
+def test_fp8_combine(wf, af):
+    prob = make_problem(512, 128, [2, 17, 0], wf, af, seed=5)
+    _chain(prob, "fp8", skip=(0, 9), what=f"{wf} x {af} fp8 combine")
+
+
+@interp
+@pytest.mark.parametrize("af", ["fp8", "fp4"])
+@pytest.mark.parametrize("combine", ["bf16", "fp8"])
+def test_blackwell_dot_scaled_path(af, combine):
+    """arch=100 selects `tl.dot_scaled` (MXFP4 x FP8/FP4, uint8 scales per 32), which the
+    interpreter (Triton >= 3.8) evaluates: the operand / scale layouts handed to it are right."""
+    prob = make_problem(512, 128, [7, 0, 20], "mxfp4", af, act_group_size=128 if af == "fp8" else 32, seed=11)
+    _chain(prob, combine, skip=(3,), arch=100, what=f"dot_scaled mxfp4 x {af}")
+
+
+@interp
+def test_clamp_group128_block32_and_persistent_loop():
+    """SwiGLU clamp that bites, x scales per 128, 32-row tiles, 2 programs for all work items."""
+    prob = make_problem(512, 256, [40, 1, 0, 9], "fp8", "fp8", act_group_size=128, clamp=0.25, block_m=32, seed=3)
+    x = ref.dequantize_act(prob.pool_x[prob.pair_rows.long()], prob.pool_x_sf[prob.pair_rows.long()], "fp8", 128)
+    gate_up = x[:40] @ prob.w13_f32[0].t()
+    assert float((gate_up[:, :256] > 0.25).float().mean()) > 0.1, "test precondition: the clamp must bite"
+    assert float((gate_up[:, 256:].abs() > 0.25).float().mean()) > 0.1
+    _chain(prob, "bf16", num_sms=1, what="clamp/g128/bm32")
+
+
+@interp
+def test_no_pairs_at_all_writes_nothing():
+    prob = make_problem(256, 128, [0, 0], "mxfp4", "fp4", slack=5)
+    h, h_sf = run_l1(prob)
+    assert bool((bytes_of(h) == POISON).all()) and bool((bytes_of(h_sf) == POISON).all())
+    dest = make_destinations(prob, "bf16")
+    run_l2(prob, h, h_sf, "bf16", dest)
+    assert bool((bytes_of(dest.out) == POISON).all())
+
+
+@interp
+def test_rows_sharing_a_pool_row_and_fp8_block_scales_not_powers_of_two():
+    """Checkpoint FP8 scales that are not powers of two multiply each per-128-K partial product."""
+    prob = make_problem(256, 128, [6, 10], "fp8", "bf16", seed=9)
+    prob.pair_rows[1:4] = prob.pair_rows[0]
+    g = torch.Generator().manual_seed(1)
+    for qw in (prob.w13, prob.w2):
+        qw.scale.mul_(torch.rand(qw.scale.shape, generator=g) + 0.5)
+    prob.w13_f32, prob.w2_f32 = prob.w13.dequantize(), prob.w2.dequantize()
+    _chain(prob, "bf16", what="fp8 non-pow2 scales")
+
+
+def test_interpreter_tests_in_a_child_process():
+    """Where this process compiled the kernels for a GPU, run the interpreter tests in a child."""
+    if INTERPRETED:
+        pytest.skip("the interpreter tests ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "l1_l2 or combine or dot_scaled or clamp or no_pairs or block_scales or inferred"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# =================================================================================================
+# Compile checks (sm_90a, sm_100a)
+# =================================================================================================
+_X_TYPE = {"fp8": "*fp8e4nv", "fp4": "*i8", "bf16": "*bf16"}
+_W_TYPES = {"mxfp4": ("*i8", "*u8"), "fp8": ("*fp8e4nv", "*fp32"), "bf16": ("*bf16", None)}
+_H_STORE_TYPE = {"fp8": "*i8", "fp4": "*i8", "bf16": "*i16"}
+
+
+def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32):
+    """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
+    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch)
+    sig = dict(x_ptr=_X_TYPE[af], x_sf_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
+               tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_ptr=_W_TYPES[wf][0],
+               w_sf_ptr=_W_TYPES[wf][1], h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
+    if af == "bf16":
+        sig["x_sf_ptr"] = sig["h_sf_ptr"] = None
+    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
+              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, BLOCK_M=cfg.block_m,
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+    ce.update({k: None for k, v in sig.items() if v is None})
+    sig = {k: v for k, v in sig.items() if v is not None}
+    return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+
+
+def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048):
+    """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
+    cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch)
+    sig = dict(h_ptr=_X_TYPE[af], h_sf_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
+               num_tiles_ptr="*i32", w_ptr=_W_TYPES[wf][0], w_sf_ptr=_W_TYPES[wf][1], dst_ptr="*i64",
+               dst_sf_ptr="*i64", max_tiles="i32")
+    if af == "bf16":
+        sig["h_sf_ptr"] = None
+    if comb == "bf16":
+        sig["dst_sf_ptr"] = None
+    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
+              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, BLOCK_M=cfg.block_m,
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+    ce.update({k: None for k, v in sig.items() if v is None})
+    sig = {k: v for k, v in sig.items() if v is not None}
+    return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+
+
+#: (kernel, weight, act, combine, arch, block_m) of every compile check. Decode tiles (block_m 16)
+#: of DeepSeek-V3's shape for every format on Hopper; one prefill tile per kernel; Blackwell's
+#: block-scaled combinations.
+COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
+                 + [("l2", w, a, "fp8" if a == "fp8" else "bf16", 90, 16) for w, a in COMBOS]
+                 + [("l1", "mxfp4", "fp8", None, 90, 128), ("l2", "fp8", "fp8", "bf16", 90, 128)]
+                 + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
+                 + [("l2", "mxfp4", a, c, 100, 16) for a, c in (("fp4", "bf16"), ("fp8", "fp8"))])
+
+
+def _case_id(case):
+    k, w, a, c, arch, bm = case
+    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}"
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{case: PTX} — two batches in parallel (one child process each in interpreter mode)."""
+    from mega_moe_layer.kernels import _compile
+
+    jobs = []
+    for kern, w, a, c, arch, bm in COMPILE_CASES:
+        if kern == "l1":
+            sig, ce, opts = l1_compile_args(w, a, arch, bm)
+            jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, arch, **opts))
+        else:
+            sig, ce, opts = l2_compile_args(w, a, c, arch, bm)
+            jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, arch, **opts))
+    halves = [jobs[0::2], jobs[1::2]]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            even, odd = pool.map(_compile.compile_ptx_batch, halves)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    ptx = [None] * len(jobs)
+    ptx[0::2], ptx[1::2] = even, odd
+    return dict(zip(COMPILE_CASES, ptx))
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=[_case_id(c) for c in COMPILE_CASES])
+def test_compiles(compiled, case):
+    from mega_moe_layer.kernels import _compile
+
+    kern, w, a, c, arch, bm = case
+    ptx = compiled[case]
+    assert _compile.ptx_target(ptx) == f"sm_{arch}a"
+    assert _compile.ptx_entries(ptx) == [f"_{kern}_kernel"]
+    if arch == 90:
+        assert "wgmma.mma_async" in ptx, "Hopper path must use wgmma"
+        assert "tcgen05" not in ptx
+        if bm == 16:
+            try:
+                usage = _compile.ptxas_usage(ptx, arch)
+            except _compile.CompileUnavailable as exc:
+                pytest.skip(str(exc))
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
+    else:
+        mmas = set(re.findall(r"tcgen05\.mma\.[\w.:]+", ptx))
+        assert mmas, "no tcgen05.mma on sm_100a"
+        kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
+        assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
+        assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
