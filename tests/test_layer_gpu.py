@@ -73,14 +73,19 @@ def _all_cfgs(R):
 
 
 _LAYERS = {}
+_FULL = {}
 
 
 def _layer(cfg):
     """One layer per config for the whole module (layers share the group's workspace)."""
     if cfg not in _LAYERS:
         m = mml.MegaMoEExperts(cfg, backend="nvshmem")
-        m.load_weights(*[w.cuda() for w in make_weights(cfg)])
+        w13, w2 = (w.cuda() for w in make_weights(cfg))
+        m.load_weights(w13, w2)
         _LAYERS[cfg] = m
+        # every expert's exact dequantised weights, for the single-process reference
+        _FULL[cfg] = (mml.quantize_weight(w13, cfg.weight_format).dequantize(),
+                      mml.quantize_weight(w2, cfg.weight_format).dequantize())
     return _LAYERS[cfg]
 
 
@@ -106,8 +111,7 @@ def _run_and_check(cfg, rank, R, T_of_rank, seed, tol=TOLERANCES["gemm_rel_rmse"
     assert torch.equal((m.cumulative_local_expert_recv_stats - before).cpu(), recount), "cumulative"
     err = None
     if x.shape[0] > 0:
-        y_ref = ref.moe_reference(x, idx, w, m.w13.dequantize().cuda(), m.w2.dequantize().cuda(),
-                                  act_format=cfg.act_format, combine_format=cfg.combine_format,
+        y_ref = ref.moe_reference(x, idx, w, *_FULL[cfg], act_format=cfg.act_format, combine_format=cfg.combine_format,
                                   act_group_size=cfg.act_group_size,
                                   activation_clamp=cfg.activation_clamp)
         err = assert_rel_rmse(y, y_ref, tol, f"rank {rank} {cfg.weight_format}/{cfg.act_format}/"
@@ -202,7 +206,7 @@ def test_cuda_graph_replay(env):
             x.copy_(nx.cuda()); idx.copy_(nidx.cuda()); w.copy_(nw.cuda())
             g.replay()
             torch.cuda.synchronize()
-            y_ref = ref.moe_reference(x, idx, w, m.w13.dequantize().cuda(), m.w2.dequantize().cuda())
+            y_ref = ref.moe_reference(x, idx, w, *_FULL[cfg])
             assert_rel_rmse(y_static, y_ref, TOLERANCES["gemm_rel_rmse"], f"graph replay {i}")
             El = cfg.num_experts // R
             full = torch.cat([a[1] for a in all_inp])

@@ -1,0 +1,57 @@
+"""Where the time of one GPU forward goes: kernel times from torch.profiler, per stage.
+
+    python3 scripts/profile_forward.py --tokens 1 128 4096      (1 GPU, EP1, dsv3 shape)
+"""
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+import mega_moe_layer as mml
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
+    p.add_argument("--experts", type=int, default=64, help="E (all local on one GPU)")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    cfg = mml.MegaMoEConfig(hidden=7168, intermediate=2048, num_experts=args.experts, topk=8,
+                            max_tokens_per_rank=max(args.tokens))
+    m = mml.MegaMoEExperts(cfg, backend="nvshmem", validate=False)
+    E, H, I = cfg.num_experts, cfg.hidden, cfg.intermediate
+    m.load_weights((torch.randn(E, 2 * I, H, device="cuda") * H ** -0.5).bfloat16(),
+                   (torch.randn(E, H, I, device="cuda") * I ** -0.5).bfloat16())
+    for T in args.tokens:
+        x = torch.randn(T, H, device="cuda").bfloat16()
+        idx = torch.rand(T, E, device="cuda").argsort(1)[:, :8].contiguous()
+        w = torch.rand(T, 8, device="cuda")
+        for _ in range(3):
+            m(x, idx, w)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                m(x, idx, w)
+            torch.cuda.synchronize()
+        print(f"\n=== T={T}, E={E} (per 5 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            m(x, idx, w)
+        b.record()
+        torch.cuda.synchronize()
+        print(f"T={T}: {a.elapsed_time(b) / 10 * 1e3:.1f} us per forward (back to back)")
+    from mega_moe_layer.comm import workspace as wsm
+    wsm.destroy_all_workspaces()
+
+
+if __name__ == "__main__":
+    main()
