@@ -1,20 +1,22 @@
 """Micro-benchmark of the grouped expert GEMMs (L1, L2) at DeepSeek-V3's expert shape.
 
-    python scripts/bench_gemm.py --out bench_gemm.json [--tokens 1,8,64,512] [--formats mxfp4/fp8,fp8/fp8]
-    python scripts/bench_gemm.py --out sweep.json --tokens 1,512 --sweep     # + other tile configs
+    python scripts/bench_gemm.py --out bench_gemm.json [--cases 1:64:8,16:64:64,256:128:128] [--formats mxfp4/fp8]
+    python scripts/bench_gemm.py --out sweep.json --sweep     # + other tile configs
 
-H 7168, I 2048, 128 local experts, the same number of routed pairs per expert (--tokens), weights
-and activations per --formats (weight/act). For each case: the GPU time of one L1 launch and one
-L2 launch (CUDA events, the GPU kept busy by a sleep kernel before the start event so host launch
-latency is not timed; warm-up, median of --iters >= 20), their TFLOP/s and weight bytes per second
-(and its fraction of a large copy's read+write bandwidth measured in the same run), next to
-bf16 baselines of the same FLOPs in the same run: one dense `torch.matmul` ([E*t, K] x [K, N]:
-the tensor-core rate with one weight) and `torch.bmm` over the experts ([E, t, K] x [E, K, N]:
-the same per-expert weights in bf16, the plain-PyTorch grouped GEMM). Every timed configuration
-is first checked against `reference.expert_forward` on two experts. `--sweep` also times the
+H 7168, I 2048. A case t:E:A puts t routed pairs on each of A experts (spread evenly) out of E
+local ones: the defaults are decode at T = 1 and T = 128 tokens (top-8, 64 local experts) and
+prefill at T = 4096 per rank at EP2 (128 local experts, 256 pairs each). For each case: the GPU
+time of one L1 launch and one L2 launch (CUDA events, the GPU kept busy by a sleep kernel before
+the start event so host launch latency is not timed; warm-up, median of --iters >= 20), their
+TFLOP/s and the bytes per second of the weights of the active experts (and the fraction of a large
+copy's read+write bandwidth), next to baselines measured in the same run: a `copy_` moving the
+same weight bytes (the decode floor), one dense bf16 `torch.matmul` of the same FLOPs, and, from
+64 pairs per expert, `torch._scaled_grouped_mm` with FP8 weights and activations (row-wise
+scales) on the same groups (the prefill target: >= 1.5x faster). Every timed configuration is
+first checked against `reference.expert_forward` on two experts. `--sweep` also times the
 configurations of `SWEEP_L1` / `SWEEP_L2` and reports the best next to the heuristic's choice.
 
-Prints a markdown table; writes everything as JSON to --out.
+Prints a markdown table; writes everything as JSON to --out (after every row).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton  # noqa: E402
 
-from bench_pre_dispatch import gpu_time_us, hbm_copy_gbps  # noqa: E402  (the one timing helper)
+from bench_pre_dispatch import gpu_time_us, hbm_copy_gbps, same_bytes_copy_us  # noqa: E402
 from mega_moe_layer import formats  # noqa: E402
 from mega_moe_layer.kernels import gemm_heuristics as gh  # noqa: E402
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
@@ -39,9 +41,16 @@ from mega_moe_layer.kernels.l1_gemm import build_tile_map, l1_grouped_gemm  # no
 from mega_moe_layer.kernels.l2_gemm import l2_grouped_gemm  # noqa: E402
 
 DEV = "cuda"
-#: (block_n, num_warps, num_stages, ctas_per_sm) tried by --sweep, besides the heuristic's choice.
-SWEEP_L1 = [(64, 4, 4, 2), (64, 4, 3, 3), (32, 4, 4, 3), (64, 8, 3, 1), (128, 8, 3, 1), (128, 8, 4, 1)]
-SWEEP_L2 = [(64, 4, 4, 2), (64, 4, 3, 3), (128, 4, 4, 2), (64, 8, 3, 1), (128, 8, 3, 1), (128, 8, 4, 1)]
+#: Default cases, t:E:A (t pairs on each of A active experts of E local; DeepSeek-V3 top-8): decode
+#: T = 1 (8 pairs on 8 of 64 experts), decode T = 128 (1024 pairs, 16 on each of 64), prefill
+#: T = 4096 per rank at EP2 (32768 pairs over 128 local experts: 256 each).
+DEFAULT_CASES = "1:64:8,16:64:64,256:128:128"
+#: (block_m, block_n, num_warps, num_stages, ctas_per_sm) tried by --sweep besides the heuristic's
+#: choice, in the case's regime only (decode: block_m <= 32; prefill: larger).
+SWEEP_L1 = [(16, 64, 4, 6, 2), (16, 64, 4, 4, 3), (16, 32, 4, 4, 4),
+            (128, 128, 8, 3, 1), (64, 128, 8, 3, 1)]
+SWEEP_L2 = [(16, 64, 4, 6, 2), (16, 64, 4, 4, 3), (16, 128, 8, 4, 1),
+            (128, 128, 8, 3, 1), (64, 128, 8, 3, 1)]
 
 
 def quantized_weights(E: int, N: int, K: int, fmt: str, seed: int, chunk: int = 8) -> formats.QuantizedWeight:
@@ -67,11 +76,14 @@ def weight_bytes(qw: formats.QuantizedWeight) -> int:
 class Case:
     """Routed pairs (t per expert), the tile map, h, destinations: everything one L1 + L2 needs."""
 
-    def __init__(self, w13, w2, t: int, act_format: str, seed: int):
+    def __init__(self, w13, w2, t: int, act_format: str, seed: int, active: int = 0):
         E, two_i, H = w13.shape
         I = two_i // 2
-        P = E * t
+        active = E if active <= 0 else min(active, E)
+        P = active * t
         self.E, self.H, self.I, self.t, self.P, self.act_format = E, H, I, t, P, act_format
+        # The experts with pairs: `active` of the E, spread evenly (decode touches a few).
+        self.active = [e * E // active for e in range(active)]
         self.w13, self.w2 = w13, w2
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
@@ -79,13 +91,11 @@ class Case:
         del x
         self.pair_rows = torch.randperm(P, generator=gen, device=DEV).to(torch.int32)
         self.pair_weights = torch.rand(P, generator=gen, device=DEV) + 0.1
-        self.offsets = torch.arange(0, P + 1, t, dtype=torch.int32, device=DEV)
-        self.block_m = gh.gemm_block_m(t)
-        mt = gh.max_tiles(P, E, self.block_m)
-        i32 = dict(dtype=torch.int32, device=DEV)
-        self.tile_expert, self.tile_row_start, self.num_tiles = (torch.empty(mt, **i32), torch.empty(mt, **i32),
-                                                                 torch.empty(1, **i32))
-        build_tile_map(self.offsets, self.block_m, mt, self.tile_expert, self.tile_row_start, self.num_tiles)
+        counts = torch.zeros(E, dtype=torch.int64)
+        counts[self.active] = t
+        self.starts = [0] + torch.cumsum(counts, 0).tolist()
+        self.offsets = torch.tensor(self.starts, dtype=torch.int32, device=DEV)
+        self.retile(gh.gemm_block_m(t))
         if act_format == "fp8":
             self.h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=DEV)
         elif act_format == "fp4":
@@ -98,6 +108,15 @@ class Case:
         perm = torch.randperm(P, generator=gen, device=DEV)
         self.pair_dst = self.out.data_ptr() + perm.to(torch.int64) * (2 * H)
         self.perm = perm
+
+    def retile(self, block_m: int) -> None:
+        """(Re)build the tile map for tiles of `block_m` pairs."""
+        self.block_m = block_m
+        mt = gh.max_tiles(self.P, self.E, block_m)
+        i32 = dict(dtype=torch.int32, device=DEV)
+        self.tile_expert, self.tile_row_start, self.num_tiles = (torch.empty(mt, **i32), torch.empty(mt, **i32),
+                                                                 torch.empty(1, **i32))
+        build_tile_map(self.offsets, block_m, mt, self.tile_expert, self.tile_row_start, self.num_tiles)
 
     def l1(self, config=None):
         l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
@@ -112,10 +131,10 @@ class Case:
                         config=config)
 
     def check(self, tol: float = 5e-3) -> float:
-        """rel-RMSE of y against `reference.expert_forward` on the first and last expert."""
+        """rel-RMSE of y against `reference.expert_forward` on the first and last active expert."""
         worst = 0.0
-        for e in (0, self.E - 1):
-            s, t = e * self.t, (e + 1) * self.t
+        for e in (self.active[0], self.active[-1]):
+            s, t = self.starts[e], self.starts[e + 1]
             rows = self.pair_rows[s:t].long()
             want = ref.expert_forward(self.pool_x[rows], None if self.pool_x_sf is None else self.pool_x_sf[rows],
                                       self.pair_weights[s:t], self.w13.dequantize(slice(e, e + 1))[0],
@@ -130,20 +149,41 @@ class Case:
         return worst
 
 
-def bf16_baselines(E: int, t: int, K: int, N: int, iters: int, with_bmm: bool):
-    """(dense matmul us, bmm us or None) of [E*t, K] x [K, N] and [E, t, K] x [E, K, N] in bf16."""
-    a = torch.randn(E * t, K, device=DEV, dtype=torch.bfloat16)
+def bf16_matmul_us(M: int, K: int, N: int, iters: int) -> float:
+    """GPU time of one dense bf16 [M, K] x [K, N] (the tensor-core rate of the same FLOPs)."""
+    a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(K, N, device=DEV, dtype=torch.bfloat16)
-    dense = gpu_time_us(lambda: torch.matmul(a, b), iters, warmup=3)
-    bmm = None
-    if with_bmm:
-        wb = torch.randn(E, K, N, device=DEV, dtype=torch.bfloat16)
-        a3 = a.view(E, t, K)
-        bmm = gpu_time_us(lambda: torch.bmm(a3, wb), iters, warmup=3)
-        del wb
+    us = gpu_time_us(lambda: torch.matmul(a, b), iters, warmup=3)
     del a, b
     torch.cuda.empty_cache()
-    return dense, bmm
+    return us
+
+
+def scaled_grouped_mm_us(case: "Case", kern: str, iters: int):
+    """GPU time of `torch._scaled_grouped_mm` (FP8 e4m3 x FP8 e4m3 weights, row-wise float32 scales) on
+    the same pairs per expert and the same shapes; None when this torch / GPU lacks it."""
+    fn = getattr(torch, "_scaled_grouped_mm", None)
+    if fn is None:
+        return None
+    E, H, I, P = case.E, case.H, case.I, case.P
+    K, N = (H, 2 * I) if kern == "l1" else (I, H)
+    try:
+        a = torch.randn(P, K, device=DEV).to(torch.float8_e4m3fn)
+        w = torch.randn(E, N, K, device=DEV).to(torch.float8_e4m3fn)
+        sa = torch.rand(P, device=DEV) + 0.5
+        sb = torch.rand(E, N, device=DEV) + 0.5
+        offs = case.offsets[1:].contiguous()
+        run = lambda: fn(a, w.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16)  # noqa: E731
+        run()
+        torch.cuda.synchronize()
+        us = gpu_time_us(run, iters, warmup=3)
+    except Exception as exc:  # an older torch, or not this GPU: report, go on
+        print(f"_scaled_grouped_mm baseline failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        us = None
+    finally:
+        a = w = None
+        torch.cuda.empty_cache()
+    return us
 
 
 def _cfg_txt(cfg) -> str:
@@ -151,26 +191,40 @@ def _cfg_txt(cfg) -> str:
 
 
 def sweep(case: Case, kern: str, base, iters: int, base_us: float):
-    """(best us, its config) over the heuristic's config (base_us) and SWEEP_L1 / SWEEP_L2; each
-    configuration is checked against the reference before it is timed."""
+    """(best us, its config) over the heuristic's config (base_us) and SWEEP_L1 / SWEEP_L2 entries of
+    the case's regime (decode: block_m <= 32); each configuration is checked against the reference
+    before it is timed. A different block_m rebuilds the tile map (restored afterwards)."""
     best = (base_us, base)
-    for bn, warps, stages, ctas in (SWEEP_L1 if kern == "l1" else SWEEP_L2):
-        cfg = dataclasses.replace(base, block_n=bn, num_warps=warps, num_stages=stages, ctas_per_sm=ctas)
+    own_bm = case.block_m
+    decode = own_bm <= 32
+    for bm, bn, warps, stages, ctas in (SWEEP_L1 if kern == "l1" else SWEEP_L2):
+        if (bm <= 32) != decode:
+            continue
+        cfg = dataclasses.replace(base, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ctas_per_sm=ctas)
+        if cfg == base:
+            continue
         try:
+            case.retile(bm)
             if kern == "l1":
                 fn = lambda c=cfg: case.l1(c)  # noqa: E731
                 fn()
-                case.l2()
+                case.l2(dataclasses.replace(gh.l2_gemm_config(bm, case.H, case.I, case.w2.format, case.act_format,
+                                                              "bf16")))
             else:
-                case.l1()
+                case.l1(gh.l1_gemm_config(bm, case.H, case.I, case.w13.format, case.act_format))
                 fn = lambda c=cfg: case.l2(c)  # noqa: E731
                 fn()
             torch.cuda.synchronize()
             case.check()
-        except Exception as exc:  # e.g. out of shared memory for this tile: report, go on
+            us = gpu_time_us(fn, iters)
+        except BaseException as exc:  # e.g. out of shared memory for this tile: report, go on
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             print(f"sweep: {kern} {_cfg_txt(cfg)} failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             continue
-        us = gpu_time_us(fn, iters)
+        finally:
+            case.retile(own_bm)
+        print(f"  sweep {kern} {_cfg_txt(cfg)}: {us:.1f} us", flush=True)
         if us < best[0]:
             best = (us, cfg)
     return best
@@ -179,77 +233,84 @@ def sweep(case: Case, kern: str, base, iters: int, base_us: float):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON output path")
-    p.add_argument("--tokens", default="1,8,64,512", help="routed pairs per local expert")
-    p.add_argument("--formats", default="mxfp4/fp8,fp8/fp8", help="weight/act pairs")
-    p.add_argument("--experts", type=int, default=128, help="local experts")
+    p.add_argument("--cases", default=DEFAULT_CASES,
+                   help="comma-separated t:E:A = t routed pairs on each of A active experts out of E local")
+    p.add_argument("--formats", default="mxfp4/fp8", help="weight/act pairs")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--no-bmm", action="store_true", help="skip the bf16 bmm baseline (needs 11 GB)")
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP_L1 / SWEEP_L2 tile configs")
     args = p.parse_args()
     if args.iters < 20:
         raise SystemExit("--iters: use at least 20 runs for a stable median")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    E, H, I = args.experts, args.hidden, args.intermediate
-    tokens = [int(v) for v in args.tokens.split(",")]
+    H, I = args.hidden, args.intermediate
+    cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    E_max = max(c[1] for c in cases)
     copy_bw = hbm_copy_gbps(args.iters)
-
-    baselines = {}
-    for t in tokens:
-        baselines[("l1", t)] = bf16_baselines(E, t, H, 2 * I, args.iters, not args.no_bmm)
-        baselines[("l2", t)] = bf16_baselines(E, t, I, H, args.iters, not args.no_bmm)
+    name = torch.cuda.get_device_name(0)
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; HBM copy (read+write) "
+          f"{copy_bw:.0f} GB/s", flush=True)
 
     rows, table = [], []
     for fmt in args.formats.split(","):
         wf, af = fmt.split("/")
-        w13 = quantized_weights(E, 2 * I, H, wf, seed=1)
-        w2 = quantized_weights(E, H, I, wf, seed=2)
-        wbytes = {"l1": weight_bytes(w13), "l2": weight_bytes(w2)}
-        for t in tokens:
-            case = Case(w13, w2, t, af, seed=t)
+        w13_all = quantized_weights(E_max, 2 * I, H, wf, seed=1)
+        w2_all = quantized_weights(E_max, H, I, wf, seed=2)
+        for t, E, A in cases:
+            w13, w2 = (formats.QuantizedWeight(q.format, q.data[:E], None if q.scale is None else q.scale[:E],
+                                               (E,) + tuple(q.shape[1:])) for q in (w13_all, w2_all))
+            case = Case(w13, w2, t, af, seed=t, active=A)
             case.l1()
             case.l2()
             torch.cuda.synchronize()
             err = case.check()
-            for kern, fn, flops in (("l1", case.l1, 2.0 * E * t * 2 * I * H), ("l2", case.l2, 2.0 * E * t * H * I)):
+            for kern, fn, flops in (("l1", case.l1, 2.0 * case.P * 2 * I * H), ("l2", case.l2, 2.0 * case.P * H * I)):
                 us = gpu_time_us(fn, args.iters)
-                dense_us, bmm_us = baselines[(kern, t)]
+                # Weight bytes of the experts with pairs: what the kernel must read at least once.
+                wq = w13 if kern == "l1" else w2
+                wbytes = weight_bytes(wq) * A // E
+                copy_us = same_bytes_copy_us(wbytes, args.iters)
+                K, N = (H, 2 * I) if kern == "l1" else (I, H)
+                dense_us = bf16_matmul_us(case.P, K, N, args.iters)
+                sgmm_us = scaled_grouped_mm_us(case, kern, args.iters) if t >= 64 else None
                 cfg = (gh.l1_gemm_config(case.block_m, H, I, wf, af) if kern == "l1"
                        else gh.l2_gemm_config(case.block_m, H, I, wf, af, "bf16"))
-                wgbps = wbytes[kern] / (us * 1e-6) / 1e9
-                row = dict(weight_format=wf, act_format=af, tokens_per_expert=t, kernel=kern, us=us,
-                           tflops=flops / (us * 1e-6) / 1e12, weight_bytes=wbytes[kern], weight_GBps=wgbps,
-                           weight_frac_of_copy=wgbps / copy_bw, bf16_matmul_us=dense_us,
-                           bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12, bf16_bmm_us=bmm_us,
-                           check_rel_rmse=err, config=cfg.__dict__)
+                wgbps = wbytes / (us * 1e-6) / 1e9
+                row = dict(weight_format=wf, act_format=af, pairs_per_expert=t, local_experts=E, active_experts=A,
+                           pairs=case.P, kernel=kern, us=us, tflops=flops / (us * 1e-6) / 1e12, weight_bytes=wbytes,
+                           weight_GBps=wgbps, weight_frac_of_copy=wgbps / copy_bw, same_bytes_copy_us=copy_us,
+                           bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
+                           scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__)
                 rows.append(row)
-                bmm_txt = "- | -" if bmm_us is None else f"{bmm_us:.1f} | {bmm_us / us:.2f}x"
-                line = (f"| {wf}/{af} | {t} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "
-                        f"{100 * wgbps / copy_bw:.0f}% | {dense_us:.1f} | {row['bf16_matmul_tflops']:.1f} | "
-                        f"{bmm_txt} | {_cfg_txt(cfg)} |")
+                sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
+                line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "
+                        f"{100 * wgbps / copy_bw:.0f}% | {copy_us:.1f} | {dense_us:.1f} | "
+                        f"{row['bf16_matmul_tflops']:.1f} | {sg_txt} | {_cfg_txt(cfg)} |")
+                print(line, flush=True)
                 if args.sweep:
                     best_us, best_cfg = sweep(case, kern, cfg, args.iters, us)
                     row.update(best_sweep_us=best_us, best_sweep_config=best_cfg.__dict__)
                     line += f" {best_us:.1f} ({_cfg_txt(best_cfg)}) |"
                 table.append(line)
-            del case
+                with open(args.out, "w") as f:   # after every row: a timeout keeps what was measured
+                    json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                                   hbm_copy_GBps=copy_bw, iters=args.iters, hidden=H, intermediate=I, rows=rows),
+                              f, indent=2)
+            del case, w13, w2
             torch.cuda.empty_cache()
-        del w13, w2
+        del w13_all, w2_all
         torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name(0)
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}; HBM copy (read+write) "
-          f"{copy_bw:.0f} GB/s; H={H}, I={I}, {E} local experts; median of {args.iters}\n")
-    head = ("| weights/acts | tokens/expert | kernel | us | TFLOP/s | weight GB/s | of copy BW | bf16 matmul us "
-            "| bf16 matmul TFLOP/s | bf16 bmm us | speed-up vs bmm | config |")
+          f"{copy_bw:.0f} GB/s; H={H}, I={I}; median of {args.iters}\n")
+    head = ("| weights/acts | pairs x active/local experts | kernel | us | TFLOP/s | weight GB/s | of copy BW "
+            "| same-bytes copy us | bf16 matmul us | bf16 matmul TFLOP/s | fp8 _scaled_grouped_mm us | its time / ours "
+            "| config |")
     if args.sweep:
         head += " best sweep us (config) |"
-    print("\n".join([head, "|" + "---|" * (13 if args.sweep else 12)] + table))
-    with open(args.out, "w") as f:
-        json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, hbm_copy_GBps=copy_bw,
-                       iters=args.iters, hidden=H, intermediate=I, experts=E, rows=rows), f, indent=2)
+    print("\n".join([head, "|" + "---|" * (14 if args.sweep else 13)] + table))
     print(f"\nwrote {args.out}")
 
 

@@ -5,6 +5,8 @@ Each simulated rank has its own workspace (`CPUWorkspace`, same layout as the sy
 Triton interpreter (CPU) or on one GPU, the kernels move bytes between those buffers. The experts
 are replaced by a fixed function of the received row, so every check is bitwise.
 """
+import re
+
 import pytest
 import torch
 
@@ -141,3 +143,53 @@ def test_combine_counts_out_of_range_ids():
     # ascending-k float32 sum, one bf16 rounding
     exp[2] = (c[2, 0] + c[2, 1]) + c[2, 2]
     assert_bitwise(y.cpu(), exp.to(torch.bfloat16), "combine with masked / bad ids")
+
+
+@pytest.fixture(scope="module")
+def comm_ptx():
+    """PTX of the dispatch, combine and barrier kernels for sm_90a and sm_100a (one batch)."""
+    from mega_moe_layer.kernels import _compile
+    from mega_moe_layer.kernels import sync as sync_k
+    ptr64, i32 = "*i64", "i32"
+    specs = {
+        "count": (dispatch_k._count_kernel,
+                  dict(peer_bases_ptr=ptr64, idx_off="i64", counts_ptr="*i32", rank=i32, El=i32, Tmax=i32),
+                  dict(K=8, KP=8, BLOCK_T=64)),
+        "fill": (dispatch_k._fill_kernel,
+                 dict(peer_bases_ptr=ptr64, idx_off="i64", w_off="i64", x_off="i64", xsf_off="i64",
+                      comb_off="i64", combsf_off="i64", my_base="i64", pool_off="i64", pool_sf_off="i64",
+                      offsets_ptr="*i32", cursor_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32",
+                      pair_dst_ptr=ptr64, pair_dst_sf_ptr=ptr64, rank=i32, El=i32, Tmax=i32),
+                 dict(X_WORDS=1792, SF_WORDS=56, COMB_ROW_BYTES=14336, COMB_SF_ROW_BYTES=0, K=8, KP=8,
+                      BLOCK_T=4, CHUNK=512)),
+        "combine": (combine_k._combine_kernel,
+                    dict(comb_ptr="*fp8e4nv", comb_sf_ptr="*i32", idx_ptr="*i32", y_ptr="*i16",
+                         err_ptr="*i32", T=i32, num_experts=i32),
+                    dict(H=7168, K=8, FP8=True, BLOCK_H=1024)),
+        "barrier": (sync_k._barrier_kernel,
+                    dict(peer_bases_ptr=ptr64, signals_off="i64", info_ptr="*i32", rank=i32,
+                         num_ranks=i32, timeout_ns="i64", phase=i32),
+                    dict(ARRIVE=True)),
+    }
+    keys, jobs = [], []
+    for name, (fn, sig, cx) in specs.items():
+        for arch in (90, 100):
+            keys.append((name, arch))
+            jobs.append(_compile.CompileJob(fn, sig, cx, arch))
+    return dict(zip(keys, _compile.compile_ptx_batch(jobs)))
+
+
+@pytest.mark.parametrize("arch", [90, 100], ids=["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("name", ["count", "fill", "combine", "barrier"])
+def test_comm_kernels_compile(comm_ptx, name, arch):
+    from mega_moe_layer.kernels._compile import ptx_target
+    ptx = comm_ptx[(name, arch)]
+    assert ptx_target(ptx) == f"sm_{arch}a"
+    if name == "barrier":
+        # cross-GPU ordering: system-scope release adds to the peers, acquire reads, bounded by
+        # %globaltimer, and a trap on timeout
+        assert re.search(r"(red|atom)\.global\.sys\.release\.add", ptx), "release.sys arrival"
+        assert re.search(r"ld\.global\.sys\.acquire|atom\.global\.sys\.acquire", ptx), "acquire.sys wait"
+        assert "%globaltimer" in ptx and "trap;" in ptx
+    if name == "combine":
+        assert "atom.global" in ptx or "red.global" in ptx, "error counter update"

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _check_launch_device, _check_tensor,
-                      _check_tile_map, _device_arch, _device_num_sms, _is_interpreted, _mma, _nullcontext,
+                      _check_tile_map, _device_arch, _device_num_sms, _fp4_perm_k, _is_interpreted, _mma,
+                      _nullcontext,
                       _quant_store_rows, _round_bf16, _tile_coords, _weight_shapes, _weight_tile_bf16,
                       _weight_tile_mx)
 
@@ -115,9 +116,13 @@ def _l2_kernel(
                 acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
                                     "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
             else:
-                h_t = tl.trans(_act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
-                                              ACT_FORMAT))                                  # [BK, BM]
-                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT)
+                h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
+                                        ACT_FORMAT)                                         # [BM, BK]
+                if WEIGHT_FORMAT == "mxfp4":
+                    h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
+                h_t = tl.trans(h_tile)                                                      # [BK, BM]
+                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
+                                      not DOT_IN_F32)
                 if WEIGHT_FORMAT == "fp8":
                     s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
                     acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
