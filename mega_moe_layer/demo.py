@@ -44,7 +44,8 @@ def _rank_main(rank: int, args, port: int, queue) -> None:
         g = torch.Generator().manual_seed(0)   # every rank builds the same model
         router_kwargs = dict(scoring="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
                              use_correction_bias=True)
-        moe = MegaMoE(cfg, router_kwargs=router_kwargs, shared_intermediate=args.intermediate)
+        moe = MegaMoE(cfg, device="cpu", backend="torch", router_kwargs=router_kwargs,
+                      shared_intermediate=args.intermediate)
         with torch.no_grad():
             moe.router.weight.copy_(torch.randn(cfg.num_experts, cfg.hidden, generator=g) * cfg.hidden ** -0.5)
             moe.router.e_score_correction_bias.copy_(torch.randn(cfg.num_experts, generator=g) * 0.1)
