@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_suite.sh 1 [bench]   # 1 GPU: CPU suite on CUDA, every -m gpu file, micro-benches
 #   bash scripts/gpu_suite.sh 2 [bench]   # N GPUs: torchrun -m multigpu per file, scripts/bench.py
+#                                         # (BENCH_ARGS="--tokens 1 128" passes options to bench.py)
 #
 # Logs under $OUT (default ./out). Every step runs under `timeout`, so a hang costs minutes.
 set -u -o pipefail
@@ -38,7 +39,7 @@ else
         step "multigpu_$(basename "$f" .py)" 400 $TR -m pytest -q -rs -p no:cacheprovider -s -m multigpu "$f"
     done
     if [ -n "$BENCH" ]; then
-        step bench_ep$N 500 $TR scripts/bench.py --preset dsv3 --out "$OUT"
+        step bench_ep$N 500 $TR scripts/bench.py --preset dsv3 --out "$OUT" ${BENCH_ARGS:-}
     fi
 fi
 exit $status
