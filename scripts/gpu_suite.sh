@@ -35,7 +35,7 @@ if [ "$N" = 1 ]; then
     fi
 else
     TR="python3 -m torch.distributed.run --standalone --nproc-per-node=$N"
-    for f in tests/test_comm_gpu.py tests/test_layer_gpu.py; do
+    for f in tests/test_comm_gpu.py tests/test_layer_gpu.py tests/test_transformers_gpu.py; do
         step "multigpu_$(basename "$f" .py)" 400 $TR -m pytest -q -rs -p no:cacheprovider -s -m multigpu "$f"
     done
     if [ -n "$BENCH" ]; then
