@@ -22,6 +22,7 @@ from .config import MegaMoEConfig
 from .comm import workspace as wsmod
 from .kernels import combine as combine_k
 from .kernels import dispatch as dispatch_k
+from .kernels import gemm_api
 from .kernels import sync as sync_k
 from .kernels.pre_dispatch import mega_moe_pre_dispatch
 
@@ -32,8 +33,6 @@ class NvshmemForward:
     """Per-layer state of the GPU path: the shared workspace handle and a few private arrays."""
 
     def __init__(self, cfg: MegaMoEConfig, group, rank: int, num_ranks: int, device: torch.device):
-        from .kernels import gemm_api  # grouped GEMMs + tile map
-        self._gemm = gemm_api
         self.cfg, self.group, self.rank, self.num_ranks, self.device = cfg, group, rank, num_ranks, device
         self.ws = wsmod.get_workspace(cfg, group, device=device)
         lay = self.ws.layout
@@ -100,7 +99,7 @@ class NvshmemForward:
         stats.record(self.counts)
 
         # 3. the expert GEMMs; L2 stores into the owners' combine slots.
-        g = self._gemm
+        g = gemm_api
         bm = g.block_m_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
         g.build_tile_map(self.expert_offsets, bm, self.max_tiles, self.tile_expert,
                          self.tile_row_start, self.num_tiles)
