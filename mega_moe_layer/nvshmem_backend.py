@@ -14,8 +14,6 @@ which the host knows), so a forward captures in a CUDA graph. Same import rules 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .config import MegaMoEConfig

@@ -3,7 +3,6 @@
     python3 scripts/profile_forward.py --tokens 1 128 4096      (1 GPU, EP1, dsv3 shape)
 """
 import argparse
-import os
 import socket
 
 import torch

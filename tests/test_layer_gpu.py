@@ -9,7 +9,6 @@ reference of its own tokens and recount the statistics of all ranks on the host.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,8 @@ import torch.distributed as dist
 
 import mega_moe_layer as mml
 from mega_moe_layer.kernels import reference as ref
-from utils import TOLERANCES, assert_rel_rmse, make_inputs, make_weights, rel_rmse
+from utils import (TOLERANCES, assert_rel_rmse, init_gpu_process_group, make_inputs, make_weights,
+                   rel_rmse)
 
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 _ok = torch.cuda.is_available()
@@ -33,24 +33,9 @@ FORMATS = [(w, a, c) for w in ("mxfp4", "fp8", "bf16") for a in ("fp8", "fp4", "
            for c in ("bf16", "fp8")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def env():
-    if not dist.is_initialized():
-        if WORLD_SIZE > 1:
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        else:
-            torch.cuda.set_device(0)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
-    R = dist.get_world_size()
+    R = init_gpu_process_group()
     from mega_moe_layer.comm import workspace as wsm
     wsm.reserve(_all_cfgs(R), dist.group.WORLD)     # one shared workspace fits every layer here
     yield dist.get_rank(), R

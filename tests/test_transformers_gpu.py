@@ -8,7 +8,6 @@ differences, <= 5e-3 rel-RMSE, far below them).
 """
 import copy
 import math
-import socket
 
 import pytest
 import torch
@@ -36,22 +35,12 @@ from mega_moe_layer.integrations import transformers as mtf  # noqa: E402
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
 from test_transformers_integration import (BF16, FAMILIES, bf16_vs_stock_bound, block_input,  # noqa: E402
                                            swap_script)
-from utils import assert_rel_rmse  # noqa: E402
+from utils import assert_rel_rmse, init_gpu_process_group  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def one_rank():
-    if not dist.is_initialized():
-        if WORLD_SIZE > 1:
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            torch.cuda.set_device(0)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_gpu_process_group()
     yield
     wsm.destroy_all_workspaces()
 

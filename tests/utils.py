@@ -56,6 +56,23 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
             dist.destroy_process_group()
 
 
+def init_gpu_process_group() -> int:
+    """Process group of the GPU tests: NCCL over the torchrun ranks when WORLD_SIZE > 1, else a
+    1-rank gloo group on GPU 0 (the NVSHMEM bootstrap needs a group either way). Returns the world
+    size; a no-op when torch.distributed is already initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_initialized():
+        if world > 1:
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            torch.cuda.set_device(0)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
+    return dist.get_world_size()
+
+
 def parallel_launch(world_size: int, fn: Callable, *args, timeout: float = 300.0) -> List[Any]:
     """Run `fn(RankContext, *args)` on `world_size` gloo ranks; return the per-rank results.
 
