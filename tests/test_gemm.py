@@ -32,7 +32,8 @@ import triton
 from mega_moe_layer import formats
 from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
-from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm
+from mega_moe_layer.kernels.gemm_operands import uses_fp8_mma
+from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm, sf_words_p2
 from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
 from utils import TOLERANCES, assert_rel_rmse
 
@@ -575,53 +576,79 @@ _W_TYPES = {"mxfp4": ("*i8", "*u8"), "fp8": ("*fp8e4nv", "*fp32"), "bf16": ("*bf
 _H_STORE_TYPE = {"fp8": "*i8", "fp4": "*i8", "bf16": "*i16"}
 
 
-def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32):
+def w_kind_of(wf: str, af: str, arch: int) -> str:
+    """The W_KIND `gemm_operands.prepare_weight_operand` gives our quantiser's weights."""
+    if not uses_fp8_mma(arch, wf, af):
+        return "raw"
+    return "mxfp4" if wf == "mxfp4" else "fp8_rebased"
+
+
+def _weight_sig(wf: str, w_kind: str) -> dict:
+    """Pointer types of (w_ptr, w_sf_ptr, w_row_ptr, tab_ptr) for a W_KIND."""
+    w, sf = _W_TYPES[wf]
+    fp8 = w_kind != "raw"
+    if w_kind == "fp8_rebased":
+        sf = None
+    return dict(w_ptr=w, w_sf_ptr=sf, w_row_ptr="*fp32" if w_kind in ("mxfp4", "fp8_rebased") else None,
+                tab_ptr="*i64" if fp8 else None)
+
+
+def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
+                    w_kind: Optional[str] = None):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch)
+    w_kind = w_kind or w_kind_of(wf, af, arch)
     sig = dict(x_ptr=_X_TYPE[af], x_sf_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
-               tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_ptr=_W_TYPES[wf][0],
-               w_sf_ptr=_W_TYPES[wf][1], h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
+               tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", **_weight_sig(wf, w_kind),
+               h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     if af == "bf16":
         sig["x_sf_ptr"] = sig["h_sf_ptr"] = None
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
-              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, BLOCK_M=cfg.block_m,
+              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
+              SF_WORDS_P2=sf_words_p2(H, g), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
-def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048):
+def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
+                    w_kind: Optional[str] = None):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch)
+    w_kind = w_kind or w_kind_of(wf, af, arch)
     sig = dict(h_ptr=_X_TYPE[af], h_sf_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
-               num_tiles_ptr="*i32", w_ptr=_W_TYPES[wf][0], w_sf_ptr=_W_TYPES[wf][1], dst_ptr="*i64",
+               num_tiles_ptr="*i32", **_weight_sig(wf, w_kind), dst_ptr="*i64",
                dst_sf_ptr="*i64", max_tiles="i32")
     if af == "bf16":
         sig["h_sf_ptr"] = None
     if comb == "bf16":
         sig["dst_sf_ptr"] = None
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
-              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, BLOCK_M=cfg.block_m,
+              USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
+              SF_WORDS_P2=sf_words_p2(I, 32), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
-#: (kernel, weight, act, combine, arch, block_m) of every compile check. Decode tiles (block_m 16)
-#: of DeepSeek-V3's shape for every format on Hopper; one prefill tile per kernel; Blackwell's
-#: block-scaled combinations.
+#: (kernel, weight, act, combine, arch, block_m[, W_KIND]) of every compile check. Decode tiles
+#: (block_m 16) of DeepSeek-V3's shape for every format on Hopper; prefill tiles; FP8 weights with
+#: non-power-of-two block scales ("fp8_block"); Blackwell's block-scaled combinations.
 COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
                  + [("l2", w, a, "fp8" if a == "fp8" else "bf16", 90, 16) for w, a in COMBOS]
-                 + [("l1", "mxfp4", "fp8", None, 90, 128), ("l2", "fp8", "fp8", "bf16", 90, 128)]
+                 + [("l1", w, "fp8", None, 90, 128) for w in ("mxfp4", "fp8")]
+                 + [("l2", w, "fp8", "bf16", 90, 128) for w in ("mxfp4", "fp8")]
+                 + [("l1", "fp8", "fp8", None, 90, 16, "fp8_block"), ("l2", "fp8", "fp8", "bf16", 90, 16, "fp8_block")]
                  + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
                  + [("l2", "mxfp4", a, c, 100, 16) for a, c in (("fp4", "bf16"), ("fp8", "fp8"))])
 
 
 def _case_id(case):
-    k, w, a, c, arch, bm = case
-    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}"
+    k, w, a, c, arch, bm = case[:6]
+    kind = f"-{case[6]}" if len(case) > 6 else ""
+    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}{kind}"
 
 
 @pytest.fixture(scope="module")
@@ -630,12 +657,14 @@ def compiled():
     from mega_moe_layer.kernels import _compile
 
     jobs = []
-    for kern, w, a, c, arch, bm in COMPILE_CASES:
+    for case in COMPILE_CASES:
+        kern, w, a, c, arch, bm = case[:6]
+        kind = case[6] if len(case) > 6 else None
         if kern == "l1":
-            sig, ce, opts = l1_compile_args(w, a, arch, bm)
+            sig, ce, opts = l1_compile_args(w, a, arch, bm, w_kind=kind)
             jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, arch, **opts))
         else:
-            sig, ce, opts = l2_compile_args(w, a, c, arch, bm)
+            sig, ce, opts = l2_compile_args(w, a, c, arch, bm, w_kind=kind)
             jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, arch, **opts))
     halves = [jobs[0::2], jobs[1::2]]
     try:
@@ -652,13 +681,19 @@ def compiled():
 def test_compiles(compiled, case):
     from mega_moe_layer.kernels import _compile
 
-    kern, w, a, c, arch, bm = case
+    kern, w, a, c, arch, bm = case[:6]
     ptx = compiled[case]
     assert _compile.ptx_target(ptx) == f"sm_{arch}a"
     assert _compile.ptx_entries(ptx) == [f"_{kern}_kernel"]
     if arch == 90:
         assert "wgmma.mma_async" in ptx, "Hopper path must use wgmma"
         assert "tcgen05" not in ptx
+        wgmmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", ptx))
+        if uses_fp8_mma(arch, w, a):
+            # The FP8 mainloop: e4m3 x e4m3 wgmma only (no bf16 upcast MMA left).
+            assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
+        else:
+            assert all(".bf16" in m for m in wgmmas), wgmmas
         if bm == 16:
             try:
                 usage = _compile.ptxas_usage(ptx, arch)

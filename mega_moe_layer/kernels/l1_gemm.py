@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles,
                               uses_dot_scaled)
+from .gemm_operands import WeightOperand, e2m1_table, prepare_weight_operand, uses_fp8_mma
 
 __all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
 
@@ -407,6 +408,169 @@ def _quant_store_rows(y, row_ok, col0, out_rows, sf_rows, BLOCK_M: tl.constexpr,
         tl.store(sf_rows + gcols[None, :], e.to(tl.uint8), mask=mask)
 
 
+# -------------------------------------------------------------------------------------------------
+# The FP8 mainloop's operands (Hopper): rebased E4M3 tiles (see `gemm_operands`, `reference.rebase_rows`)
+# -------------------------------------------------------------------------------------------------
+@triton.jit
+def _e4m3_value(b):
+    """int32 E4M3 bytes (0..255) -> exact float32 values (integer operations: interpreter-safe)."""
+    ex = (b >> 3) & 0xF
+    mt = b & 7
+    mag = tl.where(ex > 0, (((ex + 120) << 23) | (mt << 20)).to(tl.float32, bitcast=True),
+                   mt.to(tl.float32) * 0.001953125)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _fp4_e4m3_asm(packed, tlo, thi):
+    """GPU: packed E2M1 bytes (int8) and the 8-byte E4M3 table of each byte's group (int32 low /
+    high words: magnitude m -> byte m) -> two int8 tensors of packed's shape: per 32-bit word of
+    8 nibbles (K columns 8j .. 8j+7), the E4M3 bytes of columns 8j..8j+3 (first) and 8j+4..8j+7.
+
+    Per word: two PRMT table lookups (the 3 magnitude bits of 4 nibbles are the selectors), two
+    PRMT in sign-replicate mode turning the nibbles' sign bits into byte masks, two LOP3 merging
+    sign and magnitude, and 4 shift / mask instructions: 1.25 instructions per weight.
+    """
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 s, w4, m;
+        and.b32 s, $2, 0x7777;
+        prmt.b32 $0, $3, $7, s;
+        shl.b32 w4, $2, 4;
+        prmt.b32 m, w4, $2, 0xD9C8;
+        lop3.b32 $0, $0, m, 0x80808080, 0xF8;
+        shr.u32 s, $2, 16;
+        and.b32 s, s, 0x7777;
+        prmt.b32 $1, $3, $7, s;
+        prmt.b32 m, w4, $2, 0xFBEA;
+        lop3.b32 $1, $1, m, 0x80808080, 0xF8;
+        }""",
+        constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[packed, tlo, thi], dtype=(tl.int8, tl.int8),
+        is_pure=True, pack=4)
+
+
+@triton.jit
+def _p4(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Natural K order -> the order of `_fp4_tile_e4m3` ("P4"): position 8j + 2i + h holds column
+    8j + 4h + i (i < 4, h < 2). A dot product is the same in any K order both operands share."""
+    t4 = tl.reshape(t, (ROWS, BLOCK_K // 8, 2, 4))
+    return tl.reshape(tl.permute(t4, (0, 1, 3, 2)), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _p4_inverse(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The inverse of `_p4` (P4 order -> natural K order)."""
+    t4 = tl.reshape(t, (ROWS, BLOCK_K // 8, 4, 2))
+    return tl.reshape(tl.permute(t4, (0, 1, 3, 2)), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _fp4_tile_e4m3(packed, tab, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    """Packed E2M1 int8 [ROWS, BLOCK_K/2] + the int64 table entry of each 32-group [ROWS, BLOCK_K/32]
+    -> float8e4nv [ROWS, BLOCK_K] in P4 K order (`_p4`). FAST: the PRMT decode (GPU); else the
+    same bytes from integer operations (Triton's interpreter has no inline assembly)."""
+    if FAST:
+        tb = tl.reshape(tl.broadcast_to(tab[:, :, None], (ROWS, BLOCK_K // 32, 16)), (ROWS, BLOCK_K // 2))
+        lo, hi = _fp4_e4m3_asm(packed, tb.to(tl.int32), (tb >> 32).to(tl.int32))
+        tile = tl.interleave(lo, hi)
+    else:
+        b = packed.to(tl.int32) & 0xFF
+        codes = tl.interleave(b & 0xF, b >> 4)                                      # natural order
+        tb = tl.reshape(tl.broadcast_to(tab[:, :, None], (ROWS, BLOCK_K // 32, 32)), (ROWS, BLOCK_K))
+        mag = ((tb >> ((codes & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32)
+        tile = _p4((mag | ((codes & 8) << 4)).to(tl.int8), ROWS, BLOCK_K)
+    return tile.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _row_max_exponent(sf_ptr, rows64, row_ok, NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr):
+    """Largest UE8M0 byte of each row's packed int32 scales [rows, NUM_WORDS] -> int32 [BLOCK_M]
+    (the row exponent of `reference.rebase_rows`); masked rows give 0."""
+    w = tl.arange(0, NUM_WORDS_P2)
+    words = tl.load(sf_ptr + rows64[:, None] * NUM_WORDS + w[None, :],
+                    mask=row_ok[:, None] & (w < NUM_WORDS)[None, :], other=0)
+    m = tl.maximum(tl.maximum(words & 0xFF, (words >> 8) & 0xFF),
+                   tl.maximum((words >> 16) & 0xFF, (words >> 24) & 0xFF))
+    return tl.max(m, axis=1)
+
+
+@triton.jit
+def _act_tile_e4m3(x_ptr, sf_ptr, tab_ptr, rows64, row_ok, kt, e_row,
+                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ACT_FORMAT: tl.constexpr, FAST: tl.constexpr):
+    """Rebased activation rows x K tile `kt` -> float8e4nv [BLOCK_M, BLOCK_K] (fp8: natural K order;
+    fp4: P4 order), bitwise `reference.rebase_act` given the row exponents `e_row` [BLOCK_M]:
+    value * 2**(headroom - (e_row - e_group)) rounded to E4M3 (RNE, subnormals)."""
+    e = _act_scales(sf_ptr, rows64, row_ok, kt, K, GROUP, BLOCK_K // GROUP)       # [BM, BK/G]
+    d = tl.maximum(e_row[:, None] - e, 0)
+    if ACT_FORMAT == "fp8":
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        raw = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None], other=0.0)
+        f = tl.where(d < 127, (127 - d) << 23, 0).to(tl.float32, bitcast=True)     # 2**-d
+        if FAST:
+            v = raw.to(tl.float32)
+        else:
+            v = _e4m3_value(raw.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF)
+        q = tl.reshape(tl.reshape(v, (BLOCK_M, BLOCK_K // GROUP, GROUP)) * f[:, :, None], (BLOCK_M, BLOCK_K))
+        if FAST:
+            tile = q.to(tl.float8e4nv)           # cvt.rn.satfinite: RNE with subnormals
+        else:
+            tile = _e4m3_code(q).to(tl.int8).to(tl.float8e4nv, bitcast=True)
+    else:
+        cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(x_ptr + rows64[:, None] * (K // 2) + cols[None, :], mask=row_ok[:, None], other=0)
+        d32 = tl.reshape(tl.broadcast_to(d[:, :, None], (BLOCK_M, BLOCK_K // GROUP, GROUP // 32)),
+                         (BLOCK_M, BLOCK_K // 32))
+        tab = tl.load(tab_ptr + tl.minimum(d32, 63))
+        tile = _fp4_tile_e4m3(packed, tab, BLOCK_M, BLOCK_K, FAST)
+    return tile
+
+
+@triton.jit
+def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
+                      K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      W_KIND: tl.constexpr, FAST: tl.constexpr):
+    """Weight rows `rows` x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the packed
+    nibbles with the group's table (P4 K order; aux = uint8 offset index per 32-group);
+    "fp8_rebased" / "fp8_block" load the stored E4M3 bytes (natural order)."""
+    if W_KIND == "mxfp4":
+        cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])
+        dcols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        d = tl.load(aux_ptr + aux_off + rows[:, None] * (K // 32) + dcols[None, :]).to(tl.int32)
+        tile = _fp4_tile_e4m3(packed, tl.load(tab_ptr + d), BLOCK_R, BLOCK_K, FAST)
+    else:
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
+    return tile
+
+
+@triton.jit
+def _match_k_order(act, W_KIND: tl.constexpr, ACT_FORMAT: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Put the activation tile in the weight tile's K order (MXFP4 weights: P4; FP8: natural)."""
+    if W_KIND == "mxfp4":
+        if ACT_FORMAT == "fp8":
+            act = _p4(act, ROWS, BLOCK_K)
+    else:
+        if ACT_FORMAT == "fp4":
+            act = _p4_inverse(act, ROWS, BLOCK_K)
+    return act
+
+
+@triton.jit
+def _mma8(a, b, acc, DOT_IN_F32: tl.constexpr):
+    """acc + a . b with E4M3 operands (float32 accumulator). DOT_IN_F32: the interpreter's path
+    (exact float32 values, IEEE dot)."""
+    if DOT_IN_F32:
+        af = _e4m3_value(a.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF)
+        bf = _e4m3_value(b.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF)
+        out = tl.dot(af, bf, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
 # =================================================================================================
 # The L1 kernel
 # =================================================================================================
@@ -422,6 +586,9 @@ def _l1_kernel(
     num_tiles_ptr,    # int32 [1]
     w_ptr,            # mxfp4: int8 [E_local, 2I, H/2]; fp8: float8_e4m3fn [E_local, 2I, H]; bf16 [E_local, 2I, H]
     w_sf_ptr,         # mxfp4: uint8 [E_local, 2I, H/32]; fp8: float32 [E_local, 2I/128, H/128]; bf16: None
+                      # (W_KIND "mxfp4": the uint8 offset index per 32-group instead of the scale)
+    w_row_ptr,        # float32 [E_local, 2I] row factors (W_KIND "mxfp4" / "fp8_rebased"; else None)
+    tab_ptr,          # int64 [64] E2M1 -> E4M3 tables (FP8 mainloop with MXFP4 weights or FP4 acts)
     h_ptr,            # fp8: int8 [P, I]; fp4: int8 [P, I/2]; bf16: int16 [P, I] (bf16 bits)
     h_sf_ptr,         # uint8 [P, I/32] (= int32 [P, I/128] packed); None for bf16
     max_tiles,        # rows of the tile map (bounds the device count)
@@ -429,9 +596,15 @@ def _l1_kernel(
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, ACT_GROUP: tl.constexpr,
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
+
+    W_KIND != "raw" (Hopper, FP8/MXFP4 weights x FP8/FP4 acts): the FP8 mainloop — rebased E4M3
+    operands, plain `tl.dot` accumulation, the weight rows' and x rows' power-of-two factors
+    applied once in the epilogue ("fp8_block": non-power-of-two block scales multiply each
+    128-K partial product instead).
 
     Persistent: program p handles work items p, p + num_programs, ... below num_tiles * I / BLOCK_N.
 
@@ -479,6 +652,8 @@ def _l1_kernel(
             w_off = e64 * (2 * INTER * HIDDEN)
             sf_off = e64 * 0
 
+        if W_KIND != "raw":
+            e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
         acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kt in range(0, HIDDEN // BLOCK_K):
             if USE_DOT_SCALED:
@@ -487,6 +662,19 @@ def _l1_kernel(
                 w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
                 acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
                                     "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            elif W_KIND != "raw":
+                # Hopper FP8 mainloop: nothing but the MMA touches the accumulator.
+                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, kt, HIDDEN,
+                                       2 * BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)       # [2BN, BK]
+                x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
+                                    BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)          # [BM, BK]
+                x8 = _match_k_order(x8, W_KIND, ACT_FORMAT, BLOCK_M, BLOCK_K)
+                if W_KIND == "fp8_block":
+                    s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
+                    acc += _mma8(w8, tl.trans(x8), tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                 DOT_IN_F32) * s_w[:, None]
+                else:
+                    acc = _mma8(w8, tl.trans(x8), acc, DOT_IN_F32)
             else:
                 x_tile = _act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M, BLOCK_K,
                                         ACT_FORMAT)                                             # [BM, BK]
@@ -502,6 +690,14 @@ def _l1_kernel(
                 else:
                     acc = _mma(w, x_t, acc, DOT_IN_F32)
 
+        if W_KIND != "raw":
+            # The row factors: exact powers of two (x rows: 2**(e_row - 127 - headroom)).
+            x_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
+            if W_KIND == "fp8_block":
+                acc = acc * x_f[None, :]
+            else:
+                w_f = tl.load(w_row_ptr + e64 * (2 * INTER) + n_rows)
+                acc = acc * w_f[:, None] * x_f[None, :]
         # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
         # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
         gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
@@ -669,6 +865,26 @@ def _act_shapes(act_format: str, rows: int, k: int, group: int):
     raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
 
 
+def sf_words_p2(k: int, group: int) -> int:
+    """The next power of two >= the packed scale words of a row of K columns (>= 1)."""
+    return triton.next_power_of_2(max(1, k // group // 4))
+
+
+def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_format: str, act_format: str,
+                        arch: int, data: torch.Tensor, scale: Optional[torch.Tensor], shape, device):
+    """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
+    if not uses_fp8_mma(arch, weight_format, act_format):
+        return "raw", data, scale, None, None
+    if operand is None:
+        operand = prepare_weight_operand(weight_format, data, scale, arch=arch, act_format=act_format)
+    if not isinstance(operand, WeightOperand) or operand.format != weight_format or \
+            tuple(operand.shape) != tuple(shape) or operand.data.device != device or not operand.is_fp8_mma:
+        raise ValueError(f"{name}: expected the FP8-mainloop operand of a {weight_format} weight "
+                         f"{list(shape)} on {device} (gemm_operands.prepare_weight_operand with arch={arch})")
+    tab = operand.table if operand.table is not None else (e2m1_table(device) if act_format == "fp4" else None)
+    return operand.kind, operand.data, operand.aux, operand.row_factor, tab
+
+
 def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pair_rows: torch.Tensor,
                     pair_weights: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
                     tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w13_data: torch.Tensor,
@@ -676,7 +892,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     weight_format: str, act_format: str, act_group_size: int,
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
-                    num_sms: Optional[int] = None) -> None:
+                    num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None) -> None:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -704,6 +920,14 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         config: explicit tiles (block_m must match); default `gemm_heuristics.l1_gemm_config`.
         arch: compute capability as 90 / 100 (default: the tensors' device).
         num_sms: SMs the persistent grid covers (default: the device's; 4 in the interpreter).
+        w13_operand: the weight as the kernel reads it (`gemm_operands.prepare_weight_operand` of
+            w13_data / w13_scale, prepared once at load time); None prepares it here (a full pass
+            over the weights: for tests and one-off calls).
+
+    Hopper with FP8 / MXFP4 weights and FP8 / FP4 activations: the FP8 mainloop on rebased
+    operands (`reference.rebase_weight` / `rebase_act`): the result differs from the DESIGN's
+    exact dequantisation only where rebasing rounds (values far below their row's largest group
+    scale, by at most 2**-10 of that scale), plus accumulation order.
 
     Numerics: DESIGN steps 2-5: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K
     partial products times the float32 block scale), gate/up rounded to bf16 (RNE), clamp,
@@ -775,6 +999,9 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         raise ValueError(f"config: block_n {config.block_n} must divide I = {inter} and be a multiple of 32; "
                          f"block_k must be 128, got {config.block_k}")
     _check_launch_device(device, _l1_kernel)
+    w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
+        "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
+        (num_experts, two_i, hidden), device)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (inter // config.block_n), num_sms),)
@@ -785,12 +1012,13 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         _l1_kernel[grid](
             pool_x, pool_x_sf, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
-            num_tiles, w13_data, w13_scale, h_view, h_sf_view, n_tiles,
+            num_tiles, w_data, w_aux, w_row, tab, h_view, h_sf_view, n_tiles,
             float(activation_clamp) if activation_clamp is not None else 0.0,
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
             ACT_GROUP=act_group_size, HAS_CLAMP=activation_clamp is not None,
             USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
-            DOT_IN_F32=_is_interpreted(_l1_kernel),
+            DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
+            SF_WORDS_P2=sf_words_p2(hidden, act_group_size),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )

@@ -18,11 +18,12 @@ import triton
 import triton.language as tl
 
 from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
-from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _check_launch_device, _check_tensor,
-                      _check_tile_map, _device_arch, _device_num_sms, _fp4_perm_k, _is_interpreted, _mma,
-                      _nullcontext,
-                      _quant_store_rows, _round_bf16, _tile_coords, _weight_shapes, _weight_tile_bf16,
-                      _weight_tile_mx)
+from .gemm_operands import WeightOperand
+from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
+                      _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
+                      _is_interpreted, _match_k_order, _mma, _mma8, _nullcontext, _quant_store_rows,
+                      _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
+                      _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
 __all__ = ["l2_grouped_gemm"]
 
@@ -59,12 +60,16 @@ def _l2_kernel(
     num_tiles_ptr,    # int32 [1]
     w_ptr,            # mxfp4: int8 [E_local, H, I/2]; fp8: float8_e4m3fn [E_local, H, I]; bf16 [E_local, H, I]
     w_sf_ptr,         # mxfp4: uint8 [E_local, H, I/32]; fp8: float32 [E_local, H/128, I/128]; bf16: None
+                      # (W_KIND "mxfp4": the uint8 offset index per 32-group instead of the scale)
+    w_row_ptr,        # float32 [E_local, H] row factors (W_KIND "mxfp4" / "fp8_rebased"; else None)
+    tab_ptr,          # int64 [64] E2M1 -> E4M3 tables (FP8 mainloop with MXFP4 weights or FP4 h)
     dst_ptr,          # int64 [P]: absolute address of pair p's destination row (0 = skip)
     dst_sf_ptr,       # int64 [P]: absolute address of its scale words (fp8 combine; else None)
     max_tiles,
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, COMBINE_FORMAT: tl.constexpr,
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
@@ -108,6 +113,9 @@ def _l2_kernel(
             w_off = e64 * (HIDDEN * INTER)
             sf_off = e64 * 0
 
+        if W_KIND != "raw":
+            # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
+            e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kt in range(0, INTER // BLOCK_K):
             if USE_DOT_SCALED:
@@ -115,6 +123,19 @@ def _l2_kernel(
                 w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
                 acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
                                     "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            elif W_KIND != "raw":
+                # Hopper FP8 mainloop (see l1_gemm): rebased operands, nothing else on the accumulator.
+                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N,
+                                       BLOCK_K, W_KIND, not DOT_IN_F32)                     # [BN, BK]
+                h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
+                                    BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)            # [BM, BK]
+                h8 = _match_k_order(h8, W_KIND, ACT_FORMAT, BLOCK_M, BLOCK_K)
+                if W_KIND == "fp8_block":
+                    s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
+                    acc += _mma8(w8, tl.trans(h8), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                 DOT_IN_F32) * s[:, None]
+                else:
+                    acc = _mma8(w8, tl.trans(h8), acc, DOT_IN_F32)
             else:
                 h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
                                         ACT_FORMAT)                                         # [BM, BK]
@@ -129,6 +150,13 @@ def _l2_kernel(
                 else:
                     acc = _mma(w, h_t, acc, DOT_IN_F32)
 
+        if W_KIND != "raw":
+            h_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
+            if W_KIND == "fp8_block":
+                acc = acc * h_f[None, :]
+            else:
+                w_f = tl.load(w_row_ptr + e64 * HIDDEN + n)
+                acc = acc * w_f[:, None] * h_f[None, :]
         # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
         y = tl.trans(_round_bf16(acc))                                              # [BM, BN] f32
         if COMBINE_FORMAT == "fp8":
@@ -146,7 +174,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     pair_dst_sf: Optional[torch.Tensor], *, weight_format: str, act_format: str,
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
-                    num_sms: Optional[int] = None) -> None:
+                    num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None) -> None:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -166,6 +194,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         hidden: H.
         block_m, config, arch, num_sms: as in `l1_grouped_gemm` (default config
             `gemm_heuristics.l2_gemm_config`).
+        w2_operand: as `l1_grouped_gemm`'s w13_operand (Hopper FP8 mainloop: h is rebased per row
+            in the operand load, its row exponent the largest of the row's group scales).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -231,6 +261,9 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         raise ValueError(f"config: block_n {config.block_n} must divide H = {hidden} and be a multiple of "
                          f"{need_mult}; block_k must be 128, got {config.block_k}")
     _check_launch_device(device, _l2_kernel)
+    w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
+        "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
+        (num_experts, hidden, inter), device)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
@@ -238,11 +271,11 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         return
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         _l2_kernel[grid](
-            h, h_sf, expert_offsets, tile_expert, tile_row_start, num_tiles, w2_data, w2_scale,
+            h, h_sf, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,
             pair_dst, pair_dst_sf, n_tiles,
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
             COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
-            DOT_IN_F32=_is_interpreted(_l2_kernel),
+            DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )

@@ -30,6 +30,8 @@ __all__ = [
     "per_token_cast_to_fp4", "per_token_cast_back_from_fp4",
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4",
     "quantize_act", "dequantize_act", "expert_forward", "combine_reduce", "moe_reference",
+    "e2m1_to_e4m3_tables", "rebase_rows", "rebase_act", "rebase_weight", "dequantize_rebased",
+    "REBASE_HEADROOM",
 ]
 
 
@@ -187,11 +189,107 @@ def dequantize_act(data: torch.Tensor, sf: Optional[torch.Tensor], act_format: s
 
 
 # ---------------------------------------------------------------------------------------------
+# Rebasing: power-of-two group scales folded into one exponent per row (the Hopper FP8 path)
+# ---------------------------------------------------------------------------------------------
+#: Exponent headroom of a rebased E2M1 value: E2M1 * 2**6 <= 384 still fits E4M3 (max 448), and
+#: every E2M1 magnitude times 2**(6 - d) stays exact in E4M3 down to d = 14 (0.5 * 2**-8 = 2**-9,
+#: E4M3's smallest subnormal). FP8 values have no headroom (448 already is E4M3's maximum).
+REBASE_HEADROOM = {"fp8": 0, "fp4": 6, "mxfp4": 6}
+#: Offsets d >= this index share the last table entry (every value there rounds to 0).
+REBASE_TABLE_SIZE = 64
+
+
+def e2m1_to_e4m3_tables(headroom: int = 6) -> torch.Tensor:
+    """int64 [64]: entry d packs the E4M3 bytes of the 8 E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}
+    times 2**(headroom - d), magnitude m in byte m (little-endian), rounded to nearest even with
+    E4M3's subnormals (torch's cast). d >= 15 (headroom 6) rounds some values; d >= 19 gives 0.
+
+    Example: entry 0 = bytes 00 60 68 6C 70 74 78 7C (0, 32, 64, 96, 128, 192, 256, 384).
+    """
+    d = torch.arange(REBASE_TABLE_SIZE, dtype=torch.float64)
+    vals = _E2M1_VALUES.double()[None, :] * torch.exp2(headroom - d)[:, None]          # [64, 8]
+    b = vals.float().to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64)
+    packed = torch.zeros(REBASE_TABLE_SIZE, dtype=torch.int64)
+    for m in range(8):
+        packed |= b[:, m] << (8 * m)
+    return packed
+
+
+def rebase_rows(values: torch.Tensor, e: torch.Tensor, group: int, headroom: int):
+    """Fold power-of-two group scales into one exponent per row.
+
+    values: float32 [n, K], the group-relative values (E4M3 or E2M1 values, |v| <= 448);
+    e: int32 [n, K / group] biased exponents (the value is values * 2**(e - 127)).
+    Returns (float8_e4m3fn [n, K] rebased values, int32 [n] row exponent E = max_g e).
+
+    Rebased value: r = e4m3(v * 2**(headroom - (E - e_g))) (RNE, E4M3 subnormals), so
+    v * 2**(e_g - 127) = r * 2**(E - 127 - headroom) except where r rounded: only values below
+    E4M3's normal range at the row's base, i.e. with |error| <= 2**-10 * 2**(E - 127 - headroom)
+    (half E4M3's smallest subnormal step at that base).
+    """
+    n, K = values.shape
+    E = e.amax(dim=1) if e.shape[1] else torch.zeros(n, dtype=torch.int32, device=e.device)
+    d = (E[:, None] - e).to(torch.float64)
+    shift = torch.exp2(headroom - d).repeat_interleave(group, dim=1)                # exact powers of 2
+    r = (values.double() * shift).float().to(torch.float8_e4m3fn)
+    return r, E.to(torch.int32)
+
+
+def rebase_act(data: torch.Tensor, sf: torch.Tensor, act_format: str, gran_k: int):
+    """Quantised activations (fp8 or fp4, packed UE8M0 per `gran_k`) -> (float8_e4m3fn [n, K],
+    float32 [n] row factor): the operand the Hopper FP8 GEMMs multiply (see `rebase_rows`);
+    dequantised value = rebased * row factor (exactly, except where `rebase_rows` rounds)."""
+    if act_format == "fp8":
+        vals = data.float()
+    elif act_format == "fp4":
+        vals = e2m1_decode(unpack_fp4(data))
+    else:
+        raise ValueError(f"act_format: expected 'fp8' or 'fp4', got {act_format!r}")
+    A = REBASE_HEADROOM[act_format]
+    r, E = rebase_rows(vals, unpack_ue8m0(sf), gran_k, A)
+    return r, exp2_from_ue8m0(E - A)
+
+
+def rebase_weight(fmt: str, data: torch.Tensor, scale: torch.Tensor):
+    """Expert weights [E, N, K] -> (float8_e4m3fn [E, N, K] rebased values, float32 [E, N] row
+    factor) for the Hopper FP8 GEMMs: mxfp4 (UE8M0 per 32) or fp8 with power-of-two block scales
+    (per 128 x 128). Same rule as `rebase_rows`, the row exponent being the largest group scale of
+    the output row. (The kernels keep MXFP4 data at 4 bits and expand it to these bytes in
+    registers; FP8 weights are stored rebased.)"""
+    if fmt == "mxfp4":
+        E_, N, K2 = data.shape
+        vals = e2m1_decode(unpack_fp4(data)).reshape(E_ * N, 2 * K2)
+        e = scale.to(torch.int32).reshape(E_ * N, -1)
+        r, Er = rebase_rows(vals, e, 32, REBASE_HEADROOM["mxfp4"])
+        return r.reshape(E_, N, 2 * K2), exp2_from_ue8m0(Er - REBASE_HEADROOM["mxfp4"]).reshape(E_, N)
+    if fmt == "fp8":
+        E_, N, K = data.shape
+        B = 128
+        s = scale.float()
+        m, p = torch.frexp(s)
+        if not bool(((m == 0.5) & (s > 0)).all()):
+            raise ValueError("scale: rebasing needs power-of-two FP8 block scales")
+        p = (p - 1).to(torch.int32)                                      # s = 2**p
+        prow = p.repeat_interleave(B, dim=1)[:, :N]                      # [E, N, K/128]
+        Er = prow.amax(dim=2)                                            # [E, N]
+        d = (Er[:, :, None] - prow).repeat_interleave(B, dim=2)[:, :, :K]
+        r = (data.double() * torch.exp2(-d.double())).float().to(torch.float8_e4m3fn)
+        return r, torch.exp2(Er.double()).float()
+    raise ValueError(f"weight format: expected 'mxfp4' or 'fp8', got {fmt!r}")
+
+
+def dequantize_rebased(r: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
+    """float32 values of rebased rows: r [..., K] * row_factor [...]."""
+    return r.float() * row_factor.float().unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # The expert computation (DESIGN steps 2-6) and the combine (step 7)
 # ---------------------------------------------------------------------------------------------
 def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32: torch.Tensor,
                    w13_f32: torch.Tensor, w2_f32: torch.Tensor, *, act_format: str,
-                   act_group_size: int, activation_clamp: Optional[float], h_group: int = 32) -> torch.Tensor:
+                   act_group_size: int, activation_clamp: Optional[float], h_group: int = 32,
+                   rebase: bool = False) -> torch.Tensor:
     """Rows of one expert: quantised x -> y_k rows, bf16 [n, H].
 
     x_q, x_sf: quantised activations of n routed pairs (step 1 already applied);
@@ -202,8 +300,16 @@ def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32:
     once, so a row's result does not depend on which other rows share the batch (CPU BLAS picks
     different blockings for different M); the kernels accumulate in float32, which the GEMM
     tolerance covers. Everything else is bitwise the DESIGN.
+
+    rebase=True (fp8 / fp4 activations): the operands of the Hopper FP8 path — x and the quantised
+    h replaced by their rebased values (`rebase_act`; the caller passes rebased weights,
+    `rebase_weight`). It differs from rebase=False only where rebasing rounds (values far below
+    their row's largest group scale); the GPU path is compared against both.
     """
-    x = dequantize_act(x_q, x_sf, act_format, act_group_size).double()
+    if rebase and act_format != "bf16":
+        x = dequantize_rebased(*rebase_act(x_q, x_sf, act_format, act_group_size)).double()
+    else:
+        x = dequantize_act(x_q, x_sf, act_format, act_group_size).double()
     inter = w13_f32.shape[0] // 2
     gu = (x @ w13_f32.double().t()).to(torch.bfloat16).double()  # step 2
     gate, up = gu[:, :inter], gu[:, inter:]
@@ -213,7 +319,10 @@ def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32:
         up = torch.clamp(up, -c, c)
     h = (gate * torch.sigmoid(gate) * up * weights_f32.double().unsqueeze(-1)).float()  # step 4
     h_q, h_sf = quantize_act(h, act_format, h_group)              # step 5
-    h = dequantize_act(h_q, h_sf, act_format, h_group).double()
+    if rebase and act_format != "bf16":
+        h = dequantize_rebased(*rebase_act(h_q, h_sf, act_format, h_group)).double()
+    else:
+        h = dequantize_act(h_q, h_sf, act_format, h_group).double()
     return (h @ w2_f32.double().t()).to(torch.bfloat16)           # step 6
 
 

@@ -1,0 +1,137 @@
+"""Weight operands of the grouped GEMMs, prepared once at load time (`prepare_weight_operand`).
+
+The Hopper GEMMs with FP8 / FP4 activations run an FP8 mainloop (e4m3 x e4m3 -> float32, nothing
+touching the accumulator inside the K loop). Every scale of our formats is a power of two, so it
+moves out of the K sum exactly: each output row of a weight gets one exponent (its largest group
+scale) applied in the epilogue, and every group's values are re-expressed against it
+(`reference.rebase_weight`). What the kernels read, per weight format:
+
+| kind          | data                          | aux                                   | row_factor   |
+|---------------|-------------------------------|---------------------------------------|--------------|
+| "mxfp4"       | the packed E2M1 bytes as given | uint8 [E, N, K/32] offset index d     | f32 [E, N]   |
+| "fp8_rebased" | e4m3 [E, N, K] rebased values  | None                                  | f32 [E, N]   |
+| "fp8_block"   | e4m3 [E, N, K] as given        | f32 [E, N/128, K/128] block scales    | None         |
+| "raw"         | as given (bf16 mainloop, or Blackwell's `tl.dot_scaled`) | the format's scale | None |
+
+MXFP4 stays at 4 bits per weight: the kernel expands a nibble to E4M3 with one byte permute from
+an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom 2**6),
+d = row exponent - group exponent (clamped to 63). FP8 block scales that are not powers of two
+(checkpoints from elsewhere) cannot be folded: "fp8_block" rescales each 128-K partial product
+(slower: the accumulator is touched every K step).
+
+`num_changed` counts the weight values whose rebased value differs from the stored one (only
+values below E4M3's normal range at their row's base; normally 0 for MXFP4). The error of each
+changed value is at most 2**-10 of its row's base scale (`reference.rebase_rows`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+
+__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table"]
+
+
+def uses_fp8_mma(arch: int, weight_format: str, act_format: str) -> bool:
+    """Whether the grouped GEMMs take the FP8 mainloop: FP8 / MXFP4 weights with FP8 / FP4
+    activations on sm_90+ (Blackwell's MXFP4 combinations take `tl.dot_scaled` instead; BF16
+    weights or activations keep a bf16 mainloop)."""
+    from .gemm_heuristics import uses_dot_scaled
+    return (arch >= 90 and weight_format in ("mxfp4", "fp8") and act_format in ("fp8", "fp4")
+            and not uses_dot_scaled(arch, weight_format, act_format))
+
+
+@functools.lru_cache(maxsize=None)
+def _table_cpu() -> torch.Tensor:
+    return ref.e2m1_to_e4m3_tables(ref.REBASE_HEADROOM["mxfp4"])
+
+
+_TABLES = {}
+
+
+def e2m1_table(device) -> torch.Tensor:
+    """int64 [64] E2M1 -> E4M3 byte tables on `device` (one per device, shared)."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = _table_cpu().to(device)
+    return _TABLES[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _inexact_lut() -> torch.Tensor:
+    """bool [64 * 8]: whether magnitude m at offset d is not exact in its table entry."""
+    tab = _table_cpu()
+    d = torch.arange(64, dtype=torch.float64)
+    exact = ref._E2M1_VALUES.double()[None, :] * torch.exp2(6 - d)[:, None]
+    got = torch.stack([((tab >> (8 * m)) & 0xFF) for m in range(8)], dim=1).to(torch.uint8)
+    got = got.view(torch.float8_e4m3fn).double()
+    return (got != exact).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOperand:
+    """What a grouped GEMM reads for one weight [E, N, K] (see the module table)."""
+
+    kind: str
+    format: str
+    data: torch.Tensor
+    aux: Optional[torch.Tensor]
+    row_factor: Optional[torch.Tensor]
+    table: Optional[torch.Tensor]
+    num_changed: int
+    shape: tuple
+
+    @property
+    def is_fp8_mma(self) -> bool:
+        return self.kind in ("mxfp4", "fp8_rebased", "fp8_block")
+
+
+def _is_pow2(scale: torch.Tensor) -> bool:
+    m, _ = torch.frexp(scale.float())
+    return bool(((m == 0.5) & (scale > 0)).all())
+
+
+def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.Tensor], *, arch: int,
+                           act_format: str, name: str = "w") -> WeightOperand:
+    """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
+    layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
+    weight's device (bounded temporaries); no copy of MXFP4 data."""
+    if fmt == "mxfp4":
+        E, N, K2 = data.shape
+        shape = (E, N, 2 * K2)
+    else:
+        shape = tuple(data.shape)
+    if not uses_fp8_mma(arch, fmt, act_format):
+        return WeightOperand("raw", fmt, data, scale, None, None, 0, shape)
+    if fmt == "mxfp4":
+        e = scale.to(torch.int32)
+        e_row = e.amax(dim=2)                                              # [E, N]
+        didx = (e_row[:, :, None] - e).clamp(0, 63).to(torch.uint8).contiguous()
+        lut = _inexact_lut().to(data.device)
+        changed = 0
+        for i in range(E):
+            mag = ref.unpack_fp4(data[i]) & 7                              # [N, K]
+            d = didx[i].to(torch.int64).repeat_interleave(32, dim=1)
+            changed += int(lut[d * 8 + mag].sum())
+        row = ref.exp2_from_ue8m0(e_row - ref.REBASE_HEADROOM["mxfp4"]).contiguous()
+        return WeightOperand("mxfp4", fmt, data, didx, row, e2m1_table(data.device), changed, shape)
+    if fmt == "fp8":
+        if not _is_pow2(scale):
+            return WeightOperand("fp8_block", fmt, data, scale.float().contiguous(), None, None, 0, shape)
+        out = torch.empty_like(data)
+        row = torch.empty(shape[0], shape[1], dtype=torch.float32, device=data.device)
+        changed = 0
+        B = 128
+        for i in range(shape[0]):
+            r, f = ref.rebase_weight("fp8", data[i:i + 1], scale[i:i + 1])
+            out[i].copy_(r[0])
+            row[i].copy_(f[0])
+            s = scale[i].float().repeat_interleave(B, 0)[:shape[1]].repeat_interleave(B, 1)[:, :shape[2]]
+            changed += int((r[0].float() * f[0][:, None] != data[i].float() * s).sum())
+        return WeightOperand("fp8_rebased", fmt, out, None, row, None, changed, shape)
+    raise ValueError(f"{name}: no FP8-mainloop operand for weight format {fmt!r}")
