@@ -290,6 +290,7 @@ def ours_best(row):
 
 def anchor_entry(t_stats, mode, rel, ours_t):
     """One anchor's JSON entry: its times (s), how it was timed, rel-RMSE vs ours, ours/anchor."""
+    rel = rel if rel is not None and math.isfinite(rel) else None
     return dict(time=t_stats, mode=mode, rel_rmse_vs_ours=rel,
                 ours_over_anchor=ratio(ours_t, t_stats["median"] if t_stats else None))
 
@@ -375,8 +376,9 @@ def init_dist():
     return local
 
 
-def time_maybe_graph(fn, iters, flush, try_graph):
-    """(sorted times, "graph" | "eager"): fn captured in a CUDA graph if it captures, else eager."""
+def time_maybe_graph(fn, iters, flush, try_graph, out=None, ref=None):
+    """(sorted times, "graph" | "eager"): fn captured in a CUDA graph if it captures and, when `out`
+    (what fn writes) and `ref` (its eager result) are given, one replay reproduces `ref`; else eager."""
     if try_graph:
         try:
             g = capture(fn)
@@ -384,9 +386,20 @@ def time_maybe_graph(fn, iters, flush, try_graph):
             torch.cuda.synchronize()
             log(f"# anchor: CUDA-graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager")
         else:
-            t = cuda_time(g.replay, iters, flush)
+            bad = torch.zeros(1, device="cuda")
+            if out is not None and ref is not None:
+                out.fill_(float("nan"))
+                g.replay()
+                torch.cuda.synchronize()
+                err = rel_rmse(out, ref)
+                bad.fill_(0.0 if err <= 1e-3 else 1.0)   # nan (unwritten rows) counts as bad too
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item() == 0:
+                t = cuda_time(g.replay, iters, flush)
+                del g
+                return t, "graph"
             del g
-            return t, "graph"
+            log("# anchor: graph replay did not reproduce the eager output; timing eager")
     return cuda_time(fn, iters, flush), "eager"
 
 
@@ -480,11 +493,12 @@ def main(argv=None):
                     call = anchor.make_call(kind, x, idx, w, y)
                     call()                      # JIT-compiles on first use of a shape
                     torch.cuda.synchronize()
-                    rel = torch.tensor([rel_rmse(y, y_ours)], dtype=torch.float64, device="cuda")
+                    y_eager = y.clone()
+                    rel = torch.tensor([rel_rmse(y_eager, y_ours)], dtype=torch.float64, device="cuda")
                     dist.all_reduce(rel, op=dist.ReduceOp.MAX)
-                    t_dg, mode = time_maybe_graph(call, args.iters, flush, args.anchor_graph)
+                    t_dg, mode = time_maybe_graph(call, args.iters, flush, args.anchor_graph, y, y_eager)
                     row["anchor"][kind] = anchor_entry(stats(t_dg), mode, rel.item(), ours_t)
-                    del call, y
+                    del call, y, y_eager
                 del y_ours
         rows.append(row)
         if rank == 0:   # after every row, so a crash later keeps what was measured
