@@ -165,6 +165,8 @@ class MegaMoEExperts(nn.Module):
         dev = self.device
         self.w13 = quantize_weight(w13.to(dev), cfg.weight_format, "w13")
         self.w2 = quantize_weight(w2.to(dev), cfg.weight_format, "w2")
+        if self._gpu is not None:
+            self._gpu.prepare_weights(self.w13, self.w2)
         if self._gpu is None and self.torch_experts == "grouped_mm":
             if self.device.type != "cuda":
                 raise ValueError("torch_experts='grouped_mm' needs a CUDA device")

@@ -57,6 +57,23 @@ class NvshmemForward:
         self.sf_row_bytes = 0 if cfg.act_format == "bf16" else H // g
         self.comb_row_bytes = H * (1 if cfg.combine_format == "fp8" else 2)
         self.comb_sf_row_bytes = H // 128 if cfg.combine_format == "fp8" else 0
+        self.w13_op = self.w2_op = None
+        self.rebase_report = None
+
+    def prepare_weights(self, w13, w2) -> None:
+        """The weights as the GEMMs read them (`gemm_operands`), prepared once per load; the
+        rebasing report (values the Hopper FP8 mainloop's rebasing changed) lands in
+        `self.rebase_report`."""
+        from .kernels.gemm_operands import prepare_weight_operand
+        major, minor = torch.cuda.get_device_capability(self.device)
+        arch = 10 * major + minor
+        cfg = self.cfg
+        self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch,
+                                             act_format=cfg.act_format, name="w13")
+        self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch,
+                                            act_format=cfg.act_format, name="w2")
+        self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
+                              "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
 
     def _barrier(self, phase: str) -> None:
         sync_k.symmetric_barrier(self.ws.peer_bases, self.off["signals"], self.rank, self.num_ranks,
@@ -108,13 +125,13 @@ class NvshmemForward:
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
-                          block_m=bm)
+                          block_m=bm, w13_operand=self.w13_op)
         g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
                           self.tile_expert, self.tile_row_start, self.num_tiles, w2.data, w2.scale,
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
-                          hidden=cfg.hidden, block_m=bm)
+                          hidden=cfg.hidden, block_m=bm, w2_operand=self.w2_op)
         self._barrier("combine")
 
         # 4. combine reduce into a fresh y (the caller owns it).

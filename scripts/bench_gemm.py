@@ -37,6 +37,7 @@ from bench_pre_dispatch import gpu_time_us, hbm_copy_gbps, same_bytes_copy_us  #
 from mega_moe_layer import formats  # noqa: E402
 from mega_moe_layer.kernels import gemm_heuristics as gh  # noqa: E402
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
+from mega_moe_layer.kernels.gemm_operands import prepare_weight_operand  # noqa: E402
 from mega_moe_layer.kernels.l1_gemm import build_tile_map, l1_grouped_gemm  # noqa: E402
 from mega_moe_layer.kernels.l2_gemm import l2_grouped_gemm  # noqa: E402
 
@@ -85,6 +86,10 @@ class Case:
         # The experts with pairs: `active` of the E, spread evenly (decode touches a few).
         self.active = [e * E // active for e in range(active)]
         self.w13, self.w2 = w13, w2
+        # The weights as the kernels read them, prepared once (as `load_weights` does).
+        arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+        self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
+        self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
@@ -122,13 +127,14 @@ class Case:
         l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
                         self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
                         self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
-                        act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config)
+                        act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config,
+                        w13_operand=self.w13_op)
 
     def l2(self, config=None):
         l2_grouped_gemm(self.h, self.h_sf, self.offsets, self.tile_expert, self.tile_row_start, self.num_tiles,
                         self.w2.data, self.w2.scale, self.pair_dst, None, weight_format=self.w2.format,
                         act_format=self.act_format, combine_format="bf16", hidden=self.H, block_m=self.block_m,
-                        config=config)
+                        config=config, w2_operand=self.w2_op)
 
     def check(self, tol: float = 5e-3) -> float:
         """rel-RMSE of y against `reference.expert_forward` on the first and last active expert."""
