@@ -423,62 +423,54 @@ def _e4m3_value(b):
 
 @triton.jit
 def _fp4_e4m3_asm(packed, tlo, thi):
-    """GPU: packed E2M1 bytes (int8) and the 8-byte E4M3 table of each byte's group (int32 low /
-    high words: magnitude m -> byte m) -> two int8 tensors of packed's shape: per 32-bit word of
-    8 nibbles (K columns 8j .. 8j+7), the E4M3 bytes of columns 8j..8j+3 (first) and 8j+4..8j+7.
+    """GPU: packed E2M1 bytes (int8) and the 8-byte E4M3 table of each byte's 32-group (int32 low /
+    high words: magnitude m -> byte m) -> int16 of packed's shape: low byte the E4M3 byte of the
+    even (low-nibble) column, high byte the odd one's.
 
-    Per word: two PRMT table lookups (the 3 magnitude bits of 4 nibbles are the selectors), two
-    PRMT in sign-replicate mode turning the nibbles' sign bits into byte masks, two LOP3 merging
-    sign and magnitude, and 4 shift / mask instructions: 1.25 instructions per weight.
+    Every element is decoded from its own byte and table (Triton may pack any 4 elements of a
+    thread into one call). Per 4 bytes: one LOP3 masks the sign bits off, leaving each byte's two
+    3-bit magnitudes as PRMT selectors (low nibble -> output byte 0, high -> 1); four PRMT table
+    lookups, two PRMT gather the 16-bit results into two words, two PRMT in sign-replicate mode
+    turn the nibbles' sign bits into byte masks, two LOP3 merge sign and magnitude, plus 4
+    shifts: ~2 instructions per weight.
     """
     return tl.inline_asm_elementwise(
         asm="""{
-        .reg .b32 s, w4, m;
-        and.b32 s, $2, 0x7777;
-        prmt.b32 $0, $3, $7, s;
+        .reg .b32 s, s1, s2, s3, w4, p0, p1, p2, p3, m0, m1, a, b;
+        and.b32 s, $2, 0x77777777;
+        shr.u32 s1, s, 8;
+        shr.u32 s2, s, 16;
+        shr.u32 s3, s, 24;
+        prmt.b32 p0, $3, $7, s;
+        prmt.b32 p1, $4, $8, s1;
+        prmt.b32 p2, $5, $9, s2;
+        prmt.b32 p3, $6, $10, s3;
+        prmt.b32 a, p0, p1, 0x5410;
+        prmt.b32 b, p2, p3, 0x5410;
         shl.b32 w4, $2, 4;
-        prmt.b32 m, w4, $2, 0xD9C8;
-        lop3.b32 $0, $0, m, 0x80808080, 0xF8;
-        shr.u32 s, $2, 16;
-        and.b32 s, s, 0x7777;
-        prmt.b32 $1, $3, $7, s;
-        prmt.b32 m, w4, $2, 0xFBEA;
-        lop3.b32 $1, $1, m, 0x80808080, 0xF8;
+        prmt.b32 m0, w4, $2, 0xD9C8;
+        prmt.b32 m1, w4, $2, 0xFBEA;
+        lop3.b32 $0, a, m0, 0x80808080, 0xF8;
+        lop3.b32 $1, b, m1, 0x80808080, 0xF8;
         }""",
-        constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[packed, tlo, thi], dtype=(tl.int8, tl.int8),
+        constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[packed, tlo, thi], dtype=tl.int16,
         is_pure=True, pack=4)
-
-
-@triton.jit
-def _p4(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Natural K order -> the order of `_fp4_tile_e4m3` ("P4"): position 8j + 2i + h holds column
-    8j + 4h + i (i < 4, h < 2). A dot product is the same in any K order both operands share."""
-    t4 = tl.reshape(t, (ROWS, BLOCK_K // 8, 2, 4))
-    return tl.reshape(tl.permute(t4, (0, 1, 3, 2)), (ROWS, BLOCK_K))
-
-
-@triton.jit
-def _p4_inverse(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The inverse of `_p4` (P4 order -> natural K order)."""
-    t4 = tl.reshape(t, (ROWS, BLOCK_K // 8, 4, 2))
-    return tl.reshape(tl.permute(t4, (0, 1, 3, 2)), (ROWS, BLOCK_K))
 
 
 @triton.jit
 def _fp4_tile_e4m3(packed, tab, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
     """Packed E2M1 int8 [ROWS, BLOCK_K/2] + the int64 table entry of each 32-group [ROWS, BLOCK_K/32]
-    -> float8e4nv [ROWS, BLOCK_K] in P4 K order (`_p4`). FAST: the PRMT decode (GPU); else the
-    same bytes from integer operations (Triton's interpreter has no inline assembly)."""
+    -> float8e4nv [ROWS, BLOCK_K] (natural K order). FAST: the PRMT decode (GPU); else the same
+    bytes from integer operations (Triton's interpreter has no inline assembly)."""
+    tb = tl.reshape(tl.broadcast_to(tab[:, :, None], (ROWS, BLOCK_K // 32, 16)), (ROWS, BLOCK_K // 2))
     if FAST:
-        tb = tl.reshape(tl.broadcast_to(tab[:, :, None], (ROWS, BLOCK_K // 32, 16)), (ROWS, BLOCK_K // 2))
-        lo, hi = _fp4_e4m3_asm(packed, tb.to(tl.int32), (tb >> 32).to(tl.int32))
-        tile = tl.interleave(lo, hi)
+        pairs = _fp4_e4m3_asm(packed, tb.to(tl.int32), (tb >> 32).to(tl.int32))        # int16
+        tile = tl.interleave(pairs.to(tl.int8), (pairs >> 8).to(tl.int8))
     else:
         b = packed.to(tl.int32) & 0xFF
-        codes = tl.interleave(b & 0xF, b >> 4)                                      # natural order
-        tb = tl.reshape(tl.broadcast_to(tab[:, :, None], (ROWS, BLOCK_K // 32, 32)), (ROWS, BLOCK_K))
-        mag = ((tb >> ((codes & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32)
-        tile = _p4((mag | ((codes & 8) << 4)).to(tl.int8), ROWS, BLOCK_K)
+        lo = ((tb >> ((b & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) | ((b & 8) << 4)
+        hi = ((tb >> (((b >> 4) & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) | (b & 0x80)
+        tile = tl.interleave(lo.to(tl.int8), hi.to(tl.int8))
     return tile.to(tl.float8e4nv, bitcast=True)
 
 
@@ -498,8 +490,7 @@ def _row_max_exponent(sf_ptr, rows64, row_ok, NUM_WORDS: tl.constexpr, NUM_WORDS
 def _act_tile_e4m3(x_ptr, sf_ptr, tab_ptr, rows64, row_ok, kt, e_row,
                    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                    ACT_FORMAT: tl.constexpr, FAST: tl.constexpr):
-    """Rebased activation rows x K tile `kt` -> float8e4nv [BLOCK_M, BLOCK_K] (fp8: natural K order;
-    fp4: P4 order), bitwise `reference.rebase_act` given the row exponents `e_row` [BLOCK_M]:
+    """Rebased activation rows x K tile `kt` -> float8e4nv [BLOCK_M, BLOCK_K], bitwise `reference.rebase_act` given the row exponents `e_row` [BLOCK_M]:
     value * 2**(headroom - (e_row - e_group)) rounded to E4M3 (RNE, subnormals)."""
     e = _act_scales(sf_ptr, rows64, row_ok, kt, K, GROUP, BLOCK_K // GROUP)       # [BM, BK/G]
     d = tl.maximum(e_row[:, None] - e, 0)
@@ -531,7 +522,7 @@ def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       W_KIND: tl.constexpr, FAST: tl.constexpr):
     """Weight rows `rows` x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the packed
-    nibbles with the group's table (P4 K order; aux = uint8 offset index per 32-group);
+    nibbles with the group's table (aux = uint8 offset index per 32-group);
     "fp8_rebased" / "fp8_block" load the stored E4M3 bytes (natural order)."""
     if W_KIND == "mxfp4":
         cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
@@ -543,19 +534,6 @@ def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
         cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
     return tile
-
-
-@triton.jit
-def _match_k_order(act, W_KIND: tl.constexpr, ACT_FORMAT: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """Put the activation tile in the weight tile's K order (MXFP4 weights: P4; FP8: natural)."""
-    if W_KIND == "mxfp4":
-        if ACT_FORMAT == "fp8":
-            act = _p4(act, ROWS, BLOCK_K)
-    else:
-        if ACT_FORMAT == "fp4":
-            act = _p4_inverse(act, ROWS, BLOCK_K)
-    return act
 
 
 @triton.jit
@@ -668,7 +646,6 @@ def _l1_kernel(
                                        2 * BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)       # [2BN, BK]
                 x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
                                     BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)          # [BM, BK]
-                x8 = _match_k_order(x8, W_KIND, ACT_FORMAT, BLOCK_M, BLOCK_K)
                 if W_KIND == "fp8_block":
                     s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
                     acc += _mma8(w8, tl.trans(x8), tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32),

@@ -21,7 +21,7 @@ from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from .gemm_operands import WeightOperand
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
-                      _is_interpreted, _match_k_order, _mma, _mma8, _nullcontext, _quant_store_rows,
+                      _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
                       _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
                       _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
@@ -129,7 +129,6 @@ def _l2_kernel(
                                        BLOCK_K, W_KIND, not DOT_IN_F32)                     # [BN, BK]
                 h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
                                     BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)            # [BM, BK]
-                h8 = _match_k_order(h8, W_KIND, ACT_FORMAT, BLOCK_M, BLOCK_K)
                 if W_KIND == "fp8_block":
                     s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
                     acc += _mma8(w8, tl.trans(h8), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),

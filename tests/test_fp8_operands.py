@@ -1,0 +1,197 @@
+"""The FP8 mainloop's operands (kernels/gemm_operands.py, the rebasing Triton helpers of l1_gemm.py).
+
+* `reference.rebase_*`: the error of rebasing stays within its stated bound (2**-10 of the row's
+  base scale per value) even for groups forced far below their row's largest scale, and is zero
+  where the DESIGN says it is exact; the E2M1 -> E4M3 tables against exact arithmetic.
+* `prepare_weight_operand`: kinds, the load-time report of changed values (0 for Gaussian MXFP4
+  weights, > 0 and counted exactly when groups are forced far below their row's maximum).
+* The Triton tile helpers (`_weight_tile_e4m3`, `_act_tile_e4m3`) bitwise against the reference's
+  rebased bytes: in the interpreter here (integer path), and on a GPU with the PRMT decode
+  (`-m gpu`, the same test with FAST=True).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from mega_moe_layer import formats
+from mega_moe_layer.kernels import gemm_operands as go
+from mega_moe_layer.kernels import reference as ref
+from mega_moe_layer.kernels.l1_gemm import _act_tile_e4m3, _row_max_exponent, _weight_tile_e4m3, sf_words_p2
+from utils import TOLERANCES
+
+INTERPRETED = not isinstance(_weight_tile_e4m3, triton.runtime.jit.JITFunction)
+
+
+def _far_groups(x: torch.Tensor, group: int, shifts=(2.0 ** -13, 2.0 ** -20, 2.0 ** -40)) -> torch.Tensor:
+    """x * 1000 with some groups scaled far below their row's largest (d = 13, 20, 40 binades).
+
+    NOTE: the x1000 keeps the far groups above the UE8M0 rule's amax floor (1e-4), which would
+    otherwise cap how far below its row a group's scale can be."""
+    x = x * 1000.0
+    for i, s in enumerate(shifts):
+        x[:, (2 * i + 1) * group:(2 * i + 2) * group] *= s
+    return x
+
+
+# =================================================================================================
+# Reference rebasing
+# =================================================================================================
+def test_e2m1_tables_exact():
+    tab = ref.e2m1_to_e4m3_tables(6)
+    for d in range(64):
+        got = torch.tensor([(int(tab[d]) >> (8 * m)) & 0xFF for m in range(8)], dtype=torch.uint8)
+        vals = got.view(torch.float8_e4m3fn).double()
+        exact = ref._E2M1_VALUES.double() * 2.0 ** (6 - d)
+        if d <= 14:
+            assert torch.equal(vals, exact), d       # E2M1 * 2**(6-d) fits E4M3 exactly
+        # Nearest E4M3 value: never farther than half its smallest subnormal step (2**-10).
+        assert float((vals - exact).abs().max()) <= 2.0 ** -10, d
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_rebase_act_error_bound(fmt, group):
+    gen = torch.Generator().manual_seed(1)
+    x = _far_groups(torch.randn(37, 1024, generator=gen), group).to(torch.bfloat16)
+    q, sf = ref.quantize_act(x, fmt, group)
+    r, row = ref.rebase_act(q, sf, fmt, group)
+    exact = ref.dequantize_act(q, sf, fmt, group)
+    got = ref.dequantize_rebased(r, row)
+    # The stated bound: half E4M3's smallest subnormal step at the row's base scale.
+    bound = 2.0 ** -10 * row
+    err = (got - exact).abs().amax(dim=1)
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert bool((got != exact).any()), "far groups must round (else the test is empty)"
+    # The relative size of the error against the row: tiny, the tolerance table's entry.
+    rel = float(((got - exact).norm(dim=1) / exact.norm(dim=1)).max())
+    assert rel <= TOLERANCES["rebase_rel"], rel
+    # Without far groups, FP4 rebasing is exact (E2M1 * 2**(6-d) fits E4M3 for d <= 14).
+    if fmt == "fp4":
+        x2 = torch.randn(16, 1024, generator=gen).to(torch.bfloat16)
+        q2, sf2 = ref.quantize_act(x2, fmt, group)
+        assert torch.equal(ref.dequantize_rebased(*ref.rebase_act(q2, sf2, fmt, group)),
+                           ref.dequantize_act(q2, sf2, fmt, group))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+def test_prepare_weight_operand_report(fmt):
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(3, 256, 512, generator=gen) * 0.05).to(torch.bfloat16)
+    qw = formats.quantize_weight(w, fmt)
+    op = go.prepare_weight_operand(fmt, qw.data, qw.scale, arch=90, act_format="fp8")
+    assert op.kind == ("mxfp4" if fmt == "mxfp4" else "fp8_rebased")
+    r, row = ref.rebase_weight(fmt, qw.data, qw.scale)
+    changed = int((ref.dequantize_rebased(r, row) != qw.dequantize()).sum())
+    assert op.num_changed == changed
+    if fmt == "mxfp4":
+        assert op.num_changed == 0                   # Gaussian rows: every value exact
+        assert op.data is qw.data                    # 4 bits per weight, no copy
+    else:
+        assert torch.equal(op.data.view(torch.uint8), r.view(torch.uint8))
+    assert torch.equal(op.row_factor, row)
+    # Far groups: values change, are counted, and stay within the bound.
+    wf = _far_groups(w.reshape(-1, 512).float(), 128, (2.0 ** -12, 2.0 ** -17)).reshape(3, 256, 512)
+    qf = formats.quantize_weight(wf.to(torch.bfloat16), fmt)
+    opf = go.prepare_weight_operand(fmt, qf.data, qf.scale, arch=90, act_format="fp8")
+    rf, rowf = ref.rebase_weight(fmt, qf.data, qf.scale)
+    diff = ref.dequantize_rebased(rf, rowf) - qf.dequantize()
+    assert opf.num_changed == int((diff != 0).sum()) > 0
+    assert bool((diff.abs() <= 2.0 ** -10 * rowf.unsqueeze(-1)).all())
+
+
+def test_prepare_weight_operand_kinds():
+    w = torch.randn(2, 128, 256).to(torch.bfloat16)
+    q = formats.quantize_weight(w, "fp8")
+    odd = formats.QuantizedWeight("fp8", q.data, q.scale * 1.3, q.shape)     # a checkpoint's scales
+    assert go.prepare_weight_operand("fp8", odd.data, odd.scale, arch=90, act_format="fp8").kind == "fp8_block"
+    assert go.prepare_weight_operand("fp8", q.data, q.scale, arch=90, act_format="bf16").kind == "raw"
+    m = formats.quantize_weight(w, "mxfp4")
+    assert go.prepare_weight_operand("mxfp4", m.data, m.scale, arch=100, act_format="fp8").kind == "raw"
+    assert go.prepare_weight_operand("mxfp4", m.data, m.scale, arch=90, act_format="fp4").kind == "mxfp4"
+
+
+# =================================================================================================
+# The Triton tile helpers, bitwise against the reference's rebased bytes
+# =================================================================================================
+@triton.jit
+def _weight_tiles_kernel(w_ptr, aux_ptr, tab_ptr, out_ptr, K: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    rows = tl.arange(0, ROWS).to(tl.int64)
+    for kt in range(0, K // BLOCK_K):
+        tile = _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, 0, 0, rows, kt, K, ROWS, BLOCK_K, "mxfp4", FAST)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], tile.to(tl.int8, bitcast=True))
+
+
+@triton.jit
+def _act_tiles_kernel(x_ptr, sf_ptr, tab_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_K: tl.constexpr, ACT_FORMAT: tl.constexpr, SF_WORDS_P2: tl.constexpr,
+                      FAST: tl.constexpr):
+    rows = tl.arange(0, ROWS).to(tl.int64)
+    ok = rows >= 0
+    e_row = _row_max_exponent(sf_ptr, rows, ok, K // GROUP // 4, SF_WORDS_P2)
+    for kt in range(0, K // BLOCK_K):
+        tile = _act_tile_e4m3(x_ptr, sf_ptr, tab_ptr, rows, ok, kt, e_row, K, GROUP, ROWS, BLOCK_K, ACT_FORMAT, FAST)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], tile.to(tl.int8, bitcast=True))
+
+
+def _device_and_fast():
+    if INTERPRETED:
+        return "cpu", False
+    if not torch.cuda.is_available():
+        pytest.skip("Triton kernels need the interpreter (CPU) or a CUDA GPU")
+    return "cuda", True
+
+
+def _check_weight_tiles(device, fast):
+    gen = torch.Generator().manual_seed(3)
+    w = _far_groups(torch.randn(64, 512, generator=gen), 32, (2.0 ** -5, 2.0 ** -13, 2.0 ** -16))
+    q = formats.quantize_weight(w.unsqueeze(0).to(torch.bfloat16), "mxfp4").to(device)
+    op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8")
+    out = torch.full((64, 512), 0x55, dtype=torch.int8, device=device)
+    _weight_tiles_kernel[(1,)](op.data, op.aux, op.table, out, K=512, ROWS=64, BLOCK_K=128, FAST=fast)
+    want, _ = ref.rebase_weight("mxfp4", q.data.cpu(), q.scale.cpu())
+    got = out.cpu().view(torch.uint8)
+    want = want[0].view(torch.uint8)
+    # -0 (code 8) and +0 are the same value; compare values where both are zero.
+    same = (got == want) | ((got & 0x7F) == 0) & ((want & 0x7F) == 0)
+    assert bool(same.all()), f"{int((~same).sum())} bytes differ, first at {(~same).nonzero()[0].tolist()}"
+
+
+def _check_act_tiles(device, fast, fmt, group):
+    gen = torch.Generator().manual_seed(4)
+    x = _far_groups(torch.randn(32, 512, generator=gen), group, (2.0 ** -3, 2.0 ** -9, 2.0 ** -20)).to(torch.bfloat16)
+    q, sf = ref.quantize_act(x, fmt, group)
+    out = torch.full((32, 512), 0x55, dtype=torch.int8, device=device)
+    _act_tiles_kernel[(1,)](q.to(device), sf.to(device), go.e2m1_table(device), out, K=512, GROUP=group, ROWS=32,
+                            BLOCK_K=128, ACT_FORMAT=fmt, SF_WORDS_P2=sf_words_p2(512, group), FAST=fast)
+    want, _ = ref.rebase_act(q, sf, fmt, group)
+    got, want = out.cpu().view(torch.uint8), want.view(torch.uint8)
+    same = (got == want) | ((got & 0x7F) == 0) & ((want & 0x7F) == 0)
+    assert bool(same.all()), f"{int((~same).sum())} bytes differ, first at {(~same).nonzero()[0].tolist()}"
+
+
+def test_weight_tile_bitwise():
+    _check_weight_tiles(*_device_and_fast())
+
+
+@pytest.mark.parametrize("fmt,group", [("fp8", 32), ("fp8", 128), ("fp4", 32), ("fp4", 128)])
+def test_act_tile_bitwise(fmt, group):
+    _check_act_tiles(*_device_and_fast(), fmt, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_weight_tile_bitwise_gpu():
+    _check_weight_tiles("cuda", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt,group", [("fp8", 32), ("fp8", 128), ("fp4", 32), ("fp4", 128)])
+def test_act_tile_bitwise_gpu(fmt, group):
+    _check_act_tiles("cuda", True, fmt, group)
