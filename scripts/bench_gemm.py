@@ -50,6 +50,7 @@ DEFAULT_CASES = "1:64:8,16:64:64,256:128:128"
 #: choice, in the case's regime only (decode: block_m <= 32; prefill: larger).
 SWEEP_L1 = [(16, 64, 8, 4, 2), (16, 64, 8, 3, 2), (16, 32, 4, 3, 4), (16, 64, 4, 4, 3),
             (128, 64, 8, 3, 1), (128, 128, 8, 4, 1)]
+SWEEP_PROMOTE = (1, 2, 8, 16)
 SWEEP_L2 = [(16, 128, 8, 4, 2), (16, 64, 8, 4, 2), (16, 64, 4, 3, 4), (16, 64, 4, 4, 3),
             (128, 64, 8, 3, 1), (128, 128, 8, 4, 1)]
 
@@ -193,7 +194,7 @@ def scaled_grouped_mm_us(case: "Case", kern: str, iters: int):
 
 
 def _cfg_txt(cfg) -> str:
-    return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm}"
+    return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm} p{cfg.promote_steps}"
 
 
 def sweep(case: Case, kern: str, base, iters: int, base_us: float):
@@ -203,10 +204,13 @@ def sweep(case: Case, kern: str, base, iters: int, base_us: float):
     best = (base_us, base)
     own_bm = case.block_m
     decode = own_bm <= 32
-    for bm, bn, warps, stages, ctas in (SWEEP_L1 if kern == "l1" else SWEEP_L2):
-        if (bm <= 32) != decode:
-            continue
-        cfg = dataclasses.replace(base, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ctas_per_sm=ctas)
+    variants = [dataclasses.replace(base, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                                    ctas_per_sm=ctas)
+                for bm, bn, warps, stages, ctas in (SWEEP_L1 if kern == "l1" else SWEEP_L2) if (bm <= 32) == decode]
+    # FP8 mainloop: how often the FP8 MMA's partial sums are promoted to the float32 accumulator.
+    variants += [dataclasses.replace(base, promote_steps=p) for p in SWEEP_PROMOTE]
+    for cfg in variants:
+        bm = cfg.block_m
         if cfg == base:
             continue
         try:

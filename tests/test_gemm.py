@@ -605,7 +605,7 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
         sig["x_sf_ptr"] = sig["h_sf_ptr"] = None
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
-              SF_WORDS_P2=sf_words_p2(H, g), BLOCK_M=cfg.block_m,
+              SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
@@ -626,7 +626,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
         sig["dst_sf_ptr"] = None
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
-              SF_WORDS_P2=sf_words_p2(I, 32), BLOCK_M=cfg.block_m,
+              SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}

@@ -45,6 +45,10 @@ class GroupedGemmConfig:
         num_warps, num_stages: Triton launch options.
         ctas_per_sm: persistent CTAs launched per SM (the grid is min(work items, SMs x this));
             what the registers / shared memory of one CTA let reside at once.
+        promote_steps: FP8 mainloop only: K steps (of block_k) accumulated by the FP8 MMA before
+            the partial sum is added to the float32 accumulator (Hopper's FP8 MMA accumulates with
+            reduced precision; see `l1_gemm`). The kernels use the largest divisor of K / block_k
+            not above it (`promote_for`).
     """
 
     block_m: int
@@ -54,6 +58,13 @@ class GroupedGemmConfig:
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1
+    promote_steps: int = 4
+
+    def promote_for(self, k: int) -> int:
+        """PROMOTE for a reduction of k: the largest divisor of k / block_k <= promote_steps.
+        Example: k 7168 (56 steps), promote_steps 4 -> 4; k 2560 (20 steps), 8 -> 5."""
+        steps = max(1, int(k) // self.block_k)
+        return max(d for d in range(1, max(1, min(self.promote_steps, steps)) + 1) if steps % d == 0)
 
     def grid(self, num_work_items: int, num_sms: int) -> int:
         """Programs of the persistent grid: every SM busy, never more programs than work items."""

@@ -574,7 +574,7 @@ def _l1_kernel(
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, ACT_GROUP: tl.constexpr,
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr,
+    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
@@ -633,39 +633,49 @@ def _l1_kernel(
         if W_KIND != "raw":
             e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
         acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kt in range(0, HIDDEN // BLOCK_K):
-            if USE_DOT_SCALED:
-                # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
-                x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
-                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
-                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
-                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
-            elif W_KIND != "raw":
-                # Hopper FP8 mainloop: nothing but the MMA touches the accumulator.
-                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, kt, HIDDEN,
-                                       2 * BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)       # [2BN, BK]
-                x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
-                                    BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)          # [BM, BK]
-                if W_KIND == "fp8_block":
-                    s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
-                    acc += _mma8(w8, tl.trans(x8), tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                 DOT_IN_F32) * s_w[:, None]
+        if W_KIND == "raw" or USE_DOT_SCALED:
+            for kt in range(0, HIDDEN // BLOCK_K):
+                if USE_DOT_SCALED:
+                    # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
+                    x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
+                    w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
+                    acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
+                                        "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
                 else:
-                    acc = _mma8(w8, tl.trans(x8), acc, DOT_IN_F32)
-            else:
-                x_tile = _act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M, BLOCK_K,
-                                        ACT_FORMAT)                                             # [BM, BK]
-                if WEIGHT_FORMAT == "mxfp4":
-                    x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
-                x_t = tl.trans(x_tile)                                                          # [BK, BM]
-                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
-                                      WEIGHT_FORMAT, not DOT_IN_F32)                            # [2BN, BK]
-                if WEIGHT_FORMAT == "fp8":
-                    # Block scales (any positive float32) multiply the per-128-K partial products.
-                    s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
-                    acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
-                else:
-                    acc = _mma(w, x_t, acc, DOT_IN_F32)
+                    x_tile = _act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M, BLOCK_K,
+                                            ACT_FORMAT)                                             # [BM, BK]
+                    if WEIGHT_FORMAT == "mxfp4":
+                        x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
+                    x_t = tl.trans(x_tile)                                                          # [BK, BM]
+                    w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
+                                          WEIGHT_FORMAT, not DOT_IN_F32)                            # [2BN, BK]
+                    if WEIGHT_FORMAT == "fp8":
+                        # Block scales (any positive float32) multiply the per-128-K partial products.
+                        s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
+                        acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
+                    else:
+                        acc = _mma(w, x_t, acc, DOT_IN_F32)
+        else:
+            # Hopper FP8 mainloop: nothing but the MMA touches the accumulator within a chunk of
+            # PROMOTE K steps. NOTE: Hopper's FP8 MMA accumulates with reduced precision (~14
+            # mantissa bits kept across additions, truncating), so each chunk's partial sum is
+            # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
+            # MMA additions in reduced precision; one wgmma wait per chunk).
+            for kc in range(0, HIDDEN // BLOCK_K // PROMOTE):
+                part = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for kk in tl.static_range(PROMOTE):
+                    kt = kc * PROMOTE + kk
+                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, kt, HIDDEN,
+                                           2 * BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)
+                    x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
+                                        BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
+                    if W_KIND == "fp8_block":
+                        s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
+                        part += _mma8(w8, tl.trans(x8), tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                      DOT_IN_F32) * s_w[:, None]
+                    else:
+                        part = _mma8(w8, tl.trans(x8), part, DOT_IN_F32)
+                acc += part
 
         if W_KIND != "raw":
             # The row factors: exact powers of two (x rows: 2**(e_row - 127 - headroom)).
@@ -995,7 +1005,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             ACT_GROUP=act_group_size, HAS_CLAMP=activation_clamp is not None,
             USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
             DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
-            SF_WORDS_P2=sf_words_p2(hidden, act_group_size),
+            SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )

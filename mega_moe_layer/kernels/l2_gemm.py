@@ -69,7 +69,7 @@ def _l2_kernel(
     HIDDEN: tl.constexpr, INTER: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr, COMBINE_FORMAT: tl.constexpr,
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr,
+    W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
@@ -117,37 +117,47 @@ def _l2_kernel(
             # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
             e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kt in range(0, INTER // BLOCK_K):
-            if USE_DOT_SCALED:
-                h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
-                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
-                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
-                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
-            elif W_KIND != "raw":
-                # Hopper FP8 mainloop (see l1_gemm): rebased operands, nothing else on the accumulator.
-                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N,
-                                       BLOCK_K, W_KIND, not DOT_IN_F32)                     # [BN, BK]
-                h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
-                                    BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)            # [BM, BK]
-                if W_KIND == "fp8_block":
-                    s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
-                    acc += _mma8(w8, tl.trans(h8), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                 DOT_IN_F32) * s[:, None]
+        if W_KIND == "raw" or USE_DOT_SCALED:
+            for kt in range(0, INTER // BLOCK_K):
+                if USE_DOT_SCALED:
+                    h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
+                    w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
+                    acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
+                                        "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
                 else:
-                    acc = _mma8(w8, tl.trans(h8), acc, DOT_IN_F32)
-            else:
-                h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
-                                        ACT_FORMAT)                                         # [BM, BK]
-                if WEIGHT_FORMAT == "mxfp4":
-                    h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
-                h_t = tl.trans(h_tile)                                                      # [BK, BM]
-                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
-                                      not DOT_IN_F32)
-                if WEIGHT_FORMAT == "fp8":
-                    s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
-                    acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
-                else:
-                    acc = _mma(w, h_t, acc, DOT_IN_F32)
+                    h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
+                                            ACT_FORMAT)                                         # [BM, BK]
+                    if WEIGHT_FORMAT == "mxfp4":
+                        h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
+                    h_t = tl.trans(h_tile)                                                      # [BK, BM]
+                    w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
+                                          not DOT_IN_F32)
+                    if WEIGHT_FORMAT == "fp8":
+                        s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
+                        acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
+                    else:
+                        acc = _mma(w, h_t, acc, DOT_IN_F32)
+        else:
+            # Hopper FP8 mainloop: nothing but the MMA touches the accumulator within a chunk of
+            # PROMOTE K steps. NOTE: Hopper's FP8 MMA accumulates with reduced precision (~14
+            # mantissa bits kept across additions, truncating), so each chunk's partial sum is
+            # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
+            # MMA additions in reduced precision; one wgmma wait per chunk).
+            for kc in range(0, INTER // BLOCK_K // PROMOTE):
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for kk in tl.static_range(PROMOTE):
+                    kt = kc * PROMOTE + kk
+                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, kt, INTER,
+                                           BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)
+                    h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
+                                        BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
+                    if W_KIND == "fp8_block":
+                        s_w = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
+                        part += _mma8(w8, tl.trans(h8), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                      DOT_IN_F32) * s_w[:, None]
+                    else:
+                        part = _mma8(w8, tl.trans(h8), part, DOT_IN_F32)
+                acc += part
 
         if W_KIND != "raw":
             h_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
@@ -275,6 +285,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
             COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
             DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
+            PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
