@@ -91,6 +91,12 @@ class Case:
         arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
         self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
         self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
+        # The other mainloop (bf16, operands dequantised in registers), timed beside it.
+        self.w13_raw = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format,
+                                              fp8_mainloop=False)
+        self.w2_raw = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format,
+                                             fp8_mainloop=False)
+        self.use_raw = False
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
@@ -129,13 +135,13 @@ class Case:
                         self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
                         self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
                         act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config,
-                        w13_operand=self.w13_op)
+                        w13_operand=self.w13_raw if self.use_raw else self.w13_op)
 
     def l2(self, config=None):
         l2_grouped_gemm(self.h, self.h_sf, self.offsets, self.tile_expert, self.tile_row_start, self.num_tiles,
                         self.w2.data, self.w2.scale, self.pair_dst, None, weight_format=self.w2.format,
                         act_format=self.act_format, combine_format="bf16", hidden=self.H, block_m=self.block_m,
-                        config=config, w2_operand=self.w2_op)
+                        config=config, w2_operand=self.w2_raw if self.use_raw else self.w2_op)
 
     def check(self, tol: float = 5e-3) -> float:
         """rel-RMSE of y against `reference.expert_forward` on the first and last active expert."""
@@ -278,6 +284,21 @@ def main() -> None:
             err = case.check()
             for kern, fn, flops in (("l1", case.l1, 2.0 * case.P * 2 * I * H), ("l2", case.l2, 2.0 * case.P * H * I)):
                 us = gpu_time_us(fn, args.iters)
+                alt_us = None
+                if case.w13_op.kind != "raw":      # the bf16 mainloop on the same case, checked first
+                    case.use_raw = True
+                    try:
+                        case.l1()
+                        case.l2()
+                        torch.cuda.synchronize()
+                        case.check()
+                        alt_us = gpu_time_us(fn, args.iters)
+                    finally:
+                        case.use_raw = False
+                        case.l1()
+                        case.l2()
+                    print(f"  {kern} {wf}/{af} {t}x{A}/{E}: fp8 mainloop {us:.1f} us, bf16 mainloop {alt_us:.1f} us",
+                          flush=True)
                 # Weight bytes of the experts with pairs: what the kernel must read at least once.
                 wq = w13 if kern == "l1" else w2
                 wbytes = weight_bytes(wq) * A // E
@@ -292,7 +313,8 @@ def main() -> None:
                            pairs=case.P, kernel=kern, us=us, tflops=flops / (us * 1e-6) / 1e12, weight_bytes=wbytes,
                            weight_GBps=wgbps, weight_frac_of_copy=wgbps / copy_bw, same_bytes_copy_us=copy_us,
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
-                           scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__)
+                           scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
+                           mainloop=case.w13_op.kind, bf16_mainloop_us=alt_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "

@@ -32,6 +32,7 @@ import triton
 from mega_moe_layer import formats
 from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
+from mega_moe_layer.kernels import gemm_operands as go
 from mega_moe_layer.kernels.gemm_operands import uses_fp8_mma
 from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm, sf_words_p2
 from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
@@ -80,6 +81,8 @@ class GemmProblem:
     w2: formats.QuantizedWeight      # [E, H, I]
     w13_f32: torch.Tensor
     w2_f32: torch.Tensor
+    w13_op: Optional[object] = None  # gemm_operands.WeightOperand, prepared once (as load_weights does)
+    w2_op: Optional[object] = None
 
     @property
     def num_pairs(self) -> int:
@@ -119,9 +122,14 @@ def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: 
     i32 = dict(dtype=torch.int32, device=device)
     tile_expert, tile_row_start, num_tiles = torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32)
     build_tile_map(offsets, block_m, mt, tile_expert, tile_row_start, num_tiles)
+    arch = 90
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    ops = [go.prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=act_format) for q in (q13, q2)]
     return GemmProblem(hidden, inter, list(counts), weight_format, act_format, act_group_size, clamp, block_m,
                        pool_x, pool_x_sf, pair_rows, pair_weights, offsets, tile_expert, tile_row_start, num_tiles,
-                       q13, q2, q13.dequantize(), q2.dequantize())
+                       q13, q2, q13.dequantize(), q2.dequantize(), *ops)
 
 
 def poisoned(shape, dtype, device) -> torch.Tensor:
@@ -150,7 +158,8 @@ def run_l1(prob: GemmProblem, **kw):
     l1_grouped_gemm(prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets,
                     prob.tile_expert, prob.tile_row_start, prob.num_tiles, prob.w13.data, prob.w13.scale, h, h_sf,
                     weight_format=prob.weight_format, act_format=prob.act_format,
-                    act_group_size=prob.act_group_size, activation_clamp=prob.clamp, block_m=prob.block_m, **kw)
+                    act_group_size=prob.act_group_size, activation_clamp=prob.clamp, block_m=prob.block_m,
+                    **{"w13_operand": prob.w13_op, **kw})
     return h, h_sf
 
 
@@ -192,7 +201,7 @@ def run_l2(prob: GemmProblem, h, h_sf, combine_format: str, dest: Destinations, 
     l2_grouped_gemm(h, h_sf, prob.expert_offsets, prob.tile_expert, prob.tile_row_start, prob.num_tiles,
                     prob.w2.data, prob.w2.scale, dest.pair_dst, dest.pair_dst_sf, weight_format=prob.weight_format,
                     act_format=prob.act_format, combine_format=combine_format, hidden=prob.hidden,
-                    block_m=prob.block_m, **kw)
+                    block_m=prob.block_m, **{"w2_operand": prob.w2_op, **kw})
 
 
 def reference_h(prob: GemmProblem):

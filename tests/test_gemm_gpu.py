@@ -103,7 +103,7 @@ def test_cuda_graph_replay_with_new_counts_and_no_host_sync():
         l1_grouped_gemm(prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets,
                         prob.tile_expert, prob.tile_row_start, prob.num_tiles, prob.w13.data, prob.w13.scale, h, h_sf,
                         weight_format="mxfp4", act_format="fp8", act_group_size=32, activation_clamp=None,
-                        block_m=prob.block_m)
+                        block_m=prob.block_m, w13_operand=prob.w13_op)
         run_l2(prob, h, h_sf, "bf16", dest)
 
     forward()                                  # compile + warm up outside the capture

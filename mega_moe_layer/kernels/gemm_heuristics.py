@@ -58,7 +58,9 @@ class GroupedGemmConfig:
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1
-    promote_steps: int = 4
+    # H200, decode L1 (T 1 / 128): 104.7 / 801 us at 1, 130 / 1001 at 4, 161 at 8; 16 misses the
+    # 5e-3 tolerance (rel-RMSE 1.1e-2): promote after every 128-K step.
+    promote_steps: int = 1
 
     def promote_for(self, k: int) -> int:
         """PROMOTE for a reduction of k: the largest divisor of k / block_k <= promote_steps.
@@ -137,8 +139,15 @@ def _check_common(block_m: int, hidden: int, intermediate: int, weight_format: s
             raise ValueError(f"{name}: expected a positive multiple of {GEMM_BLOCK_K}, got {v}")
 
 
+def _fp8_mainloop(fp8_mainloop, arch: int, weight_format: str, act_format: str) -> bool:
+    if fp8_mainloop is None:
+        from .gemm_operands import uses_fp8_mma
+        return uses_fp8_mma(arch, weight_format, act_format)
+    return bool(fp8_mainloop)
+
+
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   arch: int = 90) -> GroupedGemmConfig:
+                   arch: int = 90, fp8_mainloop=None) -> GroupedGemmConfig:
     """Tiles of the L1 kernel (x [., H] -> gate/up [., I] each, SwiGLU, requantised h).
 
     A program stacks block_n rows of gate and block_n rows of up into one MMA operand of
@@ -164,13 +173,17 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
             # 255 registers, 12 bytes spilled. FP8 weights keep 64: their per-128 block scale
             # needs a second accumulator.
             block_n = 128
+    if block_m > 32 and _fp8_mainloop(fp8_mainloop, arch, weight_format, act_format):
+        # FP8 mainloop, prefill: both operands are rebuilt in registers and staged in shared
+        # memory each K step; 64 stacked rows per gate/up and 2 stages fit (3 exceed 227 KB).
+        block_n, num_stages = 64, 2
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
                              num_warps=num_warps, num_stages=num_stages,
                              ctas_per_sm=2 if num_warps <= 4 else 1)
 
 
 def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   combine_format: str = "bf16", arch: int = 90) -> GroupedGemmConfig:
+                   combine_format: str = "bf16", arch: int = 90, fp8_mainloop=None) -> GroupedGemmConfig:
     """Tiles of the L2 kernel (h [., I] -> y [., H], stored to per-pair destination rows).
 
     With the FP8 combine a program quantises whole groups of 128 output columns, so block_n is a
@@ -198,6 +211,9 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # Hopper prefill, 128-row tiles, bf16 combine: 64 weight rows keep the accumulator and
         # the dequantised weights at <= 255 registers without spills.
         block_n, num_warps, num_stages = 64, 8, 3
+    if block_m > 32 and _fp8_mainloop(fp8_mainloop, arch, weight_format, act_format):
+        # FP8 mainloop, prefill: H200, 128 x 128 tiles with 3 stages need 256 KB of shared memory.
+        num_stages = 2
     ctas = 2 if num_warps <= 4 else 1
     if block_m <= 32 and num_warps <= 4 and weight_format == "mxfp4":
         # ~90 registers (ptxas, Hopper): 3 resident CTAs per SM. H200: T 1 51.8 vs 57.9 us,

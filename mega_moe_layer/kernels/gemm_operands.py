@@ -97,16 +97,17 @@ def _is_pow2(scale: torch.Tensor) -> bool:
 
 
 def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.Tensor], *, arch: int,
-                           act_format: str, name: str = "w") -> WeightOperand:
+                           act_format: str, name: str = "w", fp8_mainloop: bool = True) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
-    weight's device (bounded temporaries); no copy of MXFP4 data."""
+    weight's device (bounded temporaries); no copy of MXFP4 data. fp8_mainloop=False gives the
+    "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies."""
     if fmt == "mxfp4":
         E, N, K2 = data.shape
         shape = (E, N, 2 * K2)
     else:
         shape = tuple(data.shape)
-    if not uses_fp8_mma(arch, fmt, act_format):
+    if not fp8_mainloop or not uses_fp8_mma(arch, fmt, act_format):
         return WeightOperand("raw", fmt, data, scale, None, None, 0, shape)
     if fmt == "mxfp4":
         e = scale.to(torch.int32)

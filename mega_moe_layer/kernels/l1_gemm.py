@@ -862,6 +862,10 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
     """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
     if not uses_fp8_mma(arch, weight_format, act_format):
         return "raw", data, scale, None, None
+    if operand is not None and operand.kind == "raw":      # the caller chose the bf16 mainloop
+        if operand.data is not data:
+            raise ValueError(f"{name}: a raw operand must wrap the weight passed as data")
+        return "raw", data, scale, None, None
     if operand is None:
         operand = prepare_weight_operand(weight_format, data, scale, arch=arch, act_format=act_format)
     if not isinstance(operand, WeightOperand) or operand.format != weight_format or \
@@ -979,7 +983,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     if arch is None:
         arch = _device_arch(device) if device.type == "cuda" else 90
     if config is None:
-        config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch)
+        config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch,
+                                 fp8_mainloop=False if w13_operand is not None and w13_operand.kind == "raw" else None)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
