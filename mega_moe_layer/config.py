@@ -39,6 +39,10 @@ class MegaMoEConfig:
         act_group_size: 32 or 128, scale granularity of x along H.
         activation_clamp: SwiGLU clamp C or None.
         spin_timeout_s: bound on every GPU spin-wait before the kernel traps.
+        hopper_fp8_mainloop: Hopper grouped GEMMs with FP8 / MXFP4 weights and FP8 / FP4 acts:
+            True runs the FP8 (e4m3 wgmma) mainloop on rebased operands; False (default) the bf16
+            mainloop on operands dequantised in registers, which measured faster with Triton 3.6
+            at every size (docs/PERF.md, "FP8 mainloop").
     """
 
     hidden: int
@@ -52,6 +56,7 @@ class MegaMoEConfig:
     act_group_size: int = 32
     activation_clamp: Optional[float] = None
     spin_timeout_s: float = 30.0
+    hopper_fp8_mainloop: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -81,6 +86,7 @@ class MegaMoEConfig:
         if self.activation_clamp is not None:
             need(isinstance(self.activation_clamp, (int, float)) and self.activation_clamp > 0,
                  "activation_clamp", "expected a positive float or None")
+        need(isinstance(self.hopper_fp8_mainloop, bool), "hopper_fp8_mainloop", "expected a bool")
         need(isinstance(self.spin_timeout_s, (int, float)) and self.spin_timeout_s > 0,
              "spin_timeout_s", "expected a positive number of seconds")
 

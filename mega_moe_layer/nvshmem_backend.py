@@ -68,10 +68,11 @@ class NvshmemForward:
         major, minor = torch.cuda.get_device_capability(self.device)
         arch = 10 * major + minor
         cfg = self.cfg
+        fp8 = cfg.hopper_fp8_mainloop
         self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch,
-                                             act_format=cfg.act_format, name="w13")
+                                             act_format=cfg.act_format, name="w13", fp8_mainloop=fp8)
         self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch,
-                                            act_format=cfg.act_format, name="w2")
+                                            act_format=cfg.act_format, name="w2", fp8_mainloop=fp8)
         self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
 

@@ -102,7 +102,7 @@ class GemmProblem:
 
 def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: str, act_format: str, *,
                  act_group_size: int = 32, clamp: Optional[float] = None, block_m: int = 16, slack: int = 3,
-                 seed: int = 0, device="cpu") -> GemmProblem:
+                 seed: int = 0, device="cpu", fp8_mainloop: bool = False) -> GemmProblem:
     """Random problem: x ~ N(0, 1) in the pool (quantised by the reference codecs), weights scaled
     so gate/up/h/y are O(1), pair rows drawn with repeats from a pool larger than the pairs."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -126,7 +126,8 @@ def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: 
     if torch.device(device).type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         arch = 10 * major + minor
-    ops = [go.prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=act_format) for q in (q13, q2)]
+    ops = [go.prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=act_format,
+                                     fp8_mainloop=fp8_mainloop) for q in (q13, q2)]
     return GemmProblem(hidden, inter, list(counts), weight_format, act_format, act_group_size, clamp, block_m,
                        pool_x, pool_x_sf, pair_rows, pair_weights, offsets, tile_expert, tile_row_start, num_tiles,
                        q13, q2, q13.dequantize(), q2.dequantize(), *ops)
@@ -509,6 +510,17 @@ def _chain(prob: GemmProblem, combine_format: str, skip=(), arch=None, num_sms=N
 
 
 @interp
+@pytest.mark.parametrize("wf,af", [(w, a) for w in ("mxfp4", "fp8") for a in ("fp8", "fp4")])
+def test_fp8_mainloop_chain(wf, af):
+    """The FP8 mainloop (rebased operands) in the interpreter, whose dot is exact float32: L1 and L2
+    against the DESIGN reference within the GEMM tolerance, both combines."""
+    prob = make_problem(512, 128, [3, 0, 20], wf, af, block_m=16, seed=11, fp8_mainloop=True)
+    assert prob.w13_op.kind != "raw"
+    for comb in ("bf16", "fp8"):
+        _chain(prob, comb, what=f"fp8 mainloop {wf}x{af} {comb}")
+
+
+@interp
 @pytest.mark.parametrize("wf,af", COMBOS)
 def test_l1_l2_every_format(wf, af):
     """H 256, I 128, 3 experts (one empty, one with a partial second tile), 3 slack positions."""
@@ -605,8 +617,8 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
                     w_kind: Optional[str] = None):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
-    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch)
     w_kind = w_kind or w_kind_of(wf, af, arch)
+    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw")
     sig = dict(x_ptr=_X_TYPE[af], x_sf_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", **_weight_sig(wf, w_kind),
                h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
@@ -624,8 +636,8 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
                     w_kind: Optional[str] = None):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
-    cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch)
     w_kind = w_kind or w_kind_of(wf, af, arch)
+    cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw")
     sig = dict(h_ptr=_X_TYPE[af], h_sf_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
                num_tiles_ptr="*i32", **_weight_sig(wf, w_kind), dst_ptr="*i64",
                dst_sf_ptr="*i64", max_tiles="i32")
@@ -650,6 +662,10 @@ COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
                  + [("l1", w, "fp8", None, 90, 128) for w in ("mxfp4", "fp8")]
                  + [("l2", w, "fp8", "bf16", 90, 128) for w in ("mxfp4", "fp8")]
                  + [("l1", "fp8", "fp8", None, 90, 16, "fp8_block"), ("l2", "fp8", "fp8", "bf16", 90, 16, "fp8_block")]
+                 # The default Hopper mainloop for these formats (bf16 on dequantised operands).
+                 + [("l1", w, a, None, 90, 16, "raw") for w in ("mxfp4", "fp8") for a in ("fp8", "fp4")]
+                 + [("l2", w, "fp8", "bf16", 90, 16, "raw") for w in ("mxfp4", "fp8")]
+                 + [("l1", "mxfp4", "fp8", None, 90, 128, "raw"), ("l2", "mxfp4", "fp8", "bf16", 90, 128, "raw")]
                  + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
                  + [("l2", "mxfp4", a, c, 100, 16) for a, c in (("fp4", "bf16"), ("fp8", "fp8"))])
 
@@ -698,7 +714,8 @@ def test_compiles(compiled, case):
         assert "wgmma.mma_async" in ptx, "Hopper path must use wgmma"
         assert "tcgen05" not in ptx
         wgmmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", ptx))
-        if uses_fp8_mma(arch, w, a):
+        kind = case[6] if len(case) > 6 else w_kind_of(w, a, arch)
+        if kind != "raw":
             # The FP8 mainloop: e4m3 x e4m3 wgmma only (no bf16 upcast MMA left).
             assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
         else:

@@ -17,6 +17,7 @@ import torch
 from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
 from mega_moe_layer.kernels.l1_gemm import build_tile_map, l1_grouped_gemm
+from utils import TOLERANCES, assert_rel_rmse
 from test_gemm import (COMBOS, POISON, bytes_of, check_l1, check_l2, h_buffers, make_destinations, make_problem,
                        reference_h, reference_y, run_l1, run_l2)
 
@@ -136,3 +137,24 @@ def test_cuda_graph_replay_with_new_counts_and_no_host_sync():
         m = check_l1(prob, h, h_sf, f"graph {counts}")
         m.update(check_l2(prob, dest, "bf16", reference_y(prob), f"graph {counts}"))
         _report(f"graph replay counts {counts}", m)
+
+
+@pytest.mark.parametrize("wf,af", [(w, a) for w in ("mxfp4", "fp8") for a in ("fp8", "fp4")])
+def test_fp8_mainloop_dsv3(wf, af):
+    """The opt-in FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`) at DeepSeek-V3's expert shape:
+    L1 -> L2 against `reference.expert_forward` within its own tolerance entry (Hopper's FP8 MMA
+    accumulates in reduced precision), and against the reference of the rebased operands."""
+    H, I, counts = SHAPES["dsv3"]
+    prob = make_problem(H, I, counts, wf, af, block_m=gh.gemm_block_m(sum(counts) / len(counts)), seed=5,
+                        device=DEV, fp8_mainloop=True)
+    assert prob.w13_op.kind != "raw" and prob.w2_op.kind != "raw"
+    h, h_sf = run_l1(prob)
+    dest = make_destinations(prob, "bf16", seed=5)
+    run_l2(prob, h, h_sf, "bf16", dest)
+    torch.cuda.synchronize()
+    n = prob.num_routed
+    keep = (dest.dest_row[:n] >= 0)
+    got = dest.out[dest.dest_row[:n][keep].to(DEV)].double()
+    want = reference_y(prob)[keep.to(DEV)].double()
+    err = assert_rel_rmse(got, want, TOLERANCES["gemm_fp8_mainloop_rel_rmse"], f"fp8 mainloop {wf}x{af} y")
+    _report(f"fp8 mainloop {wf}x{af}", {"y_rel_rmse": err})

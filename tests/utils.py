@@ -31,6 +31,11 @@ TOLERANCES = {
     # 1e-4 leaves room for rows of ~400 such values. GPU-path GEMMs are compared against the
     # plain reference with "gemm_rel_rmse", which this is far below.
     "rebase_rel": 1e-4,
+    # The opt-in Hopper FP8 mainloop (e4m3 wgmma on rebased operands) vs the reference: Hopper's
+    # FP8 MMA keeps ~14 mantissa bits while it accumulates (truncating), even with the partial sums
+    # promoted to float32 after every 128-K step; measured up to 9.6e-3 on an H200 (2026-12-01),
+    # above the DESIGN's 5e-3. This is why the FP8 mainloop is not the default.
+    "gemm_fp8_mainloop_rel_rmse": 2e-2,
 }
 
 

@@ -139,15 +139,14 @@ def _check_common(block_m: int, hidden: int, intermediate: int, weight_format: s
             raise ValueError(f"{name}: expected a positive multiple of {GEMM_BLOCK_K}, got {v}")
 
 
-def _fp8_mainloop(fp8_mainloop, arch: int, weight_format: str, act_format: str) -> bool:
-    if fp8_mainloop is None:
-        from .gemm_operands import uses_fp8_mma
-        return uses_fp8_mma(arch, weight_format, act_format)
-    return bool(fp8_mainloop)
+def _fp8_mainloop(fp8_mainloop: bool, arch: int, weight_format: str, act_format: str) -> bool:
+    """Whether the config is for the FP8 mainloop (asked for, and applicable)."""
+    from .gemm_operands import uses_fp8_mma
+    return bool(fp8_mainloop) and uses_fp8_mma(arch, weight_format, act_format)
 
 
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   arch: int = 90, fp8_mainloop=None) -> GroupedGemmConfig:
+                   arch: int = 90, fp8_mainloop: bool = False) -> GroupedGemmConfig:
     """Tiles of the L1 kernel (x [., H] -> gate/up [., I] each, SwiGLU, requantised h).
 
     A program stacks block_n rows of gate and block_n rows of up into one MMA operand of
@@ -183,7 +182,7 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
 
 
 def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   combine_format: str = "bf16", arch: int = 90, fp8_mainloop=None) -> GroupedGemmConfig:
+                   combine_format: str = "bf16", arch: int = 90, fp8_mainloop: bool = False) -> GroupedGemmConfig:
     """Tiles of the L2 kernel (h [., I] -> y [., H], stored to per-pair destination rows).
 
     With the FP8 combine a program quantises whole groups of 128 output columns, so block_n is a

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles,
                               uses_dot_scaled)
-from .gemm_operands import WeightOperand, e2m1_table, prepare_weight_operand, uses_fp8_mma
+from .gemm_operands import WeightOperand, e2m1_table, uses_fp8_mma
 
 __all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
 
@@ -862,12 +862,10 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
     """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
     if not uses_fp8_mma(arch, weight_format, act_format):
         return "raw", data, scale, None, None
-    if operand is not None and operand.kind == "raw":      # the caller chose the bf16 mainloop
-        if operand.data is not data:
+    if operand is None or operand.kind == "raw":           # the bf16 mainloop (the default)
+        if operand is not None and operand.data is not data:
             raise ValueError(f"{name}: a raw operand must wrap the weight passed as data")
         return "raw", data, scale, None, None
-    if operand is None:
-        operand = prepare_weight_operand(weight_format, data, scale, arch=arch, act_format=act_format)
     if not isinstance(operand, WeightOperand) or operand.format != weight_format or \
             tuple(operand.shape) != tuple(shape) or operand.data.device != device or not operand.is_fp8_mma:
         raise ValueError(f"{name}: expected the FP8-mainloop operand of a {weight_format} weight "
@@ -912,8 +910,9 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         arch: compute capability as 90 / 100 (default: the tensors' device).
         num_sms: SMs the persistent grid covers (default: the device's; 4 in the interpreter).
         w13_operand: the weight as the kernel reads it (`gemm_operands.prepare_weight_operand` of
-            w13_data / w13_scale, prepared once at load time); None prepares it here (a full pass
-            over the weights: for tests and one-off calls).
+            w13_data / w13_scale, prepared once at load time). An FP8-mainloop operand selects the
+            FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts); None or a "raw" operand
+            the bf16 mainloop (the default: faster with Triton 3.6, docs/PERF.md).
 
     Hopper with FP8 / MXFP4 weights and FP8 / FP4 activations: the FP8 mainloop on rebased
     operands (`reference.rebase_weight` / `rebase_act`): the result differs from the DESIGN's
@@ -984,7 +983,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         arch = _device_arch(device) if device.type == "cuda" else 90
     if config is None:
         config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch,
-                                 fp8_mainloop=False if w13_operand is not None and w13_operand.kind == "raw" else None)
+                                fp8_mainloop=w13_operand is not None and w13_operand.kind != "raw")
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
