@@ -23,6 +23,7 @@ from .kernels import dispatch as dispatch_k
 from .kernels import gemm_api
 from .kernels import sync as sync_k
 from .kernels.pre_dispatch import mega_moe_pre_dispatch
+from .torch_backend import check_expert_ids
 
 __all__ = ["NvshmemForward"]
 
@@ -30,8 +31,13 @@ __all__ = ["NvshmemForward"]
 class NvshmemForward:
     """Per-layer state of the GPU path: the shared workspace handle and a few private arrays."""
 
-    def __init__(self, cfg: MegaMoEConfig, group, rank: int, num_ranks: int, device: torch.device):
+    name = "nvshmem"
+
+    def __init__(self, cfg: MegaMoEConfig, group, rank: int, num_ranks: int, device: torch.device,
+                 stats, error_count: torch.Tensor, validate: bool = True):
         self.cfg, self.group, self.rank, self.num_ranks, self.device = cfg, group, rank, num_ranks, device
+        self.stats, self.error_count, self.validate = stats, error_count, validate
+        self.w13 = self.w2 = None
         self.ws = wsmod.get_workspace(cfg, group, device=device)
         lay = self.ws.layout
         self.off = {s.name: s.offset for s in lay}
@@ -62,8 +68,17 @@ class NvshmemForward:
         sync_k.symmetric_barrier(self.ws.peer_bases, self.off["signals"], self.rank, self.num_ranks,
                                  self.timeout, self.cfg.spin_timeout_s, phase)
 
-    def forward(self, x, topk_idx, topk_weights, w13, w2, stats, error_count) -> torch.Tensor:
+    def prepare_weights(self, qw13, qw2) -> None:
+        self.w13, self.w2 = qw13, qw2
+
+    def check_errors(self) -> None:
         self.timeout.check()
+
+    def forward(self, x, topk_idx, topk_weights) -> torch.Tensor:
+        self.timeout.check()
+        if self.validate:
+            check_expert_ids(topk_idx, self.cfg.num_experts)
+        w13, w2, stats, error_count = self.w13, self.w2, self.stats, self.error_count
         cfg, ws = self.cfg, self.ws
         T = x.shape[0]
         # 1. pre-dispatch into the symmetric slots (pads top-k rows [T, T_max) with -1 / 0).
