@@ -29,7 +29,7 @@ def _bf16_rne_bits(v):
     return (b >> 16).to(tl.int16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts,
                     H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
