@@ -233,13 +233,26 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
     of the counts), cursor int32 [E_local] zeroed; pair_rows int32 [P], pair_weights float32 [P],
     pair_dst / pair_dst_sf int64 [P] outputs.
     """
+    grid, args, kwargs = fill_args(
+        peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst, pair_dst_sf,
+        my_base=my_base, rank=rank, num_ranks=num_ranks, num_local_experts=num_local_experts,
+        max_tokens=max_tokens, topk=topk, x_row_bytes=x_row_bytes, sf_row_bytes=sf_row_bytes,
+        comb_row_bytes=comb_row_bytes, comb_sf_row_bytes=comb_sf_row_bytes, block_t=block_t,
+        chunk=chunk)
+    _fill_kernel[grid](*args, **kwargs)
+
+
+def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
+              pair_dst_sf, *, my_base, rank, num_ranks, num_local_experts, max_tokens, topk,
+              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=512):
+    """(grid, args, kwargs) of one `_fill_kernel` launch (arguments as `dispatch_fill`)."""
     assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
-    _fill_kernel[grid](
-        peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
-        offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
-        offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst, pair_dst_sf,
-        rank, num_local_experts, max_tokens,
-        X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
-        COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t, CHUNK=chunk,
-        num_warps=4)
+    args = (peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
+            offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
+            offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
+            pair_dst_sf, rank, num_local_experts, max_tokens)
+    kwargs = dict(X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
+                  COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t,
+                  CHUNK=chunk, num_warps=4)
+    return grid, args, kwargs
