@@ -85,3 +85,35 @@ def test_count_plan_matches_torch_ops():
 
 def test_count_plan_through_launcher():
     _run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), launcher_too=True)
+
+
+def test_new_kernel_variants_compile_for_hopper_and_blackwell():
+    """The count+plan kernel and the pre-dispatch's id-check / bf16-copy branches build (PTX)."""
+    from mega_moe_layer.kernels import _compile, heuristics
+    from mega_moe_layer.kernels.pre_dispatch import _pre_dispatch_kernel
+    i32 = "i32"
+    cp_sig = dict(peer_bases_ptr="*i64", idx_off="i64", counts_ptr="*i32", ticket_ptr="*i32",
+                  offsets_ptr="*i32", cursor_ptr="*i32", tile_expert_ptr="*i32",
+                  tile_row_start_ptr="*i32", num_tiles_ptr="*i32", stats_last_ptr="*i32",
+                  stats_cum_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32, max_tiles=i32)
+    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_TILES=64, STATS=True)
+    pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
+    pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",
+              "out_sf_ptr": "*i8", "out_idx_ptr": "*i32", "out_w_ptr": "*i32", "num_tokens": i32,
+              "max_tokens": i32, "num_topk_rows": i32, "num_topk_programs": i32,
+              "bad_row_ptr": "*i32", "num_experts": i32}
+    pd_cx = dict(HIDDEN=7168, GROUP=32, TOPK=8, TOPK_PAD=8, USE_FP4=False, HW_CVT=True,
+                 NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
+                 TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=True, COPY_BF16=True,
+                 num_tokens_ptr=None)
+    jobs = [_compile.CompileJob(dispatch_k._count_plan_kernel, cp_sig, cp_cx, a) for a in (90, 100)]
+    jobs += [_compile.CompileJob(_pre_dispatch_kernel, pd_sig, pd_cx, a, enable_fp_fusion=False)
+             for a in (90, 100)]
+    try:
+        ptxs = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for ptx, arch in zip(ptxs, (90, 100, 90, 100)):
+        assert _compile.ptx_target(ptx) == f"sm_{arch}a"
+    assert all("atom.global" in p for p in ptxs[:2]), "ticket / count atomics"
+    assert all("atom.global" in p or "red.global" in p for p in ptxs[2:]), "bad-row atomic min"
