@@ -50,8 +50,15 @@ class MegaMoEExperts(nn.Module):
         torch_experts: expert math of the torch backend: "reference" (bitwise the reference) or
             "grouped_mm" (CUDA only: torch._grouped_mm / _scaled_grouped_mm, the benchmarks'
             baseline).
-        validate: check inputs eagerly (host sync on GPU). With False, out-of-range expert ids are
-            dropped and counted in `error_count`, which `check_errors()` raises on.
+        validate: True: an expert id outside [-1, E) raises ValueError naming the first bad row
+            before the call returns (nvshmem: checked by the first kernel, then one 4-byte
+            device-to-host read; not CUDA-graph capturable). False: such pairs are dropped and
+            counted in `error_count`, which `check_errors()` raises on (no host synchronisation).
+            Settable at any time.
+
+    Under `torch.compile` the nvshmem backend is the custom op `mega_moe::experts_forward` (no
+    graph break, capturable in a CUDA graph with validate=False); the torch backend compiles with
+    graph breaks at its host reads.
 
     forward(x [T, H] bf16, topk_idx [T, K] int32/int64, topk_weights [T, K] float32) -> [T, H] bf16.
     """
