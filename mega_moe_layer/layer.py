@@ -1,29 +1,28 @@
-"""The modules: `MegaMoEExperts` (routed experts, expert parallel), `TopKRouter`, `MegaMoE`.
+"""The modules: `MegaMoEExperts` (routed experts, expert parallel), `TopKRouter`, `SharedExpert`,
+`MegaMoE`. The computation lives in the backends, behind one interface (`backend.ExpertsBackend`):
 
-Backends of `MegaMoEExperts`:
-
-- ``"torch"``: the DESIGN algorithm with `torch.distributed` collectives (gloo on the CPU, NCCL on
-  GPUs): quantise, one `all_to_all_single` of packed token rows (a token crosses to a rank once,
-  however many of that rank's experts it selected), the reference expert computation, one
-  `all_to_all_single` of the result rows back, the ascending-k reduce. Bitwise equal to
-  `reference.moe_reference` on one process.
-- ``"nvshmem"``: the GPU path (`nvshmem_backend.py`): Triton kernels over an NVSHMEM symmetric
+- ``"torch"`` (`torch_backend.py`): the DESIGN algorithm with `torch.distributed` collectives (gloo
+  on the CPU, NCCL on GPUs) and the reference experts (or torch's grouped GEMMs, the benchmarks'
+  baseline). Bitwise equal to `reference.moe_reference` on one process.
+- ``"nvshmem"`` (`nvshmem_backend.py`): the GPU path: Triton kernels over an NVSHMEM symmetric
   workspace shared by the group's layers; NVLink pull dispatch, grouped GEMMs, combine, no host
-  synchronisation (CUDA-graph capturable). The default when CUDA (sm_90+) and nvshmem4py are
-  available; `MegaMoEExperts.is_supported(cfg, backend, device)` says why not otherwise.
+  synchronisation (CUDA-graph capturable), a registered custom op under `torch.compile`. The
+  default when CUDA (sm_90+) and nvshmem4py are available; `MegaMoEExperts.is_supported(cfg,
+  backend, device)` says why not otherwise.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import MegaMoEConfig, H_GROUP
+from .backend import ExpertsBackend
+from .config import MegaMoEConfig
 from .formats import QuantizedWeight, quantize_weight
-from .kernels import reference as ref
 from .stats import ExpertLoadStats
+from .torch_backend import TORCH_EXPERTS, TorchBackend
 
 __all__ = ["MegaMoEExperts", "TopKRouter", "MegaMoE", "SharedExpert", "resolve_group"]
 
@@ -51,8 +50,15 @@ class MegaMoEExperts(nn.Module):
         torch_experts: expert math of the torch backend: "reference" (bitwise the reference) or
             "grouped_mm" (CUDA only: torch._grouped_mm / _scaled_grouped_mm, the benchmarks'
             baseline).
-        validate: check inputs eagerly (host sync on GPU). With False, out-of-range expert ids are
-            dropped and counted in `error_count`, which `check_errors()` raises on.
+        validate: True: an expert id outside [-1, E) raises ValueError naming the first bad row
+            before the call returns (nvshmem: checked by the first kernel, then one 4-byte
+            device-to-host read; not CUDA-graph capturable). False: such pairs are dropped and
+            counted in `error_count`, which `check_errors()` raises on (no host synchronisation).
+            Settable at any time.
+
+    Under `torch.compile` the nvshmem backend is the custom op `mega_moe::experts_forward` (no
+    graph break, capturable in a CUDA graph with validate=False); the torch backend compiles with
+    graph breaks at its host reads.
 
     forward(x [T, H] bf16, topk_idx [T, K] int32/int64, topk_weights [T, K] float32) -> [T, H] bf16.
     """
@@ -60,7 +66,7 @@ class MegaMoEExperts(nn.Module):
     def __init__(self, cfg: MegaMoEConfig, group=None, device=None, backend: Optional[str] = None,
                  validate: bool = True, torch_experts: str = "reference"):
         super().__init__()
-        if torch_experts not in ("reference", "grouped_mm"):
+        if torch_experts not in TORCH_EXPERTS:
             raise ValueError(f"torch_experts: expected 'reference' or 'grouped_mm', got {torch_experts!r}")
         self.torch_experts = torch_experts
         if not isinstance(cfg, MegaMoEConfig):
@@ -82,18 +88,31 @@ class MegaMoEExperts(nn.Module):
             if not ok:
                 raise ValueError(f"backend='nvshmem' is not available: {reason}")
         self.backend = backend
-        self.validate = validate
         self.stats = ExpertLoadStats(self.num_local_experts, self.device)
         self.register_buffer("error_count", torch.zeros(1, dtype=torch.int32, device=self.device),
                              persistent=False)
-        self._gpu = None
+        args = (cfg, self.group, self.rank, self.num_ranks, self.device, self.stats, self.error_count)
         if backend == "nvshmem":
             from .nvshmem_backend import NvshmemForward
-            self._gpu = NvshmemForward(cfg, self.group, self.rank, self.num_ranks, self.device)
+            self._backend: ExpertsBackend = NvshmemForward(*args, validate=validate)
+        else:
+            self._backend = TorchBackend(*args, torch_experts=torch_experts, validate=validate)
         self.w13: Optional[QuantizedWeight] = None
         self.w2: Optional[QuantizedWeight] = None
-        self._w13_f32: Optional[torch.Tensor] = None
-        self._w2_f32: Optional[torch.Tensor] = None
+
+    @property
+    def validate(self) -> bool:
+        """Check expert ids eagerly (see the class docstring); settable at any time."""
+        return self._backend.validate
+
+    @validate.setter
+    def validate(self, value: bool) -> None:
+        self._backend.validate = bool(value)
+
+    @property
+    def _gpu(self):
+        """The nvshmem backend object (None for the torch backend)."""
+        return self._backend if self.backend == "nvshmem" else None
 
     # ------------------------------------------------------------------ capabilities
     @staticmethod
@@ -134,8 +153,7 @@ class MegaMoEExperts(nn.Module):
         """Raise RuntimeError if a GPU spin-wait timed out (read from pinned host memory, so this
         works after the kernel trapped) or pairs were dropped for out-of-range ids (validate=False).
         """
-        if self._gpu is not None:
-            self._gpu.timeout.check()
+        self._backend.check_errors()
         n = int(self.error_count.item())
         if n:
             raise RuntimeError(f"rank {self.rank}: {n} (token, slot) pairs had an expert id outside "
@@ -163,17 +181,14 @@ class MegaMoEExperts(nn.Module):
             lo = self.rank * El
             w13, w2 = w13[lo:lo + El], w2[lo:lo + El]
         dev = self.device
-        self.w13 = quantize_weight(w13.to(dev), cfg.weight_format, "w13")
-        self.w2 = quantize_weight(w2.to(dev), cfg.weight_format, "w2")
-        if self._gpu is not None:
-            self._gpu.prepare_weights(self.w13, self.w2)
-        if self._gpu is None and self.torch_experts == "grouped_mm":
-            if self.device.type != "cuda":
-                raise ValueError("torch_experts='grouped_mm' needs a CUDA device")
-            self._prepare_grouped_mm()
-        elif self._gpu is None:  # the reference computes on exact dequantised weights
-            self._w13_f32 = self.w13.dequantize()
-            self._w2_f32 = self.w2.dequantize()
+        self._install_weights(quantize_weight(w13.to(dev), cfg.weight_format, "w13"),
+                              quantize_weight(w2.to(dev), cfg.weight_format, "w2"))
+
+    def _install_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
+        """The one place weights enter the layer (every loader ends here): keep them and let the
+        backend prepare its own form of them."""
+        self.w13, self.w2 = qw13, qw2
+        self._backend.prepare_weights(qw13, qw2)
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, x, topk_idx, topk_weights) -> None:
@@ -201,175 +216,13 @@ class MegaMoEExperts(nn.Module):
         if tuple(topk_weights.shape) != (T, cfg.topk):
             raise ValueError(f"topk_weights: expected shape [{T}, {cfg.topk}], "
                              f"got {tuple(topk_weights.shape)}")
-        if self.validate and T > 0:
-            bad = (topk_idx < -1) | (topk_idx >= cfg.num_experts)
-            if bool(bad.any()):
-                row = int(bad.any(dim=1).nonzero()[0, 0])
-                raise ValueError(f"topk_idx: row {row} has an expert id outside [-1, {cfg.num_experts}): "
-                                 f"{topk_idx[row].tolist()}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
             raise RuntimeError("MegaMoEExperts: call load_weights(w13, w2) before forward")
         self._check_inputs(x, topk_idx, topk_weights)
-        if self._gpu is not None:
-            return self._gpu.forward(x, topk_idx, topk_weights, self.w13, self.w2, self.stats,
-                                     self.error_count)
-        return self._forward_torch(x, topk_idx, topk_weights)
-
-    # The torch backend ------------------------------------------------------------------
-    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int],
-                    in_splits: List[int]) -> None:
-        if self.group is None or self.num_ranks == 1:
-            out.copy_(inp)
-        else:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-
-    def _row_layout(self):
-        """Byte layout of one dispatched row: [x | x_sf | topk_idx int32 | topk_weights f32]."""
-        cfg = self.cfg
-        H, K, g = cfg.hidden, cfg.topk, cfg.act_group_size
-        nx = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[cfg.act_format]
-        nsf = 0 if cfg.act_format == "bf16" else 4 * (H // g // 4)
-        return nx, nsf, 4 * K, 4 * K
-
-    def _forward_torch(self, x, topk_idx, topk_weights):
-        cfg = self.cfg
-        T, H, K = x.shape[0], cfg.hidden, cfg.topk
-        R, El, dev = self.num_ranks, self.num_local_experts, self.device
-        idx = topk_idx.to(torch.int64)
-        if not self.validate:  # drop (and count) out-of-range ids instead of raising
-            bad = (idx < -1) | (idx >= cfg.num_experts)
-            self.error_count += bad.sum().to(torch.int32)
-            idx = torch.where(bad, torch.full_like(idx, -1), idx)
-
-        # Step 1: quantise, then pack each token into one byte row.
-        xq, xsf = ref.quantize_act(x, cfg.act_format, cfg.act_group_size)
-        parts = [xq.view(torch.uint8)]
-        if xsf is not None:
-            parts.append(xsf.view(torch.uint8))
-        parts += [idx.to(torch.int32).view(torch.uint8), topk_weights.view(torch.uint8)]
-        rows = torch.cat(parts, dim=1) if T > 0 else torch.empty(0, sum(self._row_layout()),
-                                                                 dtype=torch.uint8, device=dev)
-        # Destination ranks of each token: a token goes to a rank once.
-        dest = torch.where(idx >= 0, idx // El, torch.full_like(idx, -1))
-        goes = (dest.unsqueeze(-1) == torch.arange(R, device=dev)).any(dim=1)   # [T, R]
-        rank_of_row, token_of_row = goes.t().nonzero(as_tuple=True)    # grouped by rank, ascending t
-        send_counts = torch.bincount(rank_of_row, minlength=R)
-        recv_counts = torch.empty_like(send_counts)
-        self._all_to_all(recv_counts, send_counts, [1] * R, [1] * R)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        recv = torch.empty(sum(recv_splits), rows.shape[1], dtype=torch.uint8, device=dev)
-        self._all_to_all(recv, rows[token_of_row].contiguous(), recv_splits, send_splits)
-
-        # Unpack and compute every (row, local slot) pair, expert by expert.
-        nx, nsf, ni, _ = self._row_layout()
-        n = recv.shape[0]
-        act_dtype = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8, "bf16": torch.bfloat16}[cfg.act_format]
-        r_x = recv[:, :nx].contiguous().view(act_dtype)
-        r_sf = recv[:, nx:nx + nsf].contiguous().view(torch.int32) if nsf else None
-        r_idx = recv[:, nx + nsf:nx + nsf + ni].contiguous().view(torch.int32).to(torch.int64)
-        r_w = recv[:, nx + nsf + ni:].contiguous().view(torch.float32)
-        local = r_idx - self.rank * El
-        is_local = (r_idx >= 0) & (local >= 0) & (local < El)
-        counts = torch.bincount(local[is_local], minlength=El).to(torch.int32)
-        self.stats.record(counts)
-        if self.torch_experts == "grouped_mm":
-            y_pairs = self._experts_grouped_mm(r_x, r_sf, r_w, local, is_local)
-        else:
-            y_pairs = self._experts_reference(r_x, r_sf, r_w, local, is_local)
-
-        # Send back one row per (received row, local slot), in row-major (row, k) order.
-        back = y_pairs[is_local]                                        # [P, H] bf16
-        if cfg.combine_format == "fp8":
-            q, sf = ref.combine_quantize(back)
-            back_bytes = torch.cat([q.view(torch.uint8), sf.view(torch.uint8)], dim=1)
-        else:
-            back_bytes = back.view(torch.uint8)
-        row_width = H + H // 128 if cfg.combine_format == "fp8" else 2 * H
-        pairs_back = is_local.sum(dim=1)                                # per received row
-        back_splits = [int(s.sum()) for s in torch.split(pairs_back, recv_splits)] if n else [0] * R
-        # The source knows how many of its slots each destination holds.
-        is_on = (dest.unsqueeze(0) == torch.arange(R, device=dev).view(R, 1, 1))  # [R, T, K]
-        slots_on = is_on[rank_of_row, token_of_row]                      # [S, K] for sent rows
-        ret_splits = [int(s.sum()) for s in torch.split(slots_on.sum(dim=1), send_splits)] if T else [0] * R
-        ret = torch.empty(sum(ret_splits), row_width, dtype=torch.uint8, device=dev)
-        self._all_to_all(ret, back_bytes.reshape(-1, row_width).contiguous(), ret_splits, back_splits)
-
-        # Step 7: y[t] = sum over k ascending of y_k, float32, masked slots add 0.
-        if cfg.combine_format == "fp8":
-            y_ret = ref.combine_dequantize(ret[:, :H].contiguous().view(torch.float8_e4m3fn),
-                                           ret[:, H:].contiguous().view(torch.int32))
-        else:
-            y_ret = ret.view(torch.bfloat16).float()
-        y_slots = torch.zeros(T, K, H, dtype=torch.float32, device=dev)
-        sent_t = token_of_row.unsqueeze(1).expand(-1, K)[slots_on]
-        sent_k = torch.arange(K, device=dev).unsqueeze(0).expand(slots_on.shape[0], -1)[slots_on]
-        y_slots[sent_t, sent_k] = y_ret
-        return ref.combine_reduce(y_slots, idx)
-
-
-    def _experts_reference(self, r_x, r_sf, r_w, local, is_local):
-        """y_k rows bf16 [n, K, H] of every (received row, local slot), by the reference numerics."""
-        cfg = self.cfg
-        y_pairs = torch.zeros(r_x.shape[0], cfg.topk, cfg.hidden, dtype=torch.bfloat16, device=self.device)
-        for e in range(self.num_local_experts):
-            rr, kk = torch.nonzero(is_local & (local == e), as_tuple=True)
-            if rr.numel() == 0:
-                continue
-            y_pairs[rr, kk] = ref.expert_forward(
-                r_x[rr], None if r_sf is None else r_sf[rr], r_w[rr, kk], self._w13_f32[e],
-                self._w2_f32[e], act_format=cfg.act_format, act_group_size=cfg.act_group_size,
-                activation_clamp=cfg.activation_clamp, h_group=H_GROUP)
-        return y_pairs
-
-    def _prepare_grouped_mm(self) -> None:
-        """Weights for torch's grouped GEMMs: FP8 rowwise (fp8 weights) or BF16 (mxfp4 / bf16:
-        Hopper has no MXFP4 grouped GEMM in torch, a user dequantises). Column-major B views."""
-        self._gmm = {}
-        for name, qw in (("w13", self.w13), ("w2", self.w2)):
-            w = qw.dequantize(dtype=torch.bfloat16)                       # [E_l, N, K]
-            if self.cfg.weight_format == "fp8":
-                s = (w.abs().amax(dim=-1).float().clamp_min(1e-12) / 448.0)  # [E_l, N]
-                q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
-                for e in range(w.shape[0]):                                  # bounded temporaries
-                    q[e] = (w[e].float() / s[e].unsqueeze(-1)).to(torch.float8_e4m3fn)
-                del w
-                self._gmm[name] = (q.transpose(-2, -1), s.contiguous())
-            else:
-                self._gmm[name] = (w.transpose(-2, -1), None)
-
-    def _gmm_call(self, a_bf16: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
-        b, sb = self._gmm[name]
-        if sb is None:
-            return torch._grouped_mm(a_bf16, b, offs=offs)
-        sa = a_bf16.float().abs().amax(dim=-1).clamp_min(1e-12) / 448.0
-        aq = (a_bf16.float() / sa.unsqueeze(-1)).to(torch.float8_e4m3fn)
-        return torch._scaled_grouped_mm(aq, b, sa, sb, offs=offs, out_dtype=torch.bfloat16)
-
-    def _experts_grouped_mm(self, r_x, r_sf, r_w, local, is_local):
-        """The baseline a user assembles today: torch._grouped_mm / _scaled_grouped_mm (CUDA)."""
-        cfg = self.cfg
-        n = r_x.shape[0]
-        y_pairs = torch.zeros(n, cfg.topk, cfg.hidden, dtype=torch.bfloat16, device=self.device)
-        rr, kk = torch.nonzero(is_local, as_tuple=True)
-        if rr.numel() == 0:
-            return y_pairs
-        e = local[rr, kk]
-        order = torch.argsort(e, stable=True)
-        rr, kk, e = rr[order], kk[order], e[order]
-        offs = torch.cumsum(torch.bincount(e, minlength=self.num_local_experts), 0).to(torch.int32)
-        x = ref.dequantize_act(r_x[rr], None if r_sf is None else r_sf[rr], cfg.act_format,
-                               cfg.act_group_size).to(torch.bfloat16)
-        gu = self._gmm_call(x, "w13", offs)
-        gate, up = gu[:, :cfg.intermediate].float(), gu[:, cfg.intermediate:].float()
-        if cfg.activation_clamp is not None:
-            gate = gate.clamp(max=cfg.activation_clamp)
-            up = up.clamp(-cfg.activation_clamp, cfg.activation_clamp)
-        h = (torch.nn.functional.silu(gate) * up * r_w[rr, kk].unsqueeze(-1)).to(torch.bfloat16)
-        y_pairs[rr, kk] = self._gmm_call(h, "w2", offs)
-        return y_pairs
+        return self._backend.forward(x, topk_idx, topk_weights)
 
 
 class TopKRouter(nn.Module):

@@ -1,18 +1,32 @@
-"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: stages as separate launches.
+"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: eight launches per call.
 
-    pre-dispatch (quantise into the symmetric x slots, pad top-k rows)
- -> barrier "dispatch"
- -> dispatch count + fill (pull routed rows from every peer over NVLink into the pool; build the
-    expert-contiguous pair arrays; counts -> statistics)
- -> L1 grouped GEMM (+ SwiGLU, clamp, top-k weight, requantise h)
- -> L2 grouped GEMM (epilogue stores y_k straight into the source rank's `combine` slot)
- -> barrier "combine"
- -> combine reduce (ascending k, float32) -> y
+    1 stage      pre-dispatch: quantise x into the symmetric x slot (bf16: copy it), copy and pad
+                 the top-k rows; with validate=True also find the first row with a bad expert id
+                 (then the one device-to-host read of the call, before any collective step)
+    2 barrier    "dispatch"
+    3 count+plan pairs per local expert from every peer's top-k rows; the last program turns them
+                 into expert offsets, the GEMM tile map and the statistics (`dispatch.py`)
+    4 fill       pull routed rows from every peer over NVLink into the pool; the pair arrays
+    5 L1         grouped GEMM (+ SwiGLU, clamp, top-k weight, requantise h)   (`_run_l1`)
+    6 L2         grouped GEMM; the epilogue stores y_k into the source rank's `combine` slot (`_run_l2`)
+    7 barrier    "combine"
+    8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
-Nothing here synchronises with the host or allocates after construction (shapes only depend on T,
-which the host knows), so a forward captures in a CUDA graph. Same import rules as `layer.py`.
+Every launch except the GEMMs is a `kernels._launch.Launcher` bound once (per token count where
+the grid depends on it), so a call costs little host time; nothing synchronises with the host
+(validate=False) and nothing is allocated but y (from the caching allocator: graph-capturable).
+
+`torch.compile`: the forward is the custom op `mega_moe::experts_forward` (declared mutations: the
+error counter and the two statistics arrays; a fake implementation giving y [T, H] bf16), reached
+while compiling; the op finds this object through an int handle (`_REGISTRY`). Eager calls run
+the same implementation directly (the dispatcher's overhead is not worth paying there).
+Same import rules as `layer.py`.
 """
 from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Dict, Tuple
 
 import torch
 
@@ -22,16 +36,75 @@ from .kernels import combine as combine_k
 from .kernels import dispatch as dispatch_k
 from .kernels import gemm_api
 from .kernels import sync as sync_k
-from .kernels.pre_dispatch import mega_moe_pre_dispatch
+from .kernels._launch import Launcher
+from .kernels.heuristics import pre_dispatch_config
+from .kernels.pre_dispatch import _pre_dispatch_kernel
 
-__all__ = ["NvshmemForward"]
+__all__ = ["NvshmemForward", "CompiledForwardMixin"]
+
+#: Live GPU forwards by handle (the custom op's way back to non-tensor state).
+_REGISTRY: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
 
 
-class NvshmemForward:
-    """Per-layer state of the GPU path: the shared workspace handle and a few private arrays."""
+@torch.library.custom_op("mega_moe::experts_forward",
+                         mutates_args=("error_count", "stats_last", "stats_cumulative"))
+def _experts_forward_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        error_count: torch.Tensor, stats_last: torch.Tensor,
+                        stats_cumulative: torch.Tensor, handle: int) -> torch.Tensor:
+    """y bf16 [T, H] of the layer registered under `handle` (see the module docstring).
 
-    def __init__(self, cfg: MegaMoEConfig, group, rank: int, num_ranks: int, device: torch.device):
+    NOTE: the op also writes the layer's private workspace (symmetric buffers, pair arrays);
+    nothing outside the op reads them, so they are not declared. The kernels write the layer's own
+    counter and statistics (bound once); when the compiler passes other tensors for them (a
+    functionalised graph hands the op copies and writes them back afterwards), the results are
+    copied into those, so the write-back carries this call's update.
+    """
+    layer = _REGISTRY[handle]
+    y = layer._forward_impl(x, topk_idx, topk_weights)
+    for arg, own in ((error_count, layer.error_count), (stats_last, layer.stats.last),
+                     (stats_cumulative, layer.stats.cumulative)):
+        if arg.data_ptr() != own.data_ptr():
+            arg.copy_(own)
+    return y
+
+
+@_experts_forward_op.register_fake
+def _experts_forward_fake(x, topk_idx, topk_weights, error_count, stats_last, stats_cumulative,
+                          handle):
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bfloat16)
+
+
+class CompiledForwardMixin:
+    """`forward` = the custom op while `torch.compile` traces, else `_forward_impl` directly.
+
+    The class sets `stats`, `error_count` and calls `_register()` once; `_forward_impl(x,
+    topk_idx, topk_weights) -> y` is the real work.
+    """
+
+    def _register(self) -> None:
+        self.handle = next(_HANDLES)
+        _REGISTRY[self.handle] = self
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.mega_moe.experts_forward(x, topk_idx, topk_weights, self.error_count,
+                                                      self.stats.last, self.stats.cumulative,
+                                                      self.handle)
+        return self._forward_impl(x, topk_idx, topk_weights)
+
+
+class NvshmemForward(CompiledForwardMixin):
+    """Per-layer state of the GPU path (implements `backend.ExpertsBackend`): the shared
+    workspace handle, a few private arrays, and the bound launches."""
+
+    name = "nvshmem"
+
+    def __init__(self, cfg: MegaMoEConfig, group, rank: int, num_ranks: int, device: torch.device,
+                 stats, error_count: torch.Tensor, validate: bool = True):
         self.cfg, self.group, self.rank, self.num_ranks, self.device = cfg, group, rank, num_ranks, device
+        self.stats, self.error_count, self.validate = stats, error_count, validate
+        self.w13 = self.w2 = None
         self.ws = wsmod.get_workspace(cfg, group, device=device)
         lay = self.ws.layout
         self.off = {s.name: s.offset for s in lay}
@@ -41,16 +114,21 @@ class NvshmemForward:
         P = self.ws.view("pair_rows").numel()
         self.max_pairs = P
         i32 = dict(dtype=torch.int32, device=device)
+        # NOTE: counts, cursor and ticket are zero between calls (the count+plan kernel resets
+        # them); tile rows past num_tiles hold -1 / 0 (it clears the ones it stops using).
         self.counts = torch.zeros(El, **i32)
         self.cursor = torch.zeros(El, **i32)
+        self.ticket = torch.zeros(1, **i32)
         self.expert_offsets = torch.zeros(El + 1, **i32)
         self.pair_weights = torch.zeros(P, dtype=torch.float32, device=device)
         self.pair_dst = torch.zeros(P, dtype=torch.int64, device=device)
         self.pair_dst_sf = torch.zeros(P, dtype=torch.int64, device=device)
         self.max_tiles = gemm_api.max_tiles(P, El, gemm_api.SMALLEST_BLOCK_M)
-        self.tile_expert = torch.zeros(self.max_tiles, **i32)
+        self.tile_expert = torch.full((self.max_tiles,), -1, **i32)
         self.tile_row_start = torch.zeros(self.max_tiles, **i32)
         self.num_tiles = torch.zeros(1, **i32)
+        #: first row with an out-of-range id (validate=True), INT32_MAX when none
+        self.bad_row = torch.full((1,), dispatch_k.INT32_MAX, **i32)
         self.timeout = sync_k.TimeoutInfo()
         H, g = cfg.hidden, cfg.act_group_size
         self.x_row_bytes = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[cfg.act_format]
@@ -59,85 +137,174 @@ class NvshmemForward:
         self.comb_sf_row_bytes = H // 128 if cfg.combine_format == "fp8" else 0
         self.w13_op = self.w2_op = None
         self.rebase_report = None
+        # NOTE: read once here: a device query inside the forward is a data-dependent guard
+        # under torch.compile (and host time in eager).
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self._bind_fixed_launches()
+        self._per_T: Dict[int, Tuple] = {}
+        self._stage: Dict[Tuple, Launcher] = {}
+        self._count_plan: Dict[int, Launcher] = {}
+        self._register()
 
-    def prepare_weights(self, w13, w2) -> None:
-        """The weights as the GEMMs read them (`gemm_operands`), prepared once per load; the
-        rebasing report (values the Hopper FP8 mainloop's rebasing changed) lands in
-        `self.rebase_report`."""
-        from .kernels.gemm_operands import prepare_weight_operand
-        major, minor = torch.cuda.get_device_capability(self.device)
-        arch = 10 * major + minor
+    # ------------------------------------------------------------------ bound launches
+    def _bind_fixed_launches(self) -> None:
+        cfg, ws, R = self.cfg, self.ws, self.num_ranks
+        bar = dict(peer_bases=ws.peer_bases, signals_offset=self.off["signals"], rank=self.rank,
+                   num_ranks=R, info=self.timeout, timeout_s=cfg.spin_timeout_s)
+        self._barrier_dispatch = Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="dispatch"))
+        self._barrier_combine = Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="combine"))
+        self._kw = dict(rank=self.rank, num_ranks=R, num_local_experts=self.num_local_experts,
+                        max_tokens=cfg.max_tokens_per_rank, topk=cfg.topk)
+        self._fill = Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
+            ws.peer_bases, self.off, self.expert_offsets, self.cursor, ws.view("pair_rows"),
+            self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
+            x_row_bytes=self.x_row_bytes, sf_row_bytes=self.sf_row_bytes,
+            comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes, **self._kw))
+        # combine: bound for T = 1; each call sets y, T and the grid
+        y1 = torch.empty(1, cfg.hidden, dtype=torch.bfloat16, device=self.device)
+        fp8 = cfg.combine_format == "fp8"
+        self._combine = Launcher(combine_k._combine_kernel, *combine_k.combine_args(
+            ws.view("combine"), ws.view("combine_sf") if fp8 else None, ws.view("topk_idx"), y1,
+            self.error_count, cfg.num_experts))
+        self._combine_h_blocks = self._combine.grid[1]
+
+    def _count_plan_launcher(self, block_m: int) -> Launcher:
+        lc = self._count_plan.get(block_m)
+        if lc is None:
+            lc = Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
+                self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
+                self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
+                self.num_tiles, self.stats.last, self.stats.cumulative, block_m=block_m, **self._kw))
+            self._count_plan[block_m] = lc
+        return lc
+
+    def _plan_T(self, T: int) -> Tuple:
+        """(stage config, stage grid, block_m) for a call of T tokens (cached per T)."""
         cfg = self.cfg
+        pcfg = pre_dispatch_config(T, cfg.hidden, cfg.act_group_size, num_sms=self.num_sms,
+                                   use_fp4=cfg.act_format == "fp4")
+        grid = (pcfg.num_topk_programs(cfg.max_tokens_per_rank) + pcfg.num_x_programs(T),)
+        bm = gemm_api.block_m_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
+        plan = (pcfg, grid, bm)
+        self._per_T[T] = plan
+        return plan
+
+    def _stage_launcher(self, pcfg, x_words, topk_idx, w_words, T: int) -> Launcher:
+        key = (pcfg, topk_idx.dtype, self.validate)
+        ls = self._stage.get(key)
+        if ls is None:
+            cfg, ws = self.cfg, self.ws
+            fmt = cfg.act_format
+            buf_x = ws.view("x")
+            out_x = {"fp8": torch.int16, "fp4": torch.int8, "bf16": torch.int32}[fmt]
+            out_x = buf_x.view(out_x)
+            out_sf = buf_x.view(torch.int8) if fmt == "bf16" else ws.view("x_sf").view(torch.int8)
+            Tmax = cfg.max_tokens_per_rank
+            args = (x_words, topk_idx, w_words, out_x, out_sf, ws.view("topk_idx"),
+                    ws.view("topk_weights").view(torch.int32), None, T, T, Tmax,
+                    pcfg.num_topk_programs(Tmax), self.bad_row, cfg.num_experts)
+            kwargs = dict(HIDDEN=cfg.hidden, GROUP=cfg.act_group_size, TOPK=cfg.topk,
+                          TOPK_PAD=triton_next_pow2(cfg.topk), USE_FP4=fmt == "fp4", HW_CVT=True,
+                          NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
+                          TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=bool(self.validate),
+                          COPY_BF16=fmt == "bf16", num_warps=pcfg.num_warps, enable_fp_fusion=False)
+            ls = Launcher(_pre_dispatch_kernel, (1,), args, kwargs)
+            self._stage[key] = ls
+            return ls
+        ls.set("x_ptr", x_words)
+        ls.set("topk_idx_ptr", topk_idx)
+        ls.set("topk_w_ptr", w_words)
+        ls.set("num_tokens", T)
+        ls.set("max_tokens", T)
+        return ls
+
+    # ------------------------------------------------------------------ backend interface
+    def prepare_weights(self, qw13, qw2) -> None:
+        """Keep the weights and prepare, once per load, what the GEMMs read (`gemm_operands`:
+        the bf16 mainloop's raw operands, or with `cfg.hopper_fp8_mainloop` the rebased
+        operands of the FP8 mainloop; `rebase_report` counts the values rebasing changed)."""
+        from .kernels.gemm_operands import prepare_weight_operand
+        self.w13, self.w2 = qw13, qw2
+        major, minor = torch.cuda.get_device_capability(self.device)
+        arch, cfg = 10 * major + minor, self.cfg
         fp8 = cfg.hopper_fp8_mainloop
-        self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch,
+        self.w13_op = prepare_weight_operand(qw13.format, qw13.data, qw13.scale, arch=arch,
                                              act_format=cfg.act_format, name="w13", fp8_mainloop=fp8)
-        self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch,
+        self.w2_op = prepare_weight_operand(qw2.format, qw2.data, qw2.scale, arch=arch,
                                             act_format=cfg.act_format, name="w2", fp8_mainloop=fp8)
         self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
 
-    def _barrier(self, phase: str) -> None:
-        sync_k.symmetric_barrier(self.ws.peer_bases, self.off["signals"], self.rank, self.num_ranks,
-                                 self.timeout, self.cfg.spin_timeout_s, phase)
-
-    def forward(self, x, topk_idx, topk_weights, w13, w2, stats, error_count) -> torch.Tensor:
+    def check_errors(self) -> None:
         self.timeout.check()
-        cfg, ws = self.cfg, self.ws
-        T = x.shape[0]
-        # 1. pre-dispatch into the symmetric slots (pads top-k rows [T, T_max) with -1 / 0).
-        if cfg.act_format == "bf16":
-            if T:
-                ws.view("x")[:T].copy_(x)
-            ws.view("topk_idx")[:T].copy_(topk_idx)
-            ws.view("topk_idx")[T:].fill_(-1)
-            ws.view("topk_weights")[:T].copy_(topk_weights)
-            ws.view("topk_weights")[T:].zero_()
-        else:
-            mega_moe_pre_dispatch(x, topk_idx, topk_weights, ws.view("x"), ws.view("x_sf"),
-                                  ws.view("topk_idx"), ws.view("topk_weights"), T,
-                                  group_size=cfg.act_group_size,
-                                  use_fp4_acts=cfg.act_format == "fp4")
-        self._barrier("dispatch")
 
-        # 2. dispatch: counts -> offsets -> pull rows and build the pairs.
-        kw = dict(rank=self.rank, num_ranks=self.num_ranks, num_local_experts=self.num_local_experts,
-                  max_tokens=cfg.max_tokens_per_rank, topk=cfg.topk)
-        self.counts.zero_()
-        dispatch_k.dispatch_count(ws.peer_bases, self.off["topk_idx"], self.counts, **kw)
-        torch.cumsum(self.counts, 0, out=self.expert_offsets[1:])
-        self.cursor.zero_()
-        pair_rows = ws.view("pair_rows")
-        dispatch_k.dispatch_fill(
-            ws.peer_bases, self.off, self.expert_offsets, self.cursor, pair_rows, self.pair_weights,
-            self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr, x_row_bytes=self.x_row_bytes,
-            sf_row_bytes=self.sf_row_bytes, comb_row_bytes=self.comb_row_bytes,
-            comb_sf_row_bytes=self.comb_sf_row_bytes, **kw)
-        stats.record(self.counts)
-
-        # 3. the expert GEMMs; L2 stores into the owners' combine slots.
-        g = gemm_api
-        bm = g.block_m_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
-        g.build_tile_map(self.expert_offsets, bm, self.max_tiles, self.tile_expert,
-                         self.tile_row_start, self.num_tiles)
+    # ------------------------------------------------------------------ the GEMMs
+    def _run_l1(self, block_m: int) -> None:
+        cfg, ws, g, w13 = self.cfg, self.ws, gemm_api, self.w13
         h, h_sf = ws.view("h"), ws.view("h_sf")
         g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
-                          pair_rows, self.pair_weights, self.expert_offsets, self.tile_expert,
+                          ws.view("pair_rows"), self.pair_weights, self.expert_offsets, self.tile_expert,
                           self.tile_row_start, self.num_tiles, w13.data, w13.scale, h,
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
-                          block_m=bm, w13_operand=self.w13_op)
+                          block_m=block_m, w13_operand=self.w13_op)
+
+    def _run_l2(self, block_m: int) -> None:
+        cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
+        h, h_sf = ws.view("h"), ws.view("h_sf")
         g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
                           self.tile_expert, self.tile_row_start, self.num_tiles, w2.data, w2.scale,
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
-                          hidden=cfg.hidden, block_m=bm, w2_operand=self.w2_op)
-        self._barrier("combine")
+                          hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op)
 
-        # 4. combine reduce into a fresh y (the caller owns it).
-        y = torch.empty(T, cfg.hidden, dtype=torch.bfloat16, device=self.device)
-        combine_k.combine_reduce(ws.view("combine"),
-                                 ws.view("combine_sf") if cfg.combine_format == "fp8" else None,
-                                 ws.view("topk_idx"), y, error_count, cfg.num_experts)
+    # ------------------------------------------------------------------ forward
+    def _forward_impl(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.device.index != torch.cuda.current_device():
+            with torch.cuda.device(self.device):
+                return self._forward_impl(x, topk_idx, topk_weights)
+        self.timeout.check()
+        T = x.shape[0]
+        plan = self._per_T.get(T)
+        if plan is None:
+            plan = self._plan_T(T)
+        pcfg, grid, bm = plan
+        # 1. stage x and the top-k rows (pads rows [T, T_max) with -1 / 0)
+        stage = self._stage_launcher(pcfg, x.view(torch.int32), topk_idx, topk_weights.view(torch.int32), T)
+        stage.set_grid(grid)
+        stage()
+        if self.validate and T:
+            bad = int(self.bad_row.item())          # the call's one device-to-host read
+            if bad != dispatch_k.INT32_MAX:
+                self.bad_row.fill_(dispatch_k.INT32_MAX)
+                raise ValueError(f"topk_idx: row {bad} has an expert id outside "
+                                 f"[-1, {self.cfg.num_experts}): {topk_idx[bad].tolist()}")
+        self._barrier_dispatch()
+        # 2. dispatch: count + plan, then pull rows and build the pairs
+        lc = self._count_plan.get(bm)
+        if lc is None:
+            lc = self._count_plan_launcher(bm)
+        lc()
+        self._fill()
+        self.stats.num_calls += 1
+        # 3. the expert GEMMs; L2 stores into the owners' combine slots
+        self._run_l1(bm)
+        self._run_l2(bm)
+        self._barrier_combine()
+        # 4. combine reduce into a fresh y.
+        # NOTE: a fresh tensor rather than a view of a persistent buffer: the caller owns y (it
+        # may keep it across calls), and a custom op's output must not alias hidden state.
+        y = torch.empty((T, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
+        if T:
+            c = self._combine
+            c.set("y_ptr", y.view(torch.int16))
+            c.set("T", T)
+            c.set_grid((T, self._combine_h_blocks))
+            c()
         return y
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

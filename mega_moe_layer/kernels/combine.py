@@ -29,7 +29,7 @@ def _bf16_rne_bits(v):
     return (b >> 16).to(tl.int16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts,
                     H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
@@ -67,9 +67,19 @@ def combine_reduce(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y:
     T, H = y.shape
     if T == 0:
         return
+    grid, args, kwargs = combine_args(combine, combine_sf, topk_idx, y, error_counter, num_experts,
+                                      block_h)
+    _combine_kernel[grid](*args, **kwargs)
+
+
+def combine_args(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y: torch.Tensor,
+                 error_counter: torch.Tensor, num_experts: int, block_h: int = 1024):
+    """(grid, args, kwargs) of one `_combine_kernel` launch (arguments as `combine_reduce`, T > 0).
+    The kernel's `y_ptr` is y viewed as int16 (bf16 bits)."""
+    T, H = y.shape
     K = topk_idx.shape[1]
     fp8 = combine.dtype == torch.float8_e4m3fn
     grid = (T, triton.cdiv(H, block_h))
-    _combine_kernel[grid](combine, combine_sf if fp8 else combine, topk_idx, y.view(torch.int16),
-                          error_counter, T,
-                          num_experts, H=H, K=K, FP8=fp8, BLOCK_H=block_h, num_warps=4)
+    args = (combine, combine_sf if fp8 else combine, topk_idx, y.view(torch.int16), error_counter, T,
+            num_experts)
+    return grid, args, dict(H=H, K=K, FP8=fp8, BLOCK_H=block_h, num_warps=4)

@@ -8,8 +8,12 @@ per destination, and no slot of d is written by a peer before d is ready for it.
 
 Two launches after the pre-dispatch barrier (both read every peer's `topk_idx`, which is small):
 
-1. `_count_kernel`: pairs per local expert (atomics) -> `counts` int32 [E_local]; the caller turns
-   it into `expert_offsets` [E_local + 1] with a device cumsum (no host sync).
+1. `_count_plan_kernel` (`dispatch_count_plan`): pairs per local expert (atomics) -> `counts`;
+   the last program to finish (a ticket counter) turns them into everything the later stages
+   need: `expert_offsets` [E_local + 1], the GEMM tile map (`tile_expert`, `tile_row_start`,
+   `num_tiles`, exactly as `l1_gemm.build_tile_map` defines them), the statistics (`last`,
+   `cumulative`), and leaves `counts`, `cursor` and the ticket at zero for the fill and the next
+   call. (`_count_kernel` / `dispatch_count` is the bare count, kept for tests.)
 2. `_fill_kernel`: for each (source s, token t) that hits this rank, copy its row (and scales and
    top-k weights) into the receive pool at row s * T_max + t, and for each local slot k append a
    pair at `expert_offsets[e] + atomic cursor`: pool row, top-k weight, and the absolute address
@@ -24,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dispatch_count", "dispatch_fill"]
+__all__ = ["dispatch_count", "dispatch_count_plan", "dispatch_fill"]
 
 
 @triton.jit
@@ -46,6 +50,72 @@ def _count_kernel(peer_bases_ptr, idx_off, counts_ptr, rank, El, Tmax,
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     _, _, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
     tl.atomic_add(counts_ptr + loc, 1, mask=is_local, sem="relaxed")
+
+
+#: "No bad row" for the first-bad-row word of the pre-dispatch validation; also a large sentinel.
+INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(INT32_MAX)
+
+
+@triton.jit(do_not_specialize=["block_m", "max_tiles"])
+def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_ptr, cursor_ptr,
+                       tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, stats_last_ptr,
+                       stats_cum_ptr, rank, El, Tmax, block_m, max_tiles,
+                       K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
+                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr):
+    """Count, then (last program only) plan. EP >= El is a power of two.
+
+    Worked example (El = 3, block_m = 16, counts [3, 0, 37], 6 tile rows): offsets [0, 3, 3, 40],
+    tiles per expert [1, 0, 3], tile_expert [0, 2, 2, 2, -1, -1], tile_row_start
+    [0, 3, 19, 35, 0, 0], num_tiles [4]. Tile rows past num_tiles keep -1 / 0: only the rows
+    [num_tiles, previous num_tiles) are cleared, so the arrays must start as -1 / 0.
+    """
+    s = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _, _, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
+    old = tl.atomic_add(counts_ptr + loc, 1, mask=is_local, sem="relaxed")
+    # NOTE: the returned values make every thread wait until its increments are performed (at the
+    # device's coherence point) before the block-wide sum, hence before the ticket: the last
+    # program then reads complete counts (with atomics, from the same point).
+    seen = tl.sum(tl.sum(tl.where(is_local, old, 0), axis=1), axis=0)
+    inc = tl.where(seen < 0, 2, 1)                          # always 1: counts are never negative
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    ticket = tl.atomic_add(ticket_ptr, inc, sem="acq_rel")
+    if ticket == num_programs - 1:
+        e = tl.arange(0, EP)
+        em = e < El
+        c = tl.atomic_xchg(counts_ptr + e, 0, mask=em, sem="relaxed")   # read and reset
+        c = tl.where(em, c, 0)
+        incl = tl.cumsum(c, axis=0)
+        excl = incl - c
+        tl.store(offsets_ptr + 1 + e, incl, mask=em)
+        tl.store(offsets_ptr + e, excl, mask=e == 0)
+        tl.store(cursor_ptr + e, 0, mask=em)
+        if STATS:
+            tl.store(stats_last_ptr + e, c, mask=em)
+            cum = tl.load(stats_cum_ptr + e, mask=em, other=0)
+            tl.store(stats_cum_ptr + e, cum + c, mask=em)
+        tiles = (c + block_m - 1) // block_m
+        ends = tl.cumsum(tiles, axis=0)                     # inclusive
+        starts = ends - tiles
+        ends_m = tl.where(em, ends, _INT32_MAX)
+        total = tl.sum(tiles, axis=0)
+        nt = tl.minimum(total, max_tiles)
+        prev = tl.load(num_tiles_ptr)
+        tl.store(num_tiles_ptr, nt)
+        hi = tl.maximum(nt, prev)
+        for c0 in range(0, hi, BLOCK_TILES):
+            tt = c0 + tl.arange(0, BLOCK_TILES)
+            ex = tl.sum((ends_m[None, :] <= tt[:, None]).to(tl.int32), axis=1)   # searchsorted right
+            ex = tl.minimum(ex, El - 1)
+            onehot = e[None, :] == ex[:, None]
+            off_e = tl.sum(tl.where(onehot, excl[None, :], 0), axis=1)
+            start_e = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
+            valid = tt < nt
+            tm = tt < hi
+            tl.store(tile_expert_ptr + tt, tl.where(valid, ex, -1), mask=tm)
+            tl.store(tile_row_start_ptr + tt, tl.where(valid, off_e + (tt - start_e) * block_m, 0), mask=tm)
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -111,6 +181,43 @@ def dispatch_count(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torch
                         K=topk, KP=_kp(topk), BLOCK_T=block_t, num_warps=4)
 
 
+def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torch.Tensor,
+                    ticket: torch.Tensor, expert_offsets: torch.Tensor, cursor: torch.Tensor,
+                    tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
+                    stats_last, stats_cumulative, *, rank: int, num_ranks: int,
+                    num_local_experts: int, max_tokens: int, topk: int, block_m: int,
+                    block_t: int = 64, block_tiles: int = 64):
+    """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call)."""
+    El = num_local_experts
+    stats = stats_last is not None
+    grid = (num_ranks, triton.cdiv(max_tokens, block_t))
+    args = (peer_bases, topk_idx_offset, counts, ticket, expert_offsets, cursor, tile_expert,
+            tile_row_start, num_tiles, stats_last if stats else counts,
+            stats_cumulative if stats else counts, rank, El, max_tokens, block_m, tile_expert.numel())
+    kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=triton.next_power_of_2(El),
+                  BLOCK_TILES=block_tiles, STATS=stats, num_warps=4)
+    return grid, args, kwargs
+
+
+def dispatch_count_plan(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torch.Tensor,
+                        ticket: torch.Tensor, expert_offsets: torch.Tensor, cursor: torch.Tensor,
+                        tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
+                        num_tiles: torch.Tensor, stats_last=None, stats_cumulative=None, **kw) -> None:
+    """Count the pairs every rank routes to each local expert and plan the GEMMs, in one launch.
+
+    counts int32 [E_local], ticket int32 [1], cursor int32 [E_local]: zero on entry, zero again on
+    return. Outputs: expert_offsets int32 [E_local + 1] (exclusive prefix sums of the counts),
+    tile_expert / tile_row_start int32 [max_tiles] and num_tiles int32 [1] (`build_tile_map`'s
+    arrays for `block_m`; they must hold -1 / 0 / 0 before the first call), and, when given,
+    stats_last = counts, stats_cumulative += counts (int32 [E_local]). Keyword arguments as
+    `dispatch_count` plus block_m (the GEMM tile height).
+    """
+    grid, args, kwargs = count_plan_args(peer_bases, topk_idx_offset, counts, ticket, expert_offsets,
+                                         cursor, tile_expert, tile_row_start, num_tiles, stats_last,
+                                         stats_cumulative, **kw)
+    _count_plan_kernel[grid](*args, **kwargs)
+
+
 def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch.Tensor,
                   cursor: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor,
                   pair_dst: torch.Tensor, pair_dst_sf: torch.Tensor, *, my_base: int, rank: int,
@@ -126,13 +233,26 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
     of the counts), cursor int32 [E_local] zeroed; pair_rows int32 [P], pair_weights float32 [P],
     pair_dst / pair_dst_sf int64 [P] outputs.
     """
+    grid, args, kwargs = fill_args(
+        peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst, pair_dst_sf,
+        my_base=my_base, rank=rank, num_ranks=num_ranks, num_local_experts=num_local_experts,
+        max_tokens=max_tokens, topk=topk, x_row_bytes=x_row_bytes, sf_row_bytes=sf_row_bytes,
+        comb_row_bytes=comb_row_bytes, comb_sf_row_bytes=comb_sf_row_bytes, block_t=block_t,
+        chunk=chunk)
+    _fill_kernel[grid](*args, **kwargs)
+
+
+def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
+              pair_dst_sf, *, my_base, rank, num_ranks, num_local_experts, max_tokens, topk,
+              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=512):
+    """(grid, args, kwargs) of one `_fill_kernel` launch (arguments as `dispatch_fill`)."""
     assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
-    _fill_kernel[grid](
-        peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
-        offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
-        offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst, pair_dst_sf,
-        rank, num_local_experts, max_tokens,
-        X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
-        COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t, CHUNK=chunk,
-        num_warps=4)
+    args = (peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
+            offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
+            offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
+            pair_dst_sf, rank, num_local_experts, max_tokens)
+    kwargs = dict(X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
+                  COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t,
+                  CHUNK=chunk, num_warps=4)
+    return grid, args, kwargs

@@ -57,9 +57,12 @@ def _pre_dispatch_kernel(
     max_tokens,       # rows of x and topk inputs: clamp of the on-device count
     num_topk_rows,    # rows of the top-k buffers (copied below num_tokens, padded above)
     num_topk_programs,
+    bad_row_ptr,      # int32 [1] when CHECK_IDS: atomic min of the rows holding an id outside [-1, E)
+    num_experts,      # E (CHECK_IDS only)
     HIDDEN: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
     USE_FP4: tl.constexpr, HW_CVT: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
+    CHECK_IDS: tl.constexpr, COPY_BF16: tl.constexpr,
 ):
     """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
 
@@ -69,6 +72,10 @@ def _pre_dispatch_kernel(
     scales are stored as bytes: byte j of a packed little-endian word is its group j.
 
     HW_CVT: round FP8 with the GPU's conversion instruction (False in the interpreter).
+    CHECK_IDS: also record in bad_row_ptr the smallest row < n with an id outside [-1, num_experts)
+    (the caller initialises it to 2**31 - 1 and reads it once: the layer's validation).
+    COPY_BF16: copy the bf16 words of x unchanged into out_x (int32 words) and write no scales
+    (the bf16 activation format: the same single launch stages x and the top-k rows).
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
@@ -103,6 +110,10 @@ def _pre_dispatch_kernel(
         wts = tl.load(topk_w_ptr + t_offs, mask=t_in, other=0)  # 0 bits == +0.0
         tl.store(out_idx_ptr + t_offs, ids.to(out_idx_ptr.dtype.element_ty), mask=t_out)
         tl.store(out_w_ptr + t_offs, wts, mask=t_out)
+        if CHECK_IDS:
+            t_bad = t_in & ((ids < -1) | (ids >= num_experts))
+            t_row2 = t_rows[:, None] + 0 * t_cols[None, :]
+            tl.atomic_min(bad_row_ptr + 0 * t_row2, t_row2, mask=t_bad, sem="relaxed")
     else:
         # ---- quantisation of a [BLOCK_M rows, BLOCK_W scale words] tile of x ----
         # NOTE: derived sizes are annotated constexpr: the interpreter turns a plain `//` into a
@@ -131,57 +142,60 @@ def _pre_dispatch_kernel(
         lo = (w << 16).to(tl.float32, bitcast=True)           # even column
         hi = (w & -65536).to(tl.float32, bitcast=True)         # odd column (0xFFFF0000)
 
-        # UE8M0 exponent of each group's amax (a float max of |x|: exact).
-        amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi)), 2, _MAX_COMBINE).to(tl.int32, bitcast=True)
-        amax = tl.maximum(amax, _AMAX_FLOOR_BITS)
-        # NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
-        # amax <= Q * 2**(n-127), because for Q = 1.75 * 2**8 and 1.5 * 2**2 the next float
-        # above Q * 2**m is more than Q * 2**m * (1 + 2**-24) away, so the rounded quotient
-        # is <= 2**m exactly when amax <= Q * 2**m. With amax = M * 2**a (M in [1, 2)) that
-        # is n = a + 127 - Q_EXP + (M > Q's mantissa): pure integer arithmetic, no division
-        # (exhaustively checked against the reference over all bf16 values).
-        if USE_FP4:
-            e = (amax >> 23) - _FP4_Q_EXP + ((amax & 0x7FFFFF) > _FP4_Q_MANT).to(tl.int32)
+        if COPY_BF16:
+            tl.store(out_x_ptr + offs, w, mask=mask)
         else:
-            e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
-        e = tl.minimum(tl.maximum(e, 1), 254)
-        tl.store(out_sf_ptr + rows64[:, None] * GROUPS_PER_ROW + groups[None, :], e.to(tl.int8), mask=tile_ok)
-        # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
-        # finite bf16 input, kept for completeness).
-        inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)[:, :, None, None]
-        x = tl.join(lo, hi)                                                    # [BM, NG, GP, 2]
-
-        if USE_FP4 or not HW_CVT:
-            # Round-to-nearest-even of |q| = |x| * 2**(127 - e) (<= Q) to the target format by one
-            # exact fma: M is the power of two whose float32 ulp is the format's spacing in |q|'s
-            # binade (binades below the smallest normal 2**(EMIN-127) share its spacing:
-            # subnormals), so t = |x| * inv + M rounds |q| to that spacing, ties to even, and
-            # bits(t) - bits(M) counts spacings; the code is that count plus the codes below the
-            # binade, (binade - EMIN) << MB (a carry into the next binade comes out right).
-            # M's exponent field: max(q's = x's + 127 - e, EMIN) + 23 - MB. A zero or subnormal x
-            # (field 0) gives 127 - e < EMIN (e >= 105 as amax >= 1e-4), i.e. code 0, as it must.
-            xb = x.to(tl.int32, bitcast=True)
-            shift = ((127 - e + 23 - MB) << 23)[:, :, None, None]
-            mb = tl.maximum((xb & 0x7F800000) + shift, (EMIN + 23 - MB) << 23)
-            t = tl.fma(tl.abs(x), inv, mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
-            code = t - mb + ((mb >> (23 - MB)) - ((EMIN + 23 - MB) << MB))
+            # UE8M0 exponent of each group's amax (a float max of |x|: exact).
+            amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi)), 2, _MAX_COMBINE).to(tl.int32, bitcast=True)
+            amax = tl.maximum(amax, _AMAX_FLOOR_BITS)
+            # NOTE: e = exponent(fl(amax / Q)) + (mantissa != 0) equals the smallest n with
+            # amax <= Q * 2**(n-127), because for Q = 1.75 * 2**8 and 1.5 * 2**2 the next float
+            # above Q * 2**m is more than Q * 2**m * (1 + 2**-24) away, so the rounded quotient
+            # is <= 2**m exactly when amax <= Q * 2**m. With amax = M * 2**a (M in [1, 2)) that
+            # is n = a + 127 - Q_EXP + (M > Q's mantissa): pure integer arithmetic, no division
+            # (exhaustively checked against the reference over all bf16 values).
             if USE_FP4:
-                # Sign in bit 3 only for a non-zero code, i.e. q < -0.25 (the tie 0.25 goes to the
-                # even code 0): no -0 in the packed data. -0.25 * 2**(e - 127) is exact.
-                neg_thr = ((e << 23).to(tl.float32, bitcast=True) * -0.25)[:, :, None, None]
-                code = code | tl.where(x < neg_thr, 8, 0)
+                e = (amax >> 23) - _FP4_Q_EXP + ((amax & 0x7FFFFF) > _FP4_Q_MANT).to(tl.int32)
             else:
-                code = code | ((xb >> 24) & 0x80)                   # sign bit, -0 kept (as torch)
-        else:
-            # The GPU's cvt.rn.satfinite.e4m3x2.f32 of the exact product: round-to-nearest-even
-            # (|q| <= 448, so saturation never applies), -0 kept.
-            code = (x * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-        c_lo, c_hi = tl.split(code)
-        if USE_FP4:
-            packed = (c_lo | (c_hi << 4)).to(tl.int8)               # even column in the low nibble
-        else:
-            packed = (c_lo | (c_hi << 8)).to(tl.int16)              # little endian: even column first
-        tl.store(out_x_ptr + offs, packed, mask=mask)
+                e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
+            e = tl.minimum(tl.maximum(e, 1), 254)
+            tl.store(out_sf_ptr + rows64[:, None] * GROUPS_PER_ROW + groups[None, :], e.to(tl.int8), mask=tile_ok)
+            # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
+            # finite bf16 input, kept for completeness).
+            inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)[:, :, None, None]
+            x = tl.join(lo, hi)                                                    # [BM, NG, GP, 2]
+
+            if USE_FP4 or not HW_CVT:
+                # Round-to-nearest-even of |q| = |x| * 2**(127 - e) (<= Q) to the target format by one
+                # exact fma: M is the power of two whose float32 ulp is the format's spacing in |q|'s
+                # binade (binades below the smallest normal 2**(EMIN-127) share its spacing:
+                # subnormals), so t = |x| * inv + M rounds |q| to that spacing, ties to even, and
+                # bits(t) - bits(M) counts spacings; the code is that count plus the codes below the
+                # binade, (binade - EMIN) << MB (a carry into the next binade comes out right).
+                # M's exponent field: max(q's = x's + 127 - e, EMIN) + 23 - MB. A zero or subnormal x
+                # (field 0) gives 127 - e < EMIN (e >= 105 as amax >= 1e-4), i.e. code 0, as it must.
+                xb = x.to(tl.int32, bitcast=True)
+                shift = ((127 - e + 23 - MB) << 23)[:, :, None, None]
+                mb = tl.maximum((xb & 0x7F800000) + shift, (EMIN + 23 - MB) << 23)
+                t = tl.fma(tl.abs(x), inv, mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+                code = t - mb + ((mb >> (23 - MB)) - ((EMIN + 23 - MB) << MB))
+                if USE_FP4:
+                    # Sign in bit 3 only for a non-zero code, i.e. q < -0.25 (the tie 0.25 goes to the
+                    # even code 0): no -0 in the packed data. -0.25 * 2**(e - 127) is exact.
+                    neg_thr = ((e << 23).to(tl.float32, bitcast=True) * -0.25)[:, :, None, None]
+                    code = code | tl.where(x < neg_thr, 8, 0)
+                else:
+                    code = code | ((xb >> 24) & 0x80)                   # sign bit, -0 kept (as torch)
+            else:
+                # The GPU's cvt.rn.satfinite.e4m3x2.f32 of the exact product: round-to-nearest-even
+                # (|q| <= 448, so saturation never applies), -0 kept.
+                code = (x * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            c_lo, c_hi = tl.split(code)
+            if USE_FP4:
+                packed = (c_lo | (c_hi << 4)).to(tl.int8)               # even column in the low nibble
+            else:
+                packed = (c_lo | (c_hi << 8)).to(tl.int16)              # little endian: even column first
+            tl.store(out_x_ptr + offs, packed, mask=mask)
 
 
 @functools.lru_cache(maxsize=1)
@@ -338,11 +352,11 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
             x_words, topk_idx, topk_weights.view(torch.int32),
             out_x, buf_x_sf.view(torch.int8), buf_topk_idx, buf_topk_weights.view(torch.int32),
             num_tokens if on_device else None,
-            count, T, R, num_topk_programs,
+            count, T, R, num_topk_programs, None, 0,
             HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
             USE_FP4=use_fp4_acts, HW_CVT=hw_cvt, NUM_TOKENS_ON_DEVICE=on_device,
             BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
-            num_warps=config.num_warps, enable_fp_fusion=False,
+            CHECK_IDS=False, COPY_BF16=False, num_warps=config.num_warps, enable_fp_fusion=False,
         )
 
 

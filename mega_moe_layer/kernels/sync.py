@@ -67,9 +67,12 @@ class TimeoutInfo:
 
     def __init__(self):
         self.words = torch.zeros(4, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+        self._flag = self.words.numpy()      # a host view: reading it is a plain memory load
 
     def check(self) -> None:
         """Raise RuntimeError if a barrier timed out (readable after the CUDA context died)."""
+        if not self._flag[0]:
+            return
         flag, rank, phase, peer = (int(v) for v in self.words.tolist())
         if flag:
             name = PHASES[phase] if 0 <= phase < len(PHASES) else str(phase)
@@ -86,5 +89,13 @@ def symmetric_barrier(peer_bases: torch.Tensor, signals_offset: int, rank: int, 
     signals_offset: byte offset of the int64 [R, 8] `signals` slot. `_arrive=False` (tests only)
     skips this rank's arrivals, which forces a timeout.
     """
-    _barrier_kernel[(1,)](peer_bases, signals_offset, info.words, rank, num_ranks,
-                          int(timeout_s * 1e9), PHASES.index(phase), ARRIVE=_arrive, num_warps=1)
+    grid, args, kwargs = barrier_args(peer_bases, signals_offset, rank, num_ranks, info, timeout_s,
+                                      phase, _arrive)
+    _barrier_kernel[grid](*args, **kwargs)
+
+
+def barrier_args(peer_bases: torch.Tensor, signals_offset: int, rank: int, num_ranks: int,
+                 info: TimeoutInfo, timeout_s: float, phase: str, _arrive: bool = True):
+    """(grid, args, kwargs) of one `_barrier_kernel` launch (arguments as `symmetric_barrier`)."""
+    return ((1,), (peer_bases, signals_offset, info.words, rank, num_ranks, int(timeout_s * 1e9),
+                   PHASES.index(phase)), dict(ARRIVE=_arrive, num_warps=1))

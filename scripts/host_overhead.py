@@ -1,0 +1,117 @@
+"""Host time of one eager `MegaMoEExperts` forward (GPU idle before each call) and its launches.
+
+    python scripts/host_overhead.py                # dsv3 shape on one GPU (nvshmem backend)
+    python scripts/host_overhead.py --small        # a small shape (quick check)
+
+Prints, for validate False / True and T = 1, 128, 4096: the median over 50 calls of
+perf_counter() around the call (after torch.cuda.synchronize()), the GPU time of the same call
+replayed in a CUDA graph, and the kernel launches of one forward (torch.profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import mega_moe_layer as mml  # noqa: E402
+from utils import make_inputs, make_weights  # noqa: E402
+
+LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                "cudaMemsetAsync", "cudaMemcpyAsync")
+
+
+def _host_us(fn, n=50):
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def _graph_us(m, x, idx, w, n=20):
+    m.validate = False
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m(x, idx, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        m(x, idx, w)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / n
+
+
+def _launches(m, x, idx, w):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        m(x, idx, w)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.name in LAUNCH_NAMES)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--tokens", type=int, nargs="*", default=[1, 128, 4096])
+    args = p.parse_args()
+    torch.cuda.set_device(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if args.small:
+        cfg = mml.MegaMoEConfig(hidden=1024, intermediate=512, num_experts=8, topk=4, max_tokens_per_rank=4096)
+    else:
+        cfg = mml.MegaMoEConfig(hidden=7168, intermediate=2048, num_experts=256, topk=8,
+                                max_tokens_per_rank=4096, weight_format="mxfp4", act_format="fp8",
+                                combine_format="bf16")
+    m = mml.MegaMoEExperts(cfg, backend="nvshmem")
+    m.load_weights(*(t.cuda() for t in make_weights(cfg)))
+    print(f"shape H={cfg.hidden} I={cfg.intermediate} E={cfg.num_experts} K={cfg.topk} "
+          f"{cfg.weight_format}/{cfg.act_format}/{cfg.combine_format}, T_max {cfg.max_tokens_per_rank}")
+    print("| T | validate | host us / eager call | GPU us (graph) | eager / graph | launches |")
+    print("|---|---|---|---|---|---|")
+    for T in args.tokens:
+        x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=T))
+        gus = _graph_us(m, x, idx, w)
+        for v in (False, True):
+            m.validate = v
+            for _ in range(3):
+                m(x, idx, w)
+            hus = _host_us(lambda: m(x, idx, w))
+            n = _launches(m, x, idx, w)
+            # eager wall time per call, back to back (what a user sees)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                m(x, idx, w)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e6 / 20
+            print(f"| {T} | {v} | {hus:.1f} | {gus:.1f} | {wall / gus:.2f} | {n} |")
+    m.check_errors()
+    from mega_moe_layer.comm import workspace as wsm
+    wsm.destroy_all_workspaces()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""`dispatch._count_plan_kernel`: count + offsets + tile map + statistics in one launch, checked
+against the torch ops it replaces (`l1_gemm.build_tile_map`, cumsum, stats.record), over
+repeated calls (it must leave counts / cursor / ticket at zero and clear stale tile rows).
+CPU: Triton's interpreter (integer-only kernel: faithful); GPU with `-m gpu` too."""
+import pytest
+import torch
+
+import mega_moe_layer as mml
+from mega_moe_layer.comm.workspace import CPUWorkspace
+from mega_moe_layer.kernels import dispatch as dispatch_k
+from mega_moe_layer.kernels import gemm_api
+from mega_moe_layer.kernels._launch import Launcher
+
+
+def _run(dev, launcher_too):
+    R, El, K, Tmax = 2, 5, 3, 40
+    cfg = mml.MegaMoEConfig(hidden=128, intermediate=128, num_experts=El * R, topk=K,
+                            max_tokens_per_rank=Tmax)
+    wss = [CPUWorkspace(cfg, R) for _ in range(R)]
+    if dev.type == "cuda":
+        for w in wss:
+            w.buffer.data = w.buffer.data.to(dev)
+            w._views.clear()
+    bases = torch.tensor([w.buffer.data_ptr() for w in wss], dtype=torch.int64, device=dev)
+    off = wss[0].layout["topk_idx"].offset
+    i32 = dict(dtype=torch.int32, device=dev)
+    max_tiles = gemm_api.max_tiles(R * Tmax * K + 128 * El, El, gemm_api.SMALLEST_BLOCK_M)
+    st = dict(counts=torch.zeros(El, **i32), ticket=torch.zeros(1, **i32),
+              offsets=torch.zeros(El + 1, **i32), cursor=torch.zeros(El, **i32),
+              te=torch.full((max_tiles,), -1, **i32), trs=torch.zeros(max_tiles, **i32),
+              nt=torch.zeros(1, **i32), last=torch.zeros(El, **i32), cum=torch.zeros(El, **i32))
+    g = torch.Generator().manual_seed(0)
+    cum_expect = torch.zeros(El, dtype=torch.int64)
+    rank = 1
+    launchers = {}
+    # calls with shrinking / growing tile counts, skew and an empty call
+    for call, (Ts, bm, skew) in enumerate([((40, 7), 16, False), ((3, 0), 16, False),
+                                           ((40, 40), 32, True), ((0, 0), 16, False),
+                                           ((25, 9), 16, True)]):
+        all_idx = []
+        for r in range(R):
+            idx = torch.rand(Tmax, El * R, generator=g).argsort(dim=1)[:, :K].to(torch.int32)
+            if skew:
+                idx[:, 0] = rank * El + 2
+                idx[:, 1:] = torch.where(idx[:, 1:] == rank * El + 2, -1, idx[:, 1:])
+            idx[torch.rand(Tmax, K, generator=g) < 0.2] = -1
+            idx[Ts[r]:] = -1
+            wss[r].view("topk_idx").copy_(idx.to(dev))
+            all_idx.append(idx)
+        kw = dict(rank=rank, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K, block_m=bm,
+                  block_t=16, block_tiles=8)
+        a = (bases, off, st["counts"], st["ticket"], st["offsets"], st["cursor"], st["te"], st["trs"],
+             st["nt"], st["last"], st["cum"])
+        if launcher_too:
+            if bm not in launchers:
+                grid, args, kwargs = dispatch_k.count_plan_args(*a, **kw)
+                launchers[bm] = Launcher(dispatch_k._count_plan_kernel, grid, args, kwargs)
+            launchers[bm]()
+        else:
+            dispatch_k.dispatch_count_plan(*a, **kw)
+        full = torch.cat(all_idx).long()
+        mine = full[(full >= rank * El) & (full < (rank + 1) * El)] - rank * El
+        counts = torch.bincount(mine, minlength=El)
+        cum_expect += counts
+        offsets = torch.zeros(El + 1, dtype=torch.int32)
+        offsets[1:] = torch.cumsum(counts, 0)
+        te = torch.empty(max_tiles, dtype=torch.int32)
+        trs = torch.empty(max_tiles, dtype=torch.int32)
+        nt = torch.empty(1, dtype=torch.int32)
+        gemm_api.build_tile_map(offsets, bm, max_tiles, te, trs, nt)
+        what = f"call {call}"
+        assert torch.equal(st["offsets"].cpu(), offsets), what
+        assert torch.equal(st["nt"].cpu(), nt), what
+        assert torch.equal(st["te"].cpu(), te), what
+        assert torch.equal(st["trs"].cpu(), trs), what
+        assert torch.equal(st["last"].cpu().long(), counts), what
+        assert torch.equal(st["cum"].cpu().long(), cum_expect), what
+        for name in ("counts", "cursor", "ticket"):
+            assert int(st[name].abs().sum()) == 0, f"{what}: {name} not reset"
+
+
+def test_count_plan_matches_torch_ops():
+    _run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), launcher_too=False)
+
+
+def test_count_plan_through_launcher():
+    _run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), launcher_too=True)
+
+
+def test_new_kernel_variants_compile_for_hopper_and_blackwell():
+    """The count+plan kernel and the pre-dispatch's id-check / bf16-copy branches build (PTX)."""
+    from mega_moe_layer.kernels import _compile, heuristics
+    from mega_moe_layer.kernels.pre_dispatch import _pre_dispatch_kernel
+    i32 = "i32"
+    cp_sig = dict(peer_bases_ptr="*i64", idx_off="i64", counts_ptr="*i32", ticket_ptr="*i32",
+                  offsets_ptr="*i32", cursor_ptr="*i32", tile_expert_ptr="*i32",
+                  tile_row_start_ptr="*i32", num_tiles_ptr="*i32", stats_last_ptr="*i32",
+                  stats_cum_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32, max_tiles=i32)
+    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_TILES=64, STATS=True)
+    pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
+    pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",
+              "out_sf_ptr": "*i8", "out_idx_ptr": "*i32", "out_w_ptr": "*i32", "num_tokens": i32,
+              "max_tokens": i32, "num_topk_rows": i32, "num_topk_programs": i32,
+              "bad_row_ptr": "*i32", "num_experts": i32}
+    pd_cx = dict(HIDDEN=7168, GROUP=32, TOPK=8, TOPK_PAD=8, USE_FP4=False, HW_CVT=True,
+                 NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
+                 TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=True, COPY_BF16=True,
+                 num_tokens_ptr=None)
+    jobs = [_compile.CompileJob(dispatch_k._count_plan_kernel, cp_sig, cp_cx, a) for a in (90, 100)]
+    jobs += [_compile.CompileJob(_pre_dispatch_kernel, pd_sig, pd_cx, a, enable_fp_fusion=False)
+             for a in (90, 100)]
+    try:
+        ptxs = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for ptx, arch in zip(ptxs, (90, 100, 90, 100)):
+        assert _compile.ptx_target(ptx) == f"sm_{arch}a"
+    assert all("atom.global" in p for p in ptxs[:2]), "ticket / count atomics"
+    assert all("atom.global" in p or "red.global" in p for p in ptxs[2:]), "bad-row atomic min"
