@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import MegaMoEConfig, H_GROUP
-from .formats import QuantizedWeight, quantize_weight
+from .formats import QuantizedWeight, convert_weight, quantize_weight
 from .kernels import reference as ref
 from .stats import ExpertLoadStats
 
@@ -163,8 +163,49 @@ class MegaMoEExperts(nn.Module):
             lo = self.rank * El
             w13, w2 = w13[lo:lo + El], w2[lo:lo + El]
         dev = self.device
-        self.w13 = quantize_weight(w13.to(dev), cfg.weight_format, "w13")
-        self.w2 = quantize_weight(w2.to(dev), cfg.weight_format, "w2")
+        self._install_weights(quantize_weight(w13.to(dev), cfg.weight_format, "w13"),
+                              quantize_weight(w2.to(dev), cfg.weight_format, "w2"))
+
+    def load_quantized_weights(self, w13: QuantizedWeight, w2: QuantizedWeight,
+                               convert: bool = False) -> None:
+        """Load already-quantised weights exactly as they are (no bf16 copy, no requantisation).
+
+        w13: `QuantizedWeight` of logical shape [E or E_local, 2I, H] (gate rows then up rows);
+        w2: [E or E_local, H, I]; both in `cfg.weight_format` (see `QuantizedWeight.fp8 / .mxfp4 /
+        .bf16` for the checkpoint layouts). Full weights are narrowed to this rank's experts
+        before anything is copied; the kept bytes are copied to the layer's device.
+
+        convert: when False (default) a format other than `cfg.weight_format` raises ValueError;
+        when True it is dequantised and requantised to `cfg.weight_format` (`formats.convert_weight`:
+        lossy, except bf16 -> any format, which equals `load_weights` on the same bf16 values).
+        """
+        cfg = self.cfg
+        I, H, E, El = cfg.intermediate, cfg.hidden, cfg.num_experts, self.num_local_experts
+        for name, w, tail in (("w13", w13, (2 * I, H)), ("w2", w2, (H, I))):
+            if not isinstance(w, QuantizedWeight):
+                raise TypeError(f"{name}: expected a QuantizedWeight, got {type(w).__name__}")
+            if w.format != cfg.weight_format and not convert:
+                raise ValueError(f"{name}: format {w.format!r} differs from cfg.weight_format="
+                                 f"{cfg.weight_format!r}; pass convert=True to requantise (lossy)")
+            if len(w.shape) != 3 or tuple(w.shape[1:]) != tail or w.shape[0] not in (E, El):
+                raise ValueError(f"{name}: expected logical shape [{E} or {El}, {tail[0]}, {tail[1]}], "
+                                 f"got {tuple(w.shape)}")
+            w.check(name)
+        if w13.shape[0] != w2.shape[0]:
+            raise ValueError(f"w13 and w2: expert counts differ ({w13.shape[0]} vs {w2.shape[0]})")
+        if w13.shape[0] == E and El != E:
+            w13, w2 = w13.narrow_experts(self.rank * El, El), w2.narrow_experts(self.rank * El, El)
+        w13, w2 = w13.to(self.device).contiguous(), w2.to(self.device).contiguous()
+        if w13.format != cfg.weight_format:
+            w13 = convert_weight(w13, cfg.weight_format, "w13")
+        if w2.format != cfg.weight_format:
+            w2 = convert_weight(w2, cfg.weight_format, "w2")
+        self._install_weights(w13, w2)
+
+    def _install_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
+        """Set `w13` / `w2` (this rank's experts, on the layer's device, in `cfg.weight_format`)
+        and prepare what the backend computes from: the end of every weight-loading path."""
+        self.w13, self.w2 = qw13, qw2
         if self._gpu is None and self.torch_experts == "grouped_mm":
             if self.device.type != "cuda":
                 raise ValueError("torch_experts='grouped_mm' needs a CUDA device")
