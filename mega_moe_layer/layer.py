@@ -417,7 +417,8 @@ class TopKRouter(nn.Module):
     scoring "softmax" (Mixtral / Qwen-MoE: softmax over all experts, top-k, optional
     renormalisation) or "sigmoid" (DeepSeek-V3: sigmoid scores; a per-expert correction bias used for
     selection only; group-limited top-k over `n_group` groups keeping `topk_group`; weights are the
-    unbiased scores, optionally normalised). Weights are finally multiplied by
+    unbiased scores, optionally normalised; `group_score` "top2_sum" (V3) or "max" (DeepSeek-V2's
+    group-limited greedy, also with softmax scoring)). Weights are finally multiplied by
     `routed_scaling_factor`.
 
     logits_dtype: dtype of the router GEMM `x · weight^T` (x and the weight are cast to it):
@@ -433,8 +434,11 @@ class TopKRouter(nn.Module):
                  norm_topk_prob: bool = True, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, routed_scaling_factor: float = 1.0,
                  use_correction_bias: bool = False, device=None, dtype=torch.float32,
-                 logits_dtype: Optional[torch.dtype] = torch.float32):
+                 logits_dtype: Optional[torch.dtype] = torch.float32, group_score: str = "top2_sum"):
         super().__init__()
+        if group_score not in ("top2_sum", "max"):
+            raise ValueError(f"group_score: expected 'top2_sum' or 'max', got {group_score!r}")
+        self.group_score = group_score
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
         if not 0 < topk <= num_experts:
@@ -474,7 +478,10 @@ class TopKRouter(nn.Module):
         if self.n_group is not None and x.shape[0] > 0:
             T, G = x.shape[0], self.n_group
             per = self.num_experts // G
-            group_scores = choice.view(T, G, per).topk(min(2, per), dim=-1)[0].sum(dim=-1)
+            if self.group_score == "max":          # DeepSeek-V2: a group's best expert
+                group_scores = choice.view(T, G, per).amax(dim=-1)
+            else:                                   # DeepSeek-V3: sum of its top two
+                group_scores = choice.view(T, G, per).topk(min(2, per), dim=-1)[0].sum(dim=-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1)[1]
             keep = torch.zeros(T, G, dtype=torch.bool, device=x.device).scatter_(1, group_idx, True)
             keep = keep.unsqueeze(-1).expand(T, G, per).reshape(T, self.num_experts)
