@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .backend import ExpertsBackend
 from .config import MegaMoEConfig
-from .formats import QuantizedWeight, quantize_weight
+from .formats import QuantizedWeight, convert_weight, quantize_weight
 from .stats import ExpertLoadStats
 from .torch_backend import TORCH_EXPERTS, TorchBackend
 
@@ -184,6 +184,42 @@ class MegaMoEExperts(nn.Module):
         self._install_weights(quantize_weight(w13.to(dev), cfg.weight_format, "w13"),
                               quantize_weight(w2.to(dev), cfg.weight_format, "w2"))
 
+    def load_quantized_weights(self, w13: QuantizedWeight, w2: QuantizedWeight,
+                               convert: bool = False) -> None:
+        """Load already-quantised weights exactly as they are (no bf16 copy, no requantisation).
+
+        w13: `QuantizedWeight` of logical shape [E or E_local, 2I, H] (gate rows then up rows);
+        w2: [E or E_local, H, I]; both in `cfg.weight_format` (see `QuantizedWeight.fp8 / .mxfp4 /
+        .bf16` for the checkpoint layouts). Full weights are narrowed to this rank's experts
+        before anything is copied; the kept bytes are copied to the layer's device.
+
+        convert: when False (default) a format other than `cfg.weight_format` raises ValueError;
+        when True it is dequantised and requantised to `cfg.weight_format` (`formats.convert_weight`:
+        lossy, except bf16 -> any format, which equals `load_weights` on the same bf16 values).
+        """
+        cfg = self.cfg
+        I, H, E, El = cfg.intermediate, cfg.hidden, cfg.num_experts, self.num_local_experts
+        for name, w, tail in (("w13", w13, (2 * I, H)), ("w2", w2, (H, I))):
+            if not isinstance(w, QuantizedWeight):
+                raise TypeError(f"{name}: expected a QuantizedWeight, got {type(w).__name__}")
+            if w.format != cfg.weight_format and not convert:
+                raise ValueError(f"{name}: format {w.format!r} differs from cfg.weight_format="
+                                 f"{cfg.weight_format!r}; pass convert=True to requantise (lossy)")
+            if len(w.shape) != 3 or tuple(w.shape[1:]) != tail or w.shape[0] not in (E, El):
+                raise ValueError(f"{name}: expected logical shape [{E} or {El}, {tail[0]}, {tail[1]}], "
+                                 f"got {tuple(w.shape)}")
+            w.check(name)
+        if w13.shape[0] != w2.shape[0]:
+            raise ValueError(f"w13 and w2: expert counts differ ({w13.shape[0]} vs {w2.shape[0]})")
+        if w13.shape[0] == E and El != E:
+            w13, w2 = w13.narrow_experts(self.rank * El, El), w2.narrow_experts(self.rank * El, El)
+        w13, w2 = w13.to(self.device).contiguous(), w2.to(self.device).contiguous()
+        if w13.format != cfg.weight_format:
+            w13 = convert_weight(w13, cfg.weight_format, "w13")
+        if w2.format != cfg.weight_format:
+            w2 = convert_weight(w2, cfg.weight_format, "w2")
+        self._install_weights(w13, w2)
+
     def _install_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
         """The one place weights enter the layer (every loader ends here): keep them and let the
         backend prepare its own form of them."""
@@ -231,7 +267,8 @@ class TopKRouter(nn.Module):
     scoring "softmax" (Mixtral / Qwen-MoE: softmax over all experts, top-k, optional
     renormalisation) or "sigmoid" (DeepSeek-V3: sigmoid scores; a per-expert correction bias used for
     selection only; group-limited top-k over `n_group` groups keeping `topk_group`; weights are the
-    unbiased scores, optionally normalised). Weights are finally multiplied by
+    unbiased scores, optionally normalised; `group_score` "top2_sum" (V3) or "max" (DeepSeek-V2's
+    group-limited greedy, also with softmax scoring)). Weights are finally multiplied by
     `routed_scaling_factor`.
 
     logits_dtype: dtype of the router GEMM `x · weight^T` (x and the weight are cast to it):
@@ -247,8 +284,11 @@ class TopKRouter(nn.Module):
                  norm_topk_prob: bool = True, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, routed_scaling_factor: float = 1.0,
                  use_correction_bias: bool = False, device=None, dtype=torch.float32,
-                 logits_dtype: Optional[torch.dtype] = torch.float32):
+                 logits_dtype: Optional[torch.dtype] = torch.float32, group_score: str = "top2_sum"):
         super().__init__()
+        if group_score not in ("top2_sum", "max"):
+            raise ValueError(f"group_score: expected 'top2_sum' or 'max', got {group_score!r}")
+        self.group_score = group_score
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
         if not 0 < topk <= num_experts:
@@ -288,7 +328,10 @@ class TopKRouter(nn.Module):
         if self.n_group is not None and x.shape[0] > 0:
             T, G = x.shape[0], self.n_group
             per = self.num_experts // G
-            group_scores = choice.view(T, G, per).topk(min(2, per), dim=-1)[0].sum(dim=-1)
+            if self.group_score == "max":          # DeepSeek-V2: a group's best expert
+                group_scores = choice.view(T, G, per).amax(dim=-1)
+            else:                                   # DeepSeek-V3: sum of its top two
+                group_scores = choice.view(T, G, per).topk(min(2, per), dim=-1)[0].sum(dim=-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1)[1]
             keep = torch.zeros(T, G, dtype=torch.bool, device=x.device).scatter_(1, group_idx, True)
             keep = keep.unsqueeze(-1).expand(T, G, per).reshape(T, self.num_experts)

@@ -1,6 +1,6 @@
 """Swap MegaMoE into small transformers models and compare with the untouched model.
 
-For each family (DeepSeek-V3, Qwen3-MoE, Mixtral) a tiny model is built from its config with
+For each family (DeepSeek-V2/V3, GLM-4.5, Qwen2/Qwen3-MoE, OLMoE, Mixtral) a tiny model is built from its config with
 random weights (nothing is downloaded), deep-copied, its MoE blocks replaced by `MegaMoE`
 (`mega_moe_layer.integrations.transformers.replace_moe_blocks`), and both copies run a forward
 and a greedy `generate()` of 8 tokens. Printed: the max |logits difference| and rel-RMSE against
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mega_moe_layer.integrations.transformers import expert_counts, replace_moe_blocks  # noqa: E402
 from mega_moe_layer.stats import format_table  # noqa: E402
 
-FAMILIES = ("deepseek_v3", "qwen3_moe", "mixtral")
+FAMILIES = ("deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v2", "qwen2_moe", "olmoe")
 VOCAB = 1000
 
 
@@ -48,6 +48,25 @@ def tiny_config(family: str, num_layers: int = 2):
     if family == "mixtral":
         return tf.MixtralConfig(**common, intermediate_size=128, num_key_value_heads=2,
                                 num_local_experts=8, num_experts_per_tok=2)
+    if family == "glm4_moe":
+        return tf.Glm4MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128,
+                                num_key_value_heads=2, n_shared_experts=1, n_routed_experts=16,
+                                n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5,
+                                norm_topk_prob=True, first_k_dense_replace=0)
+    if family == "deepseek_v2":
+        return tf.DeepseekV2Config(**common, intermediate_size=512, moe_intermediate_size=128,
+                                   num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
+                                   n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                                   num_experts_per_tok=4, routed_scaling_factor=1.5, first_k_dense_replace=0,
+                                   kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16,
+                                   qk_nope_head_dim=32, v_head_dim=32)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128,
+                                 shared_expert_intermediate_size=256, num_key_value_heads=2,
+                                 num_experts=16, num_experts_per_tok=4, norm_topk_prob=False)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=128, num_key_value_heads=4, num_experts=16,
+                              num_experts_per_tok=4, norm_topk_prob=False)
     raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
 
 
@@ -56,7 +75,9 @@ def build_model(family: str, seed: int = 0, num_layers: int = 2):
     init) get random values so that selection-only biasing is exercised."""
     import transformers as tf
     cls = {"deepseek_v3": tf.DeepseekV3ForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
-           "mixtral": tf.MixtralForCausalLM}[family]
+           "mixtral": tf.MixtralForCausalLM, "glm4_moe": tf.Glm4MoeForCausalLM,
+           "deepseek_v2": tf.DeepseekV2ForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
+           "olmoe": tf.OlmoeForCausalLM}[family]
     torch.manual_seed(seed)
     model = cls(tiny_config(family, num_layers)).to(torch.bfloat16).eval()
     g = torch.Generator().manual_seed(seed + 1)

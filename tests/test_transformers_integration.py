@@ -49,10 +49,22 @@ def bf16_vs_stock_bound(family: str, topk: int) -> float:
     Measured (seed 0, 256 tokens): DeepSeek 3.9e-3, Qwen3 5.0e-3, Mixtral 4.4e-3, i.e. near the
     expected sqrt(n / 3) * u ~ 8e-3 and well inside.
     """
-    stock = 5 + topk + (1 if family == "qwen3_moe" else 0)
+    stock = 5 + topk + (1 if family in BF16_ROUTER_WEIGHTS else 0)
     ours = 4
-    shared = 2 if family == "deepseek_v3" else 0
+    shared = 2 if family in SHARED_EXPERT else 0
     return math.sqrt(stock + ours + shared) * U_BF16
+
+
+#: Families whose stock router rounds the top-k weights to bf16 (the logits' dtype).
+BF16_ROUTER_WEIGHTS = ("qwen3_moe", "qwen2_moe", "olmoe")
+#: Families with a shared expert (bitwise the same MLP on both sides; Qwen2-MoE's sigmoid gate too).
+SHARED_EXPERT = ("deepseek_v3", "glm4_moe", "deepseek_v2", "qwen2_moe")
+#: Families whose stock router takes topk(sorted=False): the same sets, maybe another slot order.
+UNSORTED_TOPK = ("deepseek_v3", "glm4_moe", "deepseek_v2")
+STOCK_CLASS = {"deepseek_v3": "DeepseekV3MoE", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+               "mixtral": "MixtralSparseMoeBlock", "glm4_moe": "Glm4MoeMoE",
+               "deepseek_v2": "DeepseekV2Moe", "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+               "olmoe": "OlmoeSparseMoeBlock"}
 
 
 def stock_and_swapped(family, fmt=BF16, seed=0):
@@ -78,8 +90,7 @@ def stock_route(block, x2d):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replace_summary_and_shapes(family):
     stock, model, summary = stock_and_swapped(family)
-    expected = {"deepseek_v3": "DeepseekV3MoE", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
-                "mixtral": "MixtralSparseMoeBlock"}[family]
+    expected = STOCK_CLASS[family]
     assert summary["replaced"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert set(summary["classes"].values()) == {expected}
     for name, moe in summary["layers"].items():
@@ -111,12 +122,12 @@ def test_router_topk_identical(family):
         with torch.no_grad():
             idx_s, w_s = stock_route(sb, x)
             idx_m, w_m = mb.router(x)
-        if family == "deepseek_v3":
+        if family in UNSORTED_TOPK:
             idx_s, order_s = idx_s.sort(dim=-1)
             idx_m, order_m = idx_m.sort(dim=-1)
             w_s, w_m = w_s.gather(1, order_s), w_m.gather(1, order_m)
         assert_bitwise(idx_m, idx_s.to(idx_m.dtype), f"{family} {name} top-k")
-        if family == "qwen3_moe":     # the stock router rounds the same float32 weights to bf16
+        if family in BF16_ROUTER_WEIGHTS:   # the stock router rounds the same float32 weights to bf16
             assert_bitwise(w_m.to(torch.bfloat16).float(), w_s, f"{family} weights")
         else:                         # DeepSeek: the normaliser sums in another slot order
             assert torch.allclose(w_m, w_s, rtol=1e-6, atol=0), f"{family} weights"
@@ -254,6 +265,50 @@ def test_legacy_layouts_and_tuple_output(layout):
         y_ref = summary["layers"]["model.layers.0.mlp"](x)
     assert_bitwise(y, y_ref, f"{layout} vs fused")
     assert_bitwise(logits, F.linear(x.view(-1, 256), sb.gate.weight), "router logits")
+
+
+def test_deepseek_v2_greedy_and_qwen2_shared_gate():
+    """DeepSeek-V2's plain greedy top-k (no groups); Qwen2-MoE's shared expert gate is honoured
+    (a gate pushed to sigmoid ~ 0 removes the shared expert from both)."""
+    import transformers as tf
+    cfg = swap_script.tiny_config("deepseek_v2", num_layers=1)
+    cfg.topk_method = "greedy"
+    torch.manual_seed(0)
+    block = tf.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe(cfg).to(torch.bfloat16)
+    nn.init.normal_(block.gate.weight, std=0.05)
+    moe = mtf.convert_block(block, cfg, BF16)
+    assert moe.router.n_group is None
+    x = block_input(256, shape=(300,))
+    with torch.no_grad():
+        idx_s, w_s = stock_route(block, x)
+        idx_m, w_m = moe.router(x)
+    assert torch.equal(idx_m.sort(-1)[0], idx_s.sort(-1)[0])
+    cfg.topk_method = "noaux_tc"
+    with pytest.raises(ValueError, match="topk_method='noaux_tc'"):
+        mtf.convert_block(block, cfg, BF16)
+
+    model = swap_script.build_model("qwen2_moe", num_layers=1)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.shared_expert_gate.weight.fill_(0.0)
+        block.shared_expert_gate.weight[0, 0] = -1e4         # x[:, 0] > 0 rows: sigmoid -> 0
+    moe = mtf.convert_block(block, model.config, BF16)
+    x = block_input(256, shape=(2, 32))
+    with torch.no_grad():
+        y_s, y_m = block(x), moe(x)
+    assert_rel_rmse(y_m, y_s, bf16_vs_stock_bound("qwen2_moe", 4), "qwen2 gated shared expert")
+
+
+def test_gpt_oss_refused_naming_what_is_missing():
+    import transformers as tf
+    cfg = tf.GptOssConfig(vocab_size=1000, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          num_local_experts=8, num_experts_per_tok=2)
+    model = tf.GptOssForCausalLM(cfg)
+    for call in (lambda: mtf.replace_moe_blocks(model, cfg_overrides=BF16),
+                 lambda: mtf.convert_block(model.model.layers[0].mlp, cfg, BF16)):
+        with pytest.raises(ValueError, match=r"GptOssMLP.*not supported.*expert biases.*clamped SwiGLU"):
+            call()
 
 
 def test_bad_inputs():

@@ -25,9 +25,17 @@ Routing follows the stock routers exactly (same top-k sets for the same weights 
   top-k (a group's score = sum of its top-2 biased scores), optional normalisation,
   `routed_scaling_factor`. The stock router takes `topk(sorted=False)`: the same experts, but the
   slot order may differ from ours (descending score), so only the per-row sets are equal.
-- Mixtral (always renormalised) and Qwen3-MoE (`norm_topk_prob`): logits in the router weight's
-  dtype (bf16 in a bf16 model), softmax in float32, top-k sorted. Qwen3-MoE rounds the top-k
-  weights to the logits' dtype; we keep them in float32 (a relative 2^-8 difference at most).
+  GLM-4.5/4.6 (`Glm4MoeMoE`) routes the same way.
+- DeepSeek-V2 (`DeepseekV2Moe`): logits in float32, softmax, greedy or group-limited greedy (a
+  group's score = its best expert), no renormalisation, `routed_scaling_factor`; unsorted top-k
+  as in V3.
+- Mixtral (always renormalised), Qwen3-MoE, Qwen2-MoE and OLMoE (`norm_topk_prob`): logits in the
+  router weight's dtype (bf16 in a bf16 model), softmax in float32, top-k sorted. Qwen-MoE and
+  OLMoE round the top-k weights to the logits' dtype; we keep them in float32 (a relative 2^-8
+  difference at most). Qwen2-MoE's shared expert is scaled by sigmoid(shared_expert_gate(x)).
+
+Refused with a ValueError naming what is missing (`UNSUPPORTED_BLOCKS`): gpt-oss (`GptOssMLP`:
+expert biases, a clamped SwiGLU variant, a router bias).
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ import torch.nn as nn
 from ..config import MegaMoEConfig
 from ..layer import MegaMoE, SharedExpert, resolve_group
 
-__all__ = ["SUPPORTED_BLOCKS", "TransformersMegaMoE", "find_moe_blocks", "replace_moe_blocks",
+__all__ = ["SUPPORTED_BLOCKS", "UNSUPPORTED_BLOCKS", "TransformersMegaMoE", "find_moe_blocks", "replace_moe_blocks",
            "convert_block", "expert_counts", "global_expert_counts"]
 
 #: MegaMoEConfig fields fixed by the model (not overridable through `cfg_overrides`).
@@ -57,6 +65,7 @@ class _BlockFamily:
     name: str
     router_kwargs: Callable[[object], dict]
     shared_attr: Optional[str]       # attribute of the shared SwiGLU MLP, None: no shared expert
+    shared_gate_attr: Optional[str] = None   # Linear(H, 1) whose sigmoid scales the shared expert
 
 
 def _deepseek_v3_router(c) -> dict:
@@ -76,11 +85,40 @@ def _mixtral_router(c) -> dict:
     return dict(scoring="softmax", norm_topk_prob=True, logits_dtype=None)
 
 
+def _deepseek_v2_router(c) -> dict:
+    # NOTE: the stock router never renormalises (it ignores `norm_topk_prob`); its
+    # group_limited_greedy zeroes the other groups' softmax scores, which selects as -inf does.
+    method = getattr(c, "topk_method", "greedy") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"DeepseekV2 topk_method={method!r}: expected 'greedy' or 'group_limited_greedy'")
+    grouped = method == "group_limited_greedy"
+    return dict(scoring="softmax", norm_topk_prob=False,
+                n_group=c.n_group if grouped else None, topk_group=c.topk_group if grouped else None,
+                group_score="max", routed_scaling_factor=float(getattr(c, "routed_scaling_factor", 1.0)),
+                logits_dtype=torch.float32)
+
+
+_DEEPSEEK_V2 = _BlockFamily("deepseek_v2", _deepseek_v2_router, "shared_experts")
+
 #: Stock block class name -> its family. Detection is by class name only.
 SUPPORTED_BLOCKS: Dict[str, _BlockFamily] = {
     "DeepseekV3MoE": _BlockFamily("deepseek_v3", _deepseek_v3_router, "shared_experts"),
+    "Glm4MoeMoE": _BlockFamily("glm4_moe", _deepseek_v3_router, "shared_experts"),  # V3 routing
+    "DeepseekV2Moe": _DEEPSEEK_V2,
+    "DeepseekV2MoE": _DEEPSEEK_V2,            # the spelling of DeepSeek's own remote code
     "Qwen3MoeSparseMoeBlock": _BlockFamily("qwen3_moe", _qwen3_moe_router, None),
+    "Qwen2MoeSparseMoeBlock": _BlockFamily("qwen2_moe", _qwen3_moe_router, "shared_expert",
+                                           "shared_expert_gate"),
+    "OlmoeSparseMoeBlock": _BlockFamily("olmoe", _qwen3_moe_router, None),
     "MixtralSparseMoeBlock": _BlockFamily("mixtral", _mixtral_router, None),
+}
+
+#: Stock MoE blocks recognised but refused, with what the kernels lack to compute their experts.
+UNSUPPORTED_BLOCKS: Dict[str, str] = {
+    "GptOssMLP": ("gpt-oss experts need expert biases (gate_up_proj_bias, down_proj_bias), its "
+                  "clamped SwiGLU variant (gate * sigmoid(alpha * gate) * (up + 1) with alpha=1.702 "
+                  "and swiglu_limit) and a router bias, none of which MegaMoE experts compute; its "
+                  "MXFP4 expert bytes can still be read with mega_moe_layer.checkpoints"),
 }
 
 
@@ -95,12 +133,15 @@ class TransformersMegaMoE(MegaMoE):
     def __init__(self, cfg: MegaMoEConfig, *, group=None, device=None, backend: Optional[str] = None,
                  router_kwargs: Optional[dict] = None, shared_intermediate: Optional[int] = None,
                  shared_dtype: torch.dtype = torch.bfloat16, return_router_logits: bool = False,
-                 source_class: str = "", validate: bool = True):
+                 source_class: str = "", validate: bool = True, shared_gate: bool = False):
         super().__init__(cfg, group=group, device=device, backend=backend, router_kwargs=router_kwargs,
                          shared_intermediate=shared_intermediate, validate=validate)
         if shared_intermediate and shared_dtype != torch.bfloat16:
             self.shared_experts = SharedExpert(cfg.hidden, shared_intermediate,
                                                device=self.experts.device, dtype=shared_dtype)
+        # Qwen2-MoE: the shared expert's output is scaled by sigmoid(shared_expert_gate(x)).
+        self.shared_expert_gate = (nn.Linear(cfg.hidden, 1, bias=False, device=self.experts.device,
+                                             dtype=shared_dtype) if shared_gate else None)
         self.return_router_logits = return_router_logits
         self.source_class = source_class
 
@@ -111,7 +152,10 @@ class TransformersMegaMoE(MegaMoE):
         y = self.experts(x.to(torch.bfloat16).contiguous(), topk_idx, topk_weights)
         y = y.to(hidden_states.dtype).view(shape)
         if self.shared_experts is not None:   # NOTE: stock order: routed + shared, in the block dtype
-            y = y + self.shared_experts(hidden_states)
+            shared = self.shared_experts(hidden_states)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            y = y + shared
         return (y, logits) if self.return_router_logits else y
 
     def extra_repr(self) -> str:
@@ -195,6 +239,8 @@ def convert_block(block: nn.Module, model_config, cfg_overrides: Optional[dict] 
     """
     cls = type(block).__name__
     where = name or cls
+    if cls in UNSUPPORTED_BLOCKS:
+        raise ValueError(f"{where}: {cls} is not supported: {UNSUPPORTED_BLOCKS[cls]}")
     family = SUPPORTED_BLOCKS.get(cls)
     if family is None:
         raise ValueError(f"{where}: {cls} is not a supported MoE block ({sorted(SUPPORTED_BLOCKS)})")
@@ -224,11 +270,19 @@ def convert_block(block: nn.Module, model_config, cfg_overrides: Optional[dict] 
     router_kwargs = family.router_kwargs(model_config)
     router_kwargs["dtype"] = router_w.dtype
     shared = getattr(block, family.shared_attr) if family.shared_attr else None
+    shared_gate = getattr(block, family.shared_gate_attr) if family.shared_gate_attr else None
+    if shared is not None and any(getattr(getattr(shared, p), "bias", None) is not None
+                                  for p in ("gate_proj", "up_proj", "down_proj")):
+        raise ValueError(f"{where}: shared experts with biases are not supported")
+    if shared_gate is not None and (getattr(shared_gate, "bias", None) is not None
+                                    or tuple(shared_gate.weight.shape) != (1, H)):
+        raise ValueError(f"{where}: expected a bias-free Linear({H}, 1) shared expert gate")
     moe = TransformersMegaMoE(
         cfg, group=group, device=device, backend=backend, router_kwargs=router_kwargs,
         shared_intermediate=shared.gate_proj.out_features if shared is not None else None,
         shared_dtype=shared.gate_proj.weight.dtype if shared is not None else torch.bfloat16,
-        return_router_logits=_returns_tuple(block), source_class=cls, **kw)
+        return_router_logits=_returns_tuple(block), source_class=cls,
+        shared_gate=shared_gate is not None, **kw)
     with torch.no_grad():
         moe.router.weight.copy_(router_w)
         bias = getattr(gate, "e_score_correction_bias", None)
@@ -237,6 +291,8 @@ def convert_block(block: nn.Module, model_config, cfg_overrides: Optional[dict] 
         if shared is not None:
             for p in ("gate_proj", "up_proj", "down_proj"):
                 getattr(moe.shared_experts, p).weight.copy_(getattr(shared, p).weight)
+        if shared_gate is not None:
+            moe.shared_expert_gate.weight.copy_(shared_gate.weight)
         moe.experts.load_weights(*_expert_weights(experts, rank * num_local, num_local, where))
     return moe.train(block.training)
 
@@ -258,6 +314,12 @@ def replace_moe_blocks(model: nn.Module, cfg_overrides: Optional[dict] = None, g
     model_config = _text_config(model)
     blocks = find_moe_blocks(model)
     if not blocks:
+        refused = {n: type(m).__name__ for n, m in model.named_modules()
+                   if type(m).__name__ in UNSUPPORTED_BLOCKS}
+        if refused:
+            name, cls = next(iter(refused.items()))
+            raise ValueError(f"{type(model).__name__}: {name} ({cls}) is not supported: "
+                             f"{UNSUPPORTED_BLOCKS[cls]}")
         raise ValueError(f"{type(model).__name__}: no supported MoE block found "
                          f"(looked for {sorted(SUPPORTED_BLOCKS)})")
     layers, classes = {}, {}
