@@ -179,7 +179,7 @@ def test_gpt_oss_mxfp4_loaded_exactly(tmp_path):
     b.load_weights(q13.dequantize(dtype=torch.bfloat16), q2.dequantize(dtype=torch.bfloat16))
     # Equal values; not bitwise: the checkpoint's E2M1 code 8 is -0, which this package's
     # quantiser writes as +0 (DESIGN: the sign only when the code is non-zero).
-    assert torch.equal(b._w13_f32, m._w13_f32) and torch.equal(b._w2_f32, m._w2_f32)
+    assert torch.equal(b._backend._w13_f32, m._backend._w13_f32) and torch.equal(b._backend._w2_f32, m._backend._w2_f32)
     assert_bitwise(b(*inputs), y, "layer vs load_weights(dequantised)")
 
 
