@@ -36,6 +36,11 @@ TOLERANCES = {
     # promoted to float32 after every 128-K step; measured up to 9.6e-3 on an H200 (2026-12-01),
     # above the DESIGN's 5e-3. This is why the FP8 mainloop is not the default.
     "gemm_fp8_mainloop_rel_rmse": 2e-2,
+    # A model compiled by inductor vs the same model eager: inductor fuses and rounds the RMSNorm,
+    # the router and the shared expert differently (bf16), which can flip near-tied top-k choices
+    # of a few tokens; the experts op itself is checked bitwise (aot_eager vs eager, graph replay
+    # vs compiled call). Measured up to 1.2e-2 with FP4 activations (H200, 2026-12-01).
+    "inductor_vs_eager": 3e-2,
 }
 
 
