@@ -80,9 +80,9 @@ class MegaMoEConfig:
             need(self.hidden % FP8_WEIGHT_BLOCK == 0, "hidden",
                  f"expected a multiple of {FP8_WEIGHT_BLOCK} for fp8 block-scaled weights")
         if self.combine_format == "fp8":
-            need(self.hidden % (4 * COMBINE_FP8_GROUP) == 0, "hidden",
-                 f"expected a multiple of {4 * COMBINE_FP8_GROUP} for the fp8 combine "
-                 f"(one UE8M0 byte per {COMBINE_FP8_GROUP} columns, 4 bytes per int32)")
+            need(self.hidden % COMBINE_FP8_GROUP == 0, "hidden",
+                 f"expected a multiple of {COMBINE_FP8_GROUP} for the fp8 combine "
+                 f"(one UE8M0 byte per {COMBINE_FP8_GROUP} columns)")
         if self.activation_clamp is not None:
             need(isinstance(self.activation_clamp, (int, float)) and self.activation_clamp > 0,
                  "activation_clamp", "expected a positive float or None")

@@ -134,7 +134,8 @@ class NvshmemForward(CompiledForwardMixin):
         self.x_row_bytes = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[cfg.act_format]
         self.sf_row_bytes = 0 if cfg.act_format == "bf16" else H // g
         self.comb_row_bytes = H * (1 if cfg.combine_format == "fp8" else 2)
-        self.comb_sf_row_bytes = H // 128 if cfg.combine_format == "fp8" else 0
+        # one UE8M0 byte per 128 columns, rows padded to whole int32 words (the combine_sf slot)
+        self.comb_sf_row_bytes = 4 * (-(-H // 512)) if cfg.combine_format == "fp8" else 0
         self.w13_op = self.w2_op = None
         self.rebase_report = None
         self._l1_launch: Dict[int, Optional[Launcher]] = {}

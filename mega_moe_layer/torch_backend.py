@@ -154,7 +154,7 @@ class TorchBackend:
             back_bytes = torch.cat([q.view(torch.uint8), sf.view(torch.uint8)], dim=1)
         else:
             back_bytes = back.view(torch.uint8)
-        row_width = H + H // 128 if cfg.combine_format == "fp8" else 2 * H
+        row_width = H + 4 * (-(-H // 512)) if cfg.combine_format == "fp8" else 2 * H
         pairs_back = is_local.sum(dim=1)                                # per received row
         back_splits = [int(s.sum()) for s in torch.split(pairs_back, recv_splits)] if n else [0] * R
         # The source knows how many of its slots each destination holds.

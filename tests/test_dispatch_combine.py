@@ -47,11 +47,11 @@ def _fake_expert(xq_row, xsf_row, cfg, e):
     return (x * (e + 1)).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("R,act,comb", [(2, "fp8", "bf16"), (3, "fp4", "fp8"), (2, "bf16", "bf16"),
-                                        (1, "fp8", "fp8")])
-def test_dispatch_then_combine_bitwise(R, act, comb):
+@pytest.mark.parametrize("R,act,comb,H", [(2, "fp8", "bf16", 512), (3, "fp4", "fp8", 512), (2, "bf16", "bf16", 512),
+                                          (1, "fp8", "fp8", 512), (2, "fp8", "fp8", 640)])
+def test_dispatch_then_combine_bitwise(R, act, comb, H):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = mml.MegaMoEConfig(hidden=512, intermediate=128, num_experts=6 * R, topk=4,
+    cfg = mml.MegaMoEConfig(hidden=H, intermediate=128, num_experts=6 * R, topk=4,
                             max_tokens_per_rank=12, act_format=act, combine_format=comb)
     Ts = [12, 0, 5][:R] if R > 1 else [7]
     wss, bases, inputs = _setup(R, cfg, Ts, seed=10, dev=dev)
@@ -60,7 +60,7 @@ def test_dispatch_then_combine_bitwise(R, act, comb):
     x_bytes = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[act]
     sf_bytes = 0 if act == "bf16" else H // cfg.act_group_size
     comb_bytes = H * (1 if comb == "fp8" else 2)
-    comb_sf_bytes = H // 128 if comb == "fp8" else 0
+    comb_sf_bytes = 4 * (-(-H // 512)) if comb == "fp8" else 0   # padded to whole int32 words
     P = R * Tmax * min(K, El)
     for d in range(R):
         kw = dict(rank=d, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K)

@@ -184,8 +184,9 @@ def make_destinations(prob: GemmProblem, combine_format: str, skip: Sequence[int
     dest_row = torch.randperm(R, generator=gen)[:P].to(torch.int64)
     dest_row[list(skip)] = -1
     if combine_format == "fp8":
-        out, out_sf = poisoned((R, H), torch.float8_e4m3fn, device), poisoned((R, H // 512), torch.int32, device)
-        row_bytes, sf_bytes = H, H // 128
+        nw = -(-H // 512)
+        out, out_sf = poisoned((R, H), torch.float8_e4m3fn, device), poisoned((R, nw), torch.int32, device)
+        row_bytes, sf_bytes = H, 4 * nw
     else:
         out, out_sf = poisoned((R, H), torch.bfloat16, device), None
         row_bytes = 2 * H
@@ -466,8 +467,8 @@ def test_l2_rejects_bad_arguments():
 
     with pytest.raises(ValueError, match="combine_format"):
         call(combine_format="fp16")
-    with pytest.raises(ValueError, match="512"):
-        call(combine_format="fp8", pair_dst_sf=dest.pair_dst)          # H = 256 cannot carry fp8 scale words
+    with pytest.raises(TypeError, match="pair_dst_sf"):
+        call(combine_format="fp8", pair_dst_sf=None)                    # the fp8 combine needs scale addresses
     with pytest.raises(TypeError, match="pair_dst"):
         call(pair_dst=dest.pair_dst.int())
     with pytest.raises(ValueError, match="pair_dst_sf"):
@@ -507,6 +508,13 @@ def _chain(prob: GemmProblem, combine_format: str, skip=(), arch=None, num_sms=N
     run_l2(prob, h, h_sf, combine_format, dest, **extra)
     m2 = check_l2(prob, dest, combine_format, reference_y(prob), what)
     return {**m1, **m2}
+
+
+@interp
+def test_fp8_combine_hidden_640():
+    """The FP8 combine at H = 640 (5 scale groups per row: a padded last int32 word)."""
+    prob = make_problem(640, 128, [4, 9], "mxfp4", "fp8", block_m=16, seed=12)
+    _chain(prob, "fp8", skip=(1,), what="H 640 fp8 combine")
 
 
 @interp

@@ -9,8 +9,8 @@ from utils import assert_bitwise, assert_rel_rmse, make_inputs, make_weights
 FORMATS = [(w, a, c) for w in ("mxfp4", "fp8", "bf16") for a in ("fp8", "fp4", "bf16") for c in ("bf16", "fp8")]
 
 
-def build(weight_format="mxfp4", act_format="fp8", combine_format="bf16", group=32, **kw):
-    cfg = mml.MegaMoEConfig(hidden=512, intermediate=256, num_experts=8, topk=3, max_tokens_per_rank=64,
+def build(weight_format="mxfp4", act_format="fp8", combine_format="bf16", group=32, hidden=512, **kw):
+    cfg = mml.MegaMoEConfig(hidden=hidden, intermediate=256, num_experts=8, topk=3, max_tokens_per_rank=64,
                             weight_format=weight_format, act_format=act_format,
                             combine_format=combine_format, act_group_size=group, **kw)
     m = mml.MegaMoEExperts(cfg)
@@ -30,6 +30,17 @@ def test_layer_vs_reference_and_float64(wf, af, cf):
     assert_bitwise(y, y_ref, f"{wf}/{af}/{cf} vs reference")
     y64 = ref.dense_moe_float64(x, idx, w, w13, w2, cfg.activation_clamp)
     assert_rel_rmse(y, y64, ref.quantisation_error_bound(wf, af, cf), f"{wf}/{af}/{cf} vs float64")
+
+
+def test_fp8_combine_hidden_multiple_of_128_only():
+    """H = 640: five FP8-combine scale groups, not a whole number of int32 words (the last word is
+    padded); the layer still equals the reference bitwise."""
+    cfg, m, w13, w2 = build("mxfp4", "fp8", "fp8", hidden=640)
+    x, idx, w = make_inputs(cfg, 13, seed=6, mask_frac=0.1)
+    y_ref = ref.moe_reference(x, idx, w, m.w13.dequantize(), m.w2.dequantize(), combine_format="fp8")
+    assert_bitwise(m(x, idx, w), y_ref, "H 640 fp8 combine vs reference")
+    q, sf = ref.combine_quantize(torch.randn(3, 640).to(torch.bfloat16))
+    assert sf.shape == (3, 2) and bool(((sf[:, 1] >> 8) == 0).all())   # groups 5..7 padded with 0
 
 
 def test_group_128_and_int32_ids():

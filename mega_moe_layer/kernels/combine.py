@@ -45,7 +45,8 @@ def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_exper
         row = (t64 * K + k) * H
         if FP8:
             q = tl.load(comb_ptr + row + cols, mask=vm, other=0.0).to(tl.float32)
-            word = tl.load(comb_sf_ptr + (t64 * K + k) * (H // 512) + cols // 512, mask=vm, other=0)
+            # NOTE: ceil(H / 512) words per row: H need only be a multiple of 128.
+            word = tl.load(comb_sf_ptr + (t64 * K + k) * ((H + 511) // 512) + cols // 512, mask=vm, other=0)
             ebits = (word >> ((cols // 128) % 4 * 8)) & 0xFF
             scale = (ebits << 23).to(tl.float32, bitcast=True)      # 2**(e-127), e in [1, 254]
             v = q * scale
@@ -62,7 +63,7 @@ def combine_reduce(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y:
                    error_counter: torch.Tensor, num_experts: int, block_h: int = 1024) -> None:
     """y bf16 [T, H] <- reduce of combine [>=T, K, H] (bf16 or e4m3) by topk_idx int32 [>=T, K].
 
-    combine_sf: int32 [>=T, K, H/512] for an e4m3 combine, else None. error_counter int32 [1].
+    combine_sf: int32 [>=T, K, ceil(H/512)] for an e4m3 combine, else None. error_counter int32 [1].
     """
     T, H = y.shape
     if T == 0:

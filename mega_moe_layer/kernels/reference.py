@@ -63,9 +63,11 @@ def exp2_from_ue8m0(e: torch.Tensor, negate: bool = False) -> torch.Tensor:
 
 
 def pack_ue8m0(e: torch.Tensor) -> torch.Tensor:
-    """[..., G] exponents (values 0..255) -> [..., G/4] int32, byte j of word i = group 4i+j."""
-    if e.shape[-1] % 4 != 0:
-        raise ValueError(f"pack_ue8m0: number of groups {e.shape[-1]} must be a multiple of 4")
+    """[..., G] exponents (values 0..255) -> [..., ceil(G/4)] int32, byte j of word i = group 4i+j
+    (a last, partial word is padded with zero bytes)."""
+    G = e.shape[-1]
+    if G % 4:
+        e = torch.cat([e, torch.zeros(*e.shape[:-1], 4 - G % 4, dtype=e.dtype, device=e.device)], dim=-1)
     b = e.to(torch.int64).reshape(*e.shape[:-1], e.shape[-1] // 4, 4)
     w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     w = torch.where(w >= 2**31, w - 2**32, w)
@@ -106,7 +108,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, gran_k: int = 32):
 def per_token_cast_back_from_fp8(q: torch.Tensor, sf: torch.Tensor, gran_k: int = 32) -> torch.Tensor:
     """Exact inverse: float8 [T, H] + packed scales -> float32 [T, H]."""
     T, H = q.shape
-    e = unpack_ue8m0(sf)
+    e = unpack_ue8m0(sf)[..., :H // gran_k]
     s = exp2_from_ue8m0(e)
     return (q.float().reshape(T, H // gran_k, gran_k) * s.unsqueeze(-1)).reshape(T, H)
 
@@ -327,8 +329,15 @@ def expert_forward(x_q: torch.Tensor, x_sf: Optional[torch.Tensor], weights_f32:
 
 
 def combine_quantize(y: torch.Tensor):
-    """FP8 combine trip: bf16 [n, H] -> (e4m3 [n, H], int32 packed UE8M0 per 128 columns)."""
-    return per_token_cast_to_fp8(y, 128)
+    """FP8 combine trip: bf16 [n, H] (H a multiple of 128) -> (e4m3 [n, H], int32 [n, ceil(H/512)]
+    packed UE8M0 per 128 columns; a partial last word is padded with zero bytes)."""
+    n, H = y.shape
+    if H % 128:
+        raise ValueError(f"y: H={H} must be a multiple of 128 for the fp8 combine")
+    yf = y.float().reshape(n, H // 128, 128)
+    e = ue8m0_exponent(yf.abs().amax(dim=-1), FP8_MAX)
+    q = (yf * exp2_from_ue8m0(e, negate=True).unsqueeze(-1)).reshape(n, H)
+    return q.to(torch.float8_e4m3fn), pack_ue8m0(e)
 
 
 def combine_dequantize(q: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
