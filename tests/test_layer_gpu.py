@@ -52,9 +52,14 @@ def _cfg_b(R):
                 combine_format="fp8")
 
 
+def _cfg_640(R):
+    """H = 640: the FP8 combine's scale rows are not whole int32 words (5 groups of 128)."""
+    return _cfg(R, hidden=640, combine_format="fp8")
+
+
 def _all_cfgs(R):
     return ([_cfg(R, weight_format=w, act_format=a, combine_format=c) for w, a, c in FORMATS]
-            + [_cfg(R, act_group_size=128, activation_clamp=0.5), _cfg_b(R)])
+            + [_cfg(R, act_group_size=128, activation_clamp=0.5), _cfg_b(R), _cfg_640(R)])
 
 
 _LAYERS = {}
@@ -117,6 +122,11 @@ def test_formats_vs_reference(env, wf, af, cf):
     print(f"\n[accuracy] rank {rank} {wf}/{af}/{cf}: vs reference {err:.2e}, vs float64 {e64:.4f} "
           f"(bound {ref.quantisation_error_bound(wf, af, cf):.4f})")
     assert e64 <= ref.quantisation_error_bound(wf, af, cf)
+
+
+def test_fp8_combine_hidden_640(env):
+    rank, R = env
+    _run_and_check(_cfg_640(R), rank, R, lambda r: 29 + r, seed=9, mask_frac=0.1)
 
 
 def test_group_128_and_clamp(env):
