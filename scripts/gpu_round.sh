@@ -10,7 +10,7 @@ nvidia-smi -L
 status=0
 TESTS=${*:-tests/test_gemm_gpu.py tests/test_layer_gpu.py}
 timeout -k 10 ${TEST_LIMIT:-300} python3 -m pytest -q -rs ${PYTEST_X:--x} -p no:cacheprovider -m gpu $TESTS 2>&1 | tee "$OUT/tests.log" | tail -n 40 || status=1
-if [ -n "${BENCH_GEMM:-1}" ]; then
+if [ -n "${BENCH_GEMM-1}" ]; then
   timeout -k 10 ${BENCH_LIMIT:-200} python3 scripts/bench_gemm.py --out "$OUT/bench_gemm.json" --iters 20 ${BENCH_GEMM_ARGS:-} 2>&1 | tee "$OUT/bench_gemm.log" | tail -n 30 || status=1
 fi
 exit $status

@@ -11,8 +11,21 @@ UE8M0 scale rule for a group of g values with quantum Q (448 for FP8 E4M3, 6 for
     q    = x_f32 * 2**(127 - e)         (exact: a power-of-two multiply)
     FP8: q -> float8_e4m3fn, RNE.  FP4: q -> E2M1 by RNE (see `_e2m1_encode`).
 
-Scale bytes of 4 consecutive groups pack little-endian into one int32: `[T, H/g/4]`.
+Scale bytes of 4 consecutive groups pack little-endian into one int32: `[T, H/g/4]` (a last,
+partial word padded with zero bytes: the FP8 combine's per-128 scales of an H that is not a
+multiple of 512).
 Inputs must be finite.
+
+Where the GPU path may differ from these functions, and by how much (tests/utils.py TOLERANCES):
+  * quantisation, pre-dispatch, dispatch / combine data movement, the combine reduce: bitwise.
+  * the grouped GEMMs (default bf16 mainloop): float32 accumulation order only; rel-RMSE <= 5e-3
+    against `expert_forward` (which accumulates in float64), "gemm_rel_rmse".
+  * the opt-in Hopper FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`): its operands are the
+    rebased values of `rebase_act` / `rebase_weight` (bitwise, tested on the GPU), which differ
+    from the exact dequantised values only below E4M3's normal range at their row's base, by at
+    most 2**-10 of that base ("rebase_rel" bounds it per row); and Hopper's FP8 MMA accumulates
+    with ~14 mantissa bits between promotions: rel-RMSE up to ~1e-2 measured on an H200,
+    "gemm_fp8_mainloop_rel_rmse" (2e-2).
 """
 from __future__ import annotations
 
