@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles,
                               uses_dot_scaled)
+from ._launch import Launcher
 from .gemm_operands import WeightOperand, e2m1_table, uses_fp8_mma
 
 __all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
@@ -852,6 +853,20 @@ def _act_shapes(act_format: str, rows: int, k: int, group: int):
     raise ValueError(f"act_format: expected 'fp8', 'fp4' or 'bf16', got {act_format!r}")
 
 
+def _call_args(*args, **kwargs):
+    return args, kwargs
+
+
+def _launch_or_bind(kernel, grid, device, bind: bool, args, kwargs) -> Optional[Launcher]:
+    """Launch now, or (bind=True) return a `Launcher` with everything bound: the caller relaunches
+    it with no validation and little Python work (its tensors must keep their storage)."""
+    if bind:
+        return Launcher(kernel, grid, args, kwargs)
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        kernel[grid](*args, **kwargs)
+    return None
+
+
 def sf_words_p2(k: int, group: int) -> int:
     """The next power of two >= the packed scale words of a row of K columns (>= 1)."""
     return triton.next_power_of_2(max(1, k // group // 4))
@@ -881,7 +896,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     weight_format: str, act_format: str, act_group_size: int,
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
-                    num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None) -> None:
+                    num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
+                    bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -913,6 +929,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             w13_data / w13_scale, prepared once at load time). An FP8-mainloop operand selects the
             FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts); None or a "raw" operand
             the bf16 mainloop (the default: faster with Triton 3.6, docs/PERF.md).
+        bind: validate, then return a `_launch.Launcher` with every argument bound instead of
+            launching (None when there is nothing to launch: no pairs capacity); calling it
+            relaunches the kernel with no checks and little host work (the GPU forward binds
+            one per tile height).
 
     Hopper with FP8 / MXFP4 weights and FP8 / FP4 activations: the FP8 mainloop on rebased
     operands (`reference.rebase_weight` / `rebase_act`): the result differs from the DESIGN's
@@ -997,11 +1017,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (inter // config.block_n), num_sms),)
     if grid[0] == 0 or num_pairs == 0:
-        return
+        return None
     h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)
     h_sf_view = None if h_sf_out is None else h_sf_out.view(torch.uint8)
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        _l1_kernel[grid](
+    return _launch_or_bind(_l1_kernel, grid, device, bind, *_call_args(
             pool_x, pool_x_sf, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
             num_tiles, w_data, w_aux, w_row, tab, h_view, h_sf_view, n_tiles,
             float(activation_clamp) if activation_clamp is not None else 0.0,
@@ -1012,4 +1031,4 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
-        )
+        ))

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
+from ._launch import Launcher
 from .gemm_operands import WeightOperand
-from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
+from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
                       _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
                       _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
@@ -183,7 +184,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     pair_dst_sf: Optional[torch.Tensor], *, weight_format: str, act_format: str,
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
-                    num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None) -> None:
+                    num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
+                    bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -203,6 +205,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         hidden: H.
         block_m, config, arch, num_sms: as in `l1_grouped_gemm` (default config
             `gemm_heuristics.l2_gemm_config`).
+        bind: as in `l1_grouped_gemm` (a bound `Launcher` instead of a launch).
         w2_operand: as `l1_grouped_gemm`'s w13_operand (Hopper FP8 mainloop: h is rebased per row
             in the operand load, its row exponent the largest of the row's group scales).
 
@@ -276,9 +279,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
     if grid[0] == 0 or num_pairs == 0:
-        return
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        _l2_kernel[grid](
+        return None
+    return _launch_or_bind(_l2_kernel, grid, device, bind, *_call_args(
             h, h_sf, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,
             pair_dst, pair_dst_sf, n_tiles,
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
@@ -287,4 +289,4 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
-        )
+        ))
