@@ -2,6 +2,7 @@
 
     python scripts/host_overhead.py                # dsv3 shape on one GPU (nvshmem backend)
     python scripts/host_overhead.py --small        # a small shape (quick check)
+    python scripts/host_overhead.py --breakdown    # + where the host time of one call goes
 
 Prints, for validate False / True and T = 1, 128, 4096: the median over 50 calls of
 perf_counter() around the call (after torch.cuda.synchronize()), the GPU time of the same call
@@ -67,10 +68,58 @@ def _launches(m, x, idx, w):
     return sum(1 for e in prof.events() if e.name in LAUNCH_NAMES)
 
 
+def _breakdown(m, x, idx, w, n=100):
+    """Host time of one eager call split into its launches (each `Launcher.__call__` timed) and
+    the rest (Python around them), medians over n calls; then cProfile's top functions."""
+    import cProfile
+    import pstats
+    from mega_moe_layer.kernels import _launch
+    per = {}
+    orig = _launch.Launcher.__call__
+
+    def timed(self):
+        t0 = time.perf_counter()
+        orig(self)
+        per.setdefault(getattr(self.kernel, "__name__", str(self.kernel)), []).append(
+            (time.perf_counter() - t0) * 1e6)
+    _launch.Launcher.__call__ = timed
+    try:
+        for _ in range(3):
+            m(x, idx, w)
+        per.clear()
+        total = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(x, idx, w)
+            total.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+    finally:
+        _launch.Launcher.__call__ = orig
+    tot = statistics.median(total)
+    launches = 0.0
+    for name, v in sorted(per.items()):
+        k = len(v) // n
+        med = statistics.median(v) * k
+        launches += med
+        print(f"  launch {name:32s} x{k}: {med:7.1f} us")
+    print(f"  all launches {launches:.1f} us of {tot:.1f} us per call; the rest {tot - launches:.1f} us")
+    pr = cProfile.Profile()
+    torch.cuda.synchronize()
+    pr.enable()
+    for _ in range(n):
+        m(x, idx, w)
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 128, 4096])
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split the host time of one call (T = the first --tokens) into launches")
     args = p.parse_args()
     torch.cuda.set_device(0)
     with socket.socket() as s:
@@ -106,6 +155,12 @@ def main() -> int:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) * 1e6 / 20
             print(f"| {T} | {v} | {hus:.1f} | {gus:.1f} | {wall / gus:.2f} | {n} |")
+    if args.breakdown:
+        for v in (False, True):
+            m.validate = v
+            x, idx, w = (t.cuda() for t in make_inputs(cfg, args.tokens[0], seed=1))
+            print(f"breakdown T={args.tokens[0]} validate={v}:")
+            _breakdown(m, x, idx, w)
     m.check_errors()
     from mega_moe_layer.comm import workspace as wsm
     wsm.destroy_all_workspaces()
