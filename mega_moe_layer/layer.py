@@ -89,6 +89,8 @@ class MegaMoEExperts(nn.Module):
                 raise ValueError(f"backend='nvshmem' is not available: {reason}")
         self.backend = backend
         self.stats = ExpertLoadStats(self.num_local_experts, self.device)
+        #: the CUDA device index inputs must be on (None: not a CUDA layer; `_inputs_ok`)
+        self._cuda_index = self.device.index if self.device.type == "cuda" else None
         self.register_buffer("error_count", torch.zeros(1, dtype=torch.int32, device=self.device),
                              persistent=False)
         args = (cfg, self.group, self.rank, self.num_ranks, self.device, self.stats, self.error_count)
@@ -227,6 +229,25 @@ class MegaMoEExperts(nn.Module):
         self._backend.prepare_weights(qw13, qw2)
 
     # ------------------------------------------------------------------ validation
+    def _inputs_ok(self, x, topk_idx, topk_weights) -> bool:
+        """The common case of `_check_inputs` in a few attribute reads (host time): True when
+        every check there passes; False sends the call to `_check_inputs` for the error."""
+        dev = self._cuda_index
+        if dev is None:
+            return False
+        cfg = self.cfg
+        try:
+            T = x.shape[0]
+            return ((topk_idx.dtype is torch.int64 or topk_idx.dtype is torch.int32)
+                    and x.dtype is torch.bfloat16 and topk_weights.dtype is torch.float32
+                    and x.shape == (T, cfg.hidden) and T <= cfg.max_tokens_per_rank
+                    and topk_idx.shape == (T, cfg.topk) and topk_weights.shape == (T, cfg.topk)
+                    and x.get_device() == dev and topk_idx.get_device() == dev
+                    and topk_weights.get_device() == dev and x.is_contiguous()
+                    and topk_idx.is_contiguous() and topk_weights.is_contiguous())
+        except (AttributeError, IndexError, TypeError):
+            return False
+
     def _check_inputs(self, x, topk_idx, topk_weights) -> None:
         cfg = self.cfg
         for name, t in (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
@@ -257,7 +278,8 @@ class MegaMoEExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
             raise RuntimeError("MegaMoEExperts: call load_weights(w13, w2) before forward")
-        self._check_inputs(x, topk_idx, topk_weights)
+        if not self._inputs_ok(x, topk_idx, topk_weights):
+            self._check_inputs(x, topk_idx, topk_weights)
         return self._backend.forward(x, topk_idx, topk_weights)
 
 

@@ -1,4 +1,4 @@
-"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: eight launches per call.
+"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: eight kernels per call.
 
     1 stage      pre-dispatch: quantise x into the symmetric x slot (bf16: copy it), copy and pad
                  the top-k rows; with validate=True also find the first row with a bad expert id
@@ -12,9 +12,16 @@
     7 barrier    "combine"
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
-Every launch except the GEMMs is a `kernels._launch.Launcher` bound once (per token count where
-the grid depends on it), so a call costs little host time; nothing synchronises with the host
-(validate=False) and nothing is allocated but y (from the caching allocator: graph-capturable).
+Host time. Every launch is a `kernels._launch.Launcher` bound once (per token count or tile height
+where its grid or arguments depend on it). Kernels 2-7 read only this object's buffers, the
+workspace and the weights, so they are the same launches on every call with the same tile height:
+eager calls replay them as one CUDA graph per tile height (`_middle_graphs`, captured on the second
+call with that height; the first runs them directly and compiles them). An eager call is then three
+host launches (stage, the graph, combine). While the caller's stream is being captured (the caller
+builds its own CUDA graph, e.g. `torch.compile(mode="reduce-overhead")`), the six kernels are
+launched directly into that capture instead. `use_graphs = False` always launches them directly.
+Nothing synchronises with the host (validate=False) and nothing is allocated but y (from the
+caching allocator: graph-capturable).
 
 `torch.compile`: the forward is the custom op `mega_moe::experts_forward` (declared mutations: the
 error counter and the two statistics arrays; a fake implementation giving y [T, H] bf16), reached
@@ -140,6 +147,10 @@ class NvshmemForward(CompiledForwardMixin):
         self.rebase_report = None
         self._l1_launch: Dict[int, Optional[Launcher]] = {}
         self._l2_launch: Dict[int, Optional[Launcher]] = {}
+        #: kernels 2-7 as one CUDA graph per tile height (see the module docstring)
+        self.use_graphs = True
+        self._middle_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self._middle_seen: set = set()
         # NOTE: read once here: a device query inside the forward is a data-dependent guard
         # under torch.compile (and host time in eager).
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -239,6 +250,12 @@ class NvshmemForward(CompiledForwardMixin):
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
         self._l1_launch.clear()          # bound to the previous weights
         self._l2_launch.clear()
+        self.reset_graphs()
+
+    def reset_graphs(self) -> None:
+        """Drop the captured kernels 2-7 (they are recaptured when next used)."""
+        self._middle_graphs.clear()
+        self._middle_seen.clear()
 
     def check_errors(self) -> None:
         self.timeout.check()
@@ -281,6 +298,51 @@ class NvshmemForward(CompiledForwardMixin):
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
                           hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, bind=True)
 
+    # ------------------------------------------------------------------ kernels 2-7
+    def _middle(self, bm: int) -> None:
+        """Launch kernels 2-7 (barrier, count+plan, fill, L1, L2, barrier) for tile height bm."""
+        self._barrier_dispatch()
+        # dispatch: count + plan, then pull rows and build the pairs
+        lc = self._count_plan.get(bm)
+        if lc is None:
+            lc = self._count_plan_launcher(bm)
+        lc()
+        self._fill()
+        # the expert GEMMs; L2 stores into the owners' combine slots
+        self._run_l1(bm)
+        self._run_l2(bm)
+        self._barrier_combine()
+
+    def _run_middle(self, bm: int) -> None:
+        if torch.cuda.is_current_stream_capturing() or not self.use_graphs:
+            self._middle(bm)
+            return
+        g = self._middle_graphs.get(bm)
+        if g is None:
+            if bm not in self._middle_seen:       # first use: launch (and compile) directly
+                self._middle(bm)
+                self._middle_seen.add(bm)
+                return
+            g = self._capture_middle(bm)
+        g.replay()
+
+    def _capture_middle(self, bm: int) -> "torch.cuda.CUDAGraph":
+        # NOTE: capture_begin / capture_end rather than `torch.cuda.graph(...)`, whose entry
+        # synchronises the device, collects garbage and empties the allocator cache. Capturing
+        # launches nothing; the graph reads and writes only persistent buffers (no allocation).
+        g = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            g.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._middle(bm)
+            finally:
+                g.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        self._middle_graphs[bm] = g
+        return g
+
     # ------------------------------------------------------------------ forward
     def _forward_impl(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.device.index != torch.cuda.current_device():
@@ -302,18 +364,8 @@ class NvshmemForward(CompiledForwardMixin):
                 self.bad_row.fill_(dispatch_k.INT32_MAX)
                 raise ValueError(f"topk_idx: row {bad} has an expert id outside "
                                  f"[-1, {self.cfg.num_experts}): {topk_idx[bad].tolist()}")
-        self._barrier_dispatch()
-        # 2. dispatch: count + plan, then pull rows and build the pairs
-        lc = self._count_plan.get(bm)
-        if lc is None:
-            lc = self._count_plan_launcher(bm)
-        lc()
-        self._fill()
+        self._run_middle(bm)
         self.stats.num_calls += 1
-        # 3. the expert GEMMs; L2 stores into the owners' combine slots
-        self._run_l1(bm)
-        self._run_l2(bm)
-        self._barrier_combine()
         # 4. combine reduce into a fresh y.
         # NOTE: a fresh tensor rather than a view of a persistent buffer: the caller owns y (it
         # may keep it across calls), and a custom op's output must not alias hidden state.

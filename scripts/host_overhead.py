@@ -25,7 +25,7 @@ import mega_moe_layer as mml  # noqa: E402
 from utils import make_inputs, make_weights  # noqa: E402
 
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
-                "cudaMemsetAsync", "cudaMemcpyAsync")
+                "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch", "cuGraphLaunch")
 
 
 def _host_us(fn, n=50):
@@ -68,7 +68,7 @@ def _launches(m, x, idx, w):
     return sum(1 for e in prof.events() if e.name in LAUNCH_NAMES)
 
 
-def _breakdown(m, x, idx, w, n=100):
+def _breakdown(m, x, idx, w, n=100, profile=True):
     """Host time of one eager call split into its launches (each `Launcher.__call__` timed) and
     the rest (Python around them), medians over n calls; then cProfile's top functions."""
     import cProfile
@@ -77,16 +77,28 @@ def _breakdown(m, x, idx, w, n=100):
     per = {}
     orig = _launch.Launcher.__call__
 
+    plain = {}
+
     def timed(self):
+        p0 = self.num_plain
         t0 = time.perf_counter()
         orig(self)
-        per.setdefault(getattr(self.kernel, "__name__", str(self.kernel)), []).append(
-            (time.perf_counter() - t0) * 1e6)
+        name = getattr(self.kernel, "__name__", str(self.kernel))
+        per.setdefault(name, []).append((time.perf_counter() - t0) * 1e6)
+        plain[name] = plain.get(name, 0) + self.num_plain - p0
     _launch.Launcher.__call__ = timed
+    g_orig = torch.cuda.CUDAGraph.replay
+
+    def g_timed(self):
+        t0 = time.perf_counter()
+        g_orig(self)
+        per.setdefault("(graph of kernels 2-7)", []).append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.CUDAGraph.replay = g_timed
     try:
         for _ in range(3):
             m(x, idx, w)
         per.clear()
+        plain.clear()
         total = []
         for _ in range(n):
             torch.cuda.synchronize()
@@ -96,14 +108,17 @@ def _breakdown(m, x, idx, w, n=100):
         torch.cuda.synchronize()
     finally:
         _launch.Launcher.__call__ = orig
+        torch.cuda.CUDAGraph.replay = g_orig
     tot = statistics.median(total)
     launches = 0.0
     for name, v in sorted(per.items()):
         k = len(v) // n
         med = statistics.median(v) * k
         launches += med
-        print(f"  launch {name:32s} x{k}: {med:7.1f} us")
+        print(f"  launch {name:32s} x{k}: {med:7.1f} us  (plain path {plain.get(name, 0)} of {len(v)})")
     print(f"  all launches {launches:.1f} us of {tot:.1f} us per call; the rest {tot - launches:.1f} us")
+    if not profile:
+        return
     pr = cProfile.Profile()
     torch.cuda.synchronize()
     pr.enable()
@@ -136,16 +151,21 @@ def main() -> int:
     m.load_weights(*(t.cuda() for t in make_weights(cfg)))
     print(f"shape H={cfg.hidden} I={cfg.intermediate} E={cfg.num_experts} K={cfg.topk} "
           f"{cfg.weight_format}/{cfg.act_format}/{cfg.combine_format}, T_max {cfg.max_tokens_per_rank}")
-    print("| T | validate | host us / eager call | GPU us (graph) | eager / graph | launches |")
-    print("|---|---|---|---|---|---|")
+    print("| T | validate | host us / eager call | host us, kernels 2-7 launched directly | GPU us (graph) "
+          "| eager / graph | host launch calls |")
+    print("|---|---|---|---|---|---|---|")
+    gpu = m._gpu
     for T in args.tokens:
         x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=T))
         gus = _graph_us(m, x, idx, w)
         for v in (False, True):
             m.validate = v
-            for _ in range(3):
-                m(x, idx, w)
-            hus = _host_us(lambda: m(x, idx, w))
+            hus = {}
+            for use_graphs in (False, True):
+                gpu.use_graphs = use_graphs
+                for _ in range(3):
+                    m(x, idx, w)
+                hus[use_graphs] = _host_us(lambda: m(x, idx, w))
             n = _launches(m, x, idx, w)
             # eager wall time per call, back to back (what a user sees)
             torch.cuda.synchronize()
@@ -154,13 +174,14 @@ def main() -> int:
                 m(x, idx, w)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) * 1e6 / 20
-            print(f"| {T} | {v} | {hus:.1f} | {gus:.1f} | {wall / gus:.2f} | {n} |")
+            print(f"| {T} | {v} | {hus[True]:.1f} | {hus[False]:.1f} | {gus:.1f} | {wall / gus:.2f} | {n} |")
     if args.breakdown:
-        for v in (False, True):
-            m.validate = v
-            x, idx, w = (t.cuda() for t in make_inputs(cfg, args.tokens[0], seed=1))
-            print(f"breakdown T={args.tokens[0]} validate={v}:")
-            _breakdown(m, x, idx, w)
+        for T in args.tokens:
+            for v in (False, True):
+                m.validate = v
+                x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=1))
+                print(f"breakdown T={T} validate={v}:")
+                _breakdown(m, x, idx, w, profile=T == args.tokens[0] and not v)
     m.check_errors()
     from mega_moe_layer.comm import workspace as wsm
     wsm.destroy_all_workspaces()

@@ -97,24 +97,76 @@ def test_compile_fullgraph_equal_to_eager_and_graph_replay(env, name):
     block.moe.experts.check_errors()
 
 
+_LAUNCH_APIS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch", "cuGraphLaunch")
+
+
+def _profile_forward(m, x, idx, w):
+    """(host launch API calls, GPU kernels run) of one forward."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        m(x, idx, w)
+        torch.cuda.synchronize()
+    calls = [e.name for e in prof.events() if e.name in _LAUNCH_APIS]
+    kernels = [e.name for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name
+               and "Memset" not in e.name]
+    return calls, kernels
+
+
 def test_launches_per_forward(env):
     rank, R = env
     cfg = _cfg(R)
     m = _moe(cfg, validate=False).experts
     x, idx, w = (t.cuda() for t in make_inputs(cfg, 64, seed=3 + rank))
-    for _ in range(3):
-        m(x, idx, w)
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        m(x, idx, w)
+    gpu = m._gpu
+    for use_graphs in (False, True):
+        gpu.use_graphs = use_graphs
+        for _ in range(3):
+            m(x, idx, w)
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events()
-             if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
-                           "cudaMemsetAsync", "cudaMemcpyAsync")]
-    n = len(names)
-    print(f"\n[launches] one forward (validate=False): {n} launches: {sorted(set(names))}")
-    assert n < 10, names
+        calls, kernels = _profile_forward(m, x, idx, w)
+        print(f"\n[launches] one forward (validate=False, use_graphs={use_graphs}): {len(calls)} host "
+              f"launch calls {sorted(set(calls))}, {len(kernels)} kernels")
+        assert len(kernels) == 8, kernels
+        if use_graphs:      # stage, the graph of kernels 2-7, combine
+            assert len(calls) == 3 and calls.count("cudaGraphLaunch") + calls.count("cuGraphLaunch") == 1, calls
+        else:
+            assert len(calls) == 8, calls
+
+
+def test_eager_graphs_equal_direct_launches(env):
+    """Kernels 2-7 replayed from the per-tile-height graphs give the same y, statistics and error
+    counts as launching them directly, across token counts (tile heights), inputs, validation
+    modes and a weight reload (which drops the graphs)."""
+    rank, R = env
+    cfg = _cfg(R)
+    m = _moe(cfg, validate=True).experts
+    gpu = m._gpu
+    Ts = (1, 64, 128, 1, 7, 128)
+    for reload in (False, True):
+        if reload:
+            w13, w2 = make_weights(cfg, seed=11)
+            m.load_weights(w13.cuda(), w2.cuda())
+            assert not gpu._middle_graphs
+        for i, T in enumerate(Ts):
+            x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=50 + 7 * i + rank))
+            if i % 2:
+                idx[0, 0] = -1                     # a masked slot
+            m.validate = bool(i % 3)
+            outs = []
+            for use_graphs in (False, True, True, True):
+                gpu.use_graphs = use_graphs
+                y = m(x, idx, w)
+                torch.cuda.synchronize()
+                outs.append((y, m.stats.last.clone()))
+            for j, (y, last) in enumerate(outs[1:], 1):
+                assert_bitwise(y, outs[0][0], f"T={T} reload={reload}: graph call {j} vs direct")
+                assert torch.equal(last, outs[0][1]), f"T={T}: statistics differ"
+        assert gpu._middle_graphs, "no graph was captured"
+    gpu.use_graphs = True
+    m.validate = True
+    m.check_errors()
 
 
 def test_launcher_fast_paths_taken(env):

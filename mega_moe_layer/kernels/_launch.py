@@ -83,7 +83,7 @@ class Launcher:
     """
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "num_fast", "num_plain", "_fast", "_names",
-                 "_dns", "_rt", "_is_jit")
+                 "_dns", "_rt", "_is_jit", "_index")
 
     def __init__(self, kernel, grid: Sequence[int], args: Sequence[Any] = (),
                  kwargs: Optional[Dict[str, Any]] = None):
@@ -103,6 +103,7 @@ class Launcher:
             import inspect
             names = list(inspect.signature(kernel.fn).parameters)
         self._names = list(names) if names is not None else None
+        self._index = {n: i for i, n in enumerate(self._names)} if self._names is not None else None
         self._dns = ({p.name for p in kernel.params if getattr(p, "do_not_specialize", False)}
                      if self._is_jit else set())
 
@@ -152,35 +153,40 @@ class Launcher:
         Cheap (the fast path stays) for a tensor of the same dtype whose data pointer has the same
         16-byte alignment, and for a scalar parameter declared `do_not_specialize`; anything else
         may change the compiled specialisation, so the next launch takes the ordinary path (which
-        finds or compiles the right kernel) and rebuilds the fast path from it.
+        finds or compiles the right kernel) and rebuilds the fast path from it. Setting the value
+        already bound (the same tensor object, an equal scalar) does nothing.
         """
         if name in self.kwargs:
             old = self.kwargs[name]
+            if old is value:
+                return
             self.kwargs[name] = value
         else:
-            if self._names is None or name not in self._names:
+            i = self._index.get(name) if self._index is not None else None
+            if i is None or i >= len(self.args):
                 raise KeyError(f"{name!r} is not a bound argument of {getattr(self.kernel, '__name__', self.kernel)}")
-            i = self._names.index(name)
-            if i >= len(self.args):
-                raise KeyError(f"{name!r} is not bound")
             old = self.args[i]
+            if old is value or (type(value) is int and type(old) is int and old == value):
+                return
             self.args[i] = value
         f = self._fast
         if f is None:
             return
-        i = self._names.index(name)
+        i = self._index[name]
         if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
             p, q = value.data_ptr(), old.data_ptr()
-            if value.dtype == old.dtype and (p % 16 == 0) == (q % 16 == 0):
+            if value.dtype == old.dtype and (p & 15 == 0) == (q & 15 == 0):
                 f[8][i] = p
                 return
-        elif name in self._dns and isinstance(value, int) and isinstance(old, int):
+        elif name in self._dns and type(value) is int and type(old) is int:
             f[8][i] = value
             return
         self._fast = None
 
     def set_grid(self, grid: Sequence[int]) -> None:
         """Replace the grid (never part of the specialisation: the fast path stays)."""
+        if grid == self.grid:
+            return
         self.grid = tuple(int(g) for g in grid)
         f = self._fast
         if f is not None:
