@@ -13,13 +13,15 @@
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
 Host time. Every launch is a `kernels._launch.Launcher` bound once (per token count or tile height
-where its grid or arguments depend on it). Kernels 2-7 read only this object's buffers, the
-workspace and the weights, so they are the same launches on every call with the same tile height:
-eager calls replay them as one CUDA graph per tile height (`_middle_graphs`, captured on the second
-call with that height; the first runs them directly and compiles them). An eager call is then three
-host launches (stage, the graph, combine). While the caller's stream is being captured (the caller
-builds its own CUDA graph, e.g. `torch.compile(mode="reduce-overhead")`), the six kernels are
-launched directly into that capture instead. `use_graphs = False` always launches them directly.
+where its grid or arguments depend on it). Only the stage kernel takes this call's tensors (x, the
+top-k arrays, and y's address, which it stores with T in `call_info`); kernels 2-8 read this
+object's buffers, the workspace and the weights (the combine finds y and T in `call_info`), so
+they are the same launches on every call with the same tile height: eager calls replay them as one
+CUDA graph per tile height (`_middle_graphs`, captured on the second call with that height; the
+first runs them directly and compiles them). An eager call is then two host launches (stage, the
+graph). While the caller's stream is being captured (the caller builds its own CUDA graph, e.g.
+`torch.compile(mode="reduce-overhead")`), kernels 2-8 are launched directly into that capture
+instead. `use_graphs = False` always launches them directly.
 Nothing synchronises with the host (validate=False) and nothing is allocated but y (from the
 caching allocator: graph-capturable).
 
@@ -137,6 +139,8 @@ class NvshmemForward(CompiledForwardMixin):
         #: first row with an out-of-range id (validate=True), INT32_MAX when none
         self.bad_row = torch.full((1,), dispatch_k.INT32_MAX, **i32)
         self.timeout = sync_k.TimeoutInfo()
+        #: (y address, T) of the current call, written by the stage kernel, read by the combine
+        self.call_info = torch.zeros(2, dtype=torch.int64, device=device)
         H, g = cfg.hidden, cfg.act_group_size
         self.x_row_bytes = {"fp8": H, "fp4": H // 2, "bf16": 2 * H}[cfg.act_format]
         self.sf_row_bytes = 0 if cfg.act_format == "bf16" else H // g
@@ -147,7 +151,7 @@ class NvshmemForward(CompiledForwardMixin):
         self.rebase_report = None
         self._l1_launch: Dict[int, Optional[Launcher]] = {}
         self._l2_launch: Dict[int, Optional[Launcher]] = {}
-        #: kernels 2-7 as one CUDA graph per tile height (see the module docstring)
+        #: kernels 2-8 as one CUDA graph per tile height (see the module docstring)
         self.use_graphs = True
         self._middle_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self._middle_seen: set = set()
@@ -174,13 +178,15 @@ class NvshmemForward(CompiledForwardMixin):
             self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
             x_row_bytes=self.x_row_bytes, sf_row_bytes=self.sf_row_bytes,
             comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes, **self._kw))
-        # combine: bound for T = 1; each call sets y, T and the grid
+        # combine: y's address and T come from `call_info` (written by the call's stage kernel),
+        # so one bound launch, or graph node, serves every call; min(T_max, SMs) programs per H
+        # block stride over the rows. (y1 only gives H.)
         y1 = torch.empty(1, cfg.hidden, dtype=torch.bfloat16, device=self.device)
         fp8 = cfg.combine_format == "fp8"
         self._combine = Launcher(combine_k._combine_kernel, *combine_k.combine_args(
             ws.view("combine"), ws.view("combine_sf") if fp8 else None, ws.view("topk_idx"), y1,
-            self.error_count, cfg.num_experts))
-        self._combine_h_blocks = self._combine.grid[1]
+            self.error_count, cfg.num_experts, call_info=self.call_info,
+            row_programs=max(1, min(cfg.max_tokens_per_rank, self.num_sms))))
 
     def _count_plan_launcher(self, block_m: int) -> Launcher:
         lc = self._count_plan.get(block_m)
@@ -203,7 +209,7 @@ class NvshmemForward(CompiledForwardMixin):
         self._per_T[T] = plan
         return plan
 
-    def _stage_launcher(self, pcfg, x_words, topk_idx, w_words, T: int) -> Launcher:
+    def _stage_launcher(self, pcfg, x_words, topk_idx, w_words, T: int, y: torch.Tensor) -> Launcher:
         key = (pcfg, topk_idx.dtype, self.validate)
         ls = self._stage.get(key)
         if ls is None:
@@ -216,12 +222,14 @@ class NvshmemForward(CompiledForwardMixin):
             Tmax = cfg.max_tokens_per_rank
             args = (x_words, topk_idx, w_words, out_x, out_sf, ws.view("topk_idx"),
                     ws.view("topk_weights").view(torch.int32), None, T, T, Tmax,
-                    pcfg.num_topk_programs(Tmax), self.bad_row, cfg.num_experts)
+                    pcfg.num_topk_programs(Tmax), self.bad_row, cfg.num_experts, self.call_info,
+                    y.data_ptr())
             kwargs = dict(HIDDEN=cfg.hidden, GROUP=cfg.act_group_size, TOPK=cfg.topk,
                           TOPK_PAD=triton_next_pow2(cfg.topk), USE_FP4=fmt == "fp4", HW_CVT=True,
                           NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
                           TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=bool(self.validate),
-                          COPY_BF16=fmt == "bf16", num_warps=pcfg.num_warps, enable_fp_fusion=False)
+                          COPY_BF16=fmt == "bf16", WRITE_CALL_INFO=True, num_warps=pcfg.num_warps,
+                          enable_fp_fusion=False)
             ls = Launcher(_pre_dispatch_kernel, (1,), args, kwargs)
             self._stage[key] = ls
             return ls
@@ -230,6 +238,7 @@ class NvshmemForward(CompiledForwardMixin):
         ls.set("topk_w_ptr", w_words)
         ls.set("num_tokens", T)
         ls.set("max_tokens", T)
+        ls.set("y_addr", y.data_ptr())
         return ls
 
     # ------------------------------------------------------------------ backend interface
@@ -253,7 +262,7 @@ class NvshmemForward(CompiledForwardMixin):
         self.reset_graphs()
 
     def reset_graphs(self) -> None:
-        """Drop the captured kernels 2-7 (they are recaptured when next used)."""
+        """Drop the captured kernels 2-8 (they are recaptured when next used)."""
         self._middle_graphs.clear()
         self._middle_seen.clear()
 
@@ -298,9 +307,10 @@ class NvshmemForward(CompiledForwardMixin):
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
                           hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, bind=True)
 
-    # ------------------------------------------------------------------ kernels 2-7
+    # ------------------------------------------------------------------ kernels 2-8
     def _middle(self, bm: int) -> None:
-        """Launch kernels 2-7 (barrier, count+plan, fill, L1, L2, barrier) for tile height bm."""
+        """Launch kernels 2-8 (barrier, count+plan, fill, L1, L2, barrier, combine) for tile
+        height bm; the combine finds y and T in `call_info`."""
         self._barrier_dispatch()
         # dispatch: count + plan, then pull rows and build the pairs
         lc = self._count_plan.get(bm)
@@ -312,6 +322,8 @@ class NvshmemForward(CompiledForwardMixin):
         self._run_l1(bm)
         self._run_l2(bm)
         self._barrier_combine()
+        # combine reduce into this call's y
+        self._combine()
 
     def _run_middle(self, bm: int) -> None:
         if torch.cuda.is_current_stream_capturing() or not self.use_graphs:
@@ -354,8 +366,12 @@ class NvshmemForward(CompiledForwardMixin):
         if plan is None:
             plan = self._plan_T(T)
         pcfg, grid, bm = plan
-        # 1. stage x and the top-k rows (pads rows [T, T_max) with -1 / 0)
-        stage = self._stage_launcher(pcfg, x.view(torch.int32), topk_idx, topk_weights.view(torch.int32), T)
+        # NOTE: y is a fresh tensor rather than a view of a persistent buffer: the caller owns y
+        # (it may keep it across calls), and a custom op's output must not alias hidden state.
+        y = torch.empty((T, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
+        # 1. stage x and the top-k rows (pads rows [T, T_max) with -1 / 0); y's address and T
+        #    go to `call_info` for the combine
+        stage = self._stage_launcher(pcfg, x.view(torch.int32), topk_idx, topk_weights.view(torch.int32), T, y)
         stage.set_grid(grid)
         stage()
         if self.validate and T:
@@ -364,18 +380,9 @@ class NvshmemForward(CompiledForwardMixin):
                 self.bad_row.fill_(dispatch_k.INT32_MAX)
                 raise ValueError(f"topk_idx: row {bad} has an expert id outside "
                                  f"[-1, {self.cfg.num_experts}): {topk_idx[bad].tolist()}")
+        # 2-8. dispatch, the expert GEMMs, combine (one CUDA graph replay in eager calls)
         self._run_middle(bm)
         self.stats.num_calls += 1
-        # 4. combine reduce into a fresh y.
-        # NOTE: a fresh tensor rather than a view of a persistent buffer: the caller owns y (it
-        # may keep it across calls), and a custom op's output must not alias hidden state.
-        y = torch.empty((T, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
-        if T:
-            c = self._combine
-            c.set("y_ptr", y.view(torch.int16))
-            c.set("T", T)
-            c.set_grid((T, self._combine_h_blocks))
-            c()
         return y
 
 

@@ -143,6 +143,19 @@ def test_combine_counts_out_of_range_ids():
     # ascending-k float32 sum, one bf16 rounding
     exp[2] = (c[2, 0] + c[2, 1]) + c[2, 2]
     assert_bitwise(y.cpu(), exp.to(torch.bfloat16), "combine with masked / bad ids")
+    # The layer's form: y's address and T read from the device (written by the pre-dispatch),
+    # fewer row programs than rows (they stride); stale rows past T are never written.
+    for rows in (1, 3, 8):
+        y2 = torch.full((6, H), 7.0, dtype=torch.bfloat16, device=dev)
+        info = torch.tensor([y2.data_ptr(), 4], dtype=torch.int64, device=dev)
+        err.zero_()
+        grid, args, kwargs = combine_k.combine_args(comb, None, idx, y2[:1], err, 8, call_info=info,
+                                                    row_programs=rows)
+        assert grid[0] == rows and kwargs["INFO_ON_DEVICE"]
+        combine_k._combine_kernel[grid](*args, **kwargs)
+        assert int(err) == 2
+        assert_bitwise(y2[:4].cpu(), y.cpu(), f"combine, T and y on the device, {rows} row programs")
+        assert torch.all(y2[4:].float() == 7.0), "rows past T untouched"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +178,11 @@ def comm_ptx():
         "combine": (combine_k._combine_kernel,
                     dict(comb_ptr="*fp8e4nv", comb_sf_ptr="*i32", idx_ptr="*i32", y_ptr="*i16",
                          err_ptr="*i32", T=i32, num_experts=i32),
-                    dict(H=7168, K=8, FP8=True, BLOCK_H=1024)),
+                    dict(H=7168, K=8, FP8=True, BLOCK_H=1024, INFO_ON_DEVICE=False, info_ptr=None)),
+        "combine_dev": (combine_k._combine_kernel,
+                        dict(comb_ptr="*bf16", comb_sf_ptr="*bf16", idx_ptr="*i32", y_ptr="*i16",
+                             err_ptr="*i32", T=i32, num_experts=i32, info_ptr=ptr64),
+                        dict(H=7168, K=8, FP8=False, BLOCK_H=1024, INFO_ON_DEVICE=True)),
         "barrier": (sync_k._barrier_kernel,
                     dict(peer_bases_ptr=ptr64, signals_off="i64", info_ptr="*i32", rank=i32,
                          num_ranks=i32, timeout_ns="i64", phase=i32),
@@ -180,7 +197,7 @@ def comm_ptx():
 
 
 @pytest.mark.parametrize("arch", [90, 100], ids=["sm_90a", "sm_100a"])
-@pytest.mark.parametrize("name", ["count", "fill", "combine", "barrier"])
+@pytest.mark.parametrize("name", ["count", "fill", "combine", "combine_dev", "barrier"])
 def test_comm_kernels_compile(comm_ptx, name, arch):
     from mega_moe_layer.kernels._compile import ptx_target
     ptx = comm_ptx[(name, arch)]
@@ -191,5 +208,5 @@ def test_comm_kernels_compile(comm_ptx, name, arch):
         assert re.search(r"(red|atom)\.global\.sys\.release\.add", ptx), "release.sys arrival"
         assert re.search(r"ld\.global\.sys\.acquire|atom\.global\.sys\.acquire", ptx), "acquire.sys wait"
         assert "%globaltimer" in ptx and "trap;" in ptx
-    if name == "combine":
+    if name in ("combine", "combine_dev"):
         assert "atom.global" in ptx or "red.global" in ptx, "error counter update"

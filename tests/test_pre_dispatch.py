@@ -436,11 +436,11 @@ def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7
     sig = {"x_ptr": "*i32", "topk_idx_ptr": f"*{idx_in}", "topk_w_ptr": "*i32",
            "out_x_ptr": "*i8" if use_fp4 else "*i16", "out_sf_ptr": "*i8", "out_idx_ptr": f"*{idx_out}",
            "out_w_ptr": "*i32", "num_tokens": "i32", "max_tokens": "i32", "num_topk_rows": "i32",
-           "num_topk_programs": "i32", "num_experts": "i32"}
+           "num_topk_programs": "i32", "num_experts": "i32", "y_addr": "i64"}
     constexprs = dict(HIDDEN=H, GROUP=g, TOPK=K, TOPK_PAD=heuristics.next_power_of_2(K), USE_FP4=use_fp4,
                       HW_CVT=True, NUM_TOKENS_ON_DEVICE=on_device, BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w,
                       TOPK_BLOCK_ROWS=cfg.topk_block_rows, CHECK_IDS=False, COPY_BF16=False,
-                      bad_row_ptr=None)
+                      WRITE_CALL_INFO=False, bad_row_ptr=None, call_info_ptr=None)
     if on_device:
         sig["num_tokens_ptr"] = "*i32"
     else:

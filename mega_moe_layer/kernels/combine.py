@@ -10,6 +10,8 @@ Worked example (K = 2, H = 2, bf16 combine): topk_idx[t] = [3, -1], combine[t] =
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -29,15 +31,13 @@ def _bf16_rne_bits(v):
     return (b >> 16).to(tl.int16)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts,
-                    H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0)
-    hb = tl.program_id(1)
+@triton.jit
+def _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, t64, hb, num_experts,
+                 H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[t, hb-th BLOCK_H columns] (t64: int64 row)."""
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = cols < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    t64 = t.to(tl.int64)
     for k in tl.static_range(K):
         e = tl.load(idx_ptr + t64 * K + k)
         valid = (e >= 0) & (e < num_experts)
@@ -59,6 +59,25 @@ def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_exper
     tl.store(y_ptr + t64 * H + cols, _bf16_rne_bits(acc), mask=cm)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts, info_ptr,
+                    H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr,
+                    INFO_ON_DEVICE: tl.constexpr):
+    """Program (t, hb): row t, columns of H block hb. INFO_ON_DEVICE: y's address and T are read
+    from info_ptr (int64 [2], written by this call's pre-dispatch; y_ptr and T unused) and the
+    programs stride over the rows: one launch (or one CUDA-graph node) serves every token count."""
+    hb = tl.program_id(1)
+    if INFO_ON_DEVICE:
+        y_dev = tl.load(info_ptr).to(tl.pointer_type(tl.int16))
+        n = tl.load(info_ptr + 1)
+        for t in range(tl.program_id(0), n, tl.num_programs(0)):
+            _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_dev, err_ptr, tl.cast(t, tl.int64), hb, num_experts,
+                         H, K, FP8, BLOCK_H)
+    else:
+        _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, tl.program_id(0).to(tl.int64), hb,
+                     num_experts, H, K, FP8, BLOCK_H)
+
+
 def combine_reduce(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y: torch.Tensor,
                    error_counter: torch.Tensor, num_experts: int, block_h: int = 1024) -> None:
     """y bf16 [T, H] <- reduce of combine [>=T, K, H] (bf16 or e4m3) by topk_idx int32 [>=T, K].
@@ -74,13 +93,19 @@ def combine_reduce(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y:
 
 
 def combine_args(combine: torch.Tensor, combine_sf, topk_idx: torch.Tensor, y: torch.Tensor,
-                 error_counter: torch.Tensor, num_experts: int, block_h: int = 1024):
+                 error_counter: torch.Tensor, num_experts: int, block_h: int = 1024,
+                 call_info: Optional[torch.Tensor] = None, row_programs: int = 0):
     """(grid, args, kwargs) of one `_combine_kernel` launch (arguments as `combine_reduce`, T > 0).
-    The kernel's `y_ptr` is y viewed as int16 (bf16 bits)."""
+    The kernel's `y_ptr` is y viewed as int16 (bf16 bits).
+
+    call_info: int64 [2] (y address, T) written on the device by the call's pre-dispatch; then y
+    only gives H and the grid has `row_programs` rows of programs striding over the tokens.
+    """
     T, H = y.shape
     K = topk_idx.shape[1]
     fp8 = combine.dtype == torch.float8_e4m3fn
-    grid = (T, triton.cdiv(H, block_h))
+    on_dev = call_info is not None
+    grid = (row_programs if on_dev else T, triton.cdiv(H, block_h))
     args = (combine, combine_sf if fp8 else combine, topk_idx, y.view(torch.int16), error_counter, T,
-            num_experts)
-    return grid, args, dict(H=H, K=K, FP8=fp8, BLOCK_H=block_h, num_warps=4)
+            num_experts, call_info)
+    return grid, args, dict(H=H, K=K, FP8=fp8, BLOCK_H=block_h, INFO_ON_DEVICE=on_dev, num_warps=4)

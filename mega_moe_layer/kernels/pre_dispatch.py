@@ -43,7 +43,7 @@ _MAX_COMBINE = tl.standard._elementwise_max
 
 # NOTE: no specialisation on the row counts: one compiled kernel serves every count (no recompiles
 # when num_tokens or the buffer size changes, e.g. between a warm-up and a graph capture).
-@triton.jit(do_not_specialize=["num_tokens", "max_tokens", "num_topk_rows", "num_topk_programs"])
+@triton.jit(do_not_specialize=["num_tokens", "max_tokens", "num_topk_rows", "num_topk_programs", "y_addr"])
 def _pre_dispatch_kernel(
     x_ptr,            # int32 [max_tokens, HIDDEN/2]: bf16 x, two columns per word (even column low)
     topk_idx_ptr,     # int32 | int64 [max_tokens, TOPK]
@@ -59,10 +59,12 @@ def _pre_dispatch_kernel(
     num_topk_programs,
     bad_row_ptr,      # int32 [1] when CHECK_IDS: atomic min of the rows holding an id outside [-1, E)
     num_experts,      # E (CHECK_IDS only)
+    call_info_ptr,    # int64 [2] when WRITE_CALL_INFO: receives (y_addr, n) for the combine, else None
+    y_addr,           # int64 address of this call's output y (WRITE_CALL_INFO only)
     HIDDEN: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
     USE_FP4: tl.constexpr, HW_CVT: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
-    CHECK_IDS: tl.constexpr, COPY_BF16: tl.constexpr,
+    CHECK_IDS: tl.constexpr, COPY_BF16: tl.constexpr, WRITE_CALL_INFO: tl.constexpr,
 ):
     """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
 
@@ -76,6 +78,8 @@ def _pre_dispatch_kernel(
     (the caller initialises it to 2**31 - 1 and reads it once: the layer's validation).
     COPY_BF16: copy the bf16 words of x unchanged into out_x (int32 words) and write no scales
     (the bf16 activation format: the same single launch stages x and the top-k rows).
+    WRITE_CALL_INFO: program 0 also stores (y_addr, n) into call_info_ptr: the layer's combine,
+    replayed from a CUDA graph, finds this call's output and token count there.
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
@@ -95,6 +99,10 @@ def _pre_dispatch_kernel(
         n = tl.minimum(tl.maximum(n, 0), max_tokens)
     else:
         n = num_tokens
+    if WRITE_CALL_INFO:
+        if pid == 0:
+            tl.store(call_info_ptr, y_addr.to(tl.int64))
+            tl.store(call_info_ptr + 1, n.to(tl.int64))
 
     if pid < num_topk_programs:
         # ---- top-k ids / weights: copy rows < n, pad rows [n, num_topk_rows) with -1 / 0.0 ----
@@ -352,11 +360,12 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
             x_words, topk_idx, topk_weights.view(torch.int32),
             out_x, buf_x_sf.view(torch.int8), buf_topk_idx, buf_topk_weights.view(torch.int32),
             num_tokens if on_device else None,
-            count, T, R, num_topk_programs, None, 0,
+            count, T, R, num_topk_programs, None, 0, None, 0,
             HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
             USE_FP4=use_fp4_acts, HW_CVT=hw_cvt, NUM_TOKENS_ON_DEVICE=on_device,
             BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
-            CHECK_IDS=False, COPY_BF16=False, num_warps=config.num_warps, enable_fp_fusion=False,
+            CHECK_IDS=False, COPY_BF16=False, WRITE_CALL_INFO=False, num_warps=config.num_warps,
+            enable_fp_fusion=False,
         )
 
 
