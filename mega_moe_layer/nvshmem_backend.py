@@ -161,6 +161,7 @@ class NvshmemForward(CompiledForwardMixin):
         self._bind_fixed_launches()
         self._per_T: Dict[int, Tuple] = {}
         self._stage: Dict[Tuple, Launcher] = {}
+        self._stage_update: Dict[Tuple, object] = {}      # Launcher.setter of each stage launch
         self._count_plan: Dict[int, Launcher] = {}
         self._register()
 
@@ -231,14 +232,11 @@ class NvshmemForward(CompiledForwardMixin):
                           COPY_BF16=fmt == "bf16", WRITE_CALL_INFO=True, num_warps=pcfg.num_warps,
                           enable_fp_fusion=False)
             ls = Launcher(_pre_dispatch_kernel, (1,), args, kwargs)
+            self._stage_update[key] = ls.setter("x_ptr", "topk_idx_ptr", "topk_w_ptr", "num_tokens",
+                                                "max_tokens", "y_addr")
             self._stage[key] = ls
             return ls
-        ls.set("x_ptr", x_words)
-        ls.set("topk_idx_ptr", topk_idx)
-        ls.set("topk_w_ptr", w_words)
-        ls.set("num_tokens", T)
-        ls.set("max_tokens", T)
-        ls.set("y_addr", y.data_ptr())
+        self._stage_update[key](x_words, topk_idx, w_words, T, T, y.data_ptr())
         return ls
 
     # ------------------------------------------------------------------ backend interface

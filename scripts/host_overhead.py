@@ -4,7 +4,7 @@
     python scripts/host_overhead.py --small        # a small shape (quick check)
     python scripts/host_overhead.py --breakdown    # + where the host time of one call goes
 
-Prints, for validate False / True and T = 1, 128, 4096: the median over 50 calls of
+Prints, for validate False / True and T = 1, 128, 4096: the median over 200 calls of
 perf_counter() around the call (after torch.cuda.synchronize()), the GPU time of the same call
 replayed in a CUDA graph, and the kernel launches of one forward (torch.profiler).
 """
@@ -28,7 +28,7 @@ LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
                 "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch", "cuGraphLaunch")
 
 
-def _host_us(fn, n=50):
+def _host_us(fn, n=200):
     out = []
     for _ in range(n):
         torch.cuda.synchronize()

@@ -45,6 +45,14 @@ def test_plain_path_on_cpu_and_rebinding():
     assert launch.num_plain == 3 and launch.num_fast == 0 and not launch.is_fast
     with pytest.raises(KeyError):
         launch.set("nope", 1)
+    # setter: several arguments at once (no fast path here: each goes through `set`)
+    update = launch.setter("y_ptr", "scale")
+    y3 = torch.zeros_like(y)
+    update(y3, 4)
+    launch()
+    assert torch.equal(y3, x * 4 + 2) and launch.args[1] is y3 and launch.args[3] == 4
+    with pytest.raises(KeyError):
+        launch.setter("nope")
     with pytest.raises(ValueError):
         Launcher(_axpb_kernel, (), ())
 
@@ -80,6 +88,28 @@ def test_fast_path_matches_plain_and_is_taken():
     launch()
     torch.cuda.synchronize()
     assert torch.equal(y2, x * 2 + 4) and launch.num_plain == 2 and launch.num_fast == 3
+    # setter: a new tensor of the same alignment and a do_not_specialize int stay on the fast path;
+    # a tensor of another dtype (a new specialisation) takes the plain path once
+    update = launch.setter("y_ptr", "scale")
+    y4 = torch.zeros_like(y)
+    update(y4, 6)
+    assert launch.is_fast and launch.args[1] is y4
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(y4, x * 6 + 4) and launch.num_fast == 4
+    x64, y64 = x.to(torch.int64), torch.zeros(n, dtype=torch.int64, device=x.device)
+    launch.set("x_ptr", x64)
+    update(y64, 6)
+    assert not launch.is_fast
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(y64, x64 * 6 + 4) and launch.num_plain == 3
+    launch.set("x_ptr", x)
+    update(y2, 2)
+    launch()
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(y2, x * 2 + 4) and launch.is_fast
     # on a side stream and inside a CUDA graph
     y2.zero_()
     g = torch.cuda.CUDAGraph()

@@ -183,6 +183,40 @@ class Launcher:
             return
         self._fast = None
 
+    def setter(self, *names: str):
+        """A function `update(*values)` that `set`s the arguments `names` (in this order) at the
+        least host cost: a tensor whose dtype and 16-byte alignment class equal the bound one's,
+        or a `do_not_specialize` int, is written straight into the fast path; anything else goes
+        through `set`. For the few arguments a caller changes on every launch."""
+        idx = [self._index[n] for n in names]
+        if any(i >= len(self.args) for i in idx):
+            raise KeyError(f"{names!r}: not all bound positionally")
+        dns = [n in self._dns for n in names]
+        setv = self.set
+
+        def update(*values):
+            f = self._fast
+            args = self.args
+            for name, i, d, v in zip(names, idx, dns, values):
+                old = args[i]
+                if old is v:
+                    continue
+                if f is not None:
+                    if type(v) is int:
+                        if d and type(old) is int:
+                            args[i] = v
+                            f[8][i] = v
+                            continue
+                    elif isinstance(v, torch.Tensor) and isinstance(old, torch.Tensor) and v.dtype == old.dtype:
+                        p = v.data_ptr()
+                        if (p & 15 == 0) == (old.data_ptr() & 15 == 0):
+                            args[i] = v
+                            f[8][i] = p
+                            continue
+                setv(name, v)
+                f = self._fast
+        return update
+
     def set_grid(self, grid: Sequence[int]) -> None:
         """Replace the grid (never part of the specialisation: the fast path stays)."""
         if grid == self.grid:
