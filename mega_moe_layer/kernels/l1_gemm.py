@@ -212,6 +212,64 @@ def _fp4_pairs_bf16_asm(packed, sf):
         is_pure=True, pack=4)
 
 
+#: PTX of `_fp4_pairs_bf16_lut_asm` (a module constant so that a CPU test can run it through a
+#: small PTX emulator: `tests/test_gemm.py::test_fp4_bf16_decode_ptx_emulated`).
+FP4_BF16_LUT_PTX = tl.constexpr("""{
+        .reg .b32 m, m16, w4, lo0, lo1, hi0, hi1, pla, pha, plb, phb, sa, sb, s0, s1, ta, tb, tc, td, z;
+        mov.b32 lo0, 0xC0800000;
+        mov.b32 lo1, 0xC0804000;
+        mov.b32 hi0, 0x3F3F3F00;
+        mov.b32 hi1, 0x40404040;
+        mov.b32 z, 0x80008000;
+        and.b32 m, $4, 0x77777777;
+        shr.u32 m16, m, 16;
+        shl.b32 w4, $4, 4;
+        prmt.b32 pla, lo0, lo1, m;
+        prmt.b32 pha, hi0, hi1, m;
+        prmt.b32 plb, lo0, lo1, m16;
+        prmt.b32 phb, hi0, hi1, m16;
+        prmt.b32 sa, w4, $4, 0xD9C8;
+        prmt.b32 sb, w4, $4, 0xFBEA;
+        lop3.b32 pha, pha, sa, 0x80808080, 0xF8;
+        lop3.b32 phb, phb, sb, 0x80808080, 0xF8;
+        prmt.b32 s0, $5, 0, 0x4140;
+        prmt.b32 s1, $5, 0, 0x4342;
+        shl.b32 s0, s0, 7;
+        shl.b32 s1, s1, 7;
+        prmt.b32 ta, pla, pha, 0x6240;
+        prmt.b32 tb, pla, pha, 0x7351;
+        prmt.b32 tc, plb, phb, 0x6240;
+        prmt.b32 td, plb, phb, 0x7351;
+        fma.rn.bf16x2 $0, ta, s0, z;
+        fma.rn.bf16x2 $2, tb, s0, z;
+        fma.rn.bf16x2 $1, tc, s1, z;
+        fma.rn.bf16x2 $3, td, s1, z;
+        }""")
+
+
+@triton.jit
+def _fp4_pairs_bf16_lut_asm(packed, sf):
+    """`_fp4_pairs_bf16_asm`'s results (bitwise) with fewer instructions: ~2.6 per weight.
+
+    Per 4 bytes (8 weights): one LOP3 clears the sign bits, leaving the 8 nibble magnitudes as PRMT
+    selectors; four PRMT look up the low and the high byte of bf16(E2M1 magnitude) in two constant
+    8-byte tables (0, 0.5, 1, 1.5, 2, 3, 4, 6 -> 0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040,
+    0x4080, 0x40C0); two PRMT in sign-replicate mode turn the nibbles' sign bits into byte masks
+    that two LOP3 merge into the high bytes; four PRMT pair each value's two bytes into the four
+    bf16x2 words; one bf16x2 FMA per word multiplies by the scale 2**(s - 127) (its exponent
+    field = s; adding -0 keeps the sign of zero products): exact, as E2M1 x 2**k fits bf16.
+
+    NOTE: not used by the kernels yet. Its PTX is checked on the CPU (an emulator, every byte x
+    71 scale bytes, `tests/test_ptx_decode.py`); sm_90a SASS of the decode L1 loop with it:
+    604 instructions per K step instead of 663 (L2: 397 vs 420). It replaces
+    `_fp4_pairs_bf16_asm` in `_weight_tile_bf16` once `test_fp4_bf16_decoders_equal_on_gpu`
+    has passed on a GPU and `scripts/bench_gemm.py` has timed it (docs/PERF.md).
+    """
+    return tl.inline_asm_elementwise(
+        asm=FP4_BF16_LUT_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
+        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
 @triton.jit
 def _fp4_perm_k(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K order of the MXFP4 weight tiles, applied to an operand [ROWS, BLOCK_K] of the other
