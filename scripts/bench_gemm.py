@@ -162,6 +162,27 @@ class Case:
         return worst
 
 
+def lut_decoder_us(case: "Case", kern: str, iters: int) -> float:
+    """GPU time of `kern` with the bf16 mainloop's "lut" E2M1 decoder (`GroupedGemmConfig.fp4_decoder`),
+    after checking that L1's h and L2's y equal the default decoder's bitwise."""
+    H, I, af, bm = case.H, case.I, case.act_format, case.block_m
+    c1 = dataclasses.replace(gh.l1_gemm_config(bm, H, I, "mxfp4", af), fp4_decoder="lut")
+    c2 = dataclasses.replace(gh.l2_gemm_config(bm, H, I, "mxfp4", af, "bf16"), fp4_decoder="lut")
+    case.l1()
+    case.l2()
+    torch.cuda.synchronize()
+    h0, out0 = case.h.clone(), case.out.clone()
+    case.l1(c1)
+    case.l2(c2)
+    torch.cuda.synchronize()
+    same = (torch.equal(case.h.view(torch.uint8), h0.view(torch.uint8))
+            and torch.equal(case.out.view(torch.int16), out0.view(torch.int16)))
+    if not same:
+        raise SystemExit(f"fp4_decoder='lut' differs from the default decoder ({case.t} pairs per expert)")
+    fn = (lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2))
+    return gpu_time_us(fn, iters)
+
+
 def bf16_matmul_us(M: int, K: int, N: int, iters: int) -> float:
     """GPU time of one dense bf16 [M, K] x [K, N] (the tensor-core rate of the same FLOPs)."""
     a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
@@ -256,6 +277,9 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP_L1 / SWEEP_L2 tile configs")
+    p.add_argument("--fp4-decoders", action="store_true",
+                   help="MXFP4 weights, bf16 mainloop: also time fp4_decoder='lut' (checked bitwise "
+                        "against the default decoder first)")
     args = p.parse_args()
     if args.iters < 20:
         raise SystemExit("--iters: use at least 20 runs for a stable median")
@@ -299,6 +323,11 @@ def main() -> None:
                         case.l2()
                     print(f"  {kern} {wf}/{af} {t}x{A}/{E}: fp8 mainloop {us:.1f} us, bf16 mainloop {alt_us:.1f} us",
                           flush=True)
+                lut_us = None
+                if args.fp4_decoders and wf == "mxfp4" and case.w13_op.kind == "raw":
+                    lut_us = lut_decoder_us(case, kern, args.iters)
+                    print(f"  {kern} {wf}/{af} {t}x{A}/{E}: fp4 decoder shift {us:.1f} us, lut {lut_us:.1f} us "
+                          f"(outputs bitwise equal)", flush=True)
                 # Weight bytes of the experts with pairs: what the kernel must read at least once.
                 wq = w13 if kern == "l1" else w2
                 wbytes = weight_bytes(wq) * A // E
@@ -314,7 +343,7 @@ def main() -> None:
                            weight_GBps=wgbps, weight_frac_of_copy=wgbps / copy_bw, same_bytes_copy_us=copy_us,
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
                            scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
-                           mainloop=case.w13_op.kind, bf16_mainloop_us=alt_us)
+                           mainloop=case.w13_op.kind, bf16_mainloop_us=alt_us, lut_decoder_us=lut_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "

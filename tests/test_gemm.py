@@ -623,7 +623,7 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
 
 
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
-                    w_kind: Optional[str] = None):
+                    w_kind: Optional[str] = None, fp4_lut: bool = False):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw")
@@ -635,14 +635,14 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_LUT=fp4_lut)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
-                    w_kind: Optional[str] = None):
+                    w_kind: Optional[str] = None, fp4_lut: bool = False):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw")
@@ -656,7 +656,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_LUT=fp4_lut)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
@@ -710,6 +710,33 @@ def compiled():
     return dict(zip(COMPILE_CASES, ptx))
 
 
+def test_fp4_lut_decoder_compiles_with_half_the_scale_multiplies():
+    """`GroupedGemmConfig(fp4_decoder="lut")`: the bf16 mainloop with the PRMT-table E2M1 decoder
+    builds for sm_90a (bf16 wgmma, no spills at the decode tile) with one bf16x2 FMA per weight
+    pair instead of two, for L1 and L2."""
+    from mega_moe_layer.kernels import _compile
+
+    jobs = []
+    for lut in (False, True):
+        sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="raw", fp4_lut=lut)
+        jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, 90, **opts))
+        sig, ce, opts = l2_compile_args("mxfp4", "fp8", "bf16", 90, 16, w_kind="raw", fp4_lut=lut)
+        jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, 90, **opts))
+    try:
+        l1_shift, l2_shift, l1_lut, l2_lut = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for name, shift, lut in (("l1", l1_shift, l1_lut), ("l2", l2_shift, l2_lut)):
+        assert "wgmma.mma_async" in lut and all(".bf16" in m for m in re.findall(r"wgmma\.mma_async[\w.:]+", lut))
+        n_shift, n_lut = shift.count("fma.rn.bf16x2"), lut.count("fma.rn.bf16x2")
+        assert n_lut > 0 and 2 * n_lut == n_shift, (name, n_shift, n_lut)
+        try:
+            usage = _compile.ptxas_usage(lut, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (name, usage)
+
+
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[_case_id(c) for c in COMPILE_CASES])
 def test_compiles(compiled, case):
     from mega_moe_layer.kernels import _compile
@@ -740,3 +767,11 @@ def test_compiles(compiled, case):
         kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
         assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
         assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
+
+
+def test_fp4_decoder_config_is_checked():
+    cfg = gh.l1_gemm_config(16, 7168, 2048, "mxfp4", "fp8")
+    assert cfg.fp4_decoder == "shift"                   # the GPU-verified decoder stays the default
+    assert dataclasses.replace(cfg, fp4_decoder="lut").fp4_decoder == "lut"
+    with pytest.raises(ValueError, match="fp4_decoder"):
+        dataclasses.replace(cfg, fp4_decoder="table")

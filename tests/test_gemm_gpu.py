@@ -11,6 +11,8 @@ new counts, and no host synchronisation. Asserted: rel-RMSE <= 5e-3 on h (dequan
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,3 +160,25 @@ def test_fp8_mainloop_dsv3(wf, af):
     want = reference_y(prob)[keep.to(DEV)].double()
     err = assert_rel_rmse(got, want, TOLERANCES["gemm_fp8_mainloop_rel_rmse"], f"fp8 mainloop {wf}x{af} y")
     _report(f"fp8 mainloop {wf}x{af}", {"y_rel_rmse": err})
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+@pytest.mark.parametrize("af", ["fp8", "fp4"])
+def test_fp4_lut_decoder_equals_default(af, block_m):
+    """`GroupedGemmConfig(fp4_decoder="lut")` (MXFP4 weights, bf16 mainloop): h and y bitwise equal
+    to the default decoder's, for both GEMMs, at a decode and a prefill tile."""
+    H, I, counts = SHAPES["dsv3"]
+    prob = make_problem(H, I, counts, "mxfp4", af, block_m=block_m, seed=7, device=DEV)
+    prob.w13_op = prob.w2_op = None                      # the bf16 mainloop on the raw weights
+    c1 = dataclasses.replace(gh.l1_gemm_config(block_m, H, I, "mxfp4", af), fp4_decoder="lut")
+    c2 = dataclasses.replace(gh.l2_gemm_config(block_m, H, I, "mxfp4", af, "bf16"), fp4_decoder="lut")
+    outs = []
+    for l1_cfg, l2_cfg in ((None, None), (c1, c2)):
+        h, h_sf = run_l1(prob, config=l1_cfg)
+        dest = make_destinations(prob, "bf16", seed=3)
+        run_l2(prob, h, h_sf, "bf16", dest, config=l2_cfg)
+        torch.cuda.synchronize()
+        n = prob.num_routed
+        outs.append((h[:n].view(torch.uint8).clone(), dest.out.view(torch.int16).clone()))
+    assert torch.equal(outs[0][0], outs[1][0]), "L1 h differs with the lut decoder"
+    assert torch.equal(outs[0][1], outs[1][1]), "L2 y differs with the lut decoder"

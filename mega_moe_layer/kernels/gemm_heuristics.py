@@ -45,6 +45,7 @@ class GroupedGemmConfig:
         num_warps, num_stages: Triton launch options.
         ctas_per_sm: persistent CTAs launched per SM (the grid is min(work items, SMs x this));
             what the registers / shared memory of one CTA let reside at once.
+        fp4_decoder: see the field.
         promote_steps: FP8 mainloop only: K steps (of block_k) accumulated by the FP8 MMA before
             the partial sum is added to the float32 accumulator (Hopper's FP8 MMA accumulates with
             reduced precision; see `l1_gemm`). The kernels use the largest divisor of K / block_k
@@ -61,6 +62,14 @@ class GroupedGemmConfig:
     # H200, decode L1 (T 1 / 128): 104.7 / 801 us at 1, 130 / 1001 at 4, 161 at 8; 16 misses the
     # 5e-3 tolerance (rel-RMSE 1.1e-2): promote after every 128-K step.
     promote_steps: int = 1
+    #: bf16 mainloop, MXFP4 weights, GPU: the in-register E2M1 -> bf16 decoder, "shift"
+    #: (`l1_gemm._fp4_pairs_bf16_asm`, run on the H200) or "lut" (`_fp4_pairs_bf16_lut_asm`: the
+    #: same values from PRMT tables, fewer instructions; opt-in until it has run on a GPU).
+    fp4_decoder: str = "shift"
+
+    def __post_init__(self):
+        if self.fp4_decoder not in ("shift", "lut"):
+            raise ValueError(f"fp4_decoder: expected 'shift' or 'lut', got {self.fp4_decoder!r}")
 
     def promote_for(self, k: int) -> int:
         """PROMOTE for a reduction of k: the largest divisor of k / block_k <= promote_steps.

@@ -259,11 +259,12 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
     bf16x2 words; one bf16x2 FMA per word multiplies by the scale 2**(s - 127) (its exponent
     field = s; adding -0 keeps the sign of zero products): exact, as E2M1 x 2**k fits bf16.
 
-    NOTE: not used by the kernels yet. Its PTX is checked on the CPU (an emulator, every byte x
-    71 scale bytes, `tests/test_ptx_decode.py`); sm_90a SASS of the decode L1 loop with it:
-    604 instructions per K step instead of 663 (L2: 397 vs 420). It replaces
-    `_fp4_pairs_bf16_asm` in `_weight_tile_bf16` once `test_fp4_bf16_decoders_equal_on_gpu`
-    has passed on a GPU and `scripts/bench_gemm.py` has timed it (docs/PERF.md).
+    NOTE: opt-in (`GroupedGemmConfig(fp4_decoder="lut")`), not the default: it has not run on a
+    GPU yet. Its PTX is checked on the CPU (an emulator, every byte x 71 scale bytes,
+    `tests/test_ptx_decode.py`); sm_90a SASS of the decode L1 loop with it: 604 instructions per
+    K step instead of 663 (L2: 397 vs 420). It becomes the default once
+    `test_fp4_bf16_decoders_equal_on_gpu` has passed on a GPU and `scripts/bench_gemm.py
+    --fp4-decoders` has timed both (docs/PERF.md).
     """
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_LUT_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
@@ -283,7 +284,7 @@ def _fp4_perm_k(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      WEIGHT_FORMAT: tl.constexpr, FAST_FP4: tl.constexpr):
+                      WEIGHT_FORMAT: tl.constexpr, FAST_FP4: tl.constexpr, FP4_LUT: tl.constexpr):
     """Rows `rows` (int64 [BLOCK_R], within one expert) x K tile `kt` (columns kt * BLOCK_K ...
     + BLOCK_K - 1) of a weight [N, K] -> bf16 [BLOCK_R, BLOCK_K].
 
@@ -315,7 +316,10 @@ def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
         sb = tl.reshape(tl.broadcast_to(sb[:, None, None, :], (BLOCK_R, 8, 2, BLOCK_K // 32)),
                         (BLOCK_R, BLOCK_K // 2))
         if FAST_FP4:
-            lo, hi = _fp4_pairs_bf16_asm(packed, sb)
+            if FP4_LUT:
+                lo, hi = _fp4_pairs_bf16_lut_asm(packed, sb)
+            else:
+                lo, hi = _fp4_pairs_bf16_asm(packed, sb)
         else:
             b = packed.to(tl.int32) & 0xFF
             s = _exp2_ue8m0(sb.to(tl.int32))
@@ -635,6 +639,7 @@ def _l1_kernel(
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP4_LUT: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
 
@@ -707,7 +712,7 @@ def _l1_kernel(
                         x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
                     x_t = tl.trans(x_tile)                                                          # [BK, BM]
                     w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
-                                          WEIGHT_FORMAT, not DOT_IN_F32)                            # [2BN, BK]
+                                          WEIGHT_FORMAT, not DOT_IN_F32, FP4_LUT)                   # [2BN, BK]
                     if WEIGHT_FORMAT == "fp8":
                         # Block scales (any positive float32) multiply the per-128-K partial products.
                         s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
@@ -1088,5 +1093,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            FP4_LUT=config.fp4_decoder == "lut",
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

@@ -72,6 +72,7 @@ def _l2_kernel(
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP4_LUT: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
 
@@ -132,7 +133,7 @@ def _l2_kernel(
                         h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
                     h_t = tl.trans(h_tile)                                                      # [BK, BM]
                     w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
-                                          not DOT_IN_F32)
+                                          not DOT_IN_F32, FP4_LUT)
                     if WEIGHT_FORMAT == "fp8":
                         s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
                         acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
@@ -288,5 +289,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            FP4_LUT=config.fp4_decoder == "lut",
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))
