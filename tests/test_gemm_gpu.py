@@ -15,10 +15,13 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
-from mega_moe_layer.kernels.l1_gemm import build_tile_map, l1_grouped_gemm
+from mega_moe_layer.kernels.l1_gemm import (_fp4_pairs_bf16_asm, _fp4_pairs_bf16_lut_asm, build_tile_map,
+                                            l1_grouped_gemm)
 from utils import TOLERANCES, assert_rel_rmse
 from test_gemm import (COMBOS, POISON, bytes_of, check_l1, check_l2, h_buffers, make_destinations, make_problem,
                        reference_h, reference_y, run_l1, run_l2)
@@ -182,3 +185,37 @@ def test_fp4_lut_decoder_equals_default(af, block_m):
         outs.append((h[:n].view(torch.uint8).clone(), dest.out.view(torch.int16).clone()))
     assert torch.equal(outs[0][0], outs[1][0]), "L1 h differs with the lut decoder"
     assert torch.equal(outs[0][1], outs[1][1]), "L2 y differs with the lut decoder"
+
+
+@triton.jit
+def _decode_kernel(p_ptr, s_ptr, o_ptr, BLOCK: tl.constexpr, NEW: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    p = tl.load(p_ptr + i)
+    s = tl.load(s_ptr + i)
+    if NEW:
+        lo, hi = _fp4_pairs_bf16_lut_asm(p, s)
+    else:
+        lo, hi = _fp4_pairs_bf16_asm(p, s)
+    tl.store(o_ptr + 2 * i, lo)
+    tl.store(o_ptr + 2 * i + 1, hi)
+
+
+def test_fp4_bf16_decoders_equal_on_gpu():
+    """Both E2M1 -> bf16 decoders on every packed byte x every scale byte: bitwise equal to each
+    other and to the reference (`test_ptx_decode` checks the new one's PTX on the CPU)."""
+    from test_ptx_decode import _reference_bits
+
+    N = 256 * 256
+    b = torch.arange(256, dtype=torch.int32).repeat(256)
+    sc = torch.arange(256, dtype=torch.int32).repeat_interleave(256)
+    p = b.to(torch.uint8).view(torch.int8).cuda()
+    s = sc.to(torch.uint8).cuda()
+    outs = []
+    for new in (False, True):
+        o = torch.empty(2 * N, dtype=torch.bfloat16, device="cuda")
+        _decode_kernel[(N // 1024,)](p, s, o, BLOCK=1024, NEW=new, num_warps=4)
+        outs.append(o.view(torch.int16).cpu())
+    assert torch.equal(outs[0], outs[1]), "the two decoders differ"
+    want = torch.tensor([_reference_bits(int(x), int(y)) for x, y in zip(b, sc)], dtype=torch.int32)
+    got = outs[1].to(torch.int32).view(N, 2) & 0xFFFF
+    assert torch.equal(got, want), "decode differs from the reference"

@@ -1,13 +1,12 @@
 """The MXFP4 -> bf16 weight decode's PTX (`l1_gemm.FP4_BF16_LUT_PTX`), run through a small PTX
 emulator on the CPU: every byte value and every scale byte against the reference decode (bitwise).
-The GPU half (`-m gpu`) runs the real instruction sequence against the previous decoder and the
-reference on the same inputs."""
+The GPU half (`tests/test_gemm_gpu.py::test_fp4_bf16_decoders_equal_on_gpu`) runs the real
+instruction sequence against the previous decoder and the reference on the same inputs."""
 from __future__ import annotations
 
 import re
 import struct
 
-import pytest
 import torch
 
 from mega_moe_layer.kernels import l1_gemm
@@ -156,37 +155,3 @@ def test_fp4_bf16_decode_ptx_emulated():
     assert len(body) <= 23, f"{len(body)} instructions per 8 weights (besides constants)"
     checked = _check_decoder(ptx, list(range(0, 256, 4)) + [1, 126, 127, 128, 253, 254, 255])
     assert checked == 71 * 256
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_fp4_bf16_decoders_equal_on_gpu():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _k(p_ptr, s_ptr, o_ptr, N: tl.constexpr, NEW: tl.constexpr):
-        i = tl.arange(0, N)
-        p = tl.load(p_ptr + i)
-        s = tl.load(s_ptr + i)
-        if NEW:
-            lo, hi = l1_gemm._fp4_pairs_bf16_lut_asm(p, s)
-        else:
-            lo, hi = l1_gemm._fp4_pairs_bf16_asm(p, s)
-        tl.store(o_ptr + 2 * i, lo)
-        tl.store(o_ptr + 2 * i + 1, hi)
-
-    N = 256 * 256
-    b = torch.arange(256, dtype=torch.int32).repeat(256)
-    sc = torch.arange(256, dtype=torch.int32).repeat_interleave(256)
-    p = b.to(torch.uint8).view(torch.int8).cuda()
-    s = sc.to(torch.uint8).cuda()
-    outs = []
-    for new in (False, True):
-        o = torch.empty(2 * N, dtype=torch.bfloat16, device="cuda")
-        _k[(1,)](p, s, o, N=N, NEW=new, num_warps=8)
-        outs.append(o.view(torch.int16).cpu())
-    assert torch.equal(outs[0], outs[1]), "the two decoders differ"
-    want = torch.tensor([_reference_bits(int(x), int(y)) for x, y in zip(b, sc)], dtype=torch.int32)
-    got = outs[1].to(torch.int32).view(N, 2) & 0xFFFF
-    assert torch.equal(got, want), "decode differs from the reference"
