@@ -46,6 +46,8 @@ DEV = "cuda"
 #: T = 1 (8 pairs on 8 of 64 experts), decode T = 128 (1024 pairs, 16 on each of 64), prefill
 #: T = 4096 per rank at EP2 (32768 pairs over 128 local experts: 256 each).
 DEFAULT_CASES = "1:64:8,16:64:64,256:128:128"
+#: Top-k of the routed cases ("uT:E": T tokens over E local experts, bench.py's uniform routing).
+TOPK = 8
 #: (block_m, block_n, num_warps, num_stages, ctas_per_sm) tried by --sweep besides the heuristic's
 #: choice, in the case's regime only (decode: block_m <= 32; prefill: larger).
 SWEEP_L1 = [(16, 64, 8, 4, 2), (16, 64, 8, 3, 2), (16, 32, 4, 3, 4), (16, 64, 4, 4, 3),
@@ -78,36 +80,47 @@ def weight_bytes(qw: formats.QuantizedWeight) -> int:
 class Case:
     """Routed pairs (t per expert), the tile map, h, destinations: everything one L1 + L2 needs."""
 
-    def __init__(self, w13, w2, t: int, act_format: str, seed: int, active: int = 0):
+    def __init__(self, w13, w2, t: int, act_format: str, seed: int, active: int = 0, routed_tokens: int = 0):
         E, two_i, H = w13.shape
         I = two_i // 2
-        active = E if active <= 0 else min(active, E)
-        P = active * t
+        if routed_tokens > 0:
+            # `routed_tokens` tokens, each to TOPK distinct experts drawn uniformly (bench.py's
+            # "uniform" routing): uneven counts per expert, so tiles are partly filled.
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.rand(routed_tokens, E, generator=g).argsort(dim=1)[:, :TOPK]
+            counts = torch.bincount(idx.flatten(), minlength=E)
+        else:
+            active = E if active <= 0 else min(active, E)
+            # The experts with pairs: `active` of the E, spread evenly (decode touches a few).
+            counts = torch.zeros(E, dtype=torch.int64)
+            counts[[e * E // active for e in range(active)]] = t
+        self.active = [e for e in range(E) if counts[e] > 0]
+        active = len(self.active)
+        P = int(counts.sum())
+        t = P // max(1, active)   # mean pairs per active expert
         self.E, self.H, self.I, self.t, self.P, self.act_format = E, H, I, t, P, act_format
-        # The experts with pairs: `active` of the E, spread evenly (decode touches a few).
-        self.active = [e * E // active for e in range(active)]
         self.w13, self.w2 = w13, w2
-        # The weights as the kernels read them, prepared once (as `load_weights` does).
+        # The weights as the kernels read them, prepared once (as `load_weights` does): the layer's
+        # default (`MegaMoEConfig.hopper_fp8_mainloop` False: the bf16 mainloop on operands dequantised
+        # in registers) and the FP8 mainloop's rebased operands (timed with --fp8-mainloop).
         arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
-        self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
-        self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
-        # The other mainloop (bf16, operands dequantised in registers), timed beside it.
-        self.w13_raw = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format,
-                                              fp8_mainloop=False)
-        self.w2_raw = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format,
+        self.w13_op = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format,
                                              fp8_mainloop=False)
-        self.use_raw = False
+        self.w2_op = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format,
+                                            fp8_mainloop=False)
+        self.w13_fp8 = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
+        self.w2_fp8 = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
+        self.use_fp8 = False
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
         del x
         self.pair_rows = torch.randperm(P, generator=gen, device=DEV).to(torch.int32)
         self.pair_weights = torch.rand(P, generator=gen, device=DEV) + 0.1
-        counts = torch.zeros(E, dtype=torch.int64)
-        counts[self.active] = t
         self.starts = [0] + torch.cumsum(counts, 0).tolist()
         self.offsets = torch.tensor(self.starts, dtype=torch.int32, device=DEV)
-        self.retile(gh.gemm_block_m(t))
+        # The layer's hint: pairs per local expert (`gemm_api.block_m_for`).
+        self.retile(gh.gemm_block_m(P / E if routed_tokens > 0 else t))
         if act_format == "fp8":
             self.h = torch.empty(P, I, dtype=torch.float8_e4m3fn, device=DEV)
         elif act_format == "fp4":
@@ -130,18 +143,25 @@ class Case:
                                                                  torch.empty(1, **i32))
         build_tile_map(self.offsets, block_m, mt, self.tile_expert, self.tile_row_start, self.num_tiles)
 
+    def label(self) -> str:
+        return f"{self.P} pairs on {len(self.active)}/{self.E} experts"
+
+    def tiles(self, block_m: int) -> int:
+        """Tiles of `block_m` rows over this case's per-expert counts."""
+        return sum(-(-(b - a) // block_m) for a, b in zip(self.starts[:-1], self.starts[1:]))
+
     def l1(self, config=None):
         l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
                         self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
                         self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
                         act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config,
-                        w13_operand=self.w13_raw if self.use_raw else self.w13_op)
+                        w13_operand=self.w13_fp8 if self.use_fp8 else self.w13_op)
 
     def l2(self, config=None):
         l2_grouped_gemm(self.h, self.h_sf, self.offsets, self.tile_expert, self.tile_row_start, self.num_tiles,
                         self.w2.data, self.w2.scale, self.pair_dst, None, weight_format=self.w2.format,
                         act_format=self.act_format, combine_format="bf16", hidden=self.H, block_m=self.block_m,
-                        config=config, w2_operand=self.w2_raw if self.use_raw else self.w2_op)
+                        config=config, w2_operand=self.w2_fp8 if self.use_fp8 else self.w2_op)
 
     def check(self, tol: float = 5e-3) -> float:
         """rel-RMSE of y against `reference.expert_forward` on the first and last active expert."""
@@ -181,6 +201,23 @@ def lut_decoder_us(case: "Case", kern: str, iters: int) -> float:
         raise SystemExit(f"fp4_decoder='lut' differs from the default decoder ({case.t} pairs per expert)")
     fn = (lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2))
     return gpu_time_us(fn, iters)
+
+
+def other_block_m_us(case: "Case", kern: str, bm: int, iters: int) -> float:
+    """GPU time of `kern` at tile height `bm` (the heuristic's config for it), after checking L1 + L2
+    at that height against the reference; the case's own tile map is restored afterwards."""
+    own = case.block_m
+    c1 = gh.l1_gemm_config(bm, case.H, case.I, case.w13.format, case.act_format)
+    c2 = gh.l2_gemm_config(bm, case.H, case.I, case.w2.format, case.act_format, "bf16")
+    try:
+        case.retile(bm)
+        case.l1(c1)
+        case.l2(c2)
+        torch.cuda.synchronize()
+        case.check()
+        return gpu_time_us((lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2)), iters)
+    finally:
+        case.retile(own)
 
 
 def bf16_matmul_us(M: int, K: int, N: int, iters: int) -> float:
@@ -235,7 +272,8 @@ def sweep(case: Case, kern: str, base, iters: int, base_us: float):
                                     ctas_per_sm=ctas)
                 for bm, bn, warps, stages, ctas in (SWEEP_L1 if kern == "l1" else SWEEP_L2) if (bm <= 32) == decode]
     # FP8 mainloop: how often the FP8 MMA's partial sums are promoted to the float32 accumulator.
-    variants += [dataclasses.replace(base, promote_steps=p) for p in SWEEP_PROMOTE]
+    if case.use_fp8:
+        variants += [dataclasses.replace(base, promote_steps=p) for p in SWEEP_PROMOTE]
     for cfg in variants:
         bm = cfg.block_m
         if cfg == base:
@@ -277,6 +315,11 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP_L1 / SWEEP_L2 tile configs")
+    p.add_argument("--fp8-mainloop", action="store_true",
+                   help="also time the Hopper FP8 mainloop (MegaMoEConfig.hopper_fp8_mainloop) on each case")
+    p.add_argument("--block-ms", default="",
+                   help="comma-separated tile heights also timed (each with its heuristic config, checked "
+                        "against the reference first), e.g. 64,128")
     p.add_argument("--fp4-decoders", action="store_true",
                    help="MXFP4 weights, bf16 mainloop: also time fp4_decoder='lut' (checked bitwise "
                         "against the default decoder first)")
@@ -286,7 +329,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     H, I = args.hidden, args.intermediate
-    cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    cases = []
+    for c in args.cases.split(","):
+        if c.startswith("u"):                    # uT:E -> T tokens routed uniformly over E experts
+            T, E = (int(v) for v in c[1:].split(":"))
+            cases.append((0, E, 0, T))
+        else:
+            t, E, A = (int(v) for v in c.split(":"))
+            cases.append((t, E, A, 0))
     E_max = max(c[1] for c in cases)
     copy_bw = hbm_copy_gbps(args.iters)
     name = torch.cuda.get_device_name(0)
@@ -298,10 +348,11 @@ def main() -> None:
         wf, af = fmt.split("/")
         w13_all = quantized_weights(E_max, 2 * I, H, wf, seed=1)
         w2_all = quantized_weights(E_max, H, I, wf, seed=2)
-        for t, E, A in cases:
+        for t, E, A, T_routed in cases:
             w13, w2 = (formats.QuantizedWeight(q.format, q.data[:E], None if q.scale is None else q.scale[:E],
                                                (E,) + tuple(q.shape[1:])) for q in (w13_all, w2_all))
-            case = Case(w13, w2, t, af, seed=t, active=A)
+            case = Case(w13, w2, t, af, seed=t + T_routed, active=A, routed_tokens=T_routed)
+            t, A = case.t, len(case.active)
             case.l1()
             case.l2()
             torch.cuda.synchronize()
@@ -309,19 +360,19 @@ def main() -> None:
             for kern, fn, flops in (("l1", case.l1, 2.0 * case.P * 2 * I * H), ("l2", case.l2, 2.0 * case.P * H * I)):
                 us = gpu_time_us(fn, args.iters)
                 alt_us = None
-                if case.w13_op.kind != "raw":      # the bf16 mainloop on the same case, checked first
-                    case.use_raw = True
+                if args.fp8_mainloop and case.w13_fp8.kind != "raw":   # the FP8 mainloop, checked first
+                    case.use_fp8 = True
                     try:
                         case.l1()
                         case.l2()
                         torch.cuda.synchronize()
-                        case.check()
+                        case.check(tol=2e-2)   # its own tolerance entry (tests/utils.py)
                         alt_us = gpu_time_us(fn, args.iters)
                     finally:
-                        case.use_raw = False
+                        case.use_fp8 = False
                         case.l1()
                         case.l2()
-                    print(f"  {kern} {wf}/{af} {t}x{A}/{E}: fp8 mainloop {us:.1f} us, bf16 mainloop {alt_us:.1f} us",
+                    print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, fp8 mainloop {alt_us:.1f} us",
                           flush=True)
                 lut_us = None
                 if args.fp4_decoders and wf == "mxfp4" and case.w13_op.kind == "raw":
@@ -343,13 +394,21 @@ def main() -> None:
                            weight_GBps=wgbps, weight_frac_of_copy=wgbps / copy_bw, same_bytes_copy_us=copy_us,
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
                            scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
-                           mainloop=case.w13_op.kind, bf16_mainloop_us=alt_us, lut_decoder_us=lut_us)
+                           mainloop=case.w13_op.kind, fp8_mainloop_us=alt_us, lut_decoder_us=lut_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "
                         f"{100 * wgbps / copy_bw:.0f}% | {copy_us:.1f} | {dense_us:.1f} | "
                         f"{row['bf16_matmul_tflops']:.1f} | {sg_txt} | {_cfg_txt(cfg)} |")
                 print(line, flush=True)
+                if args.block_ms:
+                    row["block_m_us"] = block_m_us = {}
+                    for bm in (int(v) for v in args.block_ms.split(",")):
+                        if bm != case.block_m:
+                            block_m_us[bm] = other_block_m_us(case, kern, bm, args.iters)
+                            print(f"  {kern} {wf}/{af} {case.label()}: block_m {case.block_m} {us:.1f} us, "
+                                  f"block_m {bm} {block_m_us[bm]:.1f} us ({case.tiles(bm)} vs "
+                                  f"{case.tiles(case.block_m)} tiles)", flush=True)
                 if args.sweep:
                     best_us, best_cfg = sweep(case, kern, cfg, args.iters, us)
                     row.update(best_sweep_us=best_us, best_sweep_config=best_cfg.__dict__)
