@@ -356,9 +356,34 @@ def test_max_tiles():
         gh.max_tiles(10, 0, 16)
 
 
-def test_gemm_block_m_branches():
-    got = [gh.gemm_block_m(v) for v in (0, 1, 16, 17, 32, 33, 96, 97, 4096)]
-    assert got == [16, 16, 16, 32, 32, 64, 64, 128, 128]
+def test_gemm_block_m_choices():
+    # Decode sizes keep the 16-row tile; a mean of 16 pairs per expert takes 32 (half the experts
+    # would need a second 16-row tile); 32-row tiles up to ~36; 128 from 64 on (H200, measured).
+    got = [gh.gemm_block_m(v) for v in (0, 0.03, 1, 4, 8, 12, 16, 24, 32, 48, 64, 128, 1024, 4096)]
+    assert got == [16, 16, 16, 16, 16, 16, 32, 32, 32, 64, 128, 128, 128, 128]
+    assert all(bm in gh.GEMM_BLOCK_MS for bm in got)
+    with pytest.raises(ValueError, match="expected_pairs_per_expert"):
+        gh.gemm_block_m(-1)
+    with pytest.raises(ValueError, match="expected_pairs_per_expert"):
+        gh.gemm_block_m(float("nan"))
+
+
+def test_expected_tiles_matches_uniform_routing():
+    """The Poisson estimate against the tiles of real uniform top-8 routing (bench.py's), CPU."""
+    assert gh.expected_tiles(0, 16) == 0.0
+    g = torch.Generator().manual_seed(0)
+    for T, E in ((128, 256), (512, 256), (2048, 256), (4096, 256), (64, 32)):
+        idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :8]
+        counts = torch.bincount(idx.flatten(), minlength=E)
+        for bm in gh.GEMM_BLOCK_MS:
+            real = int((-(-counts // bm)).sum())
+            est = E * gh.expected_tiles(T * 8 / E, bm)
+            assert abs(est - real) <= 0.06 * real + 3, (T, E, bm, est, real)
+    # an expert never needs fewer tiles than its mean asks for, nor more than one extra per sqrt
+    for lam in (3.0, 40.0, 500.0):
+        for bm in gh.GEMM_BLOCK_MS:
+            t = gh.expected_tiles(lam, bm)
+            assert lam / bm <= t <= lam / bm + 1
 
 
 @pytest.mark.parametrize("arch", [90, 100])

@@ -20,9 +20,11 @@ Every config keeps:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
-           "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K"]
+           "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST"]
 
 #: Tile heights the kernels are built for (the MMA N side: multiples of 16 up to 128).
 GEMM_BLOCK_MS = (16, 32, 64, 128)
@@ -101,29 +103,59 @@ def max_tiles(max_pairs: int, num_local_experts: int, block_m: int) -> int:
     return _cdiv(max_pairs, block_m) + num_local_experts
 
 
+#: Relative GPU time of one tile (one L1 + one L2 work column: a tile's pairs through all N
+#: blocks) per tile height, at the heights' own configs. Measured on an H200 (dsv3 shape, MXFP4
+#: weights x FP8 acts, bf16 mainloop; `scripts/bench_gemm.py --cases 16:64:64 --block-ms ...`,
+#: 64 experts with 16 pairs each, so one tile per expert at every height): L1 + L2 = 895 / 1059 /
+#: 1722 / 2154 us for 64 tiles. The uniformly routed cases of the same call (4096 - 32768 pairs
+#: over 256 experts) agree within ~5% per tile. What a tile costs is mostly its weights' stream
+#: and in-register decode (paid once per tile, whatever its height), plus MMA rows.
+TILE_COST = {16: 14.0, 32: 16.5, 64: 26.9, 128: 33.6}
+
+
+@functools.lru_cache(maxsize=4096)
+def expected_tiles(pairs_per_expert: float, block_m: int) -> float:
+    """E[ceil(n / block_m)] for an expert's pair count n ~ Poisson(pairs_per_expert): the tiles one
+    local expert is expected to need under uniform routing (an expert with no pairs needs none).
+
+    Example: expected_tiles(16, 16) = 1.43 (about half the experts get > 16 pairs, so two tiles),
+    expected_tiles(16, 32) = 1.00.
+    """
+    lam = float(pairs_per_expert)
+    if lam <= 0:
+        return 0.0
+    width = 12.0 * math.sqrt(lam) + 12.0
+    lo, hi = max(0, int(lam - width)), int(lam + width) + 1
+    log_lam = math.log(lam)
+    total = 0.0
+    for n in range(max(lo, 1), hi + 1):
+        total += math.exp(n * log_lam - lam - math.lgamma(n + 1)) * (-(-n // block_m))
+    return total
+
+
 def gemm_block_m(expected_pairs_per_expert: float) -> int:
     """Tile height from the expected number of routed pairs per local expert.
 
     The true counts live on the device (the kernels never synchronise), so this is a hint the host
-    knows, e.g. ``num_tokens * topk / num_experts`` of this rank's own batch. Both grouped GEMMs
-    and `build_tile_map` must get the same value.
+    knows, e.g. ``R * num_tokens * topk / num_experts`` (`gemm_api.block_m_for`). Both grouped
+    GEMMs and `build_tile_map` must get the same value.
+
+    The height with the least expected time: expected tiles (`expected_tiles`: per-expert counts
+    spread around the mean, so a height just above the mean leaves many experts with a second,
+    mostly empty tile) times the measured cost of one tile (`TILE_COST`). Ties go to the smaller
+    height. H200, uniform routing over 256 experts, L1 + L2 (`bench_gemm.py --block-ms`): 16 pairs
+    per expert on average: 4078 us at 32 vs 5041 at 16 (381 tiles instead of 256); 64: 8791 us at
+    128 vs 9848 at 64 and 10146 at 32; 4 (decode): 16.
+
+    Examples: 0 -> 16, 4 -> 16, 16 -> 32, 32 -> 32, 64 -> 128, 128 -> 128.
     """
-    if expected_pairs_per_expert < 0:
+    if not expected_pairs_per_expert >= 0:
         raise ValueError(f"expected_pairs_per_expert: expected >= 0, got {expected_pairs_per_expert}")
-    if expected_pairs_per_expert <= 16:
-        # Decode: a few tokens per expert. 16 is the smallest MMA N worth having; the kernels are
-        # weight-bandwidth bound and padded rows cost registers only.
-        return 16
-    if expected_pairs_per_expert <= 32:
-        # Small-batch decode / speculative decoding (tens of tokens per expert).
-        return 32
-    if expected_pairs_per_expert <= 96:
-        # Mixed / chunked prefill: 64 rows amortise each weight slab (and its dequantisation)
-        # over more tokens.
-        return 64
-    # Prefill (hundreds of tokens per expert): compute bound, and the in-register weight
-    # dequantisation (Hopper) is paid once per tile, so the tallest tile the registers hold.
-    return 128
+    lam = round(float(expected_pairs_per_expert), 3)
+    if lam == 0:
+        return GEMM_BLOCK_MS[0]
+    cost = {bm: expected_tiles(lam, bm) * TILE_COST[bm] for bm in GEMM_BLOCK_MS}
+    return min(GEMM_BLOCK_MS, key=lambda bm: (cost[bm], bm))
 
 
 def uses_dot_scaled(arch: int, weight_format: str, act_format: str) -> bool:
