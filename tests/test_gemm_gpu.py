@@ -80,7 +80,7 @@ def test_every_format(wf, af, shape):
     _report(f"{shape} {wf} x {af} bm{block_m}", metrics)
 
 
-@pytest.mark.parametrize("block_m", [16, 32, 128])   # 64 is test_every_format's choice at dsv3
+@pytest.mark.parametrize("block_m", gh.GEMM_BLOCK_MS)
 @pytest.mark.parametrize("wf,af", [("mxfp4", "fp8"), ("fp8", "fp8"), ("mxfp4", "fp4")])
 def test_every_tile_height(wf, af, block_m):
     H, I, counts = SHAPES["dsv3"]

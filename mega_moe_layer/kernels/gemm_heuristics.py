@@ -246,11 +246,11 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
     elif weight_format == "mxfp4":
         # Hopper prefill, 128-row tiles, bf16 combine, MXFP4 weights: 128 weight rows (3.3 ms vs
         # 5.8 ms with 64 rows, H200, T 4096 / EP2), one warpgroup per CTA and two CTAs per SM (255
-        # registers, 4 bytes spilled, 59 KB shared memory each): the two CTAs' decode and MMA
+        # registers, 4 bytes spilled, 87 KB shared memory each): the two CTAs' decode and MMA
         # phases interleave, where one CTA of two warpgroups keeps them in step (barriers). H200,
-        # uniform routing over 256 experts: 4285 vs 4782 us (32768 pairs), 2838 vs 3207 (16384)
-        # against 8 warps x 3 stages x 1 CTA; 3 stages x 4 warps with 64 rows: 6059 / 3923 us.
-        block_n, num_warps, num_stages = 128, 4, 2
+        # uniform routing, 32768 pairs over 256 experts: 3862 us, against 4264 with 2 stages and
+        # 4785 with 8 warps x 3 stages x 1 CTA (16384 pairs, 2 stages: 2838 vs 3207 us).
+        block_n, num_warps, num_stages = 128, 4, 3
     else:
         # Hopper prefill, 128-row tiles, bf16 combine: 64 weight rows keep the accumulator and
         # the dequantised weights at <= 255 registers without spills.
