@@ -65,8 +65,9 @@ class GroupedGemmConfig:
     # 5e-3 tolerance (rel-RMSE 1.1e-2): promote after every 128-K step.
     promote_steps: int = 1
     #: bf16 mainloop, MXFP4 weights, GPU: the in-register E2M1 -> bf16 decoder, "shift"
-    #: (`l1_gemm._fp4_pairs_bf16_asm`, run on the H200) or "lut" (`_fp4_pairs_bf16_lut_asm`: the
-    #: same values from PRMT tables, fewer instructions; opt-in until it has run on a GPU).
+    #: (`l1_gemm._fp4_pairs_bf16_asm`) or "lut" (`_fp4_pairs_bf16_lut_asm`: the same values, bitwise
+    #: on the H200, from PRMT tables, fewer instructions but slower there: decode L1 80.4 vs 75.4 us
+    #: at T 1, 606 vs 565 at T 128; prefill within +-4%). "shift" stays the default.
     fp4_decoder: str = "shift"
 
     def __post_init__(self):
@@ -109,8 +110,10 @@ def max_tiles(max_pairs: int, num_local_experts: int, block_m: int) -> int:
 #: 64 experts with 16 pairs each, so one tile per expert at every height): L1 + L2 = 895 / 1059 /
 #: 1722 / 2154 us for 64 tiles. The uniformly routed cases of the same call (4096 - 32768 pairs
 #: over 256 experts) agree within ~5% per tile. What a tile costs is mostly its weights' stream
-#: and in-register decode (paid once per tile, whatever its height), plus MMA rows.
-TILE_COST = {16: 14.0, 32: 16.5, 64: 26.9, 128: 33.6}
+#: and in-register decode (paid once per tile, whatever its height), plus MMA rows. 128: 33.6
+#: measured, times 0.93 for the later L2 config (two CTAs per SM; L1 + L2 12413 vs 13333 us at
+#: 32768 pairs).
+TILE_COST = {16: 14.0, 32: 16.5, 64: 26.9, 128: 31.3}
 
 
 @functools.lru_cache(maxsize=4096)

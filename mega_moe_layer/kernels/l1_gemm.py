@@ -259,12 +259,11 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
     bf16x2 words; one bf16x2 FMA per word multiplies by the scale 2**(s - 127) (its exponent
     field = s; adding -0 keeps the sign of zero products): exact, as E2M1 x 2**k fits bf16.
 
-    NOTE: opt-in (`GroupedGemmConfig(fp4_decoder="lut")`), not the default: it has not run on a
-    GPU yet. Its PTX is checked on the CPU (an emulator, every byte x 71 scale bytes,
-    `tests/test_ptx_decode.py`); sm_90a SASS of the decode L1 loop with it: 604 instructions per
-    K step instead of 663 (L2: 397 vs 420). It becomes the default once
-    `test_fp4_bf16_decoders_equal_on_gpu` has passed on a GPU and `scripts/bench_gemm.py
-    --fp4-decoders` has timed both (docs/PERF.md).
+    NOTE: opt-in (`GroupedGemmConfig(fp4_decoder="lut")`), not the default. On an H200 it equals
+    `_fp4_pairs_bf16_asm` bitwise for every byte x scale byte (`test_fp4_bf16_decoders_equal_on_gpu`)
+    and in the GEMMs, but is slower despite fewer instructions (decode L1 604 vs 663 SASS per K
+    step; measured 80.4 vs 75.4 us at T 1, 606 vs 565 us at T 128; docs/PERF.md): the decode loop
+    is latency bound at the warps per SM it runs with, not issue bound.
     """
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_LUT_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
