@@ -115,6 +115,7 @@ class Case:
         self.w13_fp8 = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
         self.w2_fp8 = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
         self.use_fp8 = False
+        self.w13_fold = self.w2_fold = None      # "raw_fold" operands, made by --fp4-decoders
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
@@ -186,25 +187,39 @@ class Case:
         return worst
 
 
-def lut_decoder_us(case: "Case", kern: str, iters: int) -> float:
-    """GPU time of `kern` with the bf16 mainloop's "lut" E2M1 decoder (`GroupedGemmConfig.fp4_decoder`),
+def decoder_us(case: "Case", kern: str, iters: int, decoder: str) -> float:
+    """GPU time of `kern` with another E2M1 decoder of the bf16 mainloop: "lut"
+    (`GroupedGemmConfig.fp4_decoder`) or "fold" (a "raw_fold" operand: the weights re-laid at load),
     after checking that L1's h and L2's y equal the default decoder's bitwise."""
     H, I, af, bm = case.H, case.I, case.act_format, case.block_m
-    c1 = dataclasses.replace(gh.l1_gemm_config(bm, H, I, "mxfp4", af), fp4_decoder="lut")
-    c2 = dataclasses.replace(gh.l2_gemm_config(bm, H, I, "mxfp4", af, "bf16"), fp4_decoder="lut")
+    c1, c2 = gh.l1_gemm_config(bm, H, I, "mxfp4", af), gh.l2_gemm_config(bm, H, I, "mxfp4", af, "bf16")
+    if decoder == "lut":
+        c1, c2 = dataclasses.replace(c1, fp4_decoder="lut"), dataclasses.replace(c2, fp4_decoder="lut")
+    ops = (case.w13_op, case.w2_op)
+    if decoder == "fold":
+        if case.w13_fold is None:
+            case.w13_fold, case.w2_fold = (prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format=af,
+                                                                  fp8_mainloop=False, fp4_fold=True)
+                                           for q in (case.w13, case.w2))
+        if case.w13_fold.kind != "raw_fold" or case.w2_fold.kind != "raw_fold":
+            raise SystemExit("fold decoder: a weight has scale bytes outside [1, 128]")
     case.l1()
     case.l2()
     torch.cuda.synchronize()
     h0, out0 = case.h.clone(), case.out.clone()
-    case.l1(c1)
-    case.l2(c2)
-    torch.cuda.synchronize()
-    same = (torch.equal(case.h.view(torch.uint8), h0.view(torch.uint8))
-            and torch.equal(case.out.view(torch.int16), out0.view(torch.int16)))
-    if not same:
-        raise SystemExit(f"fp4_decoder='lut' differs from the default decoder ({case.t} pairs per expert)")
-    fn = (lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2))
-    return gpu_time_us(fn, iters)
+    try:
+        if decoder == "fold":
+            case.w13_op, case.w2_op = case.w13_fold, case.w2_fold
+        case.l1(c1)
+        case.l2(c2)
+        torch.cuda.synchronize()
+        same = (torch.equal(case.h.view(torch.uint8), h0.view(torch.uint8))
+                and torch.equal(case.out.view(torch.int16), out0.view(torch.int16)))
+        if not same:
+            raise SystemExit(f"fp4 decoder {decoder!r} differs from the default decoder ({case.label()})")
+        return gpu_time_us((lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2)), iters)
+    finally:
+        case.w13_op, case.w2_op = ops
 
 
 def other_block_m_us(case: "Case", kern: str, bm: int, iters: int) -> float:
@@ -325,7 +340,7 @@ def main() -> None:
                    help="comma-separated tile heights also timed (each with its heuristic config, checked "
                         "against the reference first), e.g. 64,128")
     p.add_argument("--fp4-decoders", action="store_true",
-                   help="MXFP4 weights, bf16 mainloop: also time fp4_decoder='lut' (checked bitwise "
+                   help="MXFP4 weights, bf16 mainloop: also time the 'lut' and 'fold' decoders (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
     if args.iters < 20:
@@ -378,11 +393,12 @@ def main() -> None:
                         case.l2()
                     print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, fp8 mainloop {alt_us:.1f} us",
                           flush=True)
-                lut_us = None
+                lut_us = fold_us = None
                 if args.fp4_decoders and wf == "mxfp4" and case.w13_op.kind == "raw":
-                    lut_us = lut_decoder_us(case, kern, args.iters)
-                    print(f"  {kern} {wf}/{af} {t}x{A}/{E}: fp4 decoder shift {us:.1f} us, lut {lut_us:.1f} us "
-                          f"(outputs bitwise equal)", flush=True)
+                    lut_us = decoder_us(case, kern, args.iters, "lut")
+                    fold_us = decoder_us(case, kern, args.iters, "fold")
+                    print(f"  {kern} {wf}/{af} {case.label()}: fp4 decoder shift {us:.1f} us, lut {lut_us:.1f} us, "
+                          f"fold {fold_us:.1f} us (outputs bitwise equal)", flush=True)
                 # Weight bytes of the experts with pairs: what the kernel must read at least once.
                 wq = w13 if kern == "l1" else w2
                 wbytes = weight_bytes(wq) * A // E
@@ -398,7 +414,8 @@ def main() -> None:
                            weight_GBps=wgbps, weight_frac_of_copy=wgbps / copy_bw, same_bytes_copy_us=copy_us,
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
                            scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
-                           mainloop=case.w13_op.kind, fp8_mainloop_us=alt_us, lut_decoder_us=lut_us)
+                           mainloop=case.w13_op.kind, fp8_mainloop_us=alt_us, lut_decoder_us=lut_us,
+                           fold_decoder_us=fold_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "

@@ -649,7 +649,7 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
 
 
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
-                    w_kind: Optional[str] = None, fp4_lut: bool = False):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift"):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw")
@@ -661,14 +661,14 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_LUT=fp4_lut)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
-                    w_kind: Optional[str] = None, fp4_lut: bool = False):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift"):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw")
@@ -682,7 +682,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
     ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_LUT=fp4_lut)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
@@ -736,31 +736,37 @@ def compiled():
     return dict(zip(COMPILE_CASES, ptx))
 
 
-def test_fp4_lut_decoder_compiles_with_half_the_scale_multiplies():
-    """`GroupedGemmConfig(fp4_decoder="lut")`: the bf16 mainloop with the PRMT-table E2M1 decoder
-    builds for sm_90a (bf16 wgmma, no spills at the decode tile) with one bf16x2 FMA per weight
-    pair instead of two, for L1 and L2."""
+def test_fp4_decoders_compile_with_half_the_scale_multiplies():
+    """The bf16 mainloop with the other E2M1 decoders ("lut": `GroupedGemmConfig(fp4_decoder=)`;
+    "fold": a "raw_fold" operand) builds for sm_90a (bf16 wgmma, no spills at the decode tile) with
+    one bf16x2 FMA per weight pair instead of two, for L1 and L2."""
     from mega_moe_layer.kernels import _compile
 
+    decoders = ("shift", "lut", "fold")
     jobs = []
-    for lut in (False, True):
-        sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="raw", fp4_lut=lut)
+    for dec in decoders:
+        sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="raw", fp4_decoder=dec)
         jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, 90, **opts))
-        sig, ce, opts = l2_compile_args("mxfp4", "fp8", "bf16", 90, 16, w_kind="raw", fp4_lut=lut)
+        sig, ce, opts = l2_compile_args("mxfp4", "fp8", "bf16", 90, 16, w_kind="raw", fp4_decoder=dec)
         jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, 90, **opts))
     try:
-        l1_shift, l2_shift, l1_lut, l2_lut = _compile.compile_ptx_batch(jobs)
+        ptx = _compile.compile_ptx_batch(jobs)
     except _compile.CompileUnavailable as exc:
         pytest.skip(str(exc))
-    for name, shift, lut in (("l1", l1_shift, l1_lut), ("l2", l2_shift, l2_lut)):
-        assert "wgmma.mma_async" in lut and all(".bf16" in m for m in re.findall(r"wgmma\.mma_async[\w.:]+", lut))
-        n_shift, n_lut = shift.count("fma.rn.bf16x2"), lut.count("fma.rn.bf16x2")
-        assert n_lut > 0 and 2 * n_lut == n_shift, (name, n_shift, n_lut)
-        try:
-            usage = _compile.ptxas_usage(lut, 90)
-        except _compile.CompileUnavailable as exc:
-            pytest.skip(str(exc))
-        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (name, usage)
+    got = {(dec, kern): ptx[2 * i + j] for i, dec in enumerate(decoders) for j, kern in enumerate(("l1", "l2"))}
+    for kern in ("l1", "l2"):
+        n_shift = got["shift", kern].count("fma.rn.bf16x2")
+        for dec in ("lut", "fold"):
+            p = got[dec, kern]
+            assert "wgmma.mma_async" in p and all(".bf16" in m for m in re.findall(r"wgmma\.mma_async[\w.:]+", p))
+            n = p.count("fma.rn.bf16x2")
+            assert n > 0 and 2 * n == n_shift, (kern, dec, n_shift, n)
+            try:
+                usage = _compile.ptxas_usage(p, 90)
+            except _compile.CompileUnavailable as exc:
+                pytest.skip(str(exc))
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kern, dec, usage)
+        assert "shf.r.wrap.b32" in got["fold", kern] and "shf.r.wrap.b32" not in got["shift", kern]
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[_case_id(c) for c in COMPILE_CASES])
@@ -793,6 +799,43 @@ def test_compiles(compiled, case):
         kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
         assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
         assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
+
+
+def test_fp4_fold_operand():
+    """`prepare_weight_operand(fp4_fold=True)`: a re-laid copy ("raw_fold") for MXFP4 weights on
+    Hopper's bf16 mainloop whose scale bytes are all in [1, 128]; the plain "raw" operand otherwise;
+    the GEMM wrappers refuse it where it does not apply (interpreter, wrong weight, Blackwell)."""
+    from mega_moe_layer.kernels import gemm_operands as go
+
+    prob = make_problem(256, 128, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=11)
+    q = prob.w13
+    op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8", fp8_mainloop=False,
+                                   fp4_fold=True)
+    assert op.kind == "raw_fold" and op.data.shape == q.data.shape and op.data.dtype == q.data.dtype
+    assert torch.equal(op.data, go.fp4_fold_relayout(q.data)) and not torch.equal(op.data, q.data)
+    assert op.aux is q.scale
+    # not applicable: Blackwell's block-scaled MMA, FP8 weights, a scale byte above 128, fp4_fold off
+    assert go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=100, act_format="fp8", fp8_mainloop=False,
+                                     fp4_fold=True).kind == "raw"
+    big = q.scale.clone()
+    big.view(torch.uint8)[0, 0, 0] = 129
+    assert go.prepare_weight_operand("mxfp4", q.data, big, arch=90, act_format="fp8", fp8_mainloop=False,
+                                     fp4_fold=True).kind == "raw"
+    assert go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8",
+                                     fp8_mainloop=False).kind == "raw"
+    f = make_problem(256, 128, [5, 0, 3, 9], "fp8", "fp8", block_m=16, seed=11).w13
+    assert go.prepare_weight_operand("fp8", f.data, f.scale, arch=90, act_format="fp8", fp8_mainloop=False,
+                                     fp4_fold=True).kind == "raw"
+    # the interpreter has no inline assembly: a clear error, not wrong values
+    prob.w13_op = op
+    with pytest.raises(ValueError, match="raw_fold"):
+        run_l1(prob)
+    # a fold operand of another weight
+    other = make_problem(256, 256, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=12).w13
+    prob.w13_op = go.prepare_weight_operand("mxfp4", other.data, other.scale, arch=90, act_format="fp8",
+                                            fp8_mainloop=False, fp4_fold=True)
+    with pytest.raises(ValueError, match="raw_fold"):
+        run_l1(prob)
 
 
 def test_fp4_decoder_config_is_checked():

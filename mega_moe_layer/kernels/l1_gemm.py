@@ -247,6 +247,44 @@ FP4_BF16_LUT_PTX = tl.constexpr("""{
         }""")
 
 
+#: PTX of a third E2M1 -> bf16 decoder, for weights whose 32-bit words were re-laid at load time
+#: (`gemm_operands.fp4_fold_relayout`): the same outputs as `_fp4_pairs_bf16_asm` from 15 integer
+#: instructions per 8 weights (no byte-spreading PRMT, two shifts fewer per output) instead of 22,
+#: and one bf16x2 FMA per output pair instead of two (2**126 folded into the scale: the multiplier is
+#: 2**(s - 1), a normal bf16 for scale bytes s <= 128, which `fp4_fold_applies` checks at load).
+#: Bit map of a re-laid word q (per output, lane 0 / lane 1 = bits 0-15 / 16-31 of the result):
+#:   $0 = q & 0x81C081C0                 (bytes 0 / 1, low nibbles)
+#:   $1 = rotr(q, 3) & 0x81C081C0        (bytes 2 / 3, low nibbles)
+#:   $2 = (q << 3) & 0x01C001C0 | (q << 15) & 0x80008000     (bytes 0 / 1, high nibbles)
+#:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000     (bytes 2 / 3, high nibbles)
+#: each a nibble's magnitude on bf16 bits 6..8 and its sign on bit 15 (E2M1 x 2**-126), times the
+#: lane's 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
+#: NOTE: not wired into the kernels yet (next device session: in-GEMM check, then timing).
+FP4_BF16_FOLD_PTX = tl.constexpr("""{
+        .reg .b32 s01, s23, m01, m23, t, u, z;
+        mov.b32 z, 0x80008000;
+        prmt.b32 s01, $5, 0, 0x4140;
+        prmt.b32 s23, $5, 0, 0x4342;
+        mad.lo.u32 m01, s01, 128, 0x3F003F00;
+        mad.lo.u32 m23, s23, 128, 0x3F003F00;
+        and.b32 t, $4, 0x81C081C0;
+        fma.rn.bf16x2 $0, t, m01, z;
+        shf.r.wrap.b32 t, $4, $4, 3;
+        and.b32 t, t, 0x81C081C0;
+        fma.rn.bf16x2 $1, t, m23, z;
+        shl.b32 t, $4, 3;
+        shl.b32 u, $4, 15;
+        and.b32 u, u, 0x80008000;
+        lop3.b32 t, t, u, 0x01C001C0, 0xEC;
+        fma.rn.bf16x2 $2, t, m01, z;
+        shr.u32 t, $4, 6;
+        shl.b32 u, $4, 14;
+        and.b32 u, u, 0x80008000;
+        lop3.b32 t, t, u, 0x01C001C0, 0xEC;
+        fma.rn.bf16x2 $3, t, m23, z;
+        }""")
+
+
 @triton.jit
 def _fp4_pairs_bf16_lut_asm(packed, sf):
     """`_fp4_pairs_bf16_asm`'s results (bitwise) with fewer instructions: ~2.6 per weight.
@@ -271,6 +309,16 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
 
 
 @triton.jit
+def _fp4_pairs_bf16_fold_asm(packed, sf):
+    """`_fp4_pairs_bf16_asm`'s results (bitwise, scale bytes 1..128) for bytes re-laid by
+    `gemm_operands.fp4_fold_relayout` (4 bytes = one re-laid word per call): `FP4_BF16_FOLD_PTX`.
+    NOTE: not used by the kernels yet (see the PTX constant)."""
+    return tl.inline_asm_elementwise(
+        asm=FP4_BF16_FOLD_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
+        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _fp4_perm_k(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K order of the MXFP4 weight tiles, applied to an operand [ROWS, BLOCK_K] of the other
     side (x or h, memory order): logical column c = 2 * (8 g + 4 h + j) + b holds K index
@@ -283,7 +331,7 @@ def _fp4_perm_k(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      WEIGHT_FORMAT: tl.constexpr, FAST_FP4: tl.constexpr, FP4_LUT: tl.constexpr):
+                      WEIGHT_FORMAT: tl.constexpr, FAST_FP4: tl.constexpr, FP4_DECODER: tl.constexpr):
     """Rows `rows` (int64 [BLOCK_R], within one expert) x K tile `kt` (columns kt * BLOCK_K ...
     + BLOCK_K - 1) of a weight [N, K] -> bf16 [BLOCK_R, BLOCK_K].
 
@@ -307,15 +355,25 @@ def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
     if WEIGHT_FORMAT == "mxfp4":
         cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])     # [R, BK/2]
+        scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        sb = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])   # uint8 [R, BK/32]
+        if FAST_FP4 and FP4_DECODER == "fold":
+            # The weight's 32-bit words were re-laid at load (operand kind "raw_fold"): decode in
+            # memory order (each call = one 4-byte word of one 32-group), then permute the values.
+            sb_mem = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_R, BLOCK_K // 32, 16)), (BLOCK_R, BLOCK_K // 2))
+            lo, hi = _fp4_pairs_bf16_fold_asm(packed, sb_mem)
+            lo = tl.reshape(tl.permute(tl.reshape(lo, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
+                            (BLOCK_R, BLOCK_K // 2))
+            hi = tl.reshape(tl.permute(tl.reshape(hi, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
+                            (BLOCK_R, BLOCK_K // 2))
+            return tl.interleave(lo, hi)                                              # [R, BK]
         # memory byte 16 j + 2 g + h -> logical byte 8 g + 4 h + j
         packed = tl.reshape(tl.permute(tl.reshape(packed, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
                             (BLOCK_R, BLOCK_K // 2))
-        scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        sb = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])   # uint8 [R, BK/32]
         sb = tl.reshape(tl.broadcast_to(sb[:, None, None, :], (BLOCK_R, 8, 2, BLOCK_K // 32)),
                         (BLOCK_R, BLOCK_K // 2))
         if FAST_FP4:
-            if FP4_LUT:
+            if FP4_DECODER == "lut":
                 lo, hi = _fp4_pairs_bf16_lut_asm(packed, sb)
             else:
                 lo, hi = _fp4_pairs_bf16_asm(packed, sb)
@@ -638,7 +696,7 @@ def _l1_kernel(
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_LUT: tl.constexpr,
+    FP4_DECODER: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
 
@@ -711,7 +769,7 @@ def _l1_kernel(
                         x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
                     x_t = tl.trans(x_tile)                                                          # [BK, BM]
                     w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
-                                          WEIGHT_FORMAT, not DOT_IN_F32, FP4_LUT)                   # [2BN, BK]
+                                          WEIGHT_FORMAT, not DOT_IN_F32, FP4_DECODER)                   # [2BN, BK]
                     if WEIGHT_FORMAT == "fp8":
                         # Block scales (any positive float32) multiply the per-128-K partial products.
                         s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
@@ -934,9 +992,28 @@ def sf_words_p2(k: int, group: int) -> int:
     return triton.next_power_of_2(max(1, k // group // 4))
 
 
+def _fp4_decoder(name: str, operand: Optional[WeightOperand], config: GroupedGemmConfig, kernel) -> str:
+    """FP4_DECODER of a launch: "fold" for a re-laid MXFP4 operand (its data only decodes that way),
+    else the config's choice."""
+    if operand is not None and operand.kind == "raw_fold":
+        if _is_interpreted(kernel):
+            raise ValueError(f"{name}: a 'raw_fold' operand (re-laid MXFP4 words) needs the GPU decoder; "
+                             "Triton's interpreter has none (prepare it with fp4_fold=False)")
+        return "fold"
+    return config.fp4_decoder
+
+
 def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_format: str, act_format: str,
                         arch: int, data: torch.Tensor, scale: Optional[torch.Tensor], shape, device):
     """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
+    if operand is not None and operand.kind == "raw_fold":
+        # The bf16 mainloop on MXFP4 bytes re-laid at load (`gemm_operands.fp4_fold_relayout`).
+        if weight_format != "mxfp4" or operand.format != "mxfp4" or tuple(operand.shape) != tuple(shape) \
+                or operand.data.device != device or uses_dot_scaled(arch, weight_format, act_format):
+            raise ValueError(f"{name}: a 'raw_fold' operand is for MXFP4 weights {list(shape)} on {device} "
+                             f"with Hopper's bf16 mainloop; got a {operand.format} operand {list(operand.shape)} "
+                             f"for arch {arch}")
+        return "raw", operand.data, operand.aux, None, None
     if not uses_fp8_mma(arch, weight_format, act_format):
         return "raw", data, scale, None, None
     if operand is None or operand.kind == "raw":           # the bf16 mainloop (the default)
@@ -1075,6 +1152,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
+    fp4_decoder = _fp4_decoder("w13_operand", w13_operand, config, _l1_kernel)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (inter // config.block_n), num_sms),)
@@ -1092,6 +1170,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_LUT=config.fp4_decoder == "lut",
+            FP4_DECODER=fp4_decoder,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

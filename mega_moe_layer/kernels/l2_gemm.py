@@ -23,7 +23,8 @@ from .gemm_operands import WeightOperand
 from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
                       _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
-                      _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
+                      _fp4_decoder, _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args,
+                      _weight_shapes,
                       _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
 __all__ = ["l2_grouped_gemm"]
@@ -72,7 +73,7 @@ def _l2_kernel(
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_LUT: tl.constexpr,
+    FP4_DECODER: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
 
@@ -133,7 +134,7 @@ def _l2_kernel(
                         h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
                     h_t = tl.trans(h_tile)                                                      # [BK, BM]
                     w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
-                                          not DOT_IN_F32, FP4_LUT)
+                                          not DOT_IN_F32, FP4_DECODER)
                     if WEIGHT_FORMAT == "fp8":
                         s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
                         acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
@@ -289,6 +290,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_LUT=config.fp4_decoder == "lut",
+            FP4_DECODER=_fp4_decoder("w2_operand", w2_operand, config, _l2_kernel),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))
