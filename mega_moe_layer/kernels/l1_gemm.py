@@ -248,40 +248,40 @@ FP4_BF16_LUT_PTX = tl.constexpr("""{
 
 
 #: PTX of a third E2M1 -> bf16 decoder, for weights whose 32-bit words were re-laid at load time
-#: (`gemm_operands.fp4_fold_relayout`): the same outputs as `_fp4_pairs_bf16_asm` from 15 integer
+#: (`gemm_operands.fp4_fold_relayout`): the same outputs as `_fp4_pairs_bf16_asm` from 13 integer
 #: instructions per 8 weights (no byte-spreading PRMT, two shifts fewer per output) instead of 22,
 #: and one bf16x2 FMA per output pair instead of two (2**126 folded into the scale: the multiplier is
 #: 2**(s - 1), a normal bf16 for scale bytes s <= 128, which `fp4_fold_applies` checks at load).
+#: The 4 bytes of a word share one scale byte s: a 4-aligned word lies in one 32-group (16 bytes),
+#: and the kernels pass each byte its group's scale, so $5 holds s four times.
 #: Bit map of a re-laid word q (per output, lane 0 / lane 1 = bits 0-15 / 16-31 of the result):
 #:   $0 = q & 0x81C081C0                 (bytes 0 / 1, low nibbles)
 #:   $1 = rotr(q, 3) & 0x81C081C0        (bytes 2 / 3, low nibbles)
 #:   $2 = (q << 3) & 0x01C001C0 | (q << 15) & 0x80008000     (bytes 0 / 1, high nibbles)
 #:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000     (bytes 2 / 3, high nibbles)
 #: each a nibble's magnitude on bf16 bits 6..8 and its sign on bit 15 (E2M1 x 2**-126), times the
-#: lane's 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
+#: 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
 #: NOTE: not wired into the kernels yet (next device session: in-GEMM check, then timing).
 FP4_BF16_FOLD_PTX = tl.constexpr("""{
-        .reg .b32 s01, s23, m01, m23, t, u, z;
+        .reg .b32 s, m, t, u, z;
         mov.b32 z, 0x80008000;
-        prmt.b32 s01, $5, 0, 0x4140;
-        prmt.b32 s23, $5, 0, 0x4342;
-        mad.lo.u32 m01, s01, 128, 0x3F003F00;
-        mad.lo.u32 m23, s23, 128, 0x3F003F00;
+        and.b32 s, $5, 0x00FF00FF;
+        mad.lo.u32 m, s, 128, 0x3F003F00;
         and.b32 t, $4, 0x81C081C0;
-        fma.rn.bf16x2 $0, t, m01, z;
+        fma.rn.bf16x2 $0, t, m, z;
         shf.r.wrap.b32 t, $4, $4, 3;
         and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $1, t, m23, z;
+        fma.rn.bf16x2 $1, t, m, z;
         shl.b32 t, $4, 3;
         shl.b32 u, $4, 15;
         and.b32 u, u, 0x80008000;
         lop3.b32 t, t, u, 0x01C001C0, 0xEC;
-        fma.rn.bf16x2 $2, t, m01, z;
+        fma.rn.bf16x2 $2, t, m, z;
         shr.u32 t, $4, 6;
         shl.b32 u, $4, 14;
         and.b32 u, u, 0x80008000;
         lop3.b32 t, t, u, 0x01C001C0, 0xEC;
-        fma.rn.bf16x2 $3, t, m23, z;
+        fma.rn.bf16x2 $3, t, m, z;
         }""")
 
 
