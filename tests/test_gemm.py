@@ -804,7 +804,7 @@ def test_compiles(compiled, case):
 def test_fp4_fold_operand():
     """`prepare_weight_operand(fp4_fold=True)`: a re-laid copy ("raw_fold") for MXFP4 weights on
     Hopper's bf16 mainloop whose scale bytes are all in [1, 128]; the plain "raw" operand otherwise;
-    the GEMM wrappers refuse it where it does not apply (interpreter, wrong weight, Blackwell)."""
+    the same h and y as the plain operand (interpreter); refused for another weight."""
     from mega_moe_layer.kernels import gemm_operands as go
 
     prob = make_problem(256, 128, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=11)
@@ -826,10 +826,19 @@ def test_fp4_fold_operand():
     f = make_problem(256, 128, [5, 0, 3, 9], "fp8", "fp8", block_m=16, seed=11).w13
     assert go.prepare_weight_operand("fp8", f.data, f.scale, arch=90, act_format="fp8", fp8_mainloop=False,
                                      fp4_fold=True).kind == "raw"
-    # the interpreter has no inline assembly: a clear error, not wrong values
-    prob.w13_op = op
-    with pytest.raises(ValueError, match="raw_fold"):
-        run_l1(prob)
+    # L1 + L2 with the fold operands (the interpreter's twin of the decoder): h and y bitwise equal
+    # to the plain operands'
+    outs = []
+    w2 = go.prepare_weight_operand("mxfp4", prob.w2.data, prob.w2.scale, arch=90, act_format="fp8",
+                                   fp8_mainloop=False, fp4_fold=True)
+    assert w2.kind == "raw_fold"
+    for op13, op2 in ((None, None), (op, w2)):
+        prob.w13_op, prob.w2_op = op13, op2
+        h, h_sf = run_l1(prob)
+        dest = make_destinations(prob, "bf16", seed=3)
+        run_l2(prob, h, h_sf, "bf16", dest)
+        outs.append((h[:prob.num_routed].view(torch.uint8).clone(), dest.out.view(torch.int16).clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     # a fold operand of another weight
     other = make_problem(256, 256, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=12).w13
     prob.w13_op = go.prepare_weight_operand("mxfp4", other.data, other.scale, arch=90, act_format="fp8",

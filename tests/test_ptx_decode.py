@@ -188,10 +188,9 @@ def test_fp4_fold_decoder_on_relaid_words_emulated():
     for data, sc, new in zip(words, scales, relaid.tolist()):
         q = sum(b << (8 * i) for i, b in enumerate(new))
         r = emulate(ptx, {"$4": q, "$5": sum(v << (8 * i) for i, v in enumerate(sc))})
-        lo = [r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16]
-        hi = [r["$2"] & 0xFFFF, r["$2"] >> 16, r["$3"] & 0xFFFF, r["$3"] >> 16]
-        for i in range(4):
-            assert (lo[i], hi[i]) == _reference_bits(data[i], sc[i]), (data, sc, i)
+        for i in range(4):                       # $i = byte i: (low nibble, high nibble)
+            got = (r[f"${i}"] & 0xFFFF, r[f"${i}"] >> 16)
+            assert got == _reference_bits(data[i], sc[i]), (data, sc, i)
 
 
 def test_fp4_fold_relayout_is_a_bit_permutation():

@@ -99,15 +99,15 @@ class WeightOperand:
 
 def _fold_bit_positions() -> list:
     """New bit position, in a re-laid 32-bit word, of each bit o of the original little-endian word
-    of 4 packed E2M1 bytes (`l1_gemm.FP4_BF16_FOLD_PTX`'s bit map). Byte i's low / high nibble feeds
-    output $0 / $2 (i = 0, 1) or $1 / $3 (i = 2, 3) in lane i % 2; the nibble's bits 0-2 (magnitude)
-    land on bf16 bits 6-8 of that lane and bit 3 (sign) on bit 15."""
+    of 4 packed E2M1 bytes (`l1_gemm.FP4_BF16_FOLD_PTX`'s bit map). Byte i feeds output $i: its low
+    nibble lane 0, its high nibble lane 1 (a bf16x2 pair of consecutive K columns, as the MMA's
+    register operand holds them); the nibble's bits 0-2 (magnitude) land on bf16 bits 6-8 of that
+    lane and bit 3 (sign) on bit 15."""
     pos = []
     for o in range(32):
         i, w = divmod(o, 8)
-        half, k = divmod(w, 4)
-        lane = i % 2
-        j = 2 * half + i // 2                   # output register $j
+        lane, k = divmod(w, 4)
+        j = i                                   # output register $j
         b = (6 + k if k < 3 else 15) + 16 * lane  # its bit in the output
         if j == 0:
             src = b

@@ -254,11 +254,12 @@ FP4_BF16_LUT_PTX = tl.constexpr("""{
 #: 2**(s - 1), a normal bf16 for scale bytes s <= 128, which `fp4_fold_applies` checks at load).
 #: The 4 bytes of a word share one scale byte s: a 4-aligned word lies in one 32-group (16 bytes),
 #: and the kernels pass each byte its group's scale, so $5 holds s four times.
-#: Bit map of a re-laid word q (per output, lane 0 / lane 1 = bits 0-15 / 16-31 of the result):
-#:   $0 = q & 0x81C081C0                 (bytes 0 / 1, low nibbles)
-#:   $1 = rotr(q, 3) & 0x81C081C0        (bytes 2 / 3, low nibbles)
-#:   $2 = (q << 3) & 0x01C001C0 | (q << 15) & 0x80008000     (bytes 0 / 1, high nibbles)
-#:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000     (bytes 2 / 3, high nibbles)
+#: Bit map of a re-laid word q (output $i = byte i: lane 0 (bits 0-15) its low nibble, lane 1 its
+#: high nibble, i.e. two consecutive K columns, so no interleave shuffle follows):
+#:   $0 = q & 0x81C081C0
+#:   $1 = rotr(q, 3) & 0x81C081C0
+#:   $2 = (q << 3) & 0x01C001C0 | (q << 15) & 0x80008000
+#:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000
 #: each a nibble's magnitude on bf16 bits 6..8 and its sign on bit 15 (E2M1 x 2**-126), times the
 #: 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
 #: NOTE: not wired into the kernels yet (next device session: in-GEMM check, then timing).
@@ -310,12 +311,44 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
 
 @triton.jit
 def _fp4_pairs_bf16_fold_asm(packed, sf):
-    """`_fp4_pairs_bf16_asm`'s results (bitwise, scale bytes 1..128) for bytes re-laid by
-    `gemm_operands.fp4_fold_relayout` (4 bytes = one re-laid word per call): `FP4_BF16_FOLD_PTX`.
-    NOTE: not used by the kernels yet (see the PTX constant)."""
+    """Bytes re-laid by `gemm_operands.fp4_fold_relayout` (4 bytes = one re-laid word per call) and
+    their scale bytes (1..128, one per word) -> `FP4_BF16_FOLD_PTX`'s values as two tensors of the
+    input's shape, NOT (low, high) nibbles: per word w, a[4w + 0..3] = byte 4w (low, high), byte
+    4w + 1 (low, high); b[4w + 0..3] = the same for bytes 4w + 2, 4w + 3 (`_fold_tile` reorders)."""
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_FOLD_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _fold_pair(t, m):
+    """Interpreter: the two bf16 lanes of a decoded word t (int64, 32 bits) times the float32 m."""
+    lo = ((t & 0xFFFF) << 16).to(tl.int32).to(tl.float32, bitcast=True)
+    hi = ((t >> 16) << 16).to(tl.int32).to(tl.float32, bitcast=True)
+    return (lo * m).to(tl.bfloat16), (hi * m).to(tl.bfloat16)
+
+
+@triton.jit
+def _fp4_fold_values(packed, sb, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Triton's interpreter (no inline assembly): `_fp4_pairs_bf16_fold_asm`'s (a, b), from the same
+    bit map in integer operations on the re-laid words. packed int8 [R, BK/2] in memory order, sb
+    uint8 [R, BK/32]; exact: E2M1 x 2**-126 x 2**(s - 1) needs no rounding."""
+    by = tl.reshape(packed.to(tl.int64) & 0xFF, (BLOCK_R, BLOCK_K // 8, 4))
+    q = tl.sum(by << (8 * tl.arange(0, 4)).to(tl.int64)[None, None, :], axis=2)         # [R, BK/8] words
+    m = tl.reshape(tl.broadcast_to(_exp2_ue8m0(sb.to(tl.int32) + 126)[:, :, None], (BLOCK_R, BLOCK_K // 32, 4)),
+                   (BLOCK_R, BLOCK_K // 8))                                             # 2**(s - 1) per word
+    t0 = q & 0x81C081C0
+    t1 = ((q >> 3) | (q << 29)) & 0x81C081C0
+    t2 = ((q << 3) & 0x01C001C0) | ((q << 15) & 0x80008000)
+    t3 = ((q >> 6) & 0x01C001C0) | ((q << 14) & 0x80008000)
+    v0l, v0h = _fold_pair(t0, m)
+    v1l, v1h = _fold_pair(t1, m)
+    v2l, v2h = _fold_pair(t2, m)
+    v3l, v3h = _fold_pair(t3, m)
+    # join(join(p, q), join(r, s)) is [.., 2 (inner), 2 (outer)]: order p, q, r, s = permute
+    a = tl.reshape(tl.permute(tl.join(tl.join(v0l, v0h), tl.join(v1l, v1h)), (0, 1, 3, 2)), (BLOCK_R, BLOCK_K // 2))
+    b = tl.reshape(tl.permute(tl.join(tl.join(v2l, v2h), tl.join(v3l, v3h)), (0, 1, 3, 2)), (BLOCK_R, BLOCK_K // 2))
+    return a, b
 
 
 @triton.jit
@@ -357,16 +390,21 @@ def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
         packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])     # [R, BK/2]
         scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         sb = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])   # uint8 [R, BK/32]
-        if FAST_FP4 and FP4_DECODER == "fold":
+        if FP4_DECODER == "fold":
             # The weight's 32-bit words were re-laid at load (operand kind "raw_fold"): decode in
             # memory order (each call = one 4-byte word of one 32-group), then permute the values.
-            sb_mem = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_R, BLOCK_K // 32, 16)), (BLOCK_R, BLOCK_K // 2))
-            lo, hi = _fp4_pairs_bf16_fold_asm(packed, sb_mem)
-            lo = tl.reshape(tl.permute(tl.reshape(lo, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
-                            (BLOCK_R, BLOCK_K // 2))
-            hi = tl.reshape(tl.permute(tl.reshape(hi, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
-                            (BLOCK_R, BLOCK_K // 2))
-            return tl.interleave(lo, hi)                                              # [R, BK]
+            if FAST_FP4:
+                sb_mem = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_R, BLOCK_K // 32, 16)),
+                                    (BLOCK_R, BLOCK_K // 2))
+                a, b = _fp4_pairs_bf16_fold_asm(packed, sb_mem)
+            else:
+                a, b = _fp4_fold_values(packed, sb, BLOCK_R, BLOCK_K)
+            # per word: columns 0-3 from a, 4-7 from b (memory K order: byte c // 2, nibble c % 2)
+            t = tl.reshape(tl.permute(tl.join(tl.reshape(a, (BLOCK_R, BLOCK_K // 8, 4)),
+                                              tl.reshape(b, (BLOCK_R, BLOCK_K // 8, 4))), (0, 1, 3, 2)),
+                           (BLOCK_R, BLOCK_K // 32, 8, 2, 2))                          # [R, j, g, h, nibble]
+            # memory byte 16 j + 2 g + h -> logical byte 8 g + 4 h + j (the nibble pair moves as one)
+            return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (BLOCK_R, BLOCK_K))     # [R, BK]
         # memory byte 16 j + 2 g + h -> logical byte 8 g + 4 h + j
         packed = tl.reshape(tl.permute(tl.reshape(packed, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
                             (BLOCK_R, BLOCK_K // 2))
@@ -992,13 +1030,10 @@ def sf_words_p2(k: int, group: int) -> int:
     return triton.next_power_of_2(max(1, k // group // 4))
 
 
-def _fp4_decoder(name: str, operand: Optional[WeightOperand], config: GroupedGemmConfig, kernel) -> str:
+def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
     """FP4_DECODER of a launch: "fold" for a re-laid MXFP4 operand (its data only decodes that way),
     else the config's choice."""
     if operand is not None and operand.kind == "raw_fold":
-        if _is_interpreted(kernel):
-            raise ValueError(f"{name}: a 'raw_fold' operand (re-laid MXFP4 words) needs the GPU decoder; "
-                             "Triton's interpreter has none (prepare it with fp4_fold=False)")
         return "fold"
     return config.fp4_decoder
 
@@ -1152,7 +1187,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
-    fp4_decoder = _fp4_decoder("w13_operand", w13_operand, config, _l1_kernel)
+    fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (inter // config.block_n), num_sms),)

@@ -290,6 +290,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_DECODER=_fp4_decoder("w2_operand", w2_operand, config, _l2_kernel),
+            FP4_DECODER=_fp4_decoder(w2_operand, config),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))
