@@ -219,13 +219,17 @@ def _decode_kernel(p_ptr, s_ptr, o_ptr, BLOCK: tl.constexpr, NEW: tl.constexpr):
     p = tl.load(p_ptr + i)
     s = tl.load(s_ptr + i)
     if NEW == 2:
-        lo, hi = _fp4_pairs_bf16_fold_asm(p, s)
-    elif NEW:
-        lo, hi = _fp4_pairs_bf16_lut_asm(p, s)
+        # fold: a = bytes 4w, 4w+1 (low, high nibble each), b = bytes 4w+2, 4w+3, per word w
+        a, b = _fp4_pairs_bf16_fold_asm(p, s)
+        tl.store(o_ptr + 8 * (i // 4) + i % 4, a)
+        tl.store(o_ptr + 8 * (i // 4) + 4 + i % 4, b)
     else:
-        lo, hi = _fp4_pairs_bf16_asm(p, s)
-    tl.store(o_ptr + 2 * i, lo)
-    tl.store(o_ptr + 2 * i + 1, hi)
+        if NEW:
+            lo, hi = _fp4_pairs_bf16_lut_asm(p, s)
+        else:
+            lo, hi = _fp4_pairs_bf16_asm(p, s)
+        tl.store(o_ptr + 2 * i, lo)
+        tl.store(o_ptr + 2 * i + 1, hi)
 
 
 def test_fp4_bf16_decoders_equal_on_gpu():
