@@ -5,7 +5,11 @@
 
 H 7168, I 2048. A case t:E:A puts t routed pairs on each of A experts (spread evenly) out of E
 local ones: the defaults are decode at T = 1 and T = 128 tokens (top-8, 64 local experts) and
-prefill at T = 4096 per rank at EP2 (128 local experts, 256 pairs each). For each case: the GPU
+prefill at T = 4096 per rank at EP2 (128 local experts, 256 pairs each). A case uT:E routes T
+tokens top-8 uniformly over E experts (bench.py's routing: uneven counts, partly filled tiles).
+The kernels run what the layer runs by default (the bf16 mainloop; `--fp8-mainloop` adds the FP8
+one, `--fp4-decoders` the other MXFP4 decoders, `--block-ms` other tile heights: each checked
+first). For each case: the GPU
 time of one L1 launch and one L2 launch (CUDA events, the GPU kept busy by a sleep kernel before
 the start event so host launch latency is not timed; warm-up, median of --iters >= 20), their
 TFLOP/s and the bytes per second of the weights of the active experts (and the fraction of a large
