@@ -105,15 +105,14 @@ def _fold_bit_positions() -> list:
     lane and bit 3 (sign) on bit 15."""
     pos = []
     for o in range(32):
-        i, w = divmod(o, 8)
+        i, w = divmod(o, 8)                     # byte i -> output register $i
         lane, k = divmod(w, 4)
-        j = i                                   # output register $j
         b = (6 + k if k < 3 else 15) + 16 * lane  # its bit in the output
-        if j == 0:
+        if i == 0:
             src = b
-        elif j == 1:
+        elif i == 1:
             src = (b + 3) % 32                  # rotr(q, 3)
-        elif j == 2:
+        elif i == 2:
             src = b - 3 if k < 3 else 16 * lane  # (q << 3) magnitudes, (q << 15) signs
         else:
             src = b + 6 if k < 3 else 1 + 16 * lane   # (q >> 6) magnitudes, (q << 14) signs
@@ -148,8 +147,8 @@ def fp4_fold_relayout(data: torch.Tensor) -> torch.Tensor:
 def fp4_fold_applies(scale: torch.Tensor) -> bool:
     """Whether every UE8M0 scale byte is in [1, 128]: then 2**126 x 2**(s - 127) = 2**(s - 1) is a
     normal bf16 and `FP4_BF16_FOLD_PTX` needs one multiply per pair, with the same results as the
-    other decoders (byte 0, which no quantiser writes, decodes to zeros there). One host read, at
-    load time. Example: scales of weights of magnitude ~1e-2 are ~120."""
+    other decoders (byte 0, which no quantiser writes, is excluded: they decode it to zeros). One
+    host read, at load time. Example: scales of weights of magnitude ~1e-2 are ~120."""
     b = scale.view(torch.uint8)
     return bool(((b >= 1) & (b <= 128)).all())
 

@@ -262,7 +262,7 @@ FP4_BF16_LUT_PTX = tl.constexpr("""{
 #:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000
 #: each a nibble's magnitude on bf16 bits 6..8 and its sign on bit 15 (E2M1 x 2**-126), times the
 #: 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
-#: NOTE: not wired into the kernels yet (next device session: in-GEMM check, then timing).
+#: NOTE: used for "raw_fold" operands only (opt-in); not yet run on a GPU (docs/PERF.md, 2026-12-02).
 FP4_BF16_FOLD_PTX = tl.constexpr("""{
         .reg .b32 s, m, t, u, z;
         mov.b32 z, 0x80008000;
@@ -302,7 +302,7 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
     `_fp4_pairs_bf16_asm` bitwise for every byte x scale byte (`test_fp4_bf16_decoders_equal_on_gpu`)
     and in the GEMMs, but is slower despite fewer instructions (decode L1 604 vs 663 SASS per K
     step; measured 80.4 vs 75.4 us at T 1, 606 vs 565 us at T 128; docs/PERF.md): the decode loop
-    is latency bound at the warps per SM it runs with, not issue bound.
+    is bound by its integer work (PRMT included), not by its instruction count.
     """
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_LUT_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
@@ -314,7 +314,8 @@ def _fp4_pairs_bf16_fold_asm(packed, sf):
     """Bytes re-laid by `gemm_operands.fp4_fold_relayout` (4 bytes = one re-laid word per call) and
     their scale bytes (1..128, one per word) -> `FP4_BF16_FOLD_PTX`'s values as two tensors of the
     input's shape, NOT (low, high) nibbles: per word w, a[4w + 0..3] = byte 4w (low, high), byte
-    4w + 1 (low, high); b[4w + 0..3] = the same for bytes 4w + 2, 4w + 3 (`_fold_tile` reorders)."""
+    4w + 1 (low, high); b[4w + 0..3] = the same for bytes 4w + 2, 4w + 3 (`_weight_tile_bf16`
+    puts them in K order)."""
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_FOLD_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)

@@ -22,9 +22,8 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
-                      _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
-                      _fp4_decoder, _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args,
-                      _weight_shapes,
+                      _fp4_decoder, _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
+                      _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
                       _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
 __all__ = ["l2_grouped_gemm"]
