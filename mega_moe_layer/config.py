@@ -40,9 +40,16 @@ class MegaMoEConfig:
         activation_clamp: SwiGLU clamp C or None.
         spin_timeout_s: bound on every GPU spin-wait before the kernel traps.
         hopper_fp8_mainloop: Hopper grouped GEMMs with FP8 / MXFP4 weights and FP8 / FP4 acts:
-            True runs the FP8 (e4m3 wgmma) mainloop on rebased operands; False (default) the bf16
-            mainloop on operands dequantised in registers, which measured faster with Triton 3.6
-            at every size (docs/PERF.md, "FP8 mainloop").
+            True runs the streamed FP8 (e4m3 wgmma) mainloop: x rebased to one exponent per row
+            after the dispatch and h after L1 (`kernels/rebase.py`), weights rebased at load
+            time; False the bf16 mainloop on operands dequantised in registers. None (default):
+            True for FP8 weights, and for MXFP4 weights with hopper_fp4_as_fp8 (H200: 2-5x faster
+            GEMMs there); False for MXFP4 kept at 4 bits, where expanding E2M1 in the K loop is
+            slower than the bf16 mainloop at decode (docs/PERF.md has every variant measured).
+        hopper_fp4_as_fp8: MXFP4 weights on Hopper: keep them expanded to rebased E4M3 bytes (twice
+            the memory of the packed weights: exact for groups within 2**8 of their row's largest
+            scale) so the FP8 mainloop streams them like FP8 weights; False (default) keeps 4 bits
+            per weight.
     """
 
     hidden: int
@@ -56,7 +63,15 @@ class MegaMoEConfig:
     act_group_size: int = 32
     activation_clamp: Optional[float] = None
     spin_timeout_s: float = 30.0
-    hopper_fp8_mainloop: bool = False
+    hopper_fp8_mainloop: Optional[bool] = None
+    hopper_fp4_as_fp8: bool = False
+
+    @property
+    def fp8_mainloop(self) -> bool:
+        """hopper_fp8_mainloop resolved (None: FP8 weights, or MXFP4 with hopper_fp4_as_fp8)."""
+        if self.hopper_fp8_mainloop is not None:
+            return self.hopper_fp8_mainloop
+        return self.weight_format == "fp8" or (self.weight_format == "mxfp4" and self.hopper_fp4_as_fp8)
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -86,7 +101,9 @@ class MegaMoEConfig:
         if self.activation_clamp is not None:
             need(isinstance(self.activation_clamp, (int, float)) and self.activation_clamp > 0,
                  "activation_clamp", "expected a positive float or None")
-        need(isinstance(self.hopper_fp8_mainloop, bool), "hopper_fp8_mainloop", "expected a bool")
+        need(self.hopper_fp8_mainloop is None or isinstance(self.hopper_fp8_mainloop, bool), "hopper_fp8_mainloop",
+             "expected None (auto) or a bool")
+        need(isinstance(self.hopper_fp4_as_fp8, bool), "hopper_fp4_as_fp8", "expected a bool")
         need(isinstance(self.spin_timeout_s, (int, float)) and self.spin_timeout_s > 0,
              "spin_timeout_s", "expected a positive number of seconds")
 

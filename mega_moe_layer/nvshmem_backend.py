@@ -149,6 +149,9 @@ class NvshmemForward(CompiledForwardMixin):
         self.comb_sf_row_bytes = 4 * (-(-H // 512)) if cfg.combine_format == "fp8" else 0
         self.w13_op = self.w2_op = None
         self.rebase_report = None
+        #: the streamed FP8 path (cfg.hopper_fp8_mainloop): rebased x / h buffers and their passes
+        self.x_rebased = self.h_rebased = None
+        self._rebase_x = self._rebase_h = None
         self._l1_launch: Dict[int, Optional[Launcher]] = {}
         self._l2_launch: Dict[int, Optional[Launcher]] = {}
         #: kernels 2-8 as one CUDA graph per tile height (see the module docstring)
@@ -158,6 +161,15 @@ class NvshmemForward(CompiledForwardMixin):
         # NOTE: read once here: a device query inside the forward is a data-dependent guard
         # under torch.compile (and host time in eager).
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        from .kernels.gemm_operands import uses_fp8_mma
+        major, minor = torch.cuda.get_device_capability(device)
+        #: the streamed FP8 path: the fill lists the pool rows it writes (rebased after it)
+        self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format,
+                                                                  cfg.act_format)
+        self.recv_rows = self.recv_count = None
+        if self.streamed:
+            self.recv_rows = torch.zeros(self.ws.view("recv_x").shape[0], **i32)
+            self.recv_count = torch.zeros(1, **i32)
         self._bind_fixed_launches()
         self._per_T: Dict[int, Tuple] = {}
         self._stage: Dict[Tuple, Launcher] = {}
@@ -178,7 +190,8 @@ class NvshmemForward(CompiledForwardMixin):
             ws.peer_bases, self.off, self.expert_offsets, self.cursor, ws.view("pair_rows"),
             self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
             x_row_bytes=self.x_row_bytes, sf_row_bytes=self.sf_row_bytes,
-            comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes, **self._kw))
+            comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes,
+            recv_rows=self.recv_rows, recv_count=self.recv_count, **self._kw))
         # combine: y's address and T come from `call_info` (written by the call's stage kernel),
         # so one bound launch, or graph node, serves every call; min(T_max, SMs) programs per H
         # block stride over the rows. (y1 only gives H.)
@@ -195,7 +208,8 @@ class NvshmemForward(CompiledForwardMixin):
             lc = Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
                 self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
                 self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
-                self.num_tiles, self.stats.last, self.stats.cumulative, block_m=block_m, **self._kw))
+                self.num_tiles, self.stats.last, self.stats.cumulative, block_m=block_m,
+                recv_count=self.recv_count, **self._kw))
             self._count_plan[block_m] = lc
         return lc
 
@@ -248,16 +262,41 @@ class NvshmemForward(CompiledForwardMixin):
         self.w13, self.w2 = qw13, qw2
         major, minor = torch.cuda.get_device_capability(self.device)
         arch, cfg = 10 * major + minor, self.cfg
-        fp8 = cfg.hopper_fp8_mainloop
+        fp8, as_fp8 = cfg.fp8_mainloop, cfg.hopper_fp4_as_fp8
         self.w13_op = prepare_weight_operand(qw13.format, qw13.data, qw13.scale, arch=arch,
-                                             act_format=cfg.act_format, name="w13", fp8_mainloop=fp8)
+                                             act_format=cfg.act_format, name="w13", fp8_mainloop=fp8,
+                                             fp4_as_fp8=as_fp8)
         self.w2_op = prepare_weight_operand(qw2.format, qw2.data, qw2.scale, arch=arch,
-                                            act_format=cfg.act_format, name="w2", fp8_mainloop=fp8)
+                                            act_format=cfg.act_format, name="w2", fp8_mainloop=fp8,
+                                            fp4_as_fp8=as_fp8)
+        self._bind_rebase(self.streamed and self.w13_op.is_fp8_mma and self.w2_op.is_fp8_mma)
         self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
         self._l1_launch.clear()          # bound to the previous weights
         self._l2_launch.clear()
         self.reset_graphs()
+
+    def _bind_rebase(self, on: bool) -> None:
+        """The streamed FP8 path: buffers for x / h rebased to one exponent per row and the two
+        bound passes that fill them (x after the dispatch, over the pool rows the fill listed; h
+        after L1, over the pairs)."""
+        if not on:
+            self.x_rebased = self.h_rebased = self._rebase_x = self._rebase_h = None
+            return
+        from .kernels.rebase import rebase_act_rows
+        cfg, ws, El = self.cfg, self.ws, self.num_local_experts
+        if self.x_rebased is None:
+            npool, P = ws.view("recv_x").shape[0], self.max_pairs
+            f8, i32 = dict(dtype=torch.float8_e4m3fn, device=self.device), dict(dtype=torch.int32, device=self.device)
+            self.x_rebased = (torch.empty(npool, cfg.hidden, **f8), torch.zeros(npool, **i32))
+            self.h_rebased = (torch.empty(P, cfg.intermediate, **f8), torch.zeros(P, **i32))
+        count = self.expert_offsets[El:]                      # the device's pair count
+        # x: the pool rows this call received, once each (the fill's list)
+        self._rebase_x = rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased, self.recv_count,
+                                         act_format=cfg.act_format, group=cfg.act_group_size,
+                                         rows=self.recv_rows, num_sms=self.num_sms, bind=True)
+        self._rebase_h = rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
+                                         act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True)
 
     def reset_graphs(self) -> None:
         """Drop the captured kernels 2-8 (they are recaptured when next used)."""
@@ -293,7 +332,7 @@ class NvshmemForward(CompiledForwardMixin):
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
-                          block_m=block_m, w13_operand=self.w13_op, bind=True)
+                          block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased, bind=True)
 
     def _bind_l2(self, block_m: int):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
@@ -303,7 +342,8 @@ class NvshmemForward(CompiledForwardMixin):
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
-                          hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, bind=True)
+                          hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, h_rebased=self.h_rebased,
+                          bind=True)
 
     # ------------------------------------------------------------------ kernels 2-8
     def _middle(self, bm: int) -> None:
@@ -316,8 +356,13 @@ class NvshmemForward(CompiledForwardMixin):
             lc = self._count_plan_launcher(bm)
         lc()
         self._fill()
-        # the expert GEMMs; L2 stores into the owners' combine slots
+        # the expert GEMMs; L2 stores into the owners' combine slots (the streamed FP8 path
+        # rebases x before L1 and h before L2)
+        if self._rebase_x is not None:
+            self._rebase_x()
         self._run_l1(bm)
+        if self._rebase_h is not None:
+            self._rebase_h()
         self._run_l2(bm)
         self._barrier_combine()
         # combine reduce into this call's y

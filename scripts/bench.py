@@ -343,6 +343,13 @@ def parse_args(argv=None):
     p.add_argument("--act-format", default="fp8")
     p.add_argument("--combine-format", default="bf16")
     p.add_argument("--baseline-weights", default="fp8", choices=["fp8", "bf16"])
+    p.add_argument("--fp8-mainloop", dest="fp8_mainloop", action="store_const", const=True, default=None,
+                   help="our layer with MegaMoEConfig(hopper_fp8_mainloop=True): the streamed FP8 mainloop "
+                        "(default: the config's auto choice)")
+    p.add_argument("--bf16-mainloop", dest="fp8_mainloop", action="store_const", const=False,
+                   help="our layer with hopper_fp8_mainloop=False (the bf16 mainloop)")
+    p.add_argument("--fp4-as-fp8", action="store_true",
+                   help="with --fp8-mainloop and MXFP4 weights: hopper_fp4_as_fp8=True (weights expanded to E4M3)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the PyTorch EP baseline (NCCL all-to-all + grouped GEMMs; slow)")
@@ -421,7 +428,8 @@ def main(argv=None):
     Tmax = max(args.tokens)
     base = PRESETS[args.preset]
     cfg = mml.MegaMoEConfig(**base, max_tokens_per_rank=Tmax, weight_format=args.weight_format,
-                            act_format=args.act_format, combine_format=args.combine_format)
+                            act_format=args.act_format, combine_format=args.combine_format,
+                            hopper_fp8_mainloop=args.fp8_mainloop, hopper_fp4_as_fp8=args.fp4_as_fp8)
     from mega_moe_layer.comm import workspace as wsm
     wsm.reserve([cfg, NVLINK_CFG(R)], dist.group.WORLD)   # one shared workspace fits both
     ceil = measure_ceilings(rank, R, flush)

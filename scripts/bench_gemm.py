@@ -119,6 +119,7 @@ class Case:
         self.w13_fp8 = prepare_weight_operand(w13.format, w13.data, w13.scale, arch=arch, act_format=act_format)
         self.w2_fp8 = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
         self.use_fp8 = False
+        self.stream = None     # (w13 operand, w2 operand, x_rebased, h_rebased): the streamed FP8 path
         self.w13_fold = self.w2_fold = None      # "raw_fold" operands, made by --fp4-decoders
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
@@ -159,7 +160,35 @@ class Case:
         """Tiles of `block_m` rows over this case's per-expert counts."""
         return sum(-(-(b - a) // block_m) for a, b in zip(self.starts[:-1], self.starts[1:]))
 
+    def stream_setup(self, as_fp8: bool) -> bool:
+        """Switch l1 / l2 to the streamed FP8 mainloop (x / h rebased first, as the layer does with
+        `hopper_fp8_mainloop`); MXFP4 weights expanded to E4M3 at load when `as_fp8`. False when
+        it does not apply."""
+        from mega_moe_layer.kernels.rebase import rebase_act_rows
+        arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+        ops = [prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=self.act_format,
+                                      fp4_as_fp8=as_fp8) for q in (self.w13, self.w2)]
+        if not all(o.is_fp8_mma for o in ops):
+            return False
+        f8, i32 = dict(dtype=torch.float8_e4m3fn, device=DEV), dict(dtype=torch.int32, device=DEV)
+        xr = (torch.empty(self.pool_x.shape[0], self.H, **f8), torch.zeros(self.pool_x.shape[0], **i32))
+        hr = (torch.empty(self.P, self.I, **f8), torch.zeros(self.P, **i32))
+        count = self.offsets[-1:]
+        self.rebase_x = lambda: rebase_act_rows(self.pool_x, self.pool_x_sf, *xr, count, act_format=self.act_format,  # noqa: E731
+                                                group=32, rows=self.pair_rows)
+        self.rebase_h = lambda: rebase_act_rows(self.h, self.h_sf, *hr, count, act_format=self.act_format,  # noqa: E731
+                                                group=32)
+        self.stream = (ops[0], ops[1], xr, hr)
+        return True
+
     def l1(self, config=None):
+        if self.stream is not None:
+            l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
+                            self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
+                            self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
+                            act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config,
+                            w13_operand=self.stream[0], x_rebased=self.stream[2])
+            return
         l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
                         self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
                         self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
@@ -167,6 +196,12 @@ class Case:
                         w13_operand=self.w13_fp8 if self.use_fp8 else self.w13_op)
 
     def l2(self, config=None):
+        if self.stream is not None:
+            l2_grouped_gemm(self.h, self.h_sf, self.offsets, self.tile_expert, self.tile_row_start, self.num_tiles,
+                            self.w2.data, self.w2.scale, self.pair_dst, None, weight_format=self.w2.format,
+                            act_format=self.act_format, combine_format="bf16", hidden=self.H,
+                            block_m=self.block_m, config=config, w2_operand=self.stream[1], h_rebased=self.stream[3])
+            return
         l2_grouped_gemm(self.h, self.h_sf, self.offsets, self.tile_expert, self.tile_row_start, self.num_tiles,
                         self.w2.data, self.w2.scale, self.pair_dst, None, weight_format=self.w2.format,
                         act_format=self.act_format, combine_format="bf16", hidden=self.H, block_m=self.block_m,
@@ -280,6 +315,45 @@ def scaled_grouped_mm_us(case: "Case", kern: str, iters: int):
     return us
 
 
+#: (block_m, block_n, num_warps, num_stages, ctas_per_sm) tried by --stream-sweep (streamed FP8 path).
+STREAM_SWEEP_L1 = [(128, 32, 4, 4, 2), (128, 64, 8, 3, 1), (128, 64, 8, 4, 1), (64, 32, 4, 3, 2), (64, 64, 8, 4, 1),
+                   (16, 64, 4, 3, 2), (16, 64, 4, 4, 3), (16, 128, 8, 4, 1), (32, 64, 4, 4, 2)]
+STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1), (64, 128, 8, 4, 1), (64, 128, 4, 4, 2),
+                   (16, 128, 4, 4, 3), (16, 64, 4, 4, 2), (16, 256, 8, 4, 1), (32, 128, 4, 4, 2)]
+
+
+def stream_sweep(case: "Case", kern: str, iters: int) -> None:
+    """Time the STREAM_SWEEP configs of the case's regime on the streamed path (case.stream set),
+    each run through L1 + L2 and checked against the reference (error printed) first."""
+    H, I, wf, af = case.H, case.I, case.w13.format, case.act_format
+    own = case.block_m
+    for bm, bn, warps, stages, ctas in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2):
+        if (bm <= 32) != (own <= 32):
+            continue
+        c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True)
+        c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True)
+        var = dataclasses.replace(c1 if kern == "l1" else c2, block_n=bn, num_warps=warps, num_stages=stages,
+                                  ctas_per_sm=ctas)
+        c1, c2 = (var, c2) if kern == "l1" else (c1, var)
+        try:
+            case.retile(bm)
+            case.rebase_x()
+            case.l1(c1)
+            case.rebase_h()
+            case.l2(c2)
+            torch.cuda.synchronize()
+            err = case.check(tol=1.0)
+            us = gpu_time_us((lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2)), iters)
+            print(f"    stream sweep {kern} {_cfg_txt(var)}: {us:.1f} us, rel-RMSE {err:.2e} "
+                  f"({case.tiles(bm)} tiles)", flush=True)
+        except BaseException as exc:  # e.g. out of shared memory: report, go on
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            print(f"    stream sweep {kern} {_cfg_txt(var)} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        finally:
+            case.retile(own)
+
+
 def _cfg_txt(cfg) -> str:
     return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm} p{cfg.promote_steps}"
 
@@ -340,6 +414,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP_L1 / SWEEP_L2 tile configs")
     p.add_argument("--fp8-mainloop", action="store_true",
                    help="also time the Hopper FP8 mainloop (MegaMoEConfig.hopper_fp8_mainloop) on each case")
+    p.add_argument("--stream", action="store_true",
+                   help="also time the streamed FP8 mainloop (x / h rebased first; MXFP4 expanded to E4M3 at "
+                        "load), checked against the reference first")
+    p.add_argument("--stream-sweep", action="store_true",
+                   help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
+    p.add_argument("--stream-promotes", default="",
+                   help="with --stream: also time promotion every N K steps, e.g. 1,2,4 (error reported)")
     p.add_argument("--block-ms", default="",
                    help="comma-separated tile heights also timed (each with its heuristic config, checked "
                         "against the reference first), e.g. 64,128")
@@ -397,6 +478,47 @@ def main() -> None:
                         case.l2()
                     print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, fp8 mainloop {alt_us:.1f} us",
                           flush=True)
+                stream_us = {}
+                for as_fp8 in ((True,) if wf == "mxfp4" else (False,)) if args.stream else ():
+                    if not case.stream_setup(as_fp8):
+                        break
+                    name = "fp4_as_fp8" if as_fp8 else case.stream[0].kind
+                    try:
+                        case.rebase_x()
+                        case.l1()
+                        case.rebase_h()
+                        case.l2()
+                        torch.cuda.synchronize()
+                        serr = case.check(tol=1.0)   # reported, not fatal
+                        run = case.l1 if kern == "l1" else case.l2
+                        rb = case.rebase_x if kern == "l1" else case.rebase_h
+                        stream_us[name] = (gpu_time_us(run, args.iters), gpu_time_us(rb, args.iters), serr)
+                        for prom in (int(v) for v in args.stream_promotes.split(",") if v):
+                            # the other kernel at its default; this one promoting every `prom` steps
+                            cfg_of = gh.l1_gemm_config if kern == "l1" else gh.l2_gemm_config
+                            extra = () if kern == "l1" else ("bf16",)
+                            pc = dataclasses.replace(cfg_of(case.block_m, H, I, wf, af, *extra, fp8_mainloop=True,
+                                                            act_rebased=True), promote_steps=prom)
+                            case.rebase_x()
+                            case.l1(pc if kern == "l1" else None)
+                            case.rebase_h()
+                            case.l2(pc if kern == "l2" else None)
+                            torch.cuda.synchronize()
+                            perr = case.check(tol=1.0)
+                            pus = gpu_time_us((lambda: case.l1(pc)) if kern == "l1" else (lambda: case.l2(pc)),
+                                              args.iters)
+                            stream_us[f"{name} promote {prom}"] = (pus, None, perr)
+                            print(f"    {kern} streamed ({name}) promote every {prom}: {pus:.1f} us, rel-RMSE "
+                                  f"{perr:.2e}", flush=True)
+                        if args.stream_sweep:
+                            stream_sweep(case, kern, args.iters)
+                    finally:
+                        case.stream = None
+                        case.l1()
+                        case.l2()
+                    print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, streamed fp8 ({name}) "
+                          f"{stream_us[name][0]:.1f} us + rebase pass {stream_us[name][1]:.1f} us, rel-RMSE "
+                          f"{stream_us[name][2]:.2e}", flush=True)
                 lut_us = fold_us = None
                 if args.fp4_decoders and wf == "mxfp4" and case.w13_op.kind == "raw":
                     lut_us = decoder_us(case, kern, args.iters, "lut")
@@ -419,7 +541,7 @@ def main() -> None:
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
                            scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
                            mainloop=case.w13_op.kind, fp8_mainloop_us=alt_us, lut_decoder_us=lut_us,
-                           fold_decoder_us=fold_us)
+                           fold_decoder_us=fold_us, streamed_us=stream_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "

@@ -75,5 +75,8 @@ def test_checkpoint_experts_on_gpu(one_rank, tmp_path, layout):
     x, idx, w = make_inputs(cfg, 40, seed=7)
     y = m(x.cuda(), idx.cuda(), w.cuda())
     y_ref = reference_output(cfg, q13, q2, (x, idx, w))
-    err = assert_rel_rmse(y.cpu(), y_ref, TOLERANCES["gemm_rel_rmse"], f"{layout} (GPU) vs reference")
+    # DeepSeek's FP8 experts take the streamed FP8 mainloop by default on Hopper ("fp8_block": its
+    # block scales are not powers of two), which has its own tolerance entry.
+    key = "gemm_fp8_mainloop_rel_rmse" if getattr(m._backend, "streamed", False) else "gemm_rel_rmse"
+    err = assert_rel_rmse(y.cpu(), y_ref, TOLERANCES[key], f"{layout} (GPU) vs reference")
     print(f"\n[checkpoints-gpu] {layout}: rel-RMSE {err:.2e}")

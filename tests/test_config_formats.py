@@ -68,3 +68,19 @@ def test_weight_bad_input():
         mml.quantize_weight(torch.zeros(1, 4, 32), "int8")
     with pytest.raises(ValueError, match="multiple of 32"):
         mml.quantize_weight(torch.zeros(1, 4, 48), "mxfp4")
+
+
+def test_hopper_fp8_mainloop_auto_resolution():
+    """None (default): the streamed FP8 mainloop for FP8 weights and for MXFP4 expanded to E4M3 at
+    load; MXFP4 kept at 4 bits keeps the bf16 mainloop; an explicit bool wins; anything else is
+    rejected naming the field."""
+    base = dict(hidden=256, intermediate=128, num_experts=4, topk=2, max_tokens_per_rank=8)
+    assert mml.MegaMoEConfig(**base, weight_format="fp8").fp8_mainloop is True
+    assert mml.MegaMoEConfig(**base, weight_format="mxfp4").fp8_mainloop is False
+    assert mml.MegaMoEConfig(**base, weight_format="mxfp4", hopper_fp4_as_fp8=True).fp8_mainloop is True
+    assert mml.MegaMoEConfig(**base, weight_format="fp8", hopper_fp8_mainloop=False).fp8_mainloop is False
+    assert mml.MegaMoEConfig(**base, weight_format="mxfp4", hopper_fp8_mainloop=True).fp8_mainloop is True
+    with pytest.raises(ValueError, match="hopper_fp8_mainloop"):
+        mml.MegaMoEConfig(**base, hopper_fp8_mainloop=1)
+    with pytest.raises(ValueError, match="hopper_fp4_as_fp8"):
+        mml.MegaMoEConfig(**base, hopper_fp4_as_fp8="yes")

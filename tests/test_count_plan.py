@@ -28,7 +28,8 @@ def _run(dev, launcher_too):
     st = dict(counts=torch.zeros(El, **i32), ticket=torch.zeros(1, **i32),
               offsets=torch.zeros(El + 1, **i32), cursor=torch.zeros(El, **i32),
               te=torch.full((max_tiles,), -1, **i32), trs=torch.zeros(max_tiles, **i32),
-              nt=torch.zeros(1, **i32), last=torch.zeros(El, **i32), cum=torch.zeros(El, **i32))
+              nt=torch.zeros(1, **i32), last=torch.zeros(El, **i32), cum=torch.zeros(El, **i32),
+              recv=torch.zeros(1, **i32))
     g = torch.Generator().manual_seed(0)
     cum_expect = torch.zeros(El, dtype=torch.int64)
     rank = 1
@@ -48,7 +49,8 @@ def _run(dev, launcher_too):
             wss[r].view("topk_idx").copy_(idx.to(dev))
             all_idx.append(idx)
         kw = dict(rank=rank, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K, block_m=bm,
-                  block_t=16, block_tiles=8)
+                  block_t=16, block_tiles=8, recv_count=st["recv"])
+        st["recv"].fill_(17)          # the previous call's received-row count: zeroed here
         a = (bases, off, st["counts"], st["ticket"], st["offsets"], st["cursor"], st["te"], st["trs"],
              st["nt"], st["last"], st["cum"])
         if launcher_too:
@@ -75,7 +77,7 @@ def _run(dev, launcher_too):
         assert torch.equal(st["trs"].cpu(), trs), what
         assert torch.equal(st["last"].cpu().long(), counts), what
         assert torch.equal(st["cum"].cpu().long(), cum_expect), what
-        for name in ("counts", "cursor", "ticket"):
+        for name in ("counts", "cursor", "ticket", "recv"):
             assert int(st[name].abs().sum()) == 0, f"{what}: {name} not reset"
 
 
@@ -95,8 +97,9 @@ def test_new_kernel_variants_compile_for_hopper_and_blackwell():
     cp_sig = dict(peer_bases_ptr="*i64", idx_off="i64", counts_ptr="*i32", ticket_ptr="*i32",
                   offsets_ptr="*i32", cursor_ptr="*i32", tile_expert_ptr="*i32",
                   tile_row_start_ptr="*i32", num_tiles_ptr="*i32", stats_last_ptr="*i32",
-                  stats_cum_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32, max_tiles=i32)
-    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_TILES=64, STATS=True)
+                  stats_cum_ptr="*i32", recv_count_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32,
+                  max_tiles=i32)
+    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_TILES=64, STATS=True, RECV_LIST=True)
     pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
     pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",
               "out_sf_ptr": "*i8", "out_idx_ptr": "*i32", "out_w_ptr": "*i32", "num_tokens": i32,

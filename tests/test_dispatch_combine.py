@@ -78,11 +78,19 @@ def test_dispatch_then_combine_bitwise(R, act, comb, H):
         pw = torch.zeros(P, dtype=torch.float32, device=dev)
         pdst = torch.zeros(P, dtype=torch.int64, device=dev)
         pdst_sf = torch.zeros(P, dtype=torch.int64, device=dev)
+        recv_rows = torch.full((R * Tmax,), -1, dtype=torch.int32, device=dev)
+        recv_count = torch.zeros(1, dtype=torch.int32, device=dev)
         dispatch_k.dispatch_fill(bases, off, offsets, cursor, pair_rows, pw, pdst, pdst_sf,
                                  my_base=int(bases[d]), x_row_bytes=x_bytes, sf_row_bytes=sf_bytes,
-                                 comb_row_bytes=comb_bytes, comb_sf_row_bytes=comb_sf_bytes, **kw)
+                                 comb_row_bytes=comb_bytes, comb_sf_row_bytes=comb_sf_bytes,
+                                 recv_rows=recv_rows, recv_count=recv_count, **kw)
         n = int(offsets[-1])
         assert torch.equal(cursor.cpu(), counts.cpu()), "every pair placed"
+        # The fill's list of received rows: every pool row a pair uses, exactly once.
+        nr = int(recv_count)
+        listed = recv_rows[:nr].cpu().long()
+        assert torch.equal(listed.sort().values, pair_rows[:n].cpu().long().unique()), "received-row list"
+        assert bool((recv_rows[nr:].cpu() == -1).all())
         # Fake L2: for every pair, write y_k of the fake expert at the pair's destination address.
         rows = pair_rows[:n].cpu().long()
         recv_x = wss[d].view("recv_x").cpu()
@@ -172,9 +180,10 @@ def comm_ptx():
                  dict(peer_bases_ptr=ptr64, idx_off="i64", w_off="i64", x_off="i64", xsf_off="i64",
                       comb_off="i64", combsf_off="i64", my_base="i64", pool_off="i64", pool_sf_off="i64",
                       offsets_ptr="*i32", cursor_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32",
-                      pair_dst_ptr=ptr64, pair_dst_sf_ptr=ptr64, rank=i32, El=i32, Tmax=i32),
+                      pair_dst_ptr=ptr64, pair_dst_sf_ptr=ptr64, recv_rows_ptr="*i32", recv_count_ptr="*i32",
+                      rank=i32, El=i32, Tmax=i32),
                  dict(X_WORDS=1792, SF_WORDS=56, COMB_ROW_BYTES=14336, COMB_SF_ROW_BYTES=0, K=8, KP=8,
-                      BLOCK_T=4, CHUNK=512)),
+                      BLOCK_T=4, CHUNK=512, RECV_LIST=True)),
         "combine": (combine_k._combine_kernel,
                     dict(comb_ptr="*fp8e4nv", comb_sf_ptr="*i32", idx_ptr="*i32", y_ptr="*i16",
                          err_ptr="*i32", T=i32, num_experts=i32),

@@ -195,3 +195,62 @@ def test_weight_tile_bitwise_gpu():
 @pytest.mark.parametrize("fmt,group", [("fp8", 32), ("fp8", 128), ("fp4", 32), ("fp4", 128)])
 def test_act_tile_bitwise_gpu(fmt, group):
     _check_act_tiles("cuda", True, fmt, group)
+
+
+# =================================================================================================
+# rebase_act_rows: the pass that rebases activations where they land (x after the dispatch, h after L1)
+# =================================================================================================
+def _check_rebase_rows(device, fmt, group, indirect):
+    from mega_moe_layer.kernels.rebase import rebase_act_rows
+    gen = torch.Generator().manual_seed(5)
+    n, k = 23, 1024
+    x = _far_groups(torch.randn(n, k, generator=gen), group, (2.0 ** -3, 2.0 ** -9, 2.0 ** -20)).to(torch.bfloat16)
+    q, sf = ref.quantize_act(x, fmt, group)
+    want, _ = ref.rebase_act(q, sf, fmt, group)
+    want_e = ref.unpack_ue8m0(sf).amax(dim=1).to(torch.int32)
+    dst = torch.full((n, k), 0x55, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    dst_e = torch.full((n,), -7, dtype=torch.int32, device=device)
+    if indirect:
+        rows = torch.tensor([4, 9, 4, 0, 17, 22, 9, 3], dtype=torch.int32)      # repeats allowed
+        count = torch.tensor([6], dtype=torch.int32)                          # rows[6:] not rebased
+        done = torch.zeros(n, dtype=torch.bool)
+        done[rows[:6].long()] = True
+        rows = rows.to(device)
+    else:
+        rows, count = None, torch.tensor([15], dtype=torch.int32)
+        done = torch.arange(n) < 15
+    rebase_act_rows(q.to(device), sf.to(device), dst, dst_e, count.to(device), act_format=fmt, group=group, rows=rows)
+    got, want = dst.cpu().view(torch.uint8), want.view(torch.uint8)
+    same = (got == want) | ((got & 0x7F) == 0) & ((want & 0x7F) == 0)
+    assert bool(same[done].all()), f"{int((~same[done]).sum())} rebased bytes differ"
+    assert torch.equal(dst_e.cpu()[done], want_e[done])
+    assert bool((got[~done] == 0x55).all()) and bool((dst_e.cpu()[~done] == -7).all()), "rows beyond the count written"
+
+
+@pytest.mark.parametrize("fmt,group,indirect", [("fp8", 32, False), ("fp8", 128, True), ("fp4", 32, True),
+                                                ("fp4", 128, False)])
+def test_rebase_act_rows_bitwise(fmt, group, indirect):
+    _check_rebase_rows(*_device_and_fast()[:1], fmt, group, indirect)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt,group,indirect", [("fp8", 32, True), ("fp8", 128, False), ("fp4", 32, False),
+                                                ("fp4", 128, True)])
+def test_rebase_act_rows_bitwise_gpu(fmt, group, indirect):
+    _check_rebase_rows("cuda", fmt, group, indirect)
+
+
+def test_rebase_act_rows_rejects_bad_arguments():
+    from mega_moe_layer.kernels.rebase import rebase_act_rows
+    q, sf = ref.quantize_act(torch.randn(4, 512).to(torch.bfloat16), "fp8", 32)
+    dst, e = torch.empty(4, 512, dtype=torch.float8_e4m3fn), torch.empty(4, dtype=torch.int32)
+    count = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="act_format"):
+        rebase_act_rows(q, sf, dst, e, count, act_format="bf16", group=32)
+    with pytest.raises(ValueError, match=r"src_sf: expected shape \[4, 1\]"):
+        rebase_act_rows(q, sf, dst, e, count, act_format="fp8", group=128)
+    with pytest.raises(ValueError, match=r"dst_e: expected shape"):
+        rebase_act_rows(q, sf, dst, e[:3], count, act_format="fp8", group=32)
+    with pytest.raises(ValueError, match="count: expected an int32 tensor"):
+        rebase_act_rows(q, sf, dst, e, count.long(), act_format="fp8", group=32)

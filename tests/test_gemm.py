@@ -36,6 +36,7 @@ from mega_moe_layer.kernels import gemm_operands as go
 from mega_moe_layer.kernels.gemm_operands import uses_fp8_mma
 from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm, sf_words_p2
 from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
+from mega_moe_layer.kernels.rebase import rebase_act_rows
 from utils import TOLERANCES, assert_rel_rmse
 
 WEIGHT_FORMATS = ("mxfp4", "fp8", "bf16")
@@ -102,7 +103,7 @@ class GemmProblem:
 
 def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: str, act_format: str, *,
                  act_group_size: int = 32, clamp: Optional[float] = None, block_m: int = 16, slack: int = 3,
-                 seed: int = 0, device="cpu", fp8_mainloop: bool = False) -> GemmProblem:
+                 seed: int = 0, device="cpu", fp8_mainloop: bool = False, fp4_as_fp8: bool = False) -> GemmProblem:
     """Random problem: x ~ N(0, 1) in the pool (quantised by the reference codecs), weights scaled
     so gate/up/h/y are O(1), pair rows drawn with repeats from a pool larger than the pairs."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -127,7 +128,7 @@ def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: 
         major, minor = torch.cuda.get_device_capability(device)
         arch = 10 * major + minor
     ops = [go.prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=act_format,
-                                     fp8_mainloop=fp8_mainloop) for q in (q13, q2)]
+                                     fp8_mainloop=fp8_mainloop, fp4_as_fp8=fp4_as_fp8) for q in (q13, q2)]
     return GemmProblem(hidden, inter, list(counts), weight_format, act_format, act_group_size, clamp, block_m,
                        pool_x, pool_x_sf, pair_rows, pair_weights, offsets, tile_expert, tile_row_start, num_tiles,
                        q13, q2, q13.dequantize(), q2.dequantize(), *ops)
@@ -554,6 +555,80 @@ def test_fp8_mainloop_chain(wf, af):
         _chain(prob, comb, what=f"fp8 mainloop {wf}x{af} {comb}")
 
 
+def stream_chain(prob: GemmProblem, combine_format: str, what: str = "", **extra):
+    """The streamed FP8 path as the GPU forward runs it: x rebased where it landed
+    (`rebase_act_rows` over the pairs' pool rows), L1 reading it, h rebased after L1, L2 reading
+    that; h and y checked against the DESIGN reference (`check_l1` / `check_l2`)."""
+    device = prob.pool_x.device
+    npool, H, I, P = prob.pool_x.shape[0], prob.hidden, prob.inter, prob.num_pairs
+    count = prob.expert_offsets[-1:]
+    x8 = poisoned((npool, H), torch.float8_e4m3fn, device)
+    x_e = torch.full((npool,), -1, dtype=torch.int32, device=device)
+    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format=prob.act_format,
+                    group=prob.act_group_size, rows=prob.pair_rows)
+    h, h_sf = run_l1(prob, x_rebased=(x8, x_e), **extra)
+    m1 = check_l1(prob, h, h_sf, what)
+    h8 = poisoned((P, I), torch.float8_e4m3fn, device)
+    h_e = torch.full((P,), -1, dtype=torch.int32, device=device)
+    rebase_act_rows(h, h_sf, h8, h_e, count, act_format=prob.act_format, group=32)
+    dest = make_destinations(prob, combine_format)
+    run_l2(prob, h, h_sf, combine_format, dest, h_rebased=(h8, h_e), **extra)
+    m2 = check_l2(prob, dest, combine_format, reference_y(prob), what)
+    return {**m1, **m2}
+
+
+@interp
+@pytest.mark.parametrize("wf,af,as_fp8", [("mxfp4", "fp8", True), ("mxfp4", "fp4", True), ("fp8", "fp8", False),
+                                          ("fp8", "fp4", False), ("mxfp4", "fp8", False)])
+def test_streamed_fp8_mainloop(wf, af, as_fp8):
+    """The streamed FP8 mainloop (activations rebased where they land; weights "fp8_rebased", or
+    MXFP4 expanded in registers) in the interpreter: h and y against the DESIGN reference within
+    the GEMM tolerance, both combines, a partial tile and an empty expert; two K chunks of
+    promotion in L1 (H 512 at 2 steps per chunk) and a chained L2."""
+    prob = make_problem(512, 128, [3, 0, 20], wf, af, block_m=16, seed=11, fp8_mainloop=True, fp4_as_fp8=as_fp8)
+    assert prob.w13_op.kind == ("fp8_rebased" if wf == "fp8" or as_fp8 else "mxfp4")
+    cfg1 = dataclasses.replace(gh.l1_gemm_config(16, 512, 128, wf, af, 90, fp8_mainloop=True, act_rebased=True),
+                               promote_steps=2)
+    assert cfg1.promote_for(512) == 2
+    name = f"streamed {wf}{'->fp8' if as_fp8 else ''} x {af}"
+    for comb in ("bf16", "fp8"):
+        stream_chain(prob, comb, what=f"{name} {comb}")
+    # L1 again with a promotion every 2 of its 4 K steps (two chunks).
+    x8 = torch.empty(prob.pool_x.shape[0], 512, dtype=torch.float8_e4m3fn)
+    x_e = torch.empty(prob.pool_x.shape[0], dtype=torch.int32)
+    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, prob.expert_offsets[-1:], act_format=af, group=32,
+                    rows=prob.pair_rows)
+    h, h_sf = run_l1(prob, x_rebased=(x8, x_e), config=cfg1)
+    check_l1(prob, h, h_sf, f"{name}, L1 in 2 chunks")
+
+
+@interp
+def test_streamed_fp8_block_scales_not_powers_of_two():
+    """FP8 weights with block scales that are not powers of two ("fp8_block": each 128-K partial
+    product times its scale) on the streamed path."""
+    prob = make_problem(256, 128, [5, 17], "fp8", "fp8", block_m=16, seed=13)
+    odd13 = formats.QuantizedWeight("fp8", prob.w13.data, prob.w13.scale * 1.3, prob.w13.shape)
+    odd2 = formats.QuantizedWeight("fp8", prob.w2.data, prob.w2.scale * 0.7, prob.w2.shape)
+    prob = dataclasses.replace(prob, w13=odd13, w2=odd2, w13_f32=odd13.dequantize(), w2_f32=odd2.dequantize(),
+                               w13_op=go.prepare_weight_operand("fp8", odd13.data, odd13.scale, arch=90, act_format="fp8"),
+                               w2_op=go.prepare_weight_operand("fp8", odd2.data, odd2.scale, arch=90, act_format="fp8"))
+    assert prob.w13_op.kind == "fp8_block"
+    stream_chain(prob, "bf16", what="streamed fp8_block")
+
+
+def test_streamed_path_rejects_bad_arguments():
+    prob = make_problem(256, 128, [4], "fp8", "fp8", block_m=16, seed=2)
+    x8 = torch.zeros(prob.pool_x.shape[0], 256, dtype=torch.float8_e4m3fn)
+    x_e = torch.zeros(prob.pool_x.shape[0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="x_rebased: the streamed FP8 mainloop needs an FP8-mainloop weight operand"):
+        run_l1(prob, x_rebased=(x8, x_e))
+    op = go.prepare_weight_operand("fp8", prob.w13.data, prob.w13.scale, arch=90, act_format="fp8")
+    with pytest.raises(ValueError, match=r"x_rebased\[1\]: expected shape"):
+        run_l1(prob, w13_operand=op, x_rebased=(x8, x_e[:-1]))
+    with pytest.raises(TypeError, match=r"x_rebased\[0\]: expected dtype"):
+        run_l1(prob, w13_operand=op, x_rebased=(x8.view(torch.uint8), x_e))
+
+
 @interp
 @pytest.mark.parametrize("wf,af", COMBOS)
 def test_l1_l2_every_format(wf, af):
@@ -642,23 +717,26 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
     """Pointer types of (w_ptr, w_sf_ptr, w_row_ptr, tab_ptr) for a W_KIND."""
     w, sf = _W_TYPES[wf]
     fp8 = w_kind != "raw"
-    if w_kind == "fp8_rebased":
-        sf = None
+    if w_kind == "fp8_rebased":       # E4M3 bytes, whatever the weight's format (MXFP4 expanded at load)
+        w, sf = "*fp8e4nv", None
     return dict(w_ptr=w, w_sf_ptr=sf, w_row_ptr="*fp32" if w_kind in ("mxfp4", "fp8_rebased") else None,
                 tab_ptr="*i64" if fp8 else None)
 
 
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
-                    w_kind: Optional[str] = None, fp4_decoder: str = "shift"):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
-    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw")
+    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw", act_rebased=act_rebased)
     sig = dict(x_ptr=_X_TYPE[af], x_sf_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", **_weight_sig(wf, w_kind),
                h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     if af == "bf16":
         sig["x_sf_ptr"] = sig["h_sf_ptr"] = None
-    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True,
+    if act_rebased:
+        sig["x_ptr"] = "*fp8e4nv"
+    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT="fp8" if w_kind in ("fp8_rebased", "fp8_block") else wf,
+              ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True, ACT_REBASED=act_rebased,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
@@ -668,10 +746,11 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
 
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
-                    w_kind: Optional[str] = None, fp4_decoder: str = "shift"):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
-    cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw")
+    cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw",
+                            act_rebased=act_rebased)
     sig = dict(h_ptr=_X_TYPE[af], h_sf_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
                num_tiles_ptr="*i32", **_weight_sig(wf, w_kind), dst_ptr="*i64",
                dst_sf_ptr="*i64", max_tiles="i32")
@@ -679,7 +758,10 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
         sig["h_sf_ptr"] = None
     if comb == "bf16":
         sig["dst_sf_ptr"] = None
-    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT=wf, ACT_FORMAT=af, COMBINE_FORMAT=comb,
+    if act_rebased:
+        sig["h_ptr"] = "*fp8e4nv"
+    ce = dict(HIDDEN=H, INTER=I, WEIGHT_FORMAT="fp8" if w_kind in ("fp8_rebased", "fp8_block") else wf,
+              ACT_FORMAT=af, COMBINE_FORMAT=comb, ACT_REBASED=act_rebased,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
@@ -700,6 +782,11 @@ COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
                  + [("l1", w, a, None, 90, 16, "raw") for w in ("mxfp4", "fp8") for a in ("fp8", "fp4")]
                  + [("l2", w, "fp8", "bf16", 90, 16, "raw") for w in ("mxfp4", "fp8")]
                  + [("l1", "mxfp4", "fp8", None, 90, 128, "raw"), ("l2", "mxfp4", "fp8", "bf16", 90, 128, "raw")]
+                 # The streamed FP8 mainloop (activations rebased where they land), decode and prefill.
+                 + [(k, w, "fp8", c, 90, bm, kind, "stream") for k, c in (("l1", None), ("l2", "bf16"))
+                    for bm in (16, 128) for w, kind in (("fp8", "fp8_rebased"), ("mxfp4", "fp8_rebased"))]
+                 + [("l1", "fp8", "fp4", None, 90, 16, "fp8_block", "stream"),
+                    ("l2", "fp8", "fp8", "fp8", 90, 128, "fp8_block", "stream")]
                  + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
                  + [("l2", "mxfp4", a, c, 100, 16) for a, c in (("fp4", "bf16"), ("fp8", "fp8"))])
 
@@ -707,7 +794,8 @@ COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
 def _case_id(case):
     k, w, a, c, arch, bm = case[:6]
     kind = f"-{case[6]}" if len(case) > 6 else ""
-    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}{kind}"
+    stream = "-stream" if len(case) > 7 else ""
+    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}{kind}{stream}"
 
 
 @pytest.fixture(scope="module")
@@ -719,11 +807,12 @@ def compiled():
     for case in COMPILE_CASES:
         kern, w, a, c, arch, bm = case[:6]
         kind = case[6] if len(case) > 6 else None
+        stream = len(case) > 7
         if kern == "l1":
-            sig, ce, opts = l1_compile_args(w, a, arch, bm, w_kind=kind)
+            sig, ce, opts = l1_compile_args(w, a, arch, bm, w_kind=kind, act_rebased=stream)
             jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, arch, **opts))
         else:
-            sig, ce, opts = l2_compile_args(w, a, c, arch, bm, w_kind=kind)
+            sig, ce, opts = l2_compile_args(w, a, c, arch, bm, w_kind=kind, act_rebased=stream)
             jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, arch, **opts))
     halves = [jobs[0::2], jobs[1::2]]
     try:
@@ -787,7 +876,12 @@ def test_compiles(compiled, case):
             assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
         else:
             assert all(".bf16" in m for m in wgmmas), wgmmas
-        if bm == 16:
+        if len(case) > 7 and kind != "fp8_block" and kern == "l2":
+            # Streamed and chained (L2; L1 promotes after every step by default): the MMA stays in
+            # flight across K steps (a wait that leaves one group pending), which only operands
+            # streamed from memory allow.
+            assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx), "every K step waits for its MMA"
+        if bm == 16 or len(case) > 7:
             try:
                 usage = _compile.ptxas_usage(ptx, arch)
             except _compile.CompileUnavailable as exc:

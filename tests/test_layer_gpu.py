@@ -57,8 +57,20 @@ def _cfg_640(R):
     return _cfg(R, hidden=640, combine_format="fp8")
 
 
+#: The streamed FP8 path (hopper_fp8_mainloop): FP8 / MXFP4 weights (MXFP4 both kept at 4 bits and
+#: expanded to E4M3 at load) x FP8 / FP4 acts, both combines.
+STREAMED = [(w, a, c, e) for w, e in (("fp8", False), ("mxfp4", True), ("mxfp4", False))
+            for a in ("fp8", "fp4") for c in ("bf16", "fp8")]
+
+
+def _streamed_cfg(R, wf, af, cf, as_fp8):
+    return _cfg(R, weight_format=wf, act_format=af, combine_format=cf, hopper_fp8_mainloop=True,
+                hopper_fp4_as_fp8=as_fp8)
+
+
 def _all_cfgs(R):
     return ([_cfg(R, weight_format=w, act_format=a, combine_format=c) for w, a, c in FORMATS]
+            + [_streamed_cfg(R, *f) for f in STREAMED]
             + [_cfg(R, act_group_size=128, activation_clamp=0.5), _cfg_b(R), _cfg_640(R)])
 
 
@@ -113,7 +125,10 @@ def _run_and_check(cfg, rank, R, T_of_rank, seed, tol=TOLERANCES["gemm_rel_rmse"
 def test_formats_vs_reference(env, wf, af, cf):
     rank, R = env
     cfg = _cfg(R, weight_format=wf, act_format=af, combine_format=cf)
-    y, err = _run_and_check(cfg, rank, R, lambda r: 100 + 7 * r, seed=1, mask_frac=0.1)
+    # FP8 weights take the streamed FP8 mainloop by default on Hopper (its own tolerance entry).
+    streamed = getattr(_layer(cfg)._backend, "streamed", False)
+    tol = TOLERANCES["gemm_fp8_mainloop_rel_rmse" if streamed else "gemm_rel_rmse"]
+    y, err = _run_and_check(cfg, rank, R, lambda r: 100 + 7 * r, seed=1, mask_frac=0.1, tol=tol)
     # Report the error against the unquantised float64 MoE (docs/PERF.md records it).
     x, idx, w = make_inputs(cfg, 100 + 7 * rank, seed=100 + rank, mask_frac=0.1)
     w13, w2 = make_weights(cfg)
@@ -121,6 +136,30 @@ def test_formats_vs_reference(env, wf, af, cf):
     e64 = rel_rmse(y, y64)
     print(f"\n[accuracy] rank {rank} {wf}/{af}/{cf}: vs reference {err:.2e}, vs float64 {e64:.4f} "
           f"(bound {ref.quantisation_error_bound(wf, af, cf):.4f})")
+    assert e64 <= ref.quantisation_error_bound(wf, af, cf)
+
+
+@pytest.mark.parametrize("wf,af,cf,as_fp8", STREAMED)
+def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
+    """The streamed FP8 mainloop end to end (x rebased after the dispatch, h after L1, FP8 wgmma):
+    against the reference within the GEMM tolerance (Hopper's FP8 MMA accumulation and rebasing are
+    the only differences), and against the float64 MoE within the formats' quantisation bound;
+    a second call with other tokens (the captured graph replays the rebasing passes too)."""
+    rank, R = env
+    cfg = _streamed_cfg(R, wf, af, cf, as_fp8)
+    m = _layer(cfg)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert m._backend.x_rebased is not None, "the streamed path is not on"
+        assert m._backend.w13_op.kind == ("fp8_rebased" if wf == "fp8" or as_fp8 else "mxfp4")
+    for seed, T in ((2, 100 + 7 * rank), (3, 37 + rank)):
+        y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 100 + 7 * r, seed=seed, mask_frac=0.1,
+                                tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
+    x, idx, w = make_inputs(cfg, 37 + rank, seed=300 + rank, mask_frac=0.1)
+    w13, w2 = make_weights(cfg)
+    y64 = ref.dense_moe_float64(x.cuda(), idx.cuda(), w.cuda(), w13.cuda(), w2.cuda())
+    e64 = rel_rmse(y, y64)
+    print(f"\n[accuracy] streamed rank {rank} {wf}{'->e4m3' if as_fp8 else ''}/{af}/{cf}: vs reference {err:.2e}, "
+          f"vs float64 {e64:.4f} (bound {ref.quantisation_error_bound(wf, af, cf):.4f})")
     assert e64 <= ref.quantisation_error_bound(wf, af, cf)
 
 

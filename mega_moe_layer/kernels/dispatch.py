@@ -60,10 +60,11 @@ _INT32_MAX = tl.constexpr(INT32_MAX)
 @triton.jit(do_not_specialize=["block_m", "max_tiles"])
 def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_ptr, cursor_ptr,
                        tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, stats_last_ptr,
-                       stats_cum_ptr, rank, El, Tmax, block_m, max_tiles,
+                       stats_cum_ptr, recv_count_ptr, rank, El, Tmax, block_m, max_tiles,
                        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
-                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr):
-    """Count, then (last program only) plan. EP >= El is a power of two.
+                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr, RECV_LIST: tl.constexpr):
+    """Count, then (last program only) plan. EP >= El is a power of two. RECV_LIST: also zero the
+    counter of the fill's list of received rows (`_fill_kernel`).
 
     Worked example (El = 3, block_m = 16, counts [3, 0, 37], 6 tile rows): offsets [0, 3, 3, 40],
     tiles per expert [1, 0, 3], tile_expert [0, 2, 2, 2, -1, -1], tile_row_start
@@ -115,6 +116,8 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
             tm = tt < hi
             tl.store(tile_expert_ptr + tt, tl.where(valid, ex, -1), mask=tm)
             tl.store(tile_row_start_ptr + tt, tl.where(valid, off_e + (tt - start_e) * block_m, 0), mask=tm)
+        if RECV_LIST:
+            tl.store(recv_count_ptr, 0)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
@@ -122,10 +125,10 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
 def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combsf_off,
                  my_base, pool_off, pool_sf_off,
                  offsets_ptr, cursor_ptr, pair_rows_ptr, pair_w_ptr, pair_dst_ptr, pair_dst_sf_ptr,
-                 rank, El, Tmax,
+                 recv_rows_ptr, recv_count_ptr, rank, El, Tmax,
                  X_WORDS: tl.constexpr, SF_WORDS: tl.constexpr, COMB_ROW_BYTES: tl.constexpr,
                  COMB_SF_ROW_BYTES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, RECV_LIST: tl.constexpr):
     s = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     base, k, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
@@ -143,6 +146,13 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
     tl.store(pair_dst_ptr + pos, base + comb_off + tk * COMB_ROW_BYTES, mask=is_local)
     if COMB_SF_ROW_BYTES > 0:
         tl.store(pair_dst_sf_ptr + pos, base + combsf_off + tk * COMB_SF_ROW_BYTES, mask=is_local)
+
+    if RECV_LIST:
+        # The pool rows written by this call, once each (order from atomics): what a pass over
+        # the received rows reads (the streamed FP8 path rebases x over them). The counter is
+        # zeroed by this call's count+plan.
+        slot = tl.atomic_add(recv_count_ptr + 0 * t, 1, mask=need, sem="relaxed")
+        tl.store(recv_rows_ptr + slot, row, mask=need)
 
     # The token row (once per token, however many local slots) and its scales.
     src_x = (base + x_off).to(tl.pointer_type(tl.int32))
@@ -186,16 +196,18 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
                     tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
                     stats_last, stats_cumulative, *, rank: int, num_ranks: int,
                     num_local_experts: int, max_tokens: int, topk: int, block_m: int,
-                    block_t: int = 64, block_tiles: int = 64):
-    """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call)."""
+                    block_t: int = 64, block_tiles: int = 64, recv_count=None):
+    """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call).
+    recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None)."""
     El = num_local_experts
     stats = stats_last is not None
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, topk_idx_offset, counts, ticket, expert_offsets, cursor, tile_expert,
             tile_row_start, num_tiles, stats_last if stats else counts,
-            stats_cumulative if stats else counts, rank, El, max_tokens, block_m, tile_expert.numel())
+            stats_cumulative if stats else counts, recv_count if recv_count is not None else counts, rank, El,
+            max_tokens, block_m, tile_expert.numel())
     kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=triton.next_power_of_2(El),
-                  BLOCK_TILES=block_tiles, STATS=stats, num_warps=4)
+                  BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, num_warps=4)
     return grid, args, kwargs
 
 
@@ -224,7 +236,7 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
                   num_ranks: int,
                   num_local_experts: int, max_tokens: int, topk: int, x_row_bytes: int,
                   sf_row_bytes: int, comb_row_bytes: int, comb_sf_row_bytes: int,
-                  block_t: int = 4, chunk: int = 512) -> None:
+                  block_t: int = 4, chunk: int = 512, recv_rows=None, recv_count=None) -> None:
     """Pull rows into the pool and write the expert-contiguous pair arrays (see module doc).
 
     my_base: this rank's workspace base address (host int, fixed at workspace creation).
@@ -238,21 +250,26 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
         my_base=my_base, rank=rank, num_ranks=num_ranks, num_local_experts=num_local_experts,
         max_tokens=max_tokens, topk=topk, x_row_bytes=x_row_bytes, sf_row_bytes=sf_row_bytes,
         comb_row_bytes=comb_row_bytes, comb_sf_row_bytes=comb_sf_row_bytes, block_t=block_t,
-        chunk=chunk)
+        chunk=chunk, recv_rows=recv_rows, recv_count=recv_count)
     _fill_kernel[grid](*args, **kwargs)
 
 
 def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
               pair_dst_sf, *, my_base, rank, num_ranks, num_local_experts, max_tokens, topk,
-              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=512):
-    """(grid, args, kwargs) of one `_fill_kernel` launch (arguments as `dispatch_fill`)."""
+              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=512,
+              recv_rows=None, recv_count=None):
+    """(grid, args, kwargs) of one `_fill_kernel` launch (arguments as `dispatch_fill`). recv_rows
+    int32 [R T_max] / recv_count int32 [1] (zeroed by count+plan): the list of the pool rows this
+    call writes, or None."""
+    assert (recv_rows is None) == (recv_count is None)
     assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
             offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],
             offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
-            pair_dst_sf, rank, num_local_experts, max_tokens)
+            pair_dst_sf, recv_rows if recv_rows is not None else pair_rows,
+            recv_count if recv_count is not None else cursor, rank, num_local_experts, max_tokens)
     kwargs = dict(X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
                   COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t,
-                  CHUNK=chunk, num_warps=4)
+                  CHUNK=chunk, RECV_LIST=recv_rows is not None, num_warps=4)
     return grid, args, kwargs

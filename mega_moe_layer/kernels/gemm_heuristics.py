@@ -189,8 +189,26 @@ def _fp8_mainloop(fp8_mainloop: bool, arch: int, weight_format: str, act_format:
     return bool(fp8_mainloop) and uses_fp8_mma(arch, weight_format, act_format)
 
 
+#: Streamed FP8 mainloop (activations rebased where they land): promote the FP8 MMA's partial sum
+#: to float32 after every this many K steps in L1 (K = H); L2 (K = I) chains all of K. H200
+#: (`bench_gemm.py --stream --stream-promotes 1,2,4`, MXFP4 expanded to E4M3 / FP8 weights x FP8
+#: acts): L1 every step 60.5 / 441.6 / 3709.6 us at 8 / 1024 / 32768 pairs against 61.6 / 434.4 /
+#: 3927.8 every 8 steps, with a lower error (y vs the reference 3.4e-3 vs 5.6e-3 at 32768 pairs; FP8
+#: weights at 8 pairs 5.4e-3 vs 6.2e-2); every 2 steps is slower (5064 us). L2's error did not move
+#: with its promotion (5.54e-3 every step, 5.58e-3 chained) and chaining is faster (1767 vs 1986 us).
+STREAM_PROMOTE_L1 = 1
+_CHAIN = 1 << 20
+
+
+def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, promote: int) -> GroupedGemmConfig:
+    num_warps, num_stages, ctas = decode if block_m <= 32 else prefill
+    return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
+                             num_warps=num_warps, num_stages=num_stages, ctas_per_sm=ctas,
+                             promote_steps=promote)
+
+
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   arch: int = 90, fp8_mainloop: bool = False) -> GroupedGemmConfig:
+                   arch: int = 90, fp8_mainloop: bool = False, act_rebased: bool = False) -> GroupedGemmConfig:
     """Tiles of the L1 kernel (x [., H] -> gate/up [., I] each, SwiGLU, requantised h).
 
     A program stacks block_n rows of gate and block_n rows of up into one MMA operand of
@@ -199,6 +217,14 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
     64 rows. Register / shared-memory figures below are ptxas's for H 7168, I 2048 (Triton 3.9).
     """
     _check_common(block_m, hidden, intermediate, weight_format, act_format)
+    if act_rebased and _fp8_mainloop(True, arch, weight_format, act_format):
+        # Streamed FP8 mainloop. Decode: 128 stacked weight rows x 16-32 pairs, one warpgroup, 4
+        # stages, 2 CTAs per SM (H200 probe: 3785-4102 GB/s of FP8 weights, 89-96% of HBM).
+        # Prefill: 64 stacked rows (block_n 32) so the float32 accumulator and the chunk's partial
+        # sum fit one warpgroup's registers; 2 CTAs per SM (probe, 64 x 128 tiles: 505 TFLOP/s
+        # promoting every step, 836 chained; the layer's L1 at 32768 pairs: 518).
+        return _stream_config(block_m, 64 if block_m <= 32 else 32, prefill=(4, 3, 2), decode=(4, 4, 2),
+                              promote=STREAM_PROMOTE_L1)
     block_n = 64  # I is a multiple of 128
     if block_m <= 32:
         # Decode: weight-bandwidth bound. 4 warps (~170 registers) leave room for 3 CTAs per SM,
@@ -226,7 +252,8 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
 
 
 def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   combine_format: str = "bf16", arch: int = 90, fp8_mainloop: bool = False) -> GroupedGemmConfig:
+                   combine_format: str = "bf16", arch: int = 90, fp8_mainloop: bool = False,
+                   act_rebased: bool = False) -> GroupedGemmConfig:
     """Tiles of the L2 kernel (h [., I] -> y [., H], stored to per-pair destination rows).
 
     With the FP8 combine a program quantises whole groups of 128 output columns, so block_n is a
@@ -237,6 +264,11 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
     if combine_format not in ("bf16", "fp8"):
         raise ValueError(f"combine_format: expected 'bf16' or 'fp8', got {combine_format!r}")
     need_128 = combine_format == "fp8" or uses_dot_scaled(arch, weight_format, act_format)
+    if act_rebased and _fp8_mainloop(True, arch, weight_format, act_format):
+        # Streamed FP8 mainloop over K = I (16 steps at I 2048): chained, no promotion (the
+        # probe's chained error grows with K: 1.9e-3 at K 7168). 128 weight rows; decode one
+        # warpgroup x 2 CTAs per SM, prefill two warpgroups (probe: 938 TFLOP/s at 128 x 128).
+        return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 2), promote=_CHAIN)
     if block_m <= 32:
         # Decode: weight streaming over a short K (= I). block_n 64 with 4 warps (~128
         # registers, several CTAs per SM), or 128 rows with 8 warps where 128 is required.

@@ -9,7 +9,7 @@ scale) applied in the epilogue, and every group's values are re-expressed agains
 | kind          | data                          | aux                                   | row_factor   |
 |---------------|-------------------------------|---------------------------------------|--------------|
 | "mxfp4"       | the packed E2M1 bytes as given | uint8 [E, N, K/32] offset index d     | f32 [E, N]   |
-| "fp8_rebased" | e4m3 [E, N, K] rebased values  | None                                  | f32 [E, N]   |
+| "fp8_rebased" | e4m3 [E, N, K] rebased values (FP8 weights; MXFP4 with `fp4_as_fp8`) | None | f32 [E, N] |
 | "fp8_block"   | e4m3 [E, N, K] as given        | f32 [E, N/128, K/128] block scales    | None         |
 | "raw"         | as given (bf16 mainloop, or Blackwell's `tl.dot_scaled`) | the format's scale | None |
 | "raw_fold"    | MXFP4 bytes re-laid per 32-bit word (`fp4_fold_relayout`), bf16 mainloop | UE8M0 scales | None |
@@ -160,13 +160,16 @@ def _is_pow2(scale: torch.Tensor) -> bool:
 
 def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.Tensor], *, arch: int,
                            act_format: str, name: str = "w", fp8_mainloop: bool = True,
-                           fp4_fold: bool = False) -> WeightOperand:
+                           fp4_fold: bool = False, fp4_as_fp8: bool = False) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
     weight's device (bounded temporaries); no copy of MXFP4 data. fp8_mainloop=False gives the
     "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies; with fp4_fold=True an
     MXFP4 weight on that path becomes "raw_fold" (a re-laid copy; see the module docstring) where
-    it qualifies."""
+    it qualifies. fp4_as_fp8=True (FP8 mainloop, MXFP4): the weight expanded once to its rebased
+    E4M3 bytes ("fp8_rebased", `reference.rebase_weight`: exact for groups within 2**8 of their
+    row's largest scale): twice the bytes of the packed weight, which the GEMMs then stream into
+    the FP8 MMA with nothing to decode (docs/PERF.md: faster than decoding 4 bits on Hopper)."""
     if fmt == "mxfp4":
         E, N, K2 = data.shape
         shape = (E, N, 2 * K2)
@@ -178,6 +181,18 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
             # NOTE: a scale byte outside [1, 128] keeps the plain "raw" operand (and its decoder).
             return WeightOperand("raw_fold", fmt, fp4_fold_relayout(data), scale, None, None, 0, shape)
         return WeightOperand("raw", fmt, data, scale, None, None, 0, shape)
+    if fmt == "mxfp4" and fp4_as_fp8:
+        out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=data.device)
+        row = torch.empty(shape[0], shape[1], dtype=torch.float32, device=data.device)
+        changed = 0
+        for i in range(shape[0]):
+            r, f = ref.rebase_weight("mxfp4", data[i:i + 1], scale[i:i + 1])
+            out[i].copy_(r[0])
+            row[i].copy_(f[0])
+            exact = ref.e2m1_decode(ref.unpack_fp4(data[i])) * ref.exp2_from_ue8m0(
+                scale[i].to(torch.int32)).repeat_interleave(32, dim=1)
+            changed += int((r[0].float() * f[0][:, None] != exact).sum())
+        return WeightOperand("fp8_rebased", fmt, out, None, row, None, changed, shape)
     if fmt == "mxfp4":
         e = scale.to(torch.int32)
         e_row = e.amax(dim=2)                                              # [E, N]

@@ -708,6 +708,49 @@ def _mma8(a, b, acc, DOT_IN_F32: tl.constexpr):
     return out
 
 
+@triton.jit
+def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, a_ptr, a_rows64, a_ok,
+                         K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                         W_KIND: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr):
+    """acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the operands' row bases:
+    the streamed FP8 mainloop (act rows already rebased to E4M3 where they landed, `rebase.py`).
+
+    Both operands come straight from memory ("fp8_rebased" weights; "mxfp4" is expanded in
+    registers), so Triton pipelines the loads and keeps the wgmma in flight across K steps
+    (`warp_group_dot_wait {pendings = 1}`) as long as only the MMA touches its accumulator.
+    NOTE: Hopper's FP8 MMA keeps ~14 mantissa bits while it accumulates (truncating): the partial
+    sum of every PROMOTE steps (a pipelined inner loop) is added to a float32 accumulator; PROMOTE
+    = K / BLOCK_K chains the whole K (H200, N 4096 K 7168, Gaussian data: rel-RMSE 1.9e-3 chained,
+    5.4e-4 every 8 steps, 1.3e-4 every step; `scripts/probe_fp8_stream.py`). "fp8_block" (block
+    scales that are not powers of two) multiplies each 128-K partial product by its scale.
+    """
+    acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    if PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
+        for kt in range(0, K // BLOCK_K):
+            w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, kt, K, BLOCK_R, BLOCK_K,
+                                   W_KIND, not DOT_IN_F32)
+            cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
+            acc = _mma8(w8, tl.trans(a8), acc, DOT_IN_F32)
+    else:
+        for kc in range(0, K // BLOCK_K // PROMOTE):
+            part = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+            for kk in range(0, PROMOTE):
+                kt = kc * PROMOTE + kk
+                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, kt, K, BLOCK_R, BLOCK_K,
+                                       W_KIND, not DOT_IN_F32)
+                cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
+                if W_KIND == "fp8_block":
+                    s_w = tl.load(w_sf_ptr + sf_off + (w_rows // 128) * (K // 128) + kt * BLOCK_K // 128)
+                    part += _mma8(w8, tl.trans(a8), tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32),
+                                  DOT_IN_F32) * s_w[:, None]
+                else:
+                    part = _mma8(w8, tl.trans(a8), part, DOT_IN_F32)
+            acc += part
+    return acc
+
+
 # =================================================================================================
 # The L1 kernel
 # =================================================================================================
@@ -735,9 +778,13 @@ def _l1_kernel(
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_DECODER: tl.constexpr,
+    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
+
+    ACT_REBASED (with W_KIND != "raw"): x_ptr is the rebased E4M3 pool [Npool, H] and x_sf_ptr the
+    int32 row exponents [Npool] (`rebase.rebase_act_rows`): the streamed FP8 mainloop
+    (`_fp8_stream_mainloop`).
 
     W_KIND != "raw" (Hopper, FP8/MXFP4 weights x FP8/FP4 acts): the FP8 mainloop — rebased E4M3
     operands, plain `tl.dot` accumulation, the weight rows' and x rows' power-of-two factors
@@ -790,10 +837,15 @@ def _l1_kernel(
             w_off = e64 * (2 * INTER * HIDDEN)
             sf_off = e64 * 0
 
-        if W_KIND != "raw":
+        if ACT_REBASED:
+            e_row = tl.load(x_sf_ptr + prow, mask=row_ok, other=0)
+        elif W_KIND != "raw":
             e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
         acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if W_KIND == "raw" or USE_DOT_SCALED:
+        if ACT_REBASED:
+            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, x_ptr, prow, row_ok,
+                                       HIDDEN, 2 * BLOCK_N, BLOCK_M, BLOCK_K, W_KIND, PROMOTE, DOT_IN_F32)
+        elif W_KIND == "raw" or USE_DOT_SCALED:
             for kt in range(0, HIDDEN // BLOCK_K):
                 if USE_DOT_SCALED:
                     # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
@@ -1064,6 +1116,26 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
     return operand.kind, operand.data, operand.aux, operand.row_factor, tab
 
 
+def _kernel_weight_format(w_kind: str, weight_format: str) -> str:
+    """WEIGHT_FORMAT the kernels get: the layout of the bytes they read. An "fp8_rebased" operand
+    holds E4M3 bytes [E, N, K] whatever the weight's format (MXFP4 expanded at load time)."""
+    return "fp8" if w_kind in ("fp8_rebased", "fp8_block") else weight_format
+
+
+def _check_rebased(name: str, pair, rows: int, k: int, act_format: str, operand, device) -> None:
+    """Validate a (rebased E4M3 rows, int32 row exponents) pair for the streamed FP8 mainloop."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{name}: expected (float8_e4m3fn [{rows}, {k}], int32 [{rows}]), got {type(pair).__name__}")
+    if act_format not in ("fp8", "fp4"):
+        raise ValueError(f"{name}: rebased activations need act_format 'fp8' or 'fp4', got {act_format!r}")
+    if operand is None or not getattr(operand, "is_fp8_mma", False):
+        raise ValueError(f"{name}: the streamed FP8 mainloop needs an FP8-mainloop weight operand "
+                         f"(gemm_operands.prepare_weight_operand), got "
+                         f"{'none' if operand is None else repr(operand.kind)}")
+    _check_tensor(pair[0], f"{name}[0]", torch.float8_e4m3fn, (rows, k), device)
+    _check_tensor(pair[1], f"{name}[1]", torch.int32, (rows,), device)
+
+
 def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pair_rows: torch.Tensor,
                     pair_weights: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
                     tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w13_data: torch.Tensor,
@@ -1072,7 +1144,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
-                    bind: bool = False) -> Optional[Launcher]:
+                    x_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1104,6 +1176,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             w13_data / w13_scale, prepared once at load time). An FP8-mainloop operand selects the
             FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts); None or a "raw" operand
             the bf16 mainloop (the default: faster with Triton 3.6, docs/PERF.md).
+        x_rebased: (float8_e4m3fn [Npool, H], int32 [Npool]): the pool's rows rebased to one
+            exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
+            the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the
+            streamed FP8 mainloop. Needs an FP8-mainloop w13_operand.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1176,9 +1252,12 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
 
     if arch is None:
         arch = _device_arch(device) if device.type == "cuda" else 90
+    if x_rebased is not None:
+        _check_rebased("x_rebased", x_rebased, npool, hidden, act_format, w13_operand, device)
     if config is None:
         config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch,
-                                fp8_mainloop=w13_operand is not None and w13_operand.kind != "raw")
+                                fp8_mainloop=w13_operand is not None and w13_operand.kind != "raw",
+                                act_rebased=x_rebased is not None)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
@@ -1196,16 +1275,17 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         return None
     h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)
     h_sf_view = None if h_sf_out is None else h_sf_out.view(torch.uint8)
+    x_src, x_sf_src = (pool_x, pool_x_sf) if x_rebased is None else x_rebased
     return _launch_or_bind(_l1_kernel, grid, device, bind, *_call_args(
-            pool_x, pool_x_sf, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
+            x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
             num_tiles, w_data, w_aux, w_row, tab, h_view, h_sf_view, n_tiles,
             float(activation_clamp) if activation_clamp is not None else 0.0,
-            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
-            ACT_GROUP=act_group_size, HAS_CLAMP=activation_clamp is not None,
+            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=_kernel_weight_format(w_kind, weight_format),
+            ACT_FORMAT=act_format, ACT_GROUP=act_group_size, HAS_CLAMP=activation_clamp is not None,
             USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
             DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_DECODER=fp4_decoder,
+            FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

@@ -21,8 +21,8 @@ from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
-                      _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
-                      _fp4_decoder, _is_interpreted, _mma, _mma8, _nullcontext, _quant_store_rows,
+                      _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
+                      _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _quant_store_rows,
                       _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
                       _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
@@ -72,9 +72,12 @@ def _l2_kernel(
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_DECODER: tl.constexpr,
+    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
+
+    ACT_REBASED (with W_KIND != "raw"): h_ptr is h rebased to E4M3 [P, I] and h_sf_ptr its int32
+    row exponents [P] (`rebase.rebase_act_rows`): the streamed FP8 mainloop.
 
     Persistent: program p handles work items p, p + num_programs, ... below num_tiles * H / BLOCK_N.
 
@@ -115,11 +118,16 @@ def _l2_kernel(
             w_off = e64 * (HIDDEN * INTER)
             sf_off = e64 * 0
 
-        if W_KIND != "raw":
+        if ACT_REBASED:
+            e_row = tl.load(h_sf_ptr + rows64, mask=row_ok, other=0)
+        elif W_KIND != "raw":
             # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
             e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if W_KIND == "raw" or USE_DOT_SCALED:
+        if ACT_REBASED:
+            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, h_ptr, rows64, row_ok,
+                                       INTER, BLOCK_N, BLOCK_M, BLOCK_K, W_KIND, PROMOTE, DOT_IN_F32)
+        elif W_KIND == "raw" or USE_DOT_SCALED:
             for kt in range(0, INTER // BLOCK_K):
                 if USE_DOT_SCALED:
                     h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
@@ -186,7 +194,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
-                    bind: bool = False) -> Optional[Launcher]:
+                    h_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -209,6 +217,9 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         bind: as in `l1_grouped_gemm` (a bound `Launcher` instead of a launch).
         w2_operand: as `l1_grouped_gemm`'s w13_operand (Hopper FP8 mainloop: h is rebased per row
             in the operand load, its row exponent the largest of the row's group scales).
+        h_rebased: (float8_e4m3fn [P, I], int32 [P]): h rebased to one exponent per row
+            (`rebase.rebase_act_rows` of h / h_sf after L1), read instead of h / h_sf: the streamed
+            FP8 mainloop. Needs an FP8-mainloop w2_operand.
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -263,9 +274,12 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
 
     if arch is None:
         arch = _device_arch(device) if device.type == "cuda" else 90
+    if h_rebased is not None:
+        _check_rebased("h_rebased", h_rebased, num_pairs, inter, act_format, w2_operand, device)
     if config is None:
         config = l2_gemm_config(block_m, hidden, inter, weight_format, act_format, combine_format, arch,
-                                fp8_mainloop=w2_operand is not None and w2_operand.kind != "raw")
+                                fp8_mainloop=w2_operand is not None and w2_operand.kind != "raw",
+                                act_rebased=h_rebased is not None)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     need_mult = _COMBINE_GROUP if combine_format == "fp8" else 32
@@ -281,14 +295,15 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
     if grid[0] == 0 or num_pairs == 0:
         return None
+    h_src, h_sf_src = (h, h_sf) if h_rebased is None else h_rebased
     return _launch_or_bind(_l2_kernel, grid, device, bind, *_call_args(
-            h, h_sf, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,
+            h_src, h_sf_src, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,
             pair_dst, pair_dst_sf, n_tiles,
-            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=weight_format, ACT_FORMAT=act_format,
-            COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
+            HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=_kernel_weight_format(w_kind, weight_format),
+            ACT_FORMAT=act_format, COMBINE_FORMAT=combine_format, USE_DOT_SCALED=uses_dot_scaled(arch, weight_format, act_format),
             DOT_IN_F32=_is_interpreted(_l2_kernel), W_KIND=w_kind, SF_WORDS_P2=sf_words_p2(inter, 32),
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_DECODER=_fp4_decoder(w2_operand, config),
+            FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

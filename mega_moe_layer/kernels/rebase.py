@@ -1,0 +1,120 @@
+"""Rebase quantised activation rows to one exponent per row, where they land (Hopper FP8 path).
+
+`rebase_act_rows` turns rows of FP8 or FP4 activations with power-of-two (UE8M0) group scales into
+E4M3 bytes against one exponent per row (`reference.rebase_act`, bitwise): the largest of the row's
+group scales, every group's values shifted down by its distance from it. Then the grouped GEMMs
+stream the act operand straight into the FP8 MMA with nothing to decode in the K loop
+(`l1_gemm._fp8_stream_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
+
+Two uses per forward (`nvshmem_backend`): x after the dispatch (the pool rows the pairs read,
+through `pair_rows`; a row hit by several local experts is rewritten with the same bytes), and h
+after L1 (pair positions). Both run over the device's pair count (no host sync, graph-safe): a
+static persistent grid whose programs loop over blocks of rows below it.
+
+Exact except where rebasing rounds: a value more than ~2**8 below its row's largest group scale
+falls under E4M3's normal range there and rounds (by at most 2**-10 of the row's base scale,
+`reference.rebase_rows`).
+
+Example (fp8, group 32, a row of 64 values): group scales 2**-3 and 2**-6 -> E = 124 (2**-3); the
+first group's bytes are copied, the second's values are multiplied by 2**-3 and rounded to E4M3
+(1.5 -> 0.1875, exact), and the row exponent 124 is stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launcher
+from .gemm_operands import e2m1_table
+from .l1_gemm import (_act_tile_e4m3, _check_tensor, _device_num_sms, _is_interpreted, _launch_or_bind,
+                      _call_args, _row_max_exponent, sf_words_p2)
+
+__all__ = ["rebase_act_rows"]
+
+
+@triton.jit(do_not_specialize=["max_rows"])
+def _rebase_rows_kernel(src_ptr, sf_ptr, tab_ptr, dst_ptr, e_ptr, rows_ptr, count_ptr, max_rows,
+                        K: tl.constexpr, GROUP: tl.constexpr, SF_WORDS: tl.constexpr, SF_WORDS_P2: tl.constexpr,
+                        ACT_FORMAT: tl.constexpr, INDIRECT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    """Rows i < min(count, max_rows) (row = rows_ptr[i] if INDIRECT else i): dst[row] = the rebased
+    E4M3 bytes of src[row] (scales sf[row]), e[row] = its row exponent."""
+    n = tl.minimum(tl.load(count_ptr), max_rows)
+    NUM_K: tl.constexpr = K // BLOCK_K
+    # Work items (block of BLOCK_R rows, one BLOCK_K chunk): a handful of rows (decode) still
+    # spreads over K / BLOCK_K programs. Every item recomputes its rows' exponent from the scales
+    # (K / GROUP bytes a row); the first chunk's item stores it.
+    for work in range(tl.program_id(0), tl.cdiv(n, BLOCK_R) * NUM_K, tl.num_programs(0)):
+        blk = work // NUM_K
+        kt = work % NUM_K
+        i = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = i < n
+        if INDIRECT:
+            rows64 = tl.load(rows_ptr + i, mask=ok, other=0).to(tl.int64)
+        else:
+            rows64 = i.to(tl.int64)
+        e_row = _row_max_exponent(sf_ptr, rows64, ok, SF_WORDS, SF_WORDS_P2)
+        tile = _act_tile_e4m3(src_ptr, sf_ptr, tab_ptr, rows64, ok, kt, e_row, K, GROUP, BLOCK_R, BLOCK_K,
+                              ACT_FORMAT, FAST)
+        cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(dst_ptr + rows64[:, None] * K + cols[None, :], tile, mask=ok[:, None])
+        if kt == 0:
+            tl.store(e_ptr + rows64, e_row, mask=ok)
+
+
+def rebase_act_rows(src: torch.Tensor, src_sf: torch.Tensor, dst: torch.Tensor, dst_e: torch.Tensor,
+                    count: torch.Tensor, *, act_format: str, group: int, rows: Optional[torch.Tensor] = None,
+                    num_sms: Optional[int] = None, bind: bool = False) -> Optional[Launcher]:
+    """Rebase rows of quantised activations (see the module docstring).
+
+    Args (N = rows of src, K = columns):
+        src: float8_e4m3fn [N, K] (act_format "fp8") | int8 [N, K/2] packed E2M1 ("fp4").
+        src_sf: int32 [N, K/group/4] packed UE8M0 (byte j of word i = group 4i + j).
+        dst: float8_e4m3fn [N, K] rebased bytes; dst_e: int32 [N] row exponents (biased; the row
+            factor is 2**(e - 127 - headroom), headroom 0 for fp8 and 6 for fp4).
+        count: int32 [>= 1] on the device: element 0 is the number of rows to rebase, clamped to
+            the capacity (rows' length if given, else N).
+        rows: optional int32 [M]: rebase rows rows[0 .. count) (repeats allowed: they write the
+            same bytes) instead of rows 0 .. count.
+        bind: return a bound `Launcher` instead of launching (as the grouped GEMMs).
+    Only rows below the count are written.
+    """
+    if act_format not in ("fp8", "fp4"):
+        raise ValueError(f"act_format: expected 'fp8' or 'fp4', got {act_format!r}")
+    if group not in (32, 128):
+        raise ValueError(f"group: expected 32 or 128, got {group!r}")
+    if not isinstance(src, torch.Tensor) or src.dim() != 2:
+        raise ValueError("src: expected a 2-D tensor [N, K (or K/2)]")
+    device = src.device
+    n, k = src.shape[0], src.shape[1] * (2 if act_format == "fp4" else 1)
+    if k % (4 * group) != 0 or k % 128 != 0:
+        raise ValueError(f"src: expected K (= {k}) a multiple of 128 and of 4 * group")
+    _check_tensor(src, "src", torch.float8_e4m3fn if act_format == "fp8" else (torch.int8, torch.uint8),
+                  (n, k if act_format == "fp8" else k // 2), device)
+    _check_tensor(src_sf, "src_sf", torch.int32, (n, k // group // 4), device)
+    _check_tensor(dst, "dst", torch.float8_e4m3fn, (n, k), device)
+    _check_tensor(dst_e, "dst_e", torch.int32, (n,), device)
+    if not isinstance(count, torch.Tensor) or count.dtype != torch.int32 or count.numel() < 1 \
+            or count.device != device:
+        raise ValueError(f"count: expected an int32 tensor of >= 1 element on {device}")
+    if rows is not None:
+        _check_tensor(rows, "rows", torch.int32, (rows.numel(),), device)
+        capacity = rows.numel()
+    else:
+        capacity = n
+    if capacity == 0 or n == 0:
+        return None
+    if num_sms is None:
+        num_sms = _device_num_sms(device) if device.type == "cuda" else 4
+    block_r, block_k = 4, 512 if k % 512 == 0 else 128
+    grid = (max(1, min(triton.cdiv(capacity, block_r) * (k // block_k), 8 * num_sms)),)
+    tab = e2m1_table(device)
+    src_view = src.view(torch.int8) if act_format == "fp4" else src
+    return _launch_or_bind(_rebase_rows_kernel, grid, device, bind, *_call_args(
+        src_view, src_sf, tab, dst, dst_e, rows if rows is not None else dst_e, count, capacity,
+        K=k, GROUP=group, SF_WORDS=k // group // 4, SF_WORDS_P2=sf_words_p2(k, group), ACT_FORMAT=act_format,
+        INDIRECT=rows is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        FAST=not _is_interpreted(_rebase_rows_kernel), num_warps=4))
