@@ -349,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16-mainloop", dest="fp8_mainloop", action="store_const", const=False,
                    help="our layer with hopper_fp8_mainloop=False (the bf16 mainloop)")
     p.add_argument("--fp4-as-fp8", action="store_true",
-                   help="with --fp8-mainloop and MXFP4 weights: hopper_fp4_as_fp8=True (weights expanded to E4M3)")
+                   help="MXFP4 weights: hopper_fp4_as_fp8=True (expanded to E4M3 at load; the FP8 mainloop by default)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the PyTorch EP baseline (NCCL all-to-all + grouped GEMMs; slow)")
