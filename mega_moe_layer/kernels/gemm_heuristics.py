@@ -265,9 +265,13 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         raise ValueError(f"combine_format: expected 'bf16' or 'fp8', got {combine_format!r}")
     need_128 = combine_format == "fp8" or uses_dot_scaled(arch, weight_format, act_format)
     if act_rebased and _fp8_mainloop(True, arch, weight_format, act_format):
-        # Streamed FP8 mainloop over K = I (16 steps at I 2048): chained, no promotion (the
-        # probe's chained error grows with K: 1.9e-3 at K 7168). 128 weight rows; decode one
-        # warpgroup x 2 CTAs per SM, prefill two warpgroups (probe: 938 TFLOP/s at 128 x 128).
+        # Streamed FP8 mainloop over K = I (16 steps at I 2048): chained, no promotion (its error
+        # did not move with promotion, see STREAM_PROMOTE_L1). Decode: 128 weight rows, one
+        # warpgroup x 2 CTAs per SM. Prefill: 64 weight rows, one warpgroup x 2 CTAs per SM (H200,
+        # 32768 pairs over 256 experts at 128-row tiles: 1626 us against 1855 with 128 rows x 8
+        # warps x 1 CTA, 1693 with 256 rows); 128 rows where the FP8 combine needs them.
+        if block_m > 32 and not need_128:
+            return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=(4, 4, 2), promote=_CHAIN)
         return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 2), promote=_CHAIN)
     if block_m <= 32:
         # Decode: weight streaming over a short K (= I). block_n 64 with 4 warps (~128
