@@ -8,7 +8,7 @@ local ones: the defaults are decode at T = 1 and T = 128 tokens (top-8, 64 local
 prefill at T = 4096 per rank at EP2 (128 local experts, 256 pairs each). A case uT:E routes T
 tokens top-8 uniformly over E experts (bench.py's routing: uneven counts, partly filled tiles).
 The kernels run what the layer runs by default (the bf16 mainloop; `--fp8-mainloop` adds the FP8
-one, `--fp4-decoders` the other MXFP4 decoders, `--block-ms` other tile heights: each checked
+one, `--fp4-decoders` the 'lut' MXFP4 decoder, `--block-ms` other tile heights: each checked
 first). For each case: the GPU
 time of one L1 launch and one L2 launch (CUDA events, the GPU kept busy by a sleep kernel before
 the start event so host launch latency is not timed; warm-up, median of --iters >= 20), their
@@ -120,7 +120,6 @@ class Case:
         self.w2_fp8 = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
         self.use_fp8 = False
         self.stream = None     # (w13 operand, w2 operand, x_rebased, h_rebased): the streamed FP8 path
-        self.w13_fold = self.w2_fold = None      # "raw_fold" operands, made by --fp4-decoders
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
@@ -227,38 +226,24 @@ class Case:
 
 
 def decoder_us(case: "Case", kern: str, iters: int, decoder: str) -> float:
-    """GPU time of `kern` with another E2M1 decoder of the bf16 mainloop: "lut"
-    (`GroupedGemmConfig.fp4_decoder`) or "fold" (a "raw_fold" operand: the weights re-laid at load),
-    after checking that L1's h and L2's y equal the default decoder's bitwise."""
+    """GPU time of `kern` with another E2M1 decoder of the bf16 mainloop ("lut":
+    `GroupedGemmConfig.fp4_decoder`), after checking that L1's h and L2's y equal the default
+    decoder's bitwise."""
     H, I, af, bm = case.H, case.I, case.act_format, case.block_m
-    c1, c2 = gh.l1_gemm_config(bm, H, I, "mxfp4", af), gh.l2_gemm_config(bm, H, I, "mxfp4", af, "bf16")
-    if decoder == "lut":
-        c1, c2 = dataclasses.replace(c1, fp4_decoder="lut"), dataclasses.replace(c2, fp4_decoder="lut")
-    ops = (case.w13_op, case.w2_op)
-    if decoder == "fold":
-        if case.w13_fold is None:
-            case.w13_fold, case.w2_fold = (prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format=af,
-                                                                  fp8_mainloop=False, fp4_fold=True)
-                                           for q in (case.w13, case.w2))
-        if case.w13_fold.kind != "raw_fold" or case.w2_fold.kind != "raw_fold":
-            raise SystemExit("fold decoder: a weight has scale bytes outside [1, 128]")
+    c1 = dataclasses.replace(gh.l1_gemm_config(bm, H, I, "mxfp4", af), fp4_decoder=decoder)
+    c2 = dataclasses.replace(gh.l2_gemm_config(bm, H, I, "mxfp4", af, "bf16"), fp4_decoder=decoder)
     case.l1()
     case.l2()
     torch.cuda.synchronize()
     h0, out0 = case.h.clone(), case.out.clone()
-    try:
-        if decoder == "fold":
-            case.w13_op, case.w2_op = case.w13_fold, case.w2_fold
-        case.l1(c1)
-        case.l2(c2)
-        torch.cuda.synchronize()
-        same = (torch.equal(case.h.view(torch.uint8), h0.view(torch.uint8))
-                and torch.equal(case.out.view(torch.int16), out0.view(torch.int16)))
-        if not same:
-            raise SystemExit(f"fp4 decoder {decoder!r} differs from the default decoder ({case.label()})")
-        return gpu_time_us((lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2)), iters)
-    finally:
-        case.w13_op, case.w2_op = ops
+    case.l1(c1)
+    case.l2(c2)
+    torch.cuda.synchronize()
+    same = (torch.equal(case.h.view(torch.uint8), h0.view(torch.uint8))
+            and torch.equal(case.out.view(torch.int16), out0.view(torch.int16)))
+    if not same:
+        raise SystemExit(f"fp4 decoder {decoder!r} differs from the default decoder ({case.label()})")
+    return gpu_time_us((lambda: case.l1(c1)) if kern == "l1" else (lambda: case.l2(c2)), iters)
 
 
 def other_block_m_us(case: "Case", kern: str, bm: int, iters: int) -> float:
@@ -425,7 +410,7 @@ def main() -> None:
                    help="comma-separated tile heights also timed (each with its heuristic config, checked "
                         "against the reference first), e.g. 64,128")
     p.add_argument("--fp4-decoders", action="store_true",
-                   help="MXFP4 weights, bf16 mainloop: also time the 'lut' and 'fold' decoders (checked bitwise "
+                   help="MXFP4 weights, bf16 mainloop: also time the 'lut' decoder (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
     if args.iters < 20:
@@ -519,12 +504,11 @@ def main() -> None:
                     print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, streamed fp8 ({name}) "
                           f"{stream_us[name][0]:.1f} us + rebase pass {stream_us[name][1]:.1f} us, rel-RMSE "
                           f"{stream_us[name][2]:.2e}", flush=True)
-                lut_us = fold_us = None
+                lut_us = None
                 if args.fp4_decoders and wf == "mxfp4" and case.w13_op.kind == "raw":
                     lut_us = decoder_us(case, kern, args.iters, "lut")
-                    fold_us = decoder_us(case, kern, args.iters, "fold")
-                    print(f"  {kern} {wf}/{af} {case.label()}: fp4 decoder shift {us:.1f} us, lut {lut_us:.1f} us, "
-                          f"fold {fold_us:.1f} us (outputs bitwise equal)", flush=True)
+                    print(f"  {kern} {wf}/{af} {case.label()}: fp4 decoder shift {us:.1f} us, lut {lut_us:.1f} us "
+                          f"(outputs bitwise equal)", flush=True)
                 # Weight bytes of the experts with pairs: what the kernel must read at least once.
                 wq = w13 if kern == "l1" else w2
                 wbytes = weight_bytes(wq) * A // E
@@ -541,7 +525,7 @@ def main() -> None:
                            bf16_matmul_us=dense_us, bf16_matmul_tflops=flops / (dense_us * 1e-6) / 1e12,
                            scaled_grouped_mm_us=sgmm_us, check_rel_rmse=err, config=cfg.__dict__,
                            mainloop=case.w13_op.kind, fp8_mainloop_us=alt_us, lut_decoder_us=lut_us,
-                           fold_decoder_us=fold_us, streamed_us=stream_us)
+                           streamed_us=stream_us)
                 rows.append(row)
                 sg_txt = "- | -" if sgmm_us is None else f"{sgmm_us:.1f} | {sgmm_us / us:.2f}x"
                 line = (f"| {wf}/{af} | {t}x{A}/{E} | {kern.upper()} | {us:.1f} | {row['tflops']:.1f} | {wgbps:.0f} | "

@@ -826,12 +826,12 @@ def compiled():
 
 
 def test_fp4_decoders_compile_with_half_the_scale_multiplies():
-    """The bf16 mainloop with the other E2M1 decoders ("lut": `GroupedGemmConfig(fp4_decoder=)`;
-    "fold": a "raw_fold" operand) builds for sm_90a (bf16 wgmma, no spills at the decode tile) with
-    one bf16x2 FMA per weight pair instead of two, for L1 and L2."""
+    """The bf16 mainloop with the other E2M1 decoder ("lut": `GroupedGemmConfig(fp4_decoder=)`)
+    builds for sm_90a (bf16 wgmma, no spills at the decode tile) with one bf16x2 FMA per weight
+    pair instead of two, for L1 and L2."""
     from mega_moe_layer.kernels import _compile
 
-    decoders = ("shift", "lut", "fold")
+    decoders = ("shift", "lut")
     jobs = []
     for dec in decoders:
         sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="raw", fp4_decoder=dec)
@@ -845,7 +845,7 @@ def test_fp4_decoders_compile_with_half_the_scale_multiplies():
     got = {(dec, kern): ptx[2 * i + j] for i, dec in enumerate(decoders) for j, kern in enumerate(("l1", "l2"))}
     for kern in ("l1", "l2"):
         n_shift = got["shift", kern].count("fma.rn.bf16x2")
-        for dec in ("lut", "fold"):
+        for dec in ("lut",):
             p = got[dec, kern]
             assert "wgmma.mma_async" in p and all(".bf16" in m for m in re.findall(r"wgmma\.mma_async[\w.:]+", p))
             n = p.count("fma.rn.bf16x2")
@@ -855,7 +855,6 @@ def test_fp4_decoders_compile_with_half_the_scale_multiplies():
             except _compile.CompileUnavailable as exc:
                 pytest.skip(str(exc))
             assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kern, dec, usage)
-        assert "shf.r.wrap.b32" in got["fold", kern] and "shf.r.wrap.b32" not in got["shift", kern]
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[_case_id(c) for c in COMPILE_CASES])
@@ -893,52 +892,6 @@ def test_compiles(compiled, case):
         kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
         assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
         assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
-
-
-def test_fp4_fold_operand():
-    """`prepare_weight_operand(fp4_fold=True)`: a re-laid copy ("raw_fold") for MXFP4 weights on
-    Hopper's bf16 mainloop whose scale bytes are all in [1, 128]; the plain "raw" operand otherwise;
-    the same h and y as the plain operand (interpreter); refused for another weight."""
-    from mega_moe_layer.kernels import gemm_operands as go
-
-    prob = make_problem(256, 128, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=11)
-    q = prob.w13
-    op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8", fp8_mainloop=False,
-                                   fp4_fold=True)
-    assert op.kind == "raw_fold" and op.data.shape == q.data.shape and op.data.dtype == q.data.dtype
-    assert torch.equal(op.data, go.fp4_fold_relayout(q.data)) and not torch.equal(op.data, q.data)
-    assert op.aux is q.scale
-    # not applicable: Blackwell's block-scaled MMA, FP8 weights, a scale byte above 128, fp4_fold off
-    assert go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=100, act_format="fp8", fp8_mainloop=False,
-                                     fp4_fold=True).kind == "raw"
-    big = q.scale.clone()
-    big.view(torch.uint8)[0, 0, 0] = 129
-    assert go.prepare_weight_operand("mxfp4", q.data, big, arch=90, act_format="fp8", fp8_mainloop=False,
-                                     fp4_fold=True).kind == "raw"
-    assert go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8",
-                                     fp8_mainloop=False).kind == "raw"
-    f = make_problem(256, 128, [5, 0, 3, 9], "fp8", "fp8", block_m=16, seed=11).w13
-    assert go.prepare_weight_operand("fp8", f.data, f.scale, arch=90, act_format="fp8", fp8_mainloop=False,
-                                     fp4_fold=True).kind == "raw"
-    # L1 + L2 with the fold operands (the interpreter's twin of the decoder): h and y bitwise equal
-    # to the plain operands'
-    outs = []
-    w2 = go.prepare_weight_operand("mxfp4", prob.w2.data, prob.w2.scale, arch=90, act_format="fp8",
-                                   fp8_mainloop=False, fp4_fold=True)
-    assert w2.kind == "raw_fold"
-    for op13, op2 in ((None, None), (op, w2)):
-        prob.w13_op, prob.w2_op = op13, op2
-        h, h_sf = run_l1(prob)
-        dest = make_destinations(prob, "bf16", seed=3)
-        run_l2(prob, h, h_sf, "bf16", dest)
-        outs.append((h[:prob.num_routed].view(torch.uint8).clone(), dest.out.view(torch.int16).clone()))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    # a fold operand of another weight
-    other = make_problem(256, 256, [5, 0, 3, 9], "mxfp4", "fp8", block_m=16, seed=12).w13
-    prob.w13_op = go.prepare_weight_operand("mxfp4", other.data, other.scale, arch=90, act_format="fp8",
-                                            fp8_mainloop=False, fp4_fold=True)
-    with pytest.raises(ValueError, match="raw_fold"):
-        run_l1(prob)
 
 
 def test_fp4_decoder_config_is_checked():

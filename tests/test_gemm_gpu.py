@@ -20,9 +20,8 @@ import triton.language as tl
 
 from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
-from mega_moe_layer.kernels import gemm_operands as go
-from mega_moe_layer.kernels.l1_gemm import (_fp4_pairs_bf16_asm, _fp4_pairs_bf16_fold_asm, _fp4_pairs_bf16_lut_asm,
-                                            build_tile_map, l1_grouped_gemm)
+from mega_moe_layer.kernels.l1_gemm import (_fp4_pairs_bf16_asm, _fp4_pairs_bf16_lut_asm, build_tile_map,
+                                            l1_grouped_gemm)
 from utils import TOLERANCES, assert_rel_rmse
 from test_gemm import (COMBOS, POISON, bytes_of, check_l1, check_l2, h_buffers, make_destinations, make_problem,
                        reference_h, reference_y, run_l1, run_l2)
@@ -188,48 +187,17 @@ def test_fp4_lut_decoder_equals_default(af, block_m):
     assert torch.equal(outs[0][1], outs[1][1]), "L2 y differs with the lut decoder"
 
 
-@pytest.mark.parametrize("block_m", [16, 128])
-@pytest.mark.parametrize("af", ["fp8", "fp4"])
-def test_fp4_fold_operand_equals_default(af, block_m):
-    """A "raw_fold" operand (MXFP4 bytes re-laid at load, `FP4_BF16_FOLD_PTX`): h and y bitwise equal
-    to the default decoder's on the raw bytes, for both GEMMs, at a decode and a prefill tile."""
-    H, I, counts = SHAPES["dsv3"]
-    prob = make_problem(H, I, counts, "mxfp4", af, block_m=block_m, seed=7, device=DEV)
-    prob.w13_op = prob.w2_op = None                      # the bf16 mainloop on the raw weights
-    assert go.fp4_fold_applies(prob.w13.scale) and go.fp4_fold_applies(prob.w2.scale)
-    fold13, fold2 = (go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format=af,
-                                               fp8_mainloop=False, fp4_fold=True) for q in (prob.w13, prob.w2))
-    assert fold13.kind == fold2.kind == "raw_fold" and not torch.equal(fold13.data, prob.w13.data)
-    outs = []
-    for op13, op2 in ((None, None), (fold13, fold2)):
-        prob.w13_op, prob.w2_op = op13, op2
-        h, h_sf = run_l1(prob)
-        dest = make_destinations(prob, "bf16", seed=3)
-        run_l2(prob, h, h_sf, "bf16", dest)
-        torch.cuda.synchronize()
-        n = prob.num_routed
-        outs.append((h[:n].view(torch.uint8).clone(), dest.out.view(torch.int16).clone()))
-    assert torch.equal(outs[0][0], outs[1][0]), "L1 h differs with the fold decoder"
-    assert torch.equal(outs[0][1], outs[1][1]), "L2 y differs with the fold decoder"
-
-
 @triton.jit
 def _decode_kernel(p_ptr, s_ptr, o_ptr, BLOCK: tl.constexpr, NEW: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     p = tl.load(p_ptr + i)
     s = tl.load(s_ptr + i)
-    if NEW == 2:
-        # fold: a = bytes 4w, 4w+1 (low, high nibble each), b = bytes 4w+2, 4w+3, per word w
-        a, b = _fp4_pairs_bf16_fold_asm(p, s)
-        tl.store(o_ptr + 8 * (i // 4) + i % 4, a)
-        tl.store(o_ptr + 8 * (i // 4) + 4 + i % 4, b)
+    if NEW:
+        lo, hi = _fp4_pairs_bf16_lut_asm(p, s)
     else:
-        if NEW:
-            lo, hi = _fp4_pairs_bf16_lut_asm(p, s)
-        else:
-            lo, hi = _fp4_pairs_bf16_asm(p, s)
-        tl.store(o_ptr + 2 * i, lo)
-        tl.store(o_ptr + 2 * i + 1, hi)
+        lo, hi = _fp4_pairs_bf16_asm(p, s)
+    tl.store(o_ptr + 2 * i, lo)
+    tl.store(o_ptr + 2 * i + 1, hi)
 
 
 def test_fp4_bf16_decoders_equal_on_gpu():
@@ -266,16 +234,3 @@ def test_fp4_bf16_decoders_equal_on_gpu():
     assert torch.equal(torch.where(is_nan, inf, last), inf), "scale byte 255: +-inf for the nonzero codes"
 
 
-def test_fp4_fold_decoder_on_gpu():
-    """`FP4_BF16_FOLD_PTX` on re-laid words: every byte value x scale bytes 1..128 (each 4-byte word
-    with one scale, as the GEMMs' packs), bitwise equal to the default decoder on the original bytes."""
-    N = 256 * 128
-    b = torch.arange(256, dtype=torch.int32).repeat(128)
-    sc = (torch.arange(128, dtype=torch.int32) + 1).repeat_interleave(256)
-    p = b.to(torch.uint8).view(torch.int8).cuda()
-    s = sc.to(torch.uint8).cuda()
-    want = torch.empty(2 * N, dtype=torch.bfloat16, device="cuda")
-    _decode_kernel[(N // 1024,)](p, s, want, BLOCK=1024, NEW=0, num_warps=4)
-    got = torch.empty(2 * N, dtype=torch.bfloat16, device="cuda")
-    _decode_kernel[(N // 1024,)](go.fp4_fold_relayout(p), s, got, BLOCK=1024, NEW=2, num_warps=4)
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), "fold decoder differs from the default"

@@ -88,11 +88,6 @@ def emulate(ptx: str, inputs: dict) -> dict:
             r = srcs[0] >> srcs[1]
         elif op == "shl.b32":
             r = (srcs[0] << srcs[1]) & M32
-        elif op == "shf.r.wrap.b32":
-            lo, hi, n = srcs
-            r = (((hi << 32) | lo) >> (n & 31)) & M32
-        elif op == "mad.lo.u32":
-            r = (srcs[0] * srcs[1] + srcs[2]) & M32
         elif op == "prmt.b32":
             r = _prmt(*srcs)
         elif op == "lop3.b32":
@@ -160,62 +155,3 @@ def test_fp4_bf16_decode_ptx_emulated():
     assert len(body) <= 23, f"{len(body)} instructions per 8 weights (besides constants)"
     checked = _check_decoder(ptx, list(range(0, 256, 4)) + [1, 126, 127, 128, 253, 254, 255])
     assert checked == 71 * 256
-
-
-def test_fp4_fold_decoder_on_relaid_words_emulated():
-    """`FP4_BF16_FOLD_PTX` on words re-laid by `gemm_operands.fp4_fold_relayout`: every byte value in
-    every position of the word, scales over [1, 128], against the reference decode of the
-    original bytes (bitwise; one scale byte per word, as in the kernels: a word lies in one
-    32-group), and at most 13 integer instructions per 8 weights."""
-    import random
-
-    from mega_moe_layer.kernels import gemm_operands as go
-
-    ptx = str(getattr(l1_gemm.FP4_BF16_FOLD_PTX, "value", l1_gemm.FP4_BF16_FOLD_PTX))
-    ops = [m for m in re.findall(r"^\s*([a-z0-9.]+)\s", ptx, re.M) if m not in (".reg", "mov.b32")]
-    assert len([o for o in ops if not o.startswith("fma")]) <= 13 and ops.count("fma.rn.bf16x2") == 4, ops
-    rng = random.Random(0)
-    words, scales = [], []
-    for pos in range(4):
-        for v in range(256):
-            data = [rng.randrange(256) for _ in range(4)]
-            data[pos] = v
-            words.append(data)
-            scales.append([rng.choice([1, 2, 64, 100, 126, 127, 128])] * 4)
-    packed = torch.tensor(words, dtype=torch.uint8)                   # [1024, 4]
-    relaid = go.fp4_fold_relayout(packed)
-    assert relaid.shape == packed.shape and not torch.equal(relaid, packed)
-    for data, sc, new in zip(words, scales, relaid.tolist()):
-        q = sum(b << (8 * i) for i, b in enumerate(new))
-        r = emulate(ptx, {"$4": q, "$5": sum(v << (8 * i) for i, v in enumerate(sc))})
-        for i in range(4):                       # $i = byte i: (low nibble, high nibble)
-            got = (r[f"${i}"] & 0xFFFF, r[f"${i}"] >> 16)
-            assert got == _reference_bits(data[i], sc[i]), (data, sc, i)
-
-
-def test_fp4_fold_relayout_is_a_bit_permutation():
-    from mega_moe_layer.kernels import gemm_operands as go
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (3, 5, 16), generator=g, dtype=torch.int32).to(torch.uint8).view(torch.int8)
-    y = go.fp4_fold_relayout(x)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    popcount = lambda t: sum(((t.view(torch.uint8).to(torch.int32) >> k) & 1).sum() for k in range(8))  # noqa: E731
-    assert popcount(y) == popcount(x)
-    # one set bit at a time lands on one set bit: the map is the documented permutation
-    pos = go._fold_bit_positions()
-    for o in range(32):
-        w = torch.zeros(1, 4, dtype=torch.uint8)
-        w[0, o // 8] = 1 << (o % 8)
-        got = go.fp4_fold_relayout(w)[0].to(torch.int64)
-        assert int(sum(int(got[i]) << (8 * i) for i in range(4))) == 1 << pos[o]
-    for bad in (torch.zeros(2, 6, dtype=torch.uint8), torch.zeros(4, dtype=torch.float32)):
-        try:
-            go.fp4_fold_relayout(bad)
-        except (ValueError, TypeError) as exc:
-            assert "data" in str(exc)
-        else:
-            raise AssertionError("bad input accepted")
-    assert go.fp4_fold_applies(torch.tensor([1, 120, 128], dtype=torch.uint8))
-    assert not go.fp4_fold_applies(torch.tensor([120, 129], dtype=torch.uint8))
-    assert not go.fp4_fold_applies(torch.tensor([0, 120], dtype=torch.uint8))

@@ -191,11 +191,11 @@ def _fp8_mainloop(fp8_mainloop: bool, arch: int, weight_format: str, act_format:
 
 #: Streamed FP8 mainloop (activations rebased where they land): promote the FP8 MMA's partial sum
 #: to float32 after every this many K steps in L1 (K = H); L2 (K = I) chains all of K. H200
-#: (`bench_gemm.py --stream --stream-promotes 1,2,4`, MXFP4 expanded to E4M3 / FP8 weights x FP8
-#: acts): L1 every step 60.5 / 441.6 / 3709.6 us at 8 / 1024 / 32768 pairs against 61.6 / 434.4 /
-#: 3927.8 every 8 steps, with a lower error (y vs the reference 3.4e-3 vs 5.6e-3 at 32768 pairs; FP8
-#: weights at 8 pairs 5.4e-3 vs 6.2e-2); every 2 steps is slower (5064 us). L2's error did not move
-#: with its promotion (5.54e-3 every step, 5.58e-3 chained) and chaining is faster (1767 vs 1986 us).
+#: (`bench_gemm.py --stream --stream-promotes 1,2,4`, FP8 acts): every step against every 8 steps,
+#: FP8 weights at 8 pairs 60.5 vs 60.9 us with y rel-RMSE 5.4e-3 vs 6.2e-2; MXFP4 as E4M3 at 1024 /
+#: 32768 pairs 441.6 / 3709.6 vs 434.4 / 3927.8 us, 2.4e-3 / 3.4e-3 vs 5.7e-3 / 5.6e-3; every 2
+#: steps is slower (5064 us). L2's error did not move with its promotion (5.54e-3 every step,
+#: 5.58e-3 chained) and chaining is faster (1767 vs 1986 us).
 STREAM_PROMOTE_L1 = 1
 _CHAIN = 1 << 20
 

@@ -12,11 +12,6 @@ scale) applied in the epilogue, and every group's values are re-expressed agains
 | "fp8_rebased" | e4m3 [E, N, K] rebased values (FP8 weights; MXFP4 with `fp4_as_fp8`) | None | f32 [E, N] |
 | "fp8_block"   | e4m3 [E, N, K] as given        | f32 [E, N/128, K/128] block scales    | None         |
 | "raw"         | as given (bf16 mainloop, or Blackwell's `tl.dot_scaled`) | the format's scale | None |
-| "raw_fold"    | MXFP4 bytes re-laid per 32-bit word (`fp4_fold_relayout`), bf16 mainloop | UE8M0 scales | None |
-
-"raw_fold" (opt-in, `fp4_fold=True`; Hopper's bf16 mainloop, MXFP4 weights whose scale bytes are
-all in [1, 128]): the same values as "raw" from a cheaper in-register decode
-(`l1_gemm.FP4_BF16_FOLD_PTX`), the weight still 4 bits each (a copy of the bytes, re-laid).
 
 MXFP4 stays at 4 bits per weight: the kernel expands a nibble to E4M3 with one byte permute from
 an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom 2**6),
@@ -38,8 +33,7 @@ import torch
 
 from . import reference as ref
 
-__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table", "fp4_fold_relayout",
-           "fp4_fold_applies"]
+__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table"]
 
 
 def uses_fp8_mma(arch: int, weight_format: str, act_format: str) -> bool:
@@ -97,62 +91,6 @@ class WeightOperand:
         return self.kind in ("mxfp4", "fp8_rebased", "fp8_block")
 
 
-def _fold_bit_positions() -> list:
-    """New bit position, in a re-laid 32-bit word, of each bit o of the original little-endian word
-    of 4 packed E2M1 bytes (`l1_gemm.FP4_BF16_FOLD_PTX`'s bit map). Byte i feeds output $i: its low
-    nibble lane 0, its high nibble lane 1 (a bf16x2 pair of consecutive K columns, as the MMA's
-    register operand holds them); the nibble's bits 0-2 (magnitude) land on bf16 bits 6-8 of that
-    lane and bit 3 (sign) on bit 15."""
-    pos = []
-    for o in range(32):
-        i, w = divmod(o, 8)                     # byte i -> output register $i
-        lane, k = divmod(w, 4)
-        b = (6 + k if k < 3 else 15) + 16 * lane  # its bit in the output
-        if i == 0:
-            src = b
-        elif i == 1:
-            src = (b + 3) % 32                  # rotr(q, 3)
-        elif i == 2:
-            src = b - 3 if k < 3 else 16 * lane  # (q << 3) magnitudes, (q << 15) signs
-        else:
-            src = b + 6 if k < 3 else 1 + 16 * lane   # (q >> 6) magnitudes, (q << 14) signs
-        pos.append(src)
-    assert sorted(pos) == list(range(32))
-    return pos
-
-
-def fp4_fold_relayout(data: torch.Tensor) -> torch.Tensor:
-    """Packed E2M1 bytes [..., K/2] (K/2 a multiple of 4) -> the same bits re-laid within every
-    32-bit word of 4 consecutive bytes, as `l1_gemm.FP4_BF16_FOLD_PTX` reads them. Still 4 bits per
-    weight (a permutation of each word's 32 bits); works in chunks of the leading dimension."""
-    if data.dtype not in (torch.uint8, torch.int8):
-        raise TypeError(f"data: expected uint8 / int8 packed E2M1 bytes, got {data.dtype}")
-    if data.dim() < 1 or data.shape[-1] % 4:
-        raise ValueError(f"data: expected a last dimension that is a multiple of 4, got {tuple(data.shape)}")
-    pos = _fold_bit_positions()
-    out = torch.empty_like(data)
-    src, dst = data.view(torch.uint8).reshape(-1, data.shape[-1]), out.view(torch.uint8).reshape(-1, data.shape[-1])
-    rows = max(1, (1 << 24) // max(1, data.shape[-1]))
-    for r0 in range(0, src.shape[0], rows):
-        b = src[r0:r0 + rows].reshape(-1, 4).to(torch.int64)
-        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-        new = torch.zeros_like(word)
-        for o, p in enumerate(pos):
-            new |= ((word >> o) & 1) << p
-        dst[r0:r0 + rows] = torch.stack([(new >> (8 * i)) & 0xFF for i in range(4)], dim=1).to(torch.uint8) \
-            .reshape(-1, data.shape[-1])
-    return out
-
-
-def fp4_fold_applies(scale: torch.Tensor) -> bool:
-    """Whether every UE8M0 scale byte is in [1, 128]: then 2**126 x 2**(s - 127) = 2**(s - 1) is a
-    normal bf16 and `FP4_BF16_FOLD_PTX` needs one multiply per pair, with the same results as the
-    other decoders (byte 0, which no quantiser writes, is excluded: they decode it to zeros). One
-    host read, at load time. Example: scales of weights of magnitude ~1e-2 are ~120."""
-    b = scale.view(torch.uint8)
-    return bool(((b >= 1) & (b <= 128)).all())
-
-
 def _is_pow2(scale: torch.Tensor) -> bool:
     m, _ = torch.frexp(scale.float())
     return bool(((m == 0.5) & (scale > 0)).all())
@@ -160,26 +98,21 @@ def _is_pow2(scale: torch.Tensor) -> bool:
 
 def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.Tensor], *, arch: int,
                            act_format: str, name: str = "w", fp8_mainloop: bool = True,
-                           fp4_fold: bool = False, fp4_as_fp8: bool = False) -> WeightOperand:
+                           fp4_as_fp8: bool = False) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
     weight's device (bounded temporaries); no copy of MXFP4 data. fp8_mainloop=False gives the
-    "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies; with fp4_fold=True an
-    MXFP4 weight on that path becomes "raw_fold" (a re-laid copy; see the module docstring) where
-    it qualifies. fp4_as_fp8=True (FP8 mainloop, MXFP4): the weight expanded once to its rebased
-    E4M3 bytes ("fp8_rebased", `reference.rebase_weight`: exact for groups within 2**8 of their
-    row's largest scale): twice the bytes of the packed weight, which the GEMMs then stream into
-    the FP8 MMA with nothing to decode (docs/PERF.md: faster than decoding 4 bits on Hopper)."""
+    "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies. fp4_as_fp8=True (FP8
+    mainloop, MXFP4): the weight expanded once to its rebased E4M3 bytes ("fp8_rebased",
+    `reference.rebase_weight`: exact for groups within 2**8 of their row's largest scale): twice
+    the bytes of the packed weight, which the GEMMs then stream into the FP8 MMA with nothing to
+    decode (docs/PERF.md: faster than decoding 4 bits on Hopper)."""
     if fmt == "mxfp4":
         E, N, K2 = data.shape
         shape = (E, N, 2 * K2)
     else:
         shape = tuple(data.shape)
     if not fp8_mainloop or not uses_fp8_mma(arch, fmt, act_format):
-        from .gemm_heuristics import uses_dot_scaled
-        if fp4_fold and fmt == "mxfp4" and not uses_dot_scaled(arch, fmt, act_format) and fp4_fold_applies(scale):
-            # NOTE: a scale byte outside [1, 128] keeps the plain "raw" operand (and its decoder).
-            return WeightOperand("raw_fold", fmt, fp4_fold_relayout(data), scale, None, None, 0, shape)
         return WeightOperand("raw", fmt, data, scale, None, None, 0, shape)
     if fmt == "mxfp4" and fp4_as_fp8:
         out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=data.device)

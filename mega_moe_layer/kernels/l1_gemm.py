@@ -247,45 +247,6 @@ FP4_BF16_LUT_PTX = tl.constexpr("""{
         }""")
 
 
-#: PTX of a third E2M1 -> bf16 decoder, for weights whose 32-bit words were re-laid at load time
-#: (`gemm_operands.fp4_fold_relayout`): the same outputs as `_fp4_pairs_bf16_asm` from 13 integer
-#: instructions per 8 weights (no byte-spreading PRMT, two shifts fewer per output) instead of 22,
-#: and one bf16x2 FMA per output pair instead of two (2**126 folded into the scale: the multiplier is
-#: 2**(s - 1), a normal bf16 for scale bytes s <= 128, which `fp4_fold_applies` checks at load).
-#: The 4 bytes of a word share one scale byte s: a 4-aligned word lies in one 32-group (16 bytes),
-#: and the kernels pass each byte its group's scale, so $5 holds s four times.
-#: Bit map of a re-laid word q (output $i = byte i: lane 0 (bits 0-15) its low nibble, lane 1 its
-#: high nibble, i.e. two consecutive K columns, so no interleave shuffle follows):
-#:   $0 = q & 0x81C081C0
-#:   $1 = rotr(q, 3) & 0x81C081C0
-#:   $2 = (q << 3) & 0x01C001C0 | (q << 15) & 0x80008000
-#:   $3 = (q >> 6) & 0x01C001C0 | (q << 14) & 0x80008000
-#: each a nibble's magnitude on bf16 bits 6..8 and its sign on bit 15 (E2M1 x 2**-126), times the
-#: 2**(s - 1). Checked on the CPU by the PTX emulator (`tests/test_ptx_decode.py`).
-#: NOTE: used for "raw_fold" operands only (opt-in); not yet run on a GPU (docs/PERF.md, 2026-12-02).
-FP4_BF16_FOLD_PTX = tl.constexpr("""{
-        .reg .b32 s, m, t, u, z;
-        mov.b32 z, 0x80008000;
-        and.b32 s, $5, 0x00FF00FF;
-        mad.lo.u32 m, s, 128, 0x3F003F00;
-        and.b32 t, $4, 0x81C081C0;
-        fma.rn.bf16x2 $0, t, m, z;
-        shf.r.wrap.b32 t, $4, $4, 3;
-        and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $1, t, m, z;
-        shl.b32 t, $4, 3;
-        shl.b32 u, $4, 15;
-        and.b32 u, u, 0x80008000;
-        lop3.b32 t, t, u, 0x01C001C0, 0xEC;
-        fma.rn.bf16x2 $2, t, m, z;
-        shr.u32 t, $4, 6;
-        shl.b32 u, $4, 14;
-        and.b32 u, u, 0x80008000;
-        lop3.b32 t, t, u, 0x01C001C0, 0xEC;
-        fma.rn.bf16x2 $3, t, m, z;
-        }""")
-
-
 @triton.jit
 def _fp4_pairs_bf16_lut_asm(packed, sf):
     """`_fp4_pairs_bf16_asm`'s results (bitwise) with fewer instructions: ~2.6 per weight.
@@ -307,49 +268,6 @@ def _fp4_pairs_bf16_lut_asm(packed, sf):
     return tl.inline_asm_elementwise(
         asm=FP4_BF16_LUT_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _fp4_pairs_bf16_fold_asm(packed, sf):
-    """Bytes re-laid by `gemm_operands.fp4_fold_relayout` (4 bytes = one re-laid word per call) and
-    their scale bytes (1..128, one per word) -> `FP4_BF16_FOLD_PTX`'s values as two tensors of the
-    input's shape, NOT (low, high) nibbles: per word w, a[4w + 0..3] = byte 4w (low, high), byte
-    4w + 1 (low, high); b[4w + 0..3] = the same for bytes 4w + 2, 4w + 3 (`_weight_tile_bf16`
-    puts them in K order)."""
-    return tl.inline_asm_elementwise(
-        asm=FP4_BF16_FOLD_PTX, constraints="=r,=r,=r,=r,r,r", args=[packed, sf],
-        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _fold_pair(t, m):
-    """Interpreter: the two bf16 lanes of a decoded word t (int64, 32 bits) times the float32 m."""
-    lo = ((t & 0xFFFF) << 16).to(tl.int32).to(tl.float32, bitcast=True)
-    hi = ((t >> 16) << 16).to(tl.int32).to(tl.float32, bitcast=True)
-    return (lo * m).to(tl.bfloat16), (hi * m).to(tl.bfloat16)
-
-
-@triton.jit
-def _fp4_fold_values(packed, sb, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Triton's interpreter (no inline assembly): `_fp4_pairs_bf16_fold_asm`'s (a, b), from the same
-    bit map in integer operations on the re-laid words. packed int8 [R, BK/2] in memory order, sb
-    uint8 [R, BK/32]; exact: E2M1 x 2**-126 x 2**(s - 1) needs no rounding."""
-    by = tl.reshape(packed.to(tl.int64) & 0xFF, (BLOCK_R, BLOCK_K // 8, 4))
-    q = tl.sum(by << (8 * tl.arange(0, 4)).to(tl.int64)[None, None, :], axis=2)         # [R, BK/8] words
-    m = tl.reshape(tl.broadcast_to(_exp2_ue8m0(sb.to(tl.int32) + 126)[:, :, None], (BLOCK_R, BLOCK_K // 32, 4)),
-                   (BLOCK_R, BLOCK_K // 8))                                             # 2**(s - 1) per word
-    t0 = q & 0x81C081C0
-    t1 = ((q >> 3) | (q << 29)) & 0x81C081C0
-    t2 = ((q << 3) & 0x01C001C0) | ((q << 15) & 0x80008000)
-    t3 = ((q >> 6) & 0x01C001C0) | ((q << 14) & 0x80008000)
-    v0l, v0h = _fold_pair(t0, m)
-    v1l, v1h = _fold_pair(t1, m)
-    v2l, v2h = _fold_pair(t2, m)
-    v3l, v3h = _fold_pair(t3, m)
-    # join(join(p, q), join(r, s)) is [.., 2 (inner), 2 (outer)]: order p, q, r, s = permute
-    a = tl.reshape(tl.permute(tl.join(tl.join(v0l, v0h), tl.join(v1l, v1h)), (0, 1, 3, 2)), (BLOCK_R, BLOCK_K // 2))
-    b = tl.reshape(tl.permute(tl.join(tl.join(v2l, v2h), tl.join(v3l, v3h)), (0, 1, 3, 2)), (BLOCK_R, BLOCK_K // 2))
-    return a, b
 
 
 @triton.jit
@@ -391,21 +309,6 @@ def _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, rows, kt,
         packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])     # [R, BK/2]
         scols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         sb = tl.load(w_sf_ptr + sf_off + rows[:, None] * (K // 32) + scols[None, :])   # uint8 [R, BK/32]
-        if FP4_DECODER == "fold":
-            # The weight's 32-bit words were re-laid at load (operand kind "raw_fold"): decode in
-            # memory order (each call = one 4-byte word of one 32-group), then permute the values.
-            if FAST_FP4:
-                sb_mem = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_R, BLOCK_K // 32, 16)),
-                                    (BLOCK_R, BLOCK_K // 2))
-                a, b = _fp4_pairs_bf16_fold_asm(packed, sb_mem)
-            else:
-                a, b = _fp4_fold_values(packed, sb, BLOCK_R, BLOCK_K)
-            # per word: columns 0-3 from a, 4-7 from b (memory K order: byte c // 2, nibble c % 2)
-            t = tl.reshape(tl.permute(tl.join(tl.reshape(a, (BLOCK_R, BLOCK_K // 8, 4)),
-                                              tl.reshape(b, (BLOCK_R, BLOCK_K // 8, 4))), (0, 1, 3, 2)),
-                           (BLOCK_R, BLOCK_K // 32, 8, 2, 2))                          # [R, j, g, h, nibble]
-            # memory byte 16 j + 2 g + h -> logical byte 8 g + 4 h + j (the nibble pair moves as one)
-            return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (BLOCK_R, BLOCK_K))     # [R, BK]
         # memory byte 16 j + 2 g + h -> logical byte 8 g + 4 h + j
         packed = tl.reshape(tl.permute(tl.reshape(packed, (BLOCK_R, BLOCK_K // 32, 8, 2)), (0, 2, 3, 1)),
                             (BLOCK_R, BLOCK_K // 2))
@@ -721,8 +624,11 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, a_ptr,
     NOTE: Hopper's FP8 MMA keeps ~14 mantissa bits while it accumulates (truncating): the partial
     sum of every PROMOTE steps (a pipelined inner loop) is added to a float32 accumulator; PROMOTE
     = K / BLOCK_K chains the whole K (H200, N 4096 K 7168, Gaussian data: rel-RMSE 1.9e-3 chained,
-    5.4e-4 every 8 steps, 1.3e-4 every step; `scripts/probe_fp8_stream.py`). "fp8_block" (block
-    scales that are not powers of two) multiplies each 128-K partial product by its scale.
+    5.4e-4 every 8 steps, 1.3e-4 every step; `scripts/probe_fp8_stream.py`). Only a chained loop
+    keeps the MMA in flight; promoting after every step still measured as fast in the layer's L1
+    (`gemm_heuristics.STREAM_PROMOTE_L1`), where two CTAs per SM overlap each other's waits.
+    "fp8_block" (block scales that are not powers of two) multiplies each 128-K partial product
+    by its scale.
     """
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     if PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
@@ -1084,24 +990,13 @@ def sf_words_p2(k: int, group: int) -> int:
 
 
 def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
-    """FP4_DECODER of a launch: "fold" for a re-laid MXFP4 operand (its data only decodes that way),
-    else the config's choice."""
-    if operand is not None and operand.kind == "raw_fold":
-        return "fold"
+    """FP4_DECODER of a launch: the config's choice."""
     return config.fp4_decoder
 
 
 def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_format: str, act_format: str,
                         arch: int, data: torch.Tensor, scale: Optional[torch.Tensor], shape, device):
     """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
-    if operand is not None and operand.kind == "raw_fold":
-        # The bf16 mainloop on MXFP4 bytes re-laid at load (`gemm_operands.fp4_fold_relayout`).
-        if weight_format != "mxfp4" or operand.format != "mxfp4" or tuple(operand.shape) != tuple(shape) \
-                or operand.data.device != device or uses_dot_scaled(arch, weight_format, act_format):
-            raise ValueError(f"{name}: a 'raw_fold' operand is for MXFP4 weights {list(shape)} on {device} "
-                             f"with Hopper's bf16 mainloop; got a {operand.format} operand {list(operand.shape)} "
-                             f"for arch {arch}")
-        return "raw", operand.data, operand.aux, None, None
     if not uses_fp8_mma(arch, weight_format, act_format):
         return "raw", data, scale, None, None
     if operand is None or operand.kind == "raw":           # the bf16 mainloop (the default)
@@ -1174,8 +1069,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         num_sms: SMs the persistent grid covers (default: the device's; 4 in the interpreter).
         w13_operand: the weight as the kernel reads it (`gemm_operands.prepare_weight_operand` of
             w13_data / w13_scale, prepared once at load time). An FP8-mainloop operand selects the
-            FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts); None or a "raw" operand
-            the bf16 mainloop (the default: faster with Triton 3.6, docs/PERF.md).
+            FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts): streamed with x_rebased
+            (what the layer runs: 2-3x faster than the bf16 mainloop, docs/PERF.md), else on
+            operands rebased in registers (slower than the bf16 mainloop); None or a "raw"
+            operand the bf16 mainloop.
         x_rebased: (float8_e4m3fn [Npool, H], int32 [Npool]): the pool's rows rebased to one
             exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
             the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the

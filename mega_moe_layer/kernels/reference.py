@@ -18,14 +18,20 @@ Inputs must be finite.
 
 Where the GPU path may differ from these functions, and by how much (tests/utils.py TOLERANCES):
   * quantisation, pre-dispatch, dispatch / combine data movement, the combine reduce: bitwise.
-  * the grouped GEMMs (default bf16 mainloop): float32 accumulation order only; rel-RMSE <= 5e-3
+  * the grouped GEMMs on the bf16 mainloop (BF16 weights or acts, MXFP4 kept at 4 bits on
+    Hopper, Blackwell's block-scaled MMA): float32 accumulation order only; rel-RMSE <= 5e-3
     against `expert_forward` (which accumulates in float64), "gemm_rel_rmse".
-  * the opt-in Hopper FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`): its operands are the
-    rebased values of `rebase_act` / `rebase_weight` (bitwise, tested on the GPU), which differ
-    from the exact dequantised values only below E4M3's normal range at their row's base, by at
-    most 2**-10 of that base ("rebase_rel" bounds it per row); and Hopper's FP8 MMA accumulates
-    with ~14 mantissa bits between promotions: rel-RMSE up to ~1e-2 measured on an H200,
-    "gemm_fp8_mainloop_rel_rmse" (2e-2).
+  * the Hopper FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`, by default on for FP8 weights
+    and for MXFP4 weights expanded to E4M3 at load): x and h are rebased where they land
+    (`kernels/rebase.py`, bitwise `rebase_act`), the weights at load time (bitwise
+    `rebase_weight`); the rebased values differ from the exact dequantised ones only below E4M3's
+    normal range at their row's base, by at most 2**-10 of that base ("rebase_rel" bounds it per
+    row, with groups forced 13-40 binades below their row's maximum). Hopper's FP8 MMA then
+    accumulates with ~14 mantissa bits (truncating) between promotions to float32 (L1 after every
+    128-K step, L2 over all of K): h and y move by ~1e-4-1e-3, and through the requantisation
+    of h and the FP8 combine the layer's output by rel-RMSE up to 1.2e-2 measured on an H200
+    ("gemm_fp8_mainloop_rel_rmse", 2e-2); FP4 acts x MXFP4 weights stay bitwise. Against the
+    float64 MoE the error is that of the bf16 mainloop.
 """
 from __future__ import annotations
 
