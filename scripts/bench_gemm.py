@@ -402,6 +402,8 @@ def main() -> None:
     p.add_argument("--stream", action="store_true",
                    help="also time the streamed FP8 mainloop (x / h rebased first; MXFP4 expanded to E4M3 at "
                         "load), checked against the reference first")
+    p.add_argument("--fp8-block-scales", action="store_true",
+                   help="FP8 weights with their block scales times 1.3 (not powers of two: the 'fp8_block' operand)")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-promotes", default="",
@@ -437,6 +439,9 @@ def main() -> None:
         wf, af = fmt.split("/")
         w13_all = quantized_weights(E_max, 2 * I, H, wf, seed=1)
         w2_all = quantized_weights(E_max, H, I, wf, seed=2)
+        if args.fp8_block_scales and wf == "fp8":
+            # block scales that are not powers of two (checkpoints from elsewhere: "fp8_block")
+            w13_all, w2_all = (formats.QuantizedWeight("fp8", q.data, q.scale * 1.3, q.shape) for q in (w13_all, w2_all))
         for t, E, A, T_routed in cases:
             w13, w2 = (formats.QuantizedWeight(q.format, q.data[:E], None if q.scale is None else q.scale[:E],
                                                (E,) + tuple(q.shape[1:])) for q in (w13_all, w2_all))

@@ -100,6 +100,12 @@ def test_prepare_weight_operand_report(fmt):
     diff = ref.dequantize_rebased(rf, rowf) - qf.dequantize()
     assert opf.num_changed == int((diff != 0).sum()) > 0
     assert bool((diff.abs() <= 2.0 ** -10 * rowf.unsqueeze(-1)).all())
+    if fmt == "mxfp4":
+        # Expanded to E4M3 at load (`fp4_as_fp8`): the reference's rebased bytes, the same count.
+        ope = go.prepare_weight_operand(fmt, qf.data, qf.scale, arch=90, act_format="fp8", fp4_as_fp8=True)
+        assert ope.kind == "fp8_rebased" and ope.data.dtype == torch.float8_e4m3fn
+        assert torch.equal(ope.data.view(torch.uint8), rf.view(torch.uint8))
+        assert torch.equal(ope.row_factor, rowf) and ope.num_changed == opf.num_changed
 
 
 def test_prepare_weight_operand_kinds():
