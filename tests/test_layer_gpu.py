@@ -129,12 +129,19 @@ def test_formats_vs_reference(env, wf, af, cf):
     streamed = getattr(_layer(cfg)._backend, "streamed", False)
     tol = TOLERANCES["gemm_fp8_mainloop_rel_rmse" if streamed else "gemm_rel_rmse"]
     y, err = _run_and_check(cfg, rank, R, lambda r: 100 + 7 * r, seed=1, mask_frac=0.1, tol=tol)
-    # Report the error against the unquantised float64 MoE (docs/PERF.md records it).
-    x, idx, w = make_inputs(cfg, 100 + 7 * rank, seed=100 + rank, mask_frac=0.1)
+    _check_vs_float64(cfg, y, 100 + 7 * rank, 100 + rank, err, f"rank {rank} {wf}/{af}/{cf}")
+
+
+def _check_vs_float64(cfg, y, T, seed, err, label):
+    """y (this rank's T tokens, inputs `make_inputs(cfg, T, seed, mask_frac=0.1)`) against the
+    unquantised float64 MoE, within the formats' quantisation bound; prints both errors
+    (docs/PERF.md records them)."""
+    wf, af, cf = cfg.weight_format, cfg.act_format, cfg.combine_format
+    x, idx, w = make_inputs(cfg, T, seed=seed, mask_frac=0.1)
     w13, w2 = make_weights(cfg)
     y64 = ref.dense_moe_float64(x.cuda(), idx.cuda(), w.cuda(), w13.cuda(), w2.cuda())
     e64 = rel_rmse(y, y64)
-    print(f"\n[accuracy] rank {rank} {wf}/{af}/{cf}: vs reference {err:.2e}, vs float64 {e64:.4f} "
+    print(f"\n[accuracy] {label}: vs reference {err:.2e}, vs float64 {e64:.4f} "
           f"(bound {ref.quantisation_error_bound(wf, af, cf):.4f})")
     assert e64 <= ref.quantisation_error_bound(wf, af, cf)
 
@@ -154,13 +161,8 @@ def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
     for seed, T in ((2, 100 + 7 * rank), (3, 37 + rank)):
         y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 100 + 7 * r, seed=seed, mask_frac=0.1,
                                 tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
-    x, idx, w = make_inputs(cfg, 37 + rank, seed=300 + rank, mask_frac=0.1)
-    w13, w2 = make_weights(cfg)
-    y64 = ref.dense_moe_float64(x.cuda(), idx.cuda(), w.cuda(), w13.cuda(), w2.cuda())
-    e64 = rel_rmse(y, y64)
-    print(f"\n[accuracy] streamed rank {rank} {wf}{'->e4m3' if as_fp8 else ''}/{af}/{cf}: vs reference {err:.2e}, "
-          f"vs float64 {e64:.4f} (bound {ref.quantisation_error_bound(wf, af, cf):.4f})")
-    assert e64 <= ref.quantisation_error_bound(wf, af, cf)
+    _check_vs_float64(cfg, y, 37 + rank, 300 + rank, err,
+                      f"streamed rank {rank} {wf}{'->e4m3' if as_fp8 else ''}/{af}/{cf}")
 
 
 def test_fp8_combine_hidden_640(env):
