@@ -164,8 +164,7 @@ class NvshmemForward(CompiledForwardMixin):
         from .kernels.gemm_operands import uses_fp8_mma
         major, minor = torch.cuda.get_device_capability(device)
         #: the streamed FP8 path: the fill lists the pool rows it writes (rebased after it)
-        self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format,
-                                                                  cfg.act_format)
+        self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format, cfg.act_format)
         self.recv_rows = self.recv_count = None
         if self.streamed:
             self.recv_rows = torch.zeros(self.ws.view("recv_x").shape[0], **i32)
@@ -286,10 +285,14 @@ class NvshmemForward(CompiledForwardMixin):
         from .kernels.rebase import rebase_act_rows
         cfg, ws, El = self.cfg, self.ws, self.num_local_experts
         if self.x_rebased is None:
+            # NOTE: per-forward contents, shared by every layer of the same shapes (as the
+            # workspace is): one rebased x / h for a whole model, not one per layer.
             npool, P = ws.view("recv_x").shape[0], self.max_pairs
-            f8, i32 = dict(dtype=torch.float8_e4m3fn, device=self.device), dict(dtype=torch.int32, device=self.device)
-            self.x_rebased = (torch.empty(npool, cfg.hidden, **f8), torch.zeros(npool, **i32))
-            self.h_rebased = (torch.empty(P, cfg.intermediate, **f8), torch.zeros(P, **i32))
+            f8, i32, dev = torch.float8_e4m3fn, torch.int32, self.device
+            self.x_rebased = (wsmod.shared_scratch("rebased_x", (npool, cfg.hidden), f8, dev),
+                              wsmod.shared_scratch("rebased_x_e", (npool,), i32, dev))
+            self.h_rebased = (wsmod.shared_scratch("rebased_h", (P, cfg.intermediate), f8, dev),
+                              wsmod.shared_scratch("rebased_h_e", (P,), i32, dev))
         count = self.expert_offsets[El:]                      # the device's pair count
         # x: the pool rows this call received, once each (the fill's list)
         self._rebase_x = rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased, self.recv_count,

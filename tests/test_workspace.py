@@ -377,3 +377,21 @@ def test_cuda_core_device_import_path():
     except RuntimeError:
         pytest.skip("cuda-python's cuda.core is not installed")
     assert hasattr(Device, "set_current")
+
+
+def test_shared_scratch_is_shared_by_key_and_freed_with_its_last_holder():
+    import gc
+    from mega_moe_layer.comm.workspace import shared_scratch
+    a = shared_scratch("t_rebased_h", (6, 4), torch.float8_e4m3fn, "cpu")
+    b = shared_scratch("t_rebased_h", (6, 4), torch.float8_e4m3fn, "cpu")
+    assert a.data_ptr() == b.data_ptr() and a.shape == (6, 4) and a.dtype == torch.float8_e4m3fn
+    for other in (shared_scratch("t_rebased_h", (6, 5), torch.float8_e4m3fn, "cpu"),
+                  shared_scratch("t_rebased_x", (6, 4), torch.float8_e4m3fn, "cpu"),
+                  shared_scratch("t_rebased_h", (6, 4), torch.int8, "cpu")):
+        assert other.data_ptr() != a.data_ptr()
+    from mega_moe_layer.comm import workspace as wsm
+    key = ("t_rebased_h", (6, 4), torch.float8_e4m3fn, "cpu")
+    assert key in wsm._SCRATCH
+    del a, b
+    gc.collect()
+    assert key not in wsm._SCRATCH, "a buffer nobody holds is freed"

@@ -75,6 +75,7 @@ __all__ = [
     "reserve",
     "destroy_workspace",
     "destroy_all_workspaces",
+    "shared_scratch",
     "ALIGN_BYTES",
     "NUM_COUNTERS",
     "NUM_SIGNALS_PER_PEER",
@@ -744,3 +745,28 @@ def _registry(backend: str) -> WorkspaceRegistry:
     if r is None:
         raise ValueError(f"backend must be one of {tuple(_DEFAULT_REGISTRIES)}, got {backend!r}")
     return r
+
+
+# ------------------------------------------------------------------------------------------------
+# Local scratch shared by layers (not symmetric: never read by a peer)
+# ------------------------------------------------------------------------------------------------
+_SCRATCH: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_SCRATCH_LOCK = threading.Lock()
+
+
+def shared_scratch(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A local device buffer that every layer asking for the same (name, shape, dtype, device)
+    shares, as they share the symmetric workspace: layers run one after another on a stream, and
+    what they keep here (e.g. the FP8 mainloop's rebased x and h) lives for one forward only.
+    The buffer is freed when no layer holds it any more. Contents are undefined on return.
+
+    Example: 58 MoE layers of one config on EP8 at T_max 4096 hold one rebased h ([P, I] E4M3,
+    ~0.5 GB) between them, not 58.
+    """
+    key = (str(name), tuple(int(s) for s in shape), dtype, str(torch.device(device)))
+    with _SCRATCH_LOCK:
+        t = _SCRATCH.get(key)
+        if t is None:
+            t = torch.empty(key[1], dtype=dtype, device=device)
+            _SCRATCH[key] = t
+        return t

@@ -6,10 +6,12 @@ group scales, every group's values shifted down by its distance from it. Then th
 stream the act operand straight into the FP8 MMA with nothing to decode in the K loop
 (`l1_gemm._fp8_stream_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
 
-Two uses per forward (`nvshmem_backend`): x after the dispatch (the pool rows the pairs read,
-through `pair_rows`; a row hit by several local experts is rewritten with the same bytes), and h
-after L1 (pair positions). Both run over the device's pair count (no host sync, graph-safe): a
-static persistent grid whose programs loop over blocks of rows below it.
+Two uses per forward (`nvshmem_backend`): x after the dispatch, over the pool rows this call
+received (the fill kernel lists each once, `dispatch._fill_kernel`'s RECV_LIST), and h after L1,
+over the pair positions. Both read their row count on the device (no host sync, graph-safe): a
+static persistent grid whose programs loop over (block of rows, K chunk) items below it. (With a
+`rows` list that repeats a row, e.g. the pairs' `pair_rows`, the row is written repeatedly with
+the same bytes.)
 
 Exact except where rebasing rounds: a value more than ~2**8 below its row's largest group scale
 falls under E4M3's normal range there and rounds (by at most 2**-10 of the row's base scale,
