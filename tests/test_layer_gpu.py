@@ -219,6 +219,32 @@ def test_two_layers_share_workspace(env):
         _run_and_check(b, rank, R, lambda r: 10 + 3 * r, seed=30 + i)
 
 
+def test_streamed_layers_share_rebased_buffers(env):
+    """Two layers of one config on the FP8 mainloop hold ONE rebased x / h between them
+    (`workspace.shared_scratch`: per-forward data, like the workspace), and interleaved calls with
+    different weights and tokens stay correct (each call rewrites what it reads)."""
+    rank, R = env
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 mainloop is Hopper's")
+    cfg = _streamed_cfg(R, "fp8", "fp8", "bf16", False)
+    first = _layer(cfg)
+    second = mml.MegaMoEExperts(cfg, backend="nvshmem")
+    w13, w2 = (w.cuda() for w in make_weights(cfg, seed=77))
+    second.load_weights(w13, w2)
+    full2 = (mml.quantize_weight(w13, "fp8").dequantize(), mml.quantize_weight(w2, "fp8").dequantize())
+    for a, b in zip(first._backend.x_rebased + first._backend.h_rebased,
+                    second._backend.x_rebased + second._backend.h_rebased):
+        assert a.data_ptr() == b.data_ptr()
+    tol = TOLERANCES["gemm_fp8_mainloop_rel_rmse"]
+    for i in range(2):
+        _run_and_check(cfg, rank, R, lambda r: 30 + r, seed=40 + i, tol=tol)
+        x, idx, w = (t.cuda() for t in make_inputs(cfg, 50 + rank, seed=500 + i))
+        y = second(x, idx, w)
+        y_ref = ref.moe_reference(x, idx, w, *full2, act_format=cfg.act_format, combine_format=cfg.combine_format,
+                                  act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp)
+        assert_rel_rmse(y, y_ref, tol, f"second layer, call {i}")
+
+
 def test_cuda_graph_replay(env):
     rank, R = env
     cfg = _cfg(R)
