@@ -34,6 +34,8 @@ Same import rules as `layer.py`.
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -101,6 +103,9 @@ class CompiledForwardMixin:
                                                       self.stats.last, self.stats.cumulative,
                                                       self.handle)
         return self._forward_impl(x, topk_idx, topk_weights)
+
+
+_log = logging.getLogger(__name__)
 
 
 class NvshmemForward(CompiledForwardMixin):
@@ -271,6 +276,12 @@ class NvshmemForward(CompiledForwardMixin):
         self._bind_rebase(self.streamed and self.w13_op.is_fp8_mma and self.w2_op.is_fp8_mma)
         self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
+        changed = self.w13_op.num_changed + self.w2_op.num_changed
+        # The load-time report (normally 0 changed: only values > 2**8 below their row's largest
+        # group scale round, by <= 2**-10 of that scale).
+        (_log.warning if changed else _log.info)(
+            "mega_moe_layer: weights as the GEMMs read them: w13 %s, w2 %s; rebasing changed %d of %d values",
+            self.w13_op.kind, self.w2_op.kind, changed, math.prod(qw13.shape) + math.prod(qw2.shape))
         self._l1_launch.clear()          # bound to the previous weights
         self._l2_launch.clear()
         self.reset_graphs()
