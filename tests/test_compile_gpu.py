@@ -24,6 +24,8 @@ def _cfg(R, **kw):
 
 
 CFGS = {"fp8": dict(), "bf16act": dict(act_format="bf16", weight_format="bf16"),
+        # FP8 weights: Hopper's FP8 mainloop by default (two rebasing passes in the graph)
+        "fp8w": dict(weight_format="fp8"),
         "fp4comb8": dict(act_format="fp4", combine_format="fp8", weight_format="mxfp4")}
 
 
@@ -133,6 +135,18 @@ def test_launches_per_forward(env):
             assert len(calls) == 2 and calls.count("cudaGraphLaunch") + calls.count("cuGraphLaunch") == 1, calls
         else:
             assert len(calls) == 8, calls
+    # The FP8 mainloop (FP8 weights on Hopper) adds its two rebasing passes, inside the graph.
+    if torch.cuda.get_device_capability()[0] == 9:
+        m8 = _moe(_cfg(R, **CFGS["fp8w"]), validate=False).experts
+        gpu8 = m8._gpu
+        for use_graphs in (False, True):
+            gpu8.use_graphs = use_graphs
+            for _ in range(3):
+                m8(x, idx, w)
+            torch.cuda.synchronize()
+            calls, kernels = _profile_forward(m8, x, idx, w)
+            assert len(kernels) == 10, kernels
+            assert len(calls) == (2 if use_graphs else 10), calls
 
 
 def test_eager_graphs_equal_direct_launches(env):
