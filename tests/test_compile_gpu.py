@@ -116,37 +116,32 @@ def _profile_forward(m, x, idx, w):
     return calls, kernels
 
 
-def test_launches_per_forward(env):
-    rank, R = env
-    cfg = _cfg(R)
-    m = _moe(cfg, validate=False).experts
-    x, idx, w = (t.cuda() for t in make_inputs(cfg, 64, seed=3 + rank))
-    gpu = m._gpu
+def _check_launches(m, x, idx, w, n_kernels: int) -> None:
+    """One forward runs n_kernels kernels: n_kernels host launches without the graphs, two with
+    them (the stage kernel, then one graph of the rest)."""
     for use_graphs in (False, True):
-        gpu.use_graphs = use_graphs
+        m._gpu.use_graphs = use_graphs
         for _ in range(3):
             m(x, idx, w)
         torch.cuda.synchronize()
         calls, kernels = _profile_forward(m, x, idx, w)
         print(f"\n[launches] one forward (validate=False, use_graphs={use_graphs}): {len(calls)} host "
               f"launch calls {sorted(set(calls))}, {len(kernels)} kernels")
-        assert len(kernels) == 8, kernels
-        if use_graphs:      # stage, the graph of kernels 2-8
+        assert len(kernels) == n_kernels, kernels
+        if use_graphs:
             assert len(calls) == 2 and calls.count("cudaGraphLaunch") + calls.count("cuGraphLaunch") == 1, calls
         else:
-            assert len(calls) == 8, calls
+            assert len(calls) == n_kernels, calls
+
+
+def test_launches_per_forward(env):
+    rank, R = env
+    cfg = _cfg(R)
+    x, idx, w = (t.cuda() for t in make_inputs(cfg, 64, seed=3 + rank))
+    _check_launches(_moe(cfg, validate=False).experts, x, idx, w, 8)
     # The FP8 mainloop (FP8 weights on Hopper) adds its two rebasing passes, inside the graph.
     if torch.cuda.get_device_capability()[0] == 9:
-        m8 = _moe(_cfg(R, **CFGS["fp8w"]), validate=False).experts
-        gpu8 = m8._gpu
-        for use_graphs in (False, True):
-            gpu8.use_graphs = use_graphs
-            for _ in range(3):
-                m8(x, idx, w)
-            torch.cuda.synchronize()
-            calls, kernels = _profile_forward(m8, x, idx, w)
-            assert len(kernels) == 10, kernels
-            assert len(calls) == (2 if use_graphs else 10), calls
+        _check_launches(_moe(_cfg(R, **CFGS["fp8w"]), validate=False).experts, x, idx, w, 10)
 
 
 def test_eager_graphs_equal_direct_launches(env):
