@@ -302,9 +302,11 @@ def scaled_grouped_mm_us(case: "Case", kern: str, iters: int):
 
 #: (block_m, block_n, num_warps, num_stages, ctas_per_sm) tried by --stream-sweep (streamed FP8 path).
 STREAM_SWEEP_L1 = [(128, 32, 4, 4, 2), (128, 64, 8, 3, 1), (128, 64, 8, 4, 1), (64, 32, 4, 3, 2), (64, 64, 8, 4, 1),
-                   (16, 64, 4, 3, 2), (16, 64, 4, 4, 3), (16, 128, 8, 4, 1), (32, 64, 4, 4, 2)]
+                   (16, 64, 4, 3, 2), (16, 64, 4, 4, 3), (16, 128, 8, 4, 1), (32, 64, 4, 4, 2),
+                   (16, 64, 8, 4, 2), (16, 32, 4, 4, 4), (16, 64, 4, 3, 4), (16, 32, 4, 6, 3), (128, 64, 8, 3, 2)]
 STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1), (64, 128, 8, 4, 1), (64, 128, 4, 4, 2),
-                   (16, 128, 4, 4, 3), (16, 64, 4, 4, 2), (16, 256, 8, 4, 1), (32, 128, 4, 4, 2)]
+                   (16, 128, 4, 4, 3), (16, 64, 4, 4, 2), (16, 256, 8, 4, 1), (32, 128, 4, 4, 2),
+                   (16, 128, 8, 4, 2), (16, 64, 4, 4, 4), (16, 64, 4, 6, 3), (128, 128, 8, 3, 2)]
 
 
 def stream_sweep(case: "Case", kern: str, iters: int) -> None:
@@ -404,6 +406,8 @@ def main() -> None:
                         "load), checked against the reference first")
     p.add_argument("--fp8-block-scales", action="store_true",
                    help="FP8 weights with their block scales times 1.3 (not powers of two: the 'fp8_block' operand)")
+    p.add_argument("--stream-kinds", default="mxfp4,fp4_as_fp8",
+                   help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-promotes", default="",
@@ -469,7 +473,8 @@ def main() -> None:
                     print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, fp8 mainloop {alt_us:.1f} us",
                           flush=True)
                 stream_us = {}
-                for as_fp8 in ((True,) if wf == "mxfp4" else (False,)) if args.stream else ():
+                for as_fp8 in ((tuple(k == "fp4_as_fp8" for k in args.stream_kinds.split(",")) if wf == "mxfp4" else (False,))
+                               if args.stream else ()):
                     if not case.stream_setup(as_fp8):
                         break
                     name = "fp4_as_fp8" if as_fp8 else case.stream[0].kind

@@ -88,7 +88,9 @@ def test_prepare_weight_operand_report(fmt):
     assert op.num_changed == changed
     if fmt == "mxfp4":
         assert op.num_changed == 0                   # Gaussian rows: every value exact
-        assert op.data is qw.data                    # 4 bits per weight, no copy
+        # 4 bits per weight, re-laid: the same codes in fragment-word order
+        assert op.data.shape == qw.data.shape and op.data.dtype == torch.int8
+        assert torch.equal(go.fragment_codes(op.data), ref.unpack_fp4(qw.data.view(torch.uint8)))
     else:
         assert torch.equal(op.data.view(torch.uint8), r.view(torch.uint8))
     assert torch.equal(op.row_factor, row)
@@ -106,6 +108,27 @@ def test_prepare_weight_operand_report(fmt):
         assert ope.kind == "fp8_rebased" and ope.data.dtype == torch.float8_e4m3fn
         assert torch.equal(ope.data.view(torch.uint8), rf.view(torch.uint8))
         assert torch.equal(ope.row_factor, rowf) and ope.num_changed == opf.num_changed
+
+
+def test_fragment_words_layout():
+    """Word 4g + c of a row: nibble p's magnitude is k = 32g + 4c + (0,1,2,3,16,17,18,19)[p]'s, its
+    sign bit that of k = 32g + 4c + (16,0,17,1,18,2,19,3)[p]: what `_fp4_word_asm` decodes."""
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (3, 64), generator=gen, dtype=torch.uint8)
+    words = go.fragment_words(ref.pack_fp4(codes)).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert words.shape == (3, 8)
+    for r in range(3):
+        for q in range(8):
+            g, c = divmod(q, 4)
+            for p in range(8):
+                nib = (int(words[r, q]) >> (4 * p)) & 15
+                mk = 32 * g + 4 * c + (0, 1, 2, 3, 16, 17, 18, 19)[p]
+                sk = 32 * g + 4 * c + (16, 0, 17, 1, 18, 2, 19, 3)[p]
+                assert nib & 7 == int(codes[r, mk]) & 7
+                assert nib >> 3 == int(codes[r, sk]) >> 3
+    assert torch.equal(go.fragment_codes(go.fragment_words(ref.pack_fp4(codes))), codes)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        go.fragment_words(torch.zeros(2, 8, dtype=torch.int8))
 
 
 def test_prepare_weight_operand_kinds():

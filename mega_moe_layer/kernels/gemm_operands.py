@@ -8,14 +8,18 @@ scale) applied in the epilogue, and every group's values are re-expressed agains
 
 | kind          | data                          | aux                                   | row_factor   |
 |---------------|-------------------------------|---------------------------------------|--------------|
-| "mxfp4"       | the packed E2M1 bytes as given | uint8 [E, N, K/32] offset index d     | f32 [E, N]   |
+| "mxfp4"       | the E2M1 nibbles re-laid in fragment words (`fragment_words`), int8 [E, N, K/2] | uint8 [E, N, K/32] offset index d | f32 [E, N] |
 | "fp8_rebased" | e4m3 [E, N, K] rebased values (FP8 weights; MXFP4 with `fp4_as_fp8`) | None | f32 [E, N] |
 | "fp8_block"   | e4m3 [E, N, K] as given        | f32 [E, N/128, K/128] block scales    | None         |
 | "raw"         | as given (bf16 mainloop, or Blackwell's `tl.dot_scaled`) | the format's scale | None |
 
 MXFP4 stays at 4 bits per weight: the kernel expands a nibble to E4M3 with one byte permute from
 an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom 2**6),
-d = row exponent - group exponent (clamped to 63). FP8 block scales that are not powers of two
+d = row exponent - group exponent (clamped to 63). The nibbles are re-laid once at load time
+(`fragment_words`, same bytes count) so that one int32 word holds the 8 values one thread of the
+Hopper MMA's register operand needs from one 32-group, arranged for a 7-instruction decode
+(`l1_gemm._fp4_words_e4m3`): the expanded tile is the MMA's register operand as decoded, with no
+shuffle between threads and no table per byte. FP8 block scales that are not powers of two
 (checkpoints from elsewhere) cannot be folded: "fp8_block" rescales each 128-K partial product
 (slower: the accumulator is touched every K step).
 
@@ -33,7 +37,8 @@ import torch
 
 from . import reference as ref
 
-__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table"]
+__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table", "fragment_words",
+           "fragment_codes"]
 
 
 def uses_fp8_mma(arch: int, weight_format: str, act_format: str) -> bool:
@@ -73,6 +78,55 @@ def _inexact_lut() -> torch.Tensor:
     return (got != exact).reshape(-1)
 
 
+# Fragment words: word (n, 4 g + c) of a row holds the E2M1 codes of k = 32 g + {4c .. 4c+3} ("lo",
+# output bytes 0..3 of the decode) and 32 g + 16 + {4c .. 4c+3} ("hi"): the 8 values of one 32-group
+# that thread c of a quad holds in the m64nNk32 e4m3 wgmma's register operand. Nibble p's low 3 bits
+# are the magnitude of lo[p] (p < 4) / hi[p - 4]; its bit 3 a sign: nibbles 1, 3, 5, 7 carry lo 0..3's
+# (bits 7, 15, 23, 31: the E4M3 sign bits of the lo word as they stand), nibbles 0, 2, 4, 6 hi 0..3's.
+_FRAG_MAG_K = (0, 1, 2, 3, 16, 17, 18, 19)           # nibble p's magnitude: k offset (plus 4c)
+_FRAG_SIGN_K = (16, 0, 17, 1, 18, 2, 19, 3)           # nibble p's sign bit: k offset (plus 4c)
+
+
+def _frag_index(k: int, device):
+    """(mag_k, sign_k): int64 [K/8, 8] source k of each fragment word's nibble magnitude / sign."""
+    q = torch.arange(k // 8, device=device)
+    base = (q // 4) * 32 + (q % 4) * 4
+    mag = base[:, None] + torch.tensor(_FRAG_MAG_K, device=device)[None, :]
+    sign = base[:, None] + torch.tensor(_FRAG_SIGN_K, device=device)[None, :]
+    return mag, sign
+
+
+def fragment_words(packed: torch.Tensor) -> torch.Tensor:
+    """Packed MXFP4 bytes [..., N, K/2] (low nibble = even k) -> the same codes re-laid as fragment
+    words (module comment above), returned as int8 [..., N, K/2] (the little-endian bytes of the
+    int32 words). K must be a multiple of 32."""
+    k = packed.shape[-1] * 2
+    if k % 32:
+        raise ValueError(f"packed: expected K (2 x last dim) a multiple of 32, got {k}")
+    codes = ref.unpack_fp4(packed.view(torch.uint8)).to(torch.int32)            # [..., N, K]
+    mag_k, sign_k = _frag_index(k, packed.device)
+    mag = codes[..., mag_k] & 7                                                  # [..., N, K/8, 8]
+    sign = (codes[..., sign_k] >> 3) & 1
+    nib = mag | (sign << 3)
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    words = (nib.to(torch.int64) << shifts.to(torch.int64)).sum(dim=-1)           # [..., N, K/8]
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return words.contiguous().view(torch.int8)
+
+
+def fragment_codes(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fragment_words`: int8 [..., N, K/2] -> the E2M1 codes uint8 [..., N, K]."""
+    w = words.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF       # [..., N, K/8]
+    k = w.shape[-1] * 8
+    nib = (w[..., None] >> torch.arange(0, 32, 4, device=w.device)) & 15         # [..., N, K/8, 8]
+    mag_k, sign_k = _frag_index(k, w.device)
+    out = torch.zeros(*w.shape[:-1], k, dtype=torch.int64, device=w.device)
+    flat = out.reshape(-1, k)
+    flat[:, mag_k.reshape(-1)] |= (nib & 7).reshape(flat.shape[0], -1)
+    flat[:, sign_k.reshape(-1)] |= ((nib >> 3) << 3).reshape(flat.shape[0], -1)
+    return flat.reshape(out.shape).to(torch.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightOperand:
     """What a grouped GEMM reads for one weight [E, N, K] (see the module table)."""
@@ -101,7 +155,7 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
                            fp4_as_fp8: bool = False) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
-    weight's device (bounded temporaries); no copy of MXFP4 data. fp8_mainloop=False gives the
+    weight's device (bounded temporaries); MXFP4 ("mxfp4") gets a re-laid copy of its bytes. fp8_mainloop=False gives the
     "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies. fp4_as_fp8=True (FP8
     mainloop, MXFP4): the weight expanded once to its rebased E4M3 bytes ("fp8_rebased",
     `reference.rebase_weight`: exact for groups within 2**8 of their row's largest scale): twice
@@ -137,7 +191,10 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
             d = didx[i].to(torch.int64).repeat_interleave(32, dim=1)
             changed += int(lut[d * 8 + mag].sum())
         row = ref.exp2_from_ue8m0(e_row - ref.REBASE_HEADROOM["mxfp4"]).contiguous()
-        return WeightOperand("mxfp4", fmt, data, didx, row, e2m1_table(data.device), changed, shape)
+        words = torch.empty_like(data, dtype=torch.int8)
+        for i in range(E):
+            words[i].copy_(fragment_words(data[i]))
+        return WeightOperand("mxfp4", fmt, words, didx, row, e2m1_table(data.device), changed, shape)
     if fmt == "fp8":
         if not _is_pow2(scale):
             return WeightOperand("fp8_block", fmt, data, scale.float().contiguous(), None, None, 0, shape)

@@ -537,6 +537,74 @@ def _fp4_tile_e4m3(packed, tab, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FAST:
 
 
 @triton.jit
+def _fp4_word_asm(w, tlo, thi):
+    """GPU: one fragment word (8 E2M1 codes, `gemm_operands.fragment_words`) and its group's 8-byte
+    E4M3 table (int32 low / high words: magnitude m -> byte m) -> (lo, hi) int32 of 4 E4M3 bytes.
+    7 instructions per 8 weights: one LOP3 masks the signs off (the magnitudes are PRMT selectors
+    as they stand), one shift, two PRMT table lookups, one shift and two LOP3 merge the signs
+    (lo's sit at its bytes' sign bits already, hi's 4 bits lower)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 s, s16, m0, m1, w4;
+        and.b32 s, $2, 0x77777777;
+        shr.u32 s16, s, 16;
+        prmt.b32 m0, $3, $4, s;
+        prmt.b32 m1, $3, $4, s16;
+        shl.b32 w4, $2, 4;
+        lop3.b32 $0, m0, $2, 0x80808080, 0xF8;
+        lop3.b32 $1, m1, w4, 0x80808080, 0xF8;
+        }""",
+        constraints="=r,=r,r,r,r", args=[w, tlo, thi], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _fp4_word_int(w, tab):
+    """`_fp4_word_asm` from integer operations (Triton's interpreter has no inline assembly):
+    int32 word + int64 table -> (lo, hi) int32."""
+    lo = tl.zeros_like(w)
+    hi = tl.zeros_like(w)
+    for i in tl.static_range(4):
+        ml = ((w >> (4 * i)) & 7).to(tl.int64)
+        mh = ((w >> (4 * i + 16)) & 7).to(tl.int64)
+        bl = ((tab >> (ml * 8)) & 0xFF).to(tl.int32) | (((w >> (8 * i + 7)) & 1) << 7)
+        bh = ((tab >> (mh * 8)) & 0xFF).to(tl.int32) | (((w >> (8 * i + 3)) & 1) << 7)
+        lo = lo | (bl << (8 * i))
+        hi = hi | (bh << (8 * i))
+    return lo, hi
+
+
+@triton.jit
+def _fp4_words_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
+                    K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+    """MXFP4 fragment words (int8 data read as int32 words [N, K/8]; aux: the uint8 offset index d
+    per 32-group read as int32, 4 groups per word) -> float8e4nv [BLOCK_R, BLOCK_K], natural K order.
+
+    The tile is built from the decoded words by join / permute / reshape only; the word order is
+    the register operand's, so on sm_90a it needs no data movement (the SASS has the words loaded
+    by LDSM and no shared-memory round trip of the expanded tile). d is read 4 groups per int32 so
+    that its load is an ordinary pipelined copy (a byte load used as a gather index is not)."""
+    KB: tl.constexpr = BLOCK_K // 32
+    wcols = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + w_off // 4 + rows[:, None] * (K // 8) + wcols[None, :])
+    dcols = kt * (KB // 4) + tl.arange(0, KB // 4)
+    dw = tl.load(aux_ptr.to(tl.pointer_type(tl.int32)) + aux_off // 4 + rows[:, None] * (K // 128)
+                 + dcols[None, :])                                                     # [R, KB/4]
+    d = tl.reshape((dw[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 0xFF, (BLOCK_R, KB))
+    tab = tl.load(tab_ptr + d)                                                         # int64 [R, KB]
+    tab = tl.reshape(tl.broadcast_to(tab[:, :, None], (BLOCK_R, KB, 4)), (BLOCK_R, BLOCK_K // 8))
+    if FAST:
+        lo, hi = _fp4_word_asm(wd, tab.to(tl.int32), (tab >> 32).to(tl.int32))
+    else:
+        lo, hi = _fp4_word_int(wd, tab)
+    j = tl.permute(tl.join(tl.reshape(lo, (BLOCK_R, KB, 4)), tl.reshape(hi, (BLOCK_R, KB, 4))),
+                   (0, 1, 3, 2))                                                       # [R, KB, 2, 4]
+    b = tl.join(tl.join(j.to(tl.int8), (j >> 8).to(tl.int8)),
+                tl.join((j >> 16).to(tl.int8), (j >> 24).to(tl.int8)))                 # [..., b & 1, b >> 1]
+    b = tl.permute(b, (0, 1, 2, 3, 5, 4))
+    return tl.reshape(b, (BLOCK_R, BLOCK_K)).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def _row_max_exponent(sf_ptr, rows64, row_ok, NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr):
     """Largest UE8M0 byte of each row's packed int32 scales [rows, NUM_WORDS] -> int32 [BLOCK_M]
     (the row exponent of `reference.rebase_rows`); masked rows give 0."""
@@ -583,15 +651,11 @@ def _act_tile_e4m3(x_ptr, sf_ptr, tab_ptr, rows64, row_ok, kt, e_row,
 def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       W_KIND: tl.constexpr, FAST: tl.constexpr):
-    """Weight rows `rows` x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the packed
-    nibbles with the group's table (aux = uint8 offset index per 32-group);
-    "fp8_rebased" / "fp8_block" load the stored E4M3 bytes (natural order)."""
+    """Weight rows `rows` x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the
+    fragment words with the group's table (aux = uint8 offset index per 32-group,
+    `_fp4_words_e4m3`); "fp8_rebased" / "fp8_block" load the stored E4M3 bytes (natural order)."""
     if W_KIND == "mxfp4":
-        cols = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + w_off + rows[:, None] * (K // 2) + cols[None, :])
-        dcols = kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        d = tl.load(aux_ptr + aux_off + rows[:, None] * (K // 32) + dcols[None, :]).to(tl.int32)
-        tile = _fp4_tile_e4m3(packed, tl.load(tab_ptr + d), BLOCK_R, BLOCK_K, FAST)
+        tile = _fp4_words_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt, K, BLOCK_R, BLOCK_K, FAST)
     else:
         cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
