@@ -43,13 +43,14 @@ class MegaMoEConfig:
             True runs the streamed FP8 (e4m3 wgmma) mainloop: x rebased to one exponent per row
             after the dispatch and h after L1 (`kernels/rebase.py`), weights rebased at load
             time; False the bf16 mainloop on operands dequantised in registers. None (default):
-            True for FP8 weights, and for MXFP4 weights with hopper_fp4_as_fp8 (H200: 2-5x faster
-            GEMMs there); False for MXFP4 kept at 4 bits, where expanding E2M1 in the K loop is
-            slower than the bf16 mainloop at decode (docs/PERF.md has every variant measured).
+            True for FP8 and MXFP4 weights (H200: FP8 weights' GEMMs 2-5x faster; MXFP4 kept at 4
+            bits, expanded from re-laid fragment words in registers, 1.1-1.9x faster than the
+            bf16 mainloop; docs/PERF.md has every variant measured).
         hopper_fp4_as_fp8: MXFP4 weights on Hopper: keep them expanded to rebased E4M3 bytes (twice
             the memory of the packed weights: exact for groups within 2**8 of their row's largest
-            scale) so the FP8 mainloop streams them like FP8 weights; False (default) keeps 4 bits
-            per weight.
+            scale) so the FP8 mainloop streams them like FP8 weights, with nothing to decode: the
+            fastest MXFP4 option on Hopper where the memory is there (L2 and prefill L1 1.3-1.6x
+            faster than 4 bits); False (default) keeps 4 bits per weight.
     """
 
     hidden: int
@@ -68,10 +69,10 @@ class MegaMoEConfig:
 
     @property
     def fp8_mainloop(self) -> bool:
-        """hopper_fp8_mainloop resolved (None: FP8 weights, or MXFP4 with hopper_fp4_as_fp8)."""
+        """hopper_fp8_mainloop resolved (None: FP8 and MXFP4 weights)."""
         if self.hopper_fp8_mainloop is not None:
             return self.hopper_fp8_mainloop
-        return self.weight_format == "fp8" or (self.weight_format == "mxfp4" and self.hopper_fp4_as_fp8)
+        return self.weight_format in ("fp8", "mxfp4")
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:

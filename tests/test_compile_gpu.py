@@ -24,7 +24,7 @@ def _cfg(R, **kw):
 
 
 CFGS = {"fp8": dict(), "bf16act": dict(act_format="bf16", weight_format="bf16"),
-        # FP8 weights: Hopper's FP8 mainloop by default (two rebasing passes in the graph)
+        # FP8 weights: Hopper's FP8 mainloop (two rebasing passes in the graph), as MXFP4's
         "fp8w": dict(weight_format="fp8"),
         "fp4comb8": dict(act_format="fp4", combine_format="fp8", weight_format="mxfp4")}
 
@@ -138,9 +138,12 @@ def test_launches_per_forward(env):
     rank, R = env
     cfg = _cfg(R)
     x, idx, w = (t.cuda() for t in make_inputs(cfg, 64, seed=3 + rank))
-    _check_launches(_moe(cfg, validate=False).experts, x, idx, w, 8)
-    # The FP8 mainloop (FP8 weights on Hopper) adds its two rebasing passes, inside the graph.
-    if torch.cuda.get_device_capability()[0] == 9:
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds its two
+    # rebasing passes, inside the graph; the bf16 mainloop runs without them.
+    _check_launches(_moe(cfg, validate=False).experts, x, idx, w, 10 if hopper else 8)
+    _check_launches(_moe(_cfg(R, hopper_fp8_mainloop=False), validate=False).experts, x, idx, w, 8)
+    if hopper:
         _check_launches(_moe(_cfg(R, **CFGS["fp8w"]), validate=False).experts, x, idx, w, 10)
 
 

@@ -76,7 +76,9 @@ def test_hopper_fp8_mainloop_auto_resolution():
     rejected naming the field."""
     base = dict(hidden=256, intermediate=128, num_experts=4, topk=2, max_tokens_per_rank=8)
     assert mml.MegaMoEConfig(**base, weight_format="fp8").fp8_mainloop is True
-    assert mml.MegaMoEConfig(**base, weight_format="mxfp4").fp8_mainloop is False
+    assert mml.MegaMoEConfig(**base, weight_format="mxfp4").fp8_mainloop is True
+    assert mml.MegaMoEConfig(**base, weight_format="mxfp4", hopper_fp8_mainloop=False).fp8_mainloop is False
+    assert mml.MegaMoEConfig(**base, weight_format="bf16").fp8_mainloop is False
     assert mml.MegaMoEConfig(**base, weight_format="mxfp4", hopper_fp4_as_fp8=True).fp8_mainloop is True
     assert mml.MegaMoEConfig(**base, weight_format="fp8", hopper_fp8_mainloop=False).fp8_mainloop is False
     assert mml.MegaMoEConfig(**base, weight_format="mxfp4", hopper_fp8_mainloop=True).fp8_mainloop is True

@@ -727,7 +727,8 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
                     w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
-    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw", act_rebased=act_rebased)
+    cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw", act_rebased=act_rebased,
+                            weight_kind=w_kind)
     sig = dict(x_ptr=_X_TYPE[af], x_sf_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", **_weight_sig(wf, w_kind),
                h_ptr=_H_STORE_TYPE[af], h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
@@ -750,7 +751,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw",
-                            act_rebased=act_rebased)
+                            act_rebased=act_rebased, weight_kind=w_kind)
     sig = dict(h_ptr=_X_TYPE[af], h_sf_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
                num_tiles_ptr="*i32", **_weight_sig(wf, w_kind), dst_ptr="*i64",
                dst_sf_ptr="*i64", max_tiles="i32")
@@ -784,7 +785,9 @@ COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
                  + [("l1", "mxfp4", "fp8", None, 90, 128, "raw"), ("l2", "mxfp4", "fp8", "bf16", 90, 128, "raw")]
                  # The streamed FP8 mainloop (activations rebased where they land), decode and prefill.
                  + [(k, w, "fp8", c, 90, bm, kind, "stream") for k, c in (("l1", None), ("l2", "bf16"))
-                    for bm in (16, 128) for w, kind in (("fp8", "fp8_rebased"), ("mxfp4", "fp8_rebased"))]
+                    for bm in (16, 128) for w, kind in (("fp8", "fp8_rebased"), ("mxfp4", "fp8_rebased"),
+                                                        ("mxfp4", "mxfp4"))]
+                 + [("l2", "mxfp4", "fp8", "fp8", 90, 16, "mxfp4", "stream")]
                  + [("l1", "fp8", "fp4", None, 90, 16, "fp8_block", "stream"),
                     ("l2", "fp8", "fp8", "fp8", 90, 128, "fp8_block", "stream")]
                  + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
@@ -875,10 +878,10 @@ def test_compiles(compiled, case):
             assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
         else:
             assert all(".bf16" in m for m in wgmmas), wgmmas
-        if len(case) > 7 and kind != "fp8_block" and kern == "l2":
-            # Streamed and chained (L2; L1 promotes after every step by default): the MMA stays in
-            # flight across K steps (a wait that leaves one group pending), which only operands
-            # streamed from memory allow.
+        if len(case) > 7 and kind not in ("fp8_block", "mxfp4") and kern == "l2":
+            # Streamed and chained (L2; L1 promotes after every step by default, and so does L2 on
+            # 4-bit MXFP4): the MMA stays in flight across K steps (a wait that leaves one group
+            # pending), which only operands streamed from memory allow.
             assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx), "every K step waits for its MMA"
         if bm == 16 or len(case) > 7:
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Optional
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
            "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST"]
@@ -198,6 +199,13 @@ def _fp8_mainloop(fp8_mainloop: bool, arch: int, weight_format: str, act_format:
 #: 5.58e-3 chained) and chaining is faster (1767 vs 1986 us).
 STREAM_PROMOTE_L1 = 1
 _CHAIN = 1 << 20
+#: (num_warps, num_stages, ctas_per_sm) of the streamed mainloop's decode tiles with 4-bit MXFP4
+#: weights ("mxfp4" operand), L1 at 64 stacked rows and L2 at 64 rows. H200 (`bench_gemm.py
+#: --stream --stream-sweep`, docs/PERF.md), 8 / 1024 pairs: L1 59.3 / 422.5 us against 64.0 /
+#: 460.7 with 128 rows x 3 stages x 2 CTAs; L2 46.4 / 297.7 against 49.0 / 328.7 with 128 rows x
+#: 3 CTAs: more resident CTAs hide the decode's latency.
+FP4_STREAM_DECODE_L1 = (4, 4, 4)
+FP4_STREAM_DECODE_L2 = (4, 4, 4)
 
 
 def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, promote: int) -> GroupedGemmConfig:
@@ -208,7 +216,8 @@ def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, pr
 
 
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
-                   arch: int = 90, fp8_mainloop: bool = False, act_rebased: bool = False) -> GroupedGemmConfig:
+                   arch: int = 90, fp8_mainloop: bool = False, act_rebased: bool = False,
+                   weight_kind: Optional[str] = None) -> GroupedGemmConfig:
     """Tiles of the L1 kernel (x [., H] -> gate/up [., I] each, SwiGLU, requantised h).
 
     A program stacks block_n rows of gate and block_n rows of up into one MMA operand of
@@ -223,6 +232,11 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # Prefill: 64 stacked rows (block_n 32) so the float32 accumulator and the chunk's partial
         # sum fit one warpgroup's registers; 2 CTAs per SM (probe, 64 x 128 tiles: 505 TFLOP/s
         # promoting every step, 836 chained; the layer's L1 at 32768 pairs: 518).
+        if weight_kind == "mxfp4" and block_m <= 32:
+            # 4-bit MXFP4 (fragment words decoded in registers): 64 stacked rows, one warpgroup,
+            # 4 CTAs per SM, so that four CTAs' decode phases overlap each other's loads and MMAs.
+            return _stream_config(block_m, 32, prefill=(4, 3, 2), decode=FP4_STREAM_DECODE_L1,
+                                  promote=STREAM_PROMOTE_L1)
         return _stream_config(block_m, 64 if block_m <= 32 else 32, prefill=(4, 3, 2), decode=(4, 4, 2),
                               promote=STREAM_PROMOTE_L1)
     block_n = 64  # I is a multiple of 128
@@ -253,7 +267,7 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
 
 def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
                    combine_format: str = "bf16", arch: int = 90, fp8_mainloop: bool = False,
-                   act_rebased: bool = False) -> GroupedGemmConfig:
+                   act_rebased: bool = False, weight_kind: Optional[str] = None) -> GroupedGemmConfig:
     """Tiles of the L2 kernel (h [., I] -> y [., H], stored to per-pair destination rows).
 
     With the FP8 combine a program quantises whole groups of 128 output columns, so block_n is a
@@ -270,6 +284,13 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # warpgroup x 2 CTAs per SM. Prefill: 64 weight rows, one warpgroup x 2 CTAs per SM (H200,
         # 32768 pairs over 256 experts at 128-row tiles: 1626 us against 1855 with 128 rows x 8
         # warps x 1 CTA, 1693 with 256 rows); 128 rows where the FP8 combine needs them.
+        if weight_kind == "mxfp4":
+            # 4-bit MXFP4: promoted after every K step like L1 (Triton 3.9's sm_90a SASS: a chained
+            # loop re-lays the decoded words through ~160 PRMT / ~116 shifts per step, promoted
+            # 190), 64 rows, 4 CTAs per SM at decode; 128 rows where the FP8 combine needs them.
+            if need_128:
+                return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 3), promote=1)
+            return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=FP4_STREAM_DECODE_L2, promote=1)
         if block_m > 32 and not need_128:
             return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=(4, 4, 2), promote=_CHAIN)
         return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 2), promote=_CHAIN)

@@ -574,28 +574,59 @@ def _fp4_word_int(w, tab):
 
 
 @triton.jit
+def _e2m1_table_f16(d):
+    """GPU: int32 offset index d -> (lo, hi) int32: the E4M3 bytes of the E2M1 magnitudes 0..3 /
+    4..7 times 2**(6 - d), RNE with subnormals: `reference.e2m1_to_e4m3_tables`, bitwise. Four
+    f16x2 products (exact: d is clamped to 20, from where every entry rounds to zero) and four
+    cvt.rn.satfinite.e4m3x2.f16x2; no table in memory, so d streams like the weights (a table
+    gathered at d made d's load a gather index, which Triton pipelines one K step ahead only:
+    20% slower on the H200, `scripts/probe_fp4_stream.py`)."""
+    s = 0x54005400 - tl.minimum(d, 20) * 0x04000400           # f16x2 2**(6 - d) in both halves
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 p0, p1, p2, p3, c0, c1, c2, c3;
+        .reg .b16 q0, q1, q2, q3;
+        mov.b32 c0, 0x38000000;
+        mov.b32 c1, 0x3E003C00;
+        mov.b32 c2, 0x42004000;
+        mov.b32 c3, 0x46004400;
+        mul.rn.f16x2 p0, $2, c0;
+        mul.rn.f16x2 p1, $2, c1;
+        mul.rn.f16x2 p2, $2, c2;
+        mul.rn.f16x2 p3, $2, c3;
+        cvt.rn.satfinite.e4m3x2.f16x2 q0, p0;
+        cvt.rn.satfinite.e4m3x2.f16x2 q1, p1;
+        cvt.rn.satfinite.e4m3x2.f16x2 q2, p2;
+        cvt.rn.satfinite.e4m3x2.f16x2 q3, p3;
+        mov.b32 $0, {q0, q1};
+        mov.b32 $1, {q2, q3};
+        }""",
+        constraints="=r,=r,r", args=[s], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _fp4_words_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
                     K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
     """MXFP4 fragment words (int8 data read as int32 words [N, K/8]; aux: the uint8 offset index d
-    per 32-group read as int32, 4 groups per word) -> float8e4nv [BLOCK_R, BLOCK_K], natural K order.
+    per 32-group, read as one int32 per row and 128-K step) -> float8e4nv [BLOCK_R, BLOCK_K],
+    natural K order.
 
     The tile is built from the decoded words by join / permute / reshape only; the word order is
     the register operand's, so on sm_90a it needs no data movement (the SASS has the words loaded
-    by LDSM and no shared-memory round trip of the expanded tile). d is read 4 groups per int32 so
-    that its load is an ordinary pipelined copy (a byte load used as a gather index is not)."""
+    by LDSM and no shared-memory round trip of the expanded tile). Each word's table is computed
+    from its d where the word is (`_e2m1_table_f16`); the interpreter gathers it from `tab_ptr`."""
+    tl.static_assert(BLOCK_K == 128, "one int32 of offset indices per row and K step")
     KB: tl.constexpr = BLOCK_K // 32
     wcols = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + w_off // 4 + rows[:, None] * (K // 8) + wcols[None, :])
-    dcols = kt * (KB // 4) + tl.arange(0, KB // 4)
-    dw = tl.load(aux_ptr.to(tl.pointer_type(tl.int32)) + aux_off // 4 + rows[:, None] * (K // 128)
-                 + dcols[None, :])                                                     # [R, KB/4]
-    d = tl.reshape((dw[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 0xFF, (BLOCK_R, KB))
-    tab = tl.load(tab_ptr + d)                                                         # int64 [R, KB]
-    tab = tl.reshape(tl.broadcast_to(tab[:, :, None], (BLOCK_R, KB, 4)), (BLOCK_R, BLOCK_K // 8))
+    dw = tl.load(aux_ptr.to(tl.pointer_type(tl.int32)) + aux_off // 4 + rows * (K // 128) + kt)    # [R]
+    d = (tl.broadcast_to(dw[:, None], (BLOCK_R, BLOCK_K // 8))
+         >> (8 * (tl.arange(0, BLOCK_K // 8) // 4))[None, :]) & 0xFF                    # [R, BK/8]
     if FAST:
-        lo, hi = _fp4_word_asm(wd, tab.to(tl.int32), (tab >> 32).to(tl.int32))
+        tlo, thi = _e2m1_table_f16(d)
+        lo, hi = _fp4_word_asm(wd, tlo, thi)
     else:
-        lo, hi = _fp4_word_int(wd, tab)
+        lo, hi = _fp4_word_int(wd, tl.load(tab_ptr + d))
     j = tl.permute(tl.join(tl.reshape(lo, (BLOCK_R, KB, 4)), tl.reshape(hi, (BLOCK_R, KB, 4))),
                    (0, 1, 3, 2))                                                       # [R, KB, 2, 4]
     b = tl.join(tl.join(j.to(tl.int8), (j >> 8).to(tl.int8)),
@@ -1218,7 +1249,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     if config is None:
         config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch,
                                 fp8_mainloop=w13_operand is not None and w13_operand.kind != "raw",
-                                act_rebased=x_rebased is not None)
+                                act_rebased=x_rebased is not None,
+                                weight_kind=None if w13_operand is None else w13_operand.kind)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:

@@ -279,7 +279,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     if config is None:
         config = l2_gemm_config(block_m, hidden, inter, weight_format, act_format, combine_format, arch,
                                 fp8_mainloop=w2_operand is not None and w2_operand.kind != "raw",
-                                act_rebased=h_rebased is not None)
+                                act_rebased=h_rebased is not None,
+                                weight_kind=None if w2_operand is None else w2_operand.kind)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     need_mult = _COMBINE_GROUP if combine_format == "fp8" else 32
