@@ -27,10 +27,14 @@ class ExpertsBackend(Protocol):
         validate: True: an expert id outside [-1, E) raises ValueError naming the first bad row
             before `forward` returns; False: such pairs are dropped and counted in the error
             counter (no host synchronisation on the GPU). The module sets it.
+        needs_loaded_weights: after `prepare_weights`, whether the backend still reads the
+            loaded weights on their device (False: it keeps its own form of them, e.g. the Hopper
+            FP8 mainloop's operands, and the module moves its copy to the host).
     """
 
     name: str
     validate: bool
+    needs_loaded_weights: bool
 
     def prepare_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
         """Take this rank's quantised weights (L1 [E_local, 2I, H], L2 [E_local, H, I]); called once

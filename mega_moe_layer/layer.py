@@ -224,9 +224,14 @@ class MegaMoEExperts(nn.Module):
 
     def _install_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
         """The one place weights enter the layer (every loader ends here): keep them and let the
-        backend prepare its own form of them."""
-        self.w13, self.w2 = qw13, qw2
+        backend prepare its own form of them. Where the backend's GEMMs read only that form (the
+        Hopper FP8 mainloop: `backend.needs_loaded_weights` False) the loaded copy kept here
+        moves to the host, so the device holds the experts once."""
         self._backend.prepare_weights(qw13, qw2)
+        if getattr(self._backend, "needs_loaded_weights", True):
+            self.w13, self.w2 = qw13, qw2
+        else:
+            self.w13, self.w2 = qw13.to("cpu"), qw2.to("cpu")
 
     # ------------------------------------------------------------------ validation
     def _inputs_ok(self, x, topk_idx, topk_weights) -> bool:

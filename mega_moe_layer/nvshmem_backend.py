@@ -86,6 +86,12 @@ def _experts_forward_fake(x, topk_idx, topk_weights, error_count, stats_last, st
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bfloat16)
 
 
+
+def _data_scale(qw):
+    """(data, scale) of a loaded weight for the GEMM launchers; (None, None) once dropped (the FP8
+    mainloop's operands hold all they read)."""
+    return (None, None) if qw is None else (qw.data, qw.scale)
+
 class CompiledForwardMixin:
     """`forward` = the custom op while `torch.compile` traces, else `_forward_impl` directly.
 
@@ -119,6 +125,7 @@ class NvshmemForward(CompiledForwardMixin):
         self.cfg, self.group, self.rank, self.num_ranks, self.device = cfg, group, rank, num_ranks, device
         self.stats, self.error_count, self.validate = stats, error_count, validate
         self.w13 = self.w2 = None
+        self.needs_loaded_weights = True
         self.ws = wsmod.get_workspace(cfg, group, device=device)
         lay = self.ws.layout
         self.off = {s.name: s.offset for s in lay}
@@ -274,6 +281,12 @@ class NvshmemForward(CompiledForwardMixin):
                                             act_format=cfg.act_format, name="w2", fp8_mainloop=fp8,
                                             fp4_as_fp8=as_fp8)
         self._bind_rebase(self.streamed and self.w13_op.is_fp8_mma and self.w2_op.is_fp8_mma)
+        # NOTE: the FP8 mainloop reads only the operands (rebased / re-laid copies): keeping the
+        # loaded weights on the device too would double the experts' memory (DeepSeek-V3 FP8 on 8
+        # GPUs: ~84 GB of weights per GPU). The layer keeps its loaded copy on the host then.
+        self.needs_loaded_weights = not (self.w13_op.is_fp8_mma and self.w2_op.is_fp8_mma)
+        if not self.needs_loaded_weights:
+            self.w13 = self.w2 = None
         self.rebase_report = {"w13": self.w13_op.num_changed, "w2": self.w2_op.num_changed,
                               "w13_kind": self.w13_op.kind, "w2_kind": self.w2_op.kind}
         changed = self.w13_op.num_changed + self.w2_op.num_changed
@@ -342,7 +355,7 @@ class NvshmemForward(CompiledForwardMixin):
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
                           ws.view("pair_rows"), self.pair_weights, self.expert_offsets, self.tile_expert,
-                          self.tile_row_start, self.num_tiles, w13.data, w13.scale, h,
+                          self.tile_row_start, self.num_tiles, *_data_scale(w13), h,
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
@@ -352,7 +365,7 @@ class NvshmemForward(CompiledForwardMixin):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
-                          self.tile_expert, self.tile_row_start, self.num_tiles, w2.data, w2.scale,
+                          self.tile_expert, self.tile_row_start, self.num_tiles, *_data_scale(w2),
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,

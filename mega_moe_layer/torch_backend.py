@@ -71,6 +71,9 @@ class TorchBackend:
         self._w2_f32: Optional[torch.Tensor] = None
         self._gmm = {}
 
+    #: the reference / grouped_mm paths read the loaded weights (`ExpertsBackend`)
+    needs_loaded_weights = True
+
     def prepare_weights(self, qw13: QuantizedWeight, qw2: QuantizedWeight) -> None:
         self.w13, self.w2 = qw13, qw2
         if self.torch_experts == "grouped_mm":

@@ -72,6 +72,7 @@ def test_backends_implement_the_interface_and_layer_keeps_modules():
     for cls in (TorchBackend, NvshmemForward):
         for name in ("prepare_weights", "forward", "check_errors"):
             assert callable(getattr(cls, name)), (cls, name)
+    assert m._backend.needs_loaded_weights is True        # the reference reads the loaded weights
     own = [v for k, v in vars(layer_mod).items() if inspect.isclass(v) and v.__module__ == layer_mod.__name__]
     assert own and all(issubclass(c, nn.Module) for c in own), own
     m.validate = False

@@ -158,8 +158,8 @@ def h_buffers(prob: GemmProblem, device):
 def run_l1(prob: GemmProblem, **kw):
     h, h_sf = h_buffers(prob, prob.pool_x.device)
     l1_grouped_gemm(prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets,
-                    prob.tile_expert, prob.tile_row_start, prob.num_tiles, prob.w13.data, prob.w13.scale, h, h_sf,
-                    weight_format=prob.weight_format, act_format=prob.act_format,
+                    prob.tile_expert, prob.tile_row_start, prob.num_tiles, *kw.pop("w13", (prob.w13.data, prob.w13.scale)),
+                    h, h_sf, weight_format=prob.weight_format, act_format=prob.act_format,
                     act_group_size=prob.act_group_size, activation_clamp=prob.clamp, block_m=prob.block_m,
                     **{"w13_operand": prob.w13_op, **kw})
     return h, h_sf
@@ -584,7 +584,8 @@ def test_streamed_fp8_mainloop(wf, af, as_fp8):
     """The streamed FP8 mainloop (activations rebased where they land; weights "fp8_rebased", or
     MXFP4 expanded in registers) in the interpreter: h and y against the DESIGN reference within
     the GEMM tolerance, both combines, a partial tile and an empty expert; two K chunks of
-    promotion in L1 (H 512 at 2 steps per chunk) and a chained L2."""
+    promotion in L1 (H 512 at 2 steps per chunk) and L2 chained (promoted for 4-bit MXFP4); L1
+    without the loaded weight (operand only) gives the same bytes."""
     prob = make_problem(512, 128, [3, 0, 20], wf, af, block_m=16, seed=11, fp8_mainloop=True, fp4_as_fp8=as_fp8)
     assert prob.w13_op.kind == ("fp8_rebased" if wf == "fp8" or as_fp8 else "mxfp4")
     cfg1 = dataclasses.replace(gh.l1_gemm_config(16, 512, 128, wf, af, 90, fp8_mainloop=True, act_rebased=True),
@@ -600,6 +601,9 @@ def test_streamed_fp8_mainloop(wf, af, as_fp8):
                     rows=prob.pair_rows)
     h, h_sf = run_l1(prob, x_rebased=(x8, x_e), config=cfg1)
     check_l1(prob, h, h_sf, f"{name}, L1 in 2 chunks")
+    # The operand holds all the kernel reads: without the loaded weight, the same bytes.
+    h2, h2_sf = run_l1(prob, x_rebased=(x8, x_e), config=cfg1, w13=(None, None))
+    assert torch.equal(h2.view(torch.uint8), h.view(torch.uint8)) and torch.equal(h2_sf, h_sf)
 
 
 @interp
@@ -627,6 +631,14 @@ def test_streamed_path_rejects_bad_arguments():
         run_l1(prob, w13_operand=op, x_rebased=(x8, x_e[:-1]))
     with pytest.raises(TypeError, match=r"x_rebased\[0\]: expected dtype"):
         run_l1(prob, w13_operand=op, x_rebased=(x8.view(torch.uint8), x_e))
+    # The loaded weight may be left out only where the operand holds everything.
+    with pytest.raises(ValueError, match="w13_data: None needs an FP8-mainloop w13_operand"):
+        run_l1(prob, w13=(None, None), w13_operand=None)
+    with pytest.raises(ValueError, match="w13_scale: expected None with w13_data None"):
+        run_l1(prob, w13=(None, prob.w13.scale), w13_operand=op, x_rebased=(x8, x_e))
+    p4 = make_problem(256, 128, [4], "mxfp4", "fp8", block_m=16, seed=2, fp8_mainloop=True)
+    with pytest.raises(ValueError, match="w13_operand: the weight's data is needed on sm_100"):
+        run_l1(p4, w13=(None, None), arch=100)
 
 
 @interp

@@ -245,6 +245,40 @@ def test_streamed_layers_share_rebased_buffers(env):
         assert_rel_rmse(y, y_ref, tol, f"second layer, call {i}")
 
 
+@pytest.mark.parametrize("wf,as_fp8", [("fp8", False), ("mxfp4", False), ("mxfp4", True)])
+def test_streamed_weights_held_once(env, wf, as_fp8):
+    """On the FP8 mainloop the device holds the experts once, as the GEMMs read them: the backend
+    drops the loaded weights, the layer keeps its copy on the host (bitwise the quantiser's), and
+    the memory a load adds is the operands' bytes (not twice them); the forward stays correct."""
+    rank, R = env
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 mainloop is Hopper's")
+    cfg = _cfg(R, weight_format=wf, hopper_fp4_as_fp8=as_fp8)
+    m = mml.MegaMoEExperts(cfg, backend="nvshmem")
+    w13, w2 = make_weights(cfg, seed=88)                     # host tensors
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    m.load_weights(w13, w2)
+    torch.cuda.synchronize()
+    added = torch.cuda.memory_allocated() - before
+    b = m._backend
+    assert b.w13 is None and b.w2 is None and not b.needs_loaded_weights
+    assert m.w13.data.device.type == "cpu" and m.w2.data.device.type == "cpu"
+    q13 = mml.quantize_weight(w13.cuda(), wf)
+    assert torch.equal(m.w13.data.view(torch.uint8), q13.data.cpu().view(torch.uint8))
+    held = sum(t.numel() * t.element_size() for op in (b.w13_op, b.w2_op)
+               for t in (op.data, op.aux, op.row_factor) if t is not None)
+    assert added <= held + (4 << 20), (added, held)
+    loaded = sum(q.data.numel() * q.data.element_size() for q in (m.w13, m.w2))
+    assert held < 2 * loaded if not as_fp8 else held < 3 * loaded
+    full = (m.w13.dequantize().cuda(), m.w2.dequantize().cuda())
+    x, idx, w = (t.cuda() for t in make_inputs(cfg, 40 + rank, seed=90))
+    y = m(x, idx, w)
+    y_ref = ref.moe_reference(x, idx, w, *full, act_format=cfg.act_format, combine_format=cfg.combine_format,
+                              act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp)
+    assert_rel_rmse(y, y_ref, TOLERANCES["gemm_fp8_mainloop_rel_rmse"], f"{wf} held once")
+
+
 def test_cuda_graph_replay(env):
     rank, R = env
     cfg = _cfg(R)

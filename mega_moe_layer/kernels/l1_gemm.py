@@ -1093,6 +1093,9 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
                         arch: int, data: torch.Tensor, scale: Optional[torch.Tensor], shape, device):
     """(W_KIND, data, aux, row factors, table) the kernels get for a weight."""
     if not uses_fp8_mma(arch, weight_format, act_format):
+        if data is None:
+            raise ValueError(f"{name}: the weight's data is needed on sm_{arch} (no FP8 mainloop for "
+                             f"{weight_format} x {act_format} there), got data None")
         return "raw", data, scale, None, None
     if operand is None or operand.kind == "raw":           # the bf16 mainloop (the default)
         if operand is not None and operand.data is not data:
@@ -1104,6 +1107,16 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
                          f"{list(shape)} on {device} (gemm_operands.prepare_weight_operand with arch={arch})")
     tab = operand.table if operand.table is not None else (e2m1_table(device) if act_format == "fp4" else None)
     return operand.kind, operand.data, operand.aux, operand.row_factor, tab
+
+
+def _check_operand_only(name: str, operand, scale) -> None:
+    """{name}_data None: only an FP8-mainloop operand (which holds all the kernel reads) allows it."""
+    if operand is None or not getattr(operand, "is_fp8_mma", False):
+        raise ValueError(f"{name}_data: None needs an FP8-mainloop {name}_operand "
+                         f"(gemm_operands.prepare_weight_operand), got "
+                         f"{'none' if operand is None else repr(getattr(operand, 'kind', operand))}")
+    if scale is not None:
+        raise ValueError(f"{name}_scale: expected None with {name}_data None")
 
 
 def _kernel_weight_format(w_kind: str, weight_format: str) -> str:
@@ -1201,24 +1214,28 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         raise ValueError(f"act_group_size: expected 32 or 128, got {act_group_size!r}")
     if activation_clamp is not None and not (isinstance(activation_clamp, (int, float)) and activation_clamp > 0):
         raise ValueError(f"activation_clamp: expected a positive float or None, got {activation_clamp!r}")
-    if not isinstance(w13_data, torch.Tensor) or w13_data.dim() != 3:
+    if w13_data is None:
+        # The FP8 mainloop reads only its operand: the loaded weight need not be on the device.
+        _check_operand_only("w13", w13_operand, w13_scale)
+    elif not isinstance(w13_data, torch.Tensor) or w13_data.dim() != 3:
         raise ValueError("w13_data: expected a 3-D tensor [E_local, 2I, H (or H/2)]")
     if not isinstance(pool_x, torch.Tensor) or pool_x.dim() != 2:
         raise ValueError("pool_x: expected a 2-D tensor [Npool, H (or H/2)]")
     device = pool_x.device
-    num_experts, two_i = w13_data.shape[0], w13_data.shape[1]
+    num_experts, two_i = (w13_data if w13_data is not None else w13_operand).shape[:2]
     hidden = pool_x.shape[1] * (2 if act_format == "fp4" else 1)
     inter = two_i // 2
     if two_i % 2 != 0 or inter % 128 != 0 or hidden % 128 != 0 or hidden % (4 * act_group_size) != 0:
         raise ValueError(f"shapes: expected I (= {two_i}/2) and H (= {hidden}) multiples of 128 and H a "
                          f"multiple of 4 * act_group_size")
     wd, wshape, sd, sshape = _weight_shapes(weight_format, num_experts, two_i, hidden)
-    _check_tensor(w13_data, "w13_data", wd, wshape, device)
-    if sd is None:
-        if w13_scale is not None:
-            raise ValueError("w13_scale: expected None for bf16 weights")
-    else:
-        _check_tensor(w13_scale, "w13_scale", sd, sshape, device)
+    if w13_data is not None:
+        _check_tensor(w13_data, "w13_data", wd, wshape, device)
+        if sd is None:
+            if w13_scale is not None:
+                raise ValueError("w13_scale: expected None for bf16 weights")
+        else:
+            _check_tensor(w13_scale, "w13_scale", sd, sshape, device)
     npool = pool_x.shape[0]
     xd, xshape, xsshape = _act_shapes(act_format, npool, hidden, act_group_size)
     _check_tensor(pool_x, "pool_x", xd, xshape, device)

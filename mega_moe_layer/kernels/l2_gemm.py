@@ -22,7 +22,7 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
-                      _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _quant_store_rows,
+                      _check_operand_only, _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _quant_store_rows,
                       _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
                       _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
 
@@ -238,7 +238,10 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         raise ValueError(f"hidden: expected a positive multiple of 128, got {hidden!r}")
     if not isinstance(h, torch.Tensor) or h.dim() != 2:
         raise ValueError("h: expected a 2-D tensor [P, I (or I/2)]")
-    if not isinstance(w2_data, torch.Tensor) or w2_data.dim() != 3:
+    if w2_data is None:
+        # The FP8 mainloop reads only its operand: the loaded weight need not be on the device.
+        _check_operand_only("w2", w2_operand, w2_scale)
+    elif not isinstance(w2_data, torch.Tensor) or w2_data.dim() != 3:
         raise ValueError("w2_data: expected a 3-D tensor [E_local, H, I (or I/2)]")
     device = h.device
     num_pairs = h.shape[0]
@@ -252,14 +255,15 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             raise ValueError("h_sf: expected None for bf16 activations")
     else:
         _check_tensor(h_sf, "h_sf", torch.int32, hsshape, device)
-    num_experts = w2_data.shape[0]
+    num_experts = (w2_data if w2_data is not None else w2_operand).shape[0]
     wd, wshape, sd, sshape = _weight_shapes(weight_format, num_experts, hidden, inter)
-    _check_tensor(w2_data, "w2_data", wd, wshape, device)
-    if sd is None:
-        if w2_scale is not None:
-            raise ValueError("w2_scale: expected None for bf16 weights")
-    else:
-        _check_tensor(w2_scale, "w2_scale", sd, sshape, device)
+    if w2_data is not None:
+        _check_tensor(w2_data, "w2_data", wd, wshape, device)
+        if sd is None:
+            if w2_scale is not None:
+                raise ValueError("w2_scale: expected None for bf16 weights")
+        else:
+            _check_tensor(w2_scale, "w2_scale", sd, sshape, device)
     n_tiles, block_m = _check_tile_map(expert_offsets, tile_expert, tile_row_start, num_tiles, num_experts,
                                        device, num_pairs, block_m)
     _check_tensor(pair_dst, "pair_dst", torch.int64, (num_pairs,), device)
