@@ -95,8 +95,10 @@ def _inputs_all_ranks(cfg, R, T_of_rank, seed, **kw):
     return [make_inputs(cfg, T_of_rank(r), seed=seed * 100 + r, **kw) for r in range(R)]
 
 
-def _run_and_check(cfg, rank, R, T_of_rank, seed, tol=TOLERANCES["gemm_rel_rmse"], **kw):
+def _run_and_check(cfg, rank, R, T_of_rank, seed, tol=None, **kw):
     m = _layer(cfg)
+    if tol is None:    # the streamed FP8 mainloop (the Hopper default for FP8 / MXFP4 weights) has its own entry
+        tol = TOLERANCES["gemm_fp8_mainloop_rel_rmse" if m._backend.streamed else "gemm_rel_rmse"]
     before = m.cumulative_local_expert_recv_stats.clone()
     all_inp = _inputs_all_ranks(cfg, R, T_of_rank, seed, **kw)
     x, idx, w = (t.cuda() for t in all_inp[rank])
@@ -303,7 +305,8 @@ def test_cuda_graph_replay(env):
             g.replay()
             torch.cuda.synchronize()
             y_ref = ref.moe_reference(x, idx, w, *_FULL[cfg])
-            assert_rel_rmse(y_static, y_ref, TOLERANCES["gemm_rel_rmse"], f"graph replay {i}")
+            assert_rel_rmse(y_static, y_ref, TOLERANCES["gemm_fp8_mainloop_rel_rmse" if m._backend.streamed
+                                                        else "gemm_rel_rmse"], f"graph replay {i}")
             El = cfg.num_experts // R
             full = torch.cat([a[1] for a in all_inp])
             mine = full[(full >= rank * El) & (full < (rank + 1) * El)] - rank * El
