@@ -1097,7 +1097,7 @@ def _weight_launch_args(name: str, operand: Optional[WeightOperand], weight_form
             raise ValueError(f"{name}: the weight's data is needed on sm_{arch} (no FP8 mainloop for "
                              f"{weight_format} x {act_format} there), got data None")
         return "raw", data, scale, None, None
-    if operand is None or operand.kind == "raw":           # the bf16 mainloop (the default)
+    if operand is None or operand.kind == "raw":           # the bf16 mainloop
         if operand is not None and operand.data is not data:
             raise ValueError(f"{name}: a raw operand must wrap the weight passed as data")
         return "raw", data, scale, None, None
@@ -1180,7 +1180,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             FP8 mainloop (Hopper, FP8 / MXFP4 weights, FP8 / FP4 acts): streamed with x_rebased
             (what the layer runs: 2-3x faster than the bf16 mainloop, docs/PERF.md), else on
             operands rebased in registers (slower than the bf16 mainloop); None or a "raw"
-            operand the bf16 mainloop.
+            operand the bf16 mainloop. With an FP8-mainloop operand w13_data / w13_scale may be
+            None (the operand holds everything the kernel reads).
         x_rebased: (float8_e4m3fn [Npool, H], int32 [Npool]): the pool's rows rebased to one
             exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
             the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the

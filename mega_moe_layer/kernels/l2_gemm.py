@@ -204,7 +204,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             num_tiles: int32 [1] — the tile map L1 used (same `block_m`).
         w2_data / w2_scale: local experts [E_local, H, I]: mxfp4 int8 [E_local, H, I/2] + uint8
             [E_local, H, I/32]; fp8 float8_e4m3fn [E_local, H, I] + float32 [E_local, H/128, I/128];
-            bf16 bfloat16 [E_local, H, I] + None.
+            bf16 bfloat16 [E_local, H, I] + None. Both may be None with an FP8-mainloop
+            w2_operand (it holds everything the kernel reads).
         pair_dst: int64 [P] absolute device address of pair p's destination row: bfloat16 [H]
             (combine bf16) or float8_e4m3fn [H] (combine fp8), 16-byte aligned; 0 = skip the pair.
             May point into a peer GPU's memory (NVLink), e.g. `tensor.data_ptr() + row * row_bytes`.

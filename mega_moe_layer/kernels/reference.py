@@ -18,13 +18,14 @@ Inputs must be finite.
 
 Where the GPU path may differ from these functions, and by how much (tests/utils.py TOLERANCES):
   * quantisation, pre-dispatch, dispatch / combine data movement, the combine reduce: bitwise.
-  * the grouped GEMMs on the bf16 mainloop (BF16 weights or acts, MXFP4 kept at 4 bits on
-    Hopper, Blackwell's block-scaled MMA): float32 accumulation order only; rel-RMSE <= 5e-3
-    against `expert_forward` (which accumulates in float64), "gemm_rel_rmse".
-  * the Hopper FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`, by default on for FP8 weights
-    and for MXFP4 weights expanded to E4M3 at load): x and h are rebased where they land
-    (`kernels/rebase.py`, bitwise `rebase_act`), the weights at load time (bitwise
-    `rebase_weight`); the rebased values differ from the exact dequantised ones only below E4M3's
+  * the grouped GEMMs on the bf16 mainloop (BF16 weights or acts, `hopper_fp8_mainloop=False`,
+    Blackwell's block-scaled MMA): float32 accumulation order only; rel-RMSE <= 5e-3 against
+    `expert_forward` (which accumulates in float64), "gemm_rel_rmse".
+  * the Hopper FP8 mainloop (`MegaMoEConfig.hopper_fp8_mainloop`, by default on for FP8 and
+    MXFP4 weights): x and h are rebased where they land (`kernels/rebase.py`, bitwise
+    `rebase_act`), the weights at load time (bitwise `rebase_weight`; MXFP4 kept at 4 bits is
+    decoded in the K loop to those same bytes, bitwise, with the tables of
+    `e2m1_to_e4m3_tables`); the rebased values differ from the exact dequantised ones only below E4M3's
     normal range at their row's base, by at most 2**-10 of that base ("rebase_rel" bounds it per
     row, with groups forced 13-40 binades below their row's maximum). Hopper's FP8 MMA then
     accumulates with ~14 mantissa bits (truncating) between promotions to float32 (L1 after every
