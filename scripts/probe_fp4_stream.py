@@ -9,7 +9,7 @@ gathered). Weights are fragment words (`gemm_operands.fragment_words`) decoded b
             distance of one K step only
   prefetch  d loaded two K steps ahead by hand (loop-carried), the gather a plain load
   arith     no gather: the table computed from d in registers (f16x2 products, cvt to e4m3x2;
-            exact with subnormals, `_tab_f16`), d streamed like the words
+            exact with subnormals, `l1_gemm._e2m1_table_f16`), d streamed like the words
   imad      d streamed, the table from two IMAD (exact for d <= 11, where every entry is normal;
             the load-time operand re-encodes groups beyond, `gemm_operands`); imad2: d read as [R, 4]
   e4m3      8-bit rebased E4M3 weights, nothing to decode (the reference point)
@@ -33,35 +33,7 @@ import triton.language as tl
 sys.path.insert(0, ".")
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
 from mega_moe_layer.kernels.gemm_operands import e2m1_table, fragment_codes  # noqa: E402
-from mega_moe_layer.kernels.l1_gemm import _fp4_word_asm  # noqa: E402
-
-
-@triton.jit
-def _tab_f16(d):
-    """int32 d -> (lo, hi) int32: the E4M3 bytes of E2M1 magnitudes 0..7 times 2**(6 - d), RNE with
-    subnormals (f16x2 products are exact; from d = 20 on every product is under half E4M3's
-    smallest subnormal, so d is clamped there)."""
-    s = 0x54005400 - tl.minimum(d, 20) * 0x04000400           # f16x2 2**(6 - d), both halves
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 p0, p1, p2, p3, c0, c1, c2, c3;
-        .reg .b16 q0, q1, q2, q3;
-        mov.b32 c0, 0x38000000;
-        mov.b32 c1, 0x3E003C00;
-        mov.b32 c2, 0x42004000;
-        mov.b32 c3, 0x46004400;
-        mul.rn.f16x2 p0, $2, c0;
-        mul.rn.f16x2 p1, $2, c1;
-        mul.rn.f16x2 p2, $2, c2;
-        mul.rn.f16x2 p3, $2, c3;
-        cvt.rn.satfinite.e4m3x2.f16x2 q0, p0;
-        cvt.rn.satfinite.e4m3x2.f16x2 q1, p1;
-        cvt.rn.satfinite.e4m3x2.f16x2 q2, p2;
-        cvt.rn.satfinite.e4m3x2.f16x2 q3, p3;
-        mov.b32 $0, {q0, q1};
-        mov.b32 $1, {q2, q3};
-        }""",
-        constraints="=r,=r,r", args=[s], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+from mega_moe_layer.kernels.l1_gemm import _e2m1_table_f16 as _tab_f16, _fp4_word_asm  # noqa: E402
 
 
 @triton.jit

@@ -14,12 +14,12 @@ scale) applied in the epilogue, and every group's values are re-expressed agains
 | "raw"         | as given (bf16 mainloop, or Blackwell's `tl.dot_scaled`) | the format's scale | None |
 
 MXFP4 stays at 4 bits per weight: the kernel expands a nibble to E4M3 with one byte permute from
-an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom 2**6),
-d = row exponent - group exponent (clamped to 63). The nibbles are re-laid once at load time
-(`fragment_words`, same bytes count) so that one int32 word holds the 8 values one thread of the
-Hopper MMA's register operand needs from one 32-group, arranged for a 7-instruction decode
-(`l1_gemm._fp4_words_e4m3`): the expanded tile is the MMA's register operand as decoded, with no
-shuffle between threads and no table per byte. FP8 block scales that are not powers of two
+an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom 2**6; computed
+in registers on the GPU, `l1_gemm._e2m1_table_f16`), d = row exponent - group exponent (clamped
+to 63). The nibbles are re-laid once at load time (`fragment_words`, same byte count) so that
+one int32 word holds the 8 values one thread of the Hopper MMA's register operand needs from one
+32-group, arranged for a 7-instruction decode (`l1_gemm._fp4_words_e4m3`): one table per word,
+none per byte, and no byte shuffles to reach the MMA's operand order. FP8 block scales that are not powers of two
 (checkpoints from elsewhere) cannot be folded: "fp8_block" rescales each 128-K partial product
 (slower: the accumulator is touched every K step).
 
@@ -155,12 +155,12 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
                            fp4_as_fp8: bool = False) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
-    weight's device (bounded temporaries); MXFP4 ("mxfp4") gets a re-laid copy of its bytes. fp8_mainloop=False gives the
-    "raw" operand (the bf16 mainloop) even where the FP8 mainloop applies. fp4_as_fp8=True (FP8
-    mainloop, MXFP4): the weight expanded once to its rebased E4M3 bytes ("fp8_rebased",
-    `reference.rebase_weight`: exact for groups within 2**8 of their row's largest scale): twice
-    the bytes of the packed weight, which the GEMMs then stream into the FP8 MMA with nothing to
-    decode (docs/PERF.md: faster than decoding 4 bits on Hopper)."""
+    weight's device (bounded temporaries); MXFP4 ("mxfp4") gets a re-laid copy of its bytes.
+    fp8_mainloop=False gives the "raw" operand (the bf16 mainloop) even where the FP8 mainloop
+    applies. fp4_as_fp8=True (FP8 mainloop, MXFP4): the weight expanded once to its rebased E4M3
+    bytes ("fp8_rebased", `reference.rebase_weight`: exact for groups within 2**8 of their row's
+    largest scale): twice the bytes of the packed weight, which the GEMMs then stream into the FP8
+    MMA with nothing to decode (docs/PERF.md: as fast as 4 bits at decode, faster at prefill)."""
     if fmt == "mxfp4":
         E, N, K2 = data.shape
         shape = (E, N, 2 * K2)
