@@ -4,14 +4,20 @@ table reach the decode? Measured against the same GEMM on 8-bit rebased E4M3 wei
 Orientation as the layer's grouped GEMMs (acc[weight rows, tokens] = W . X^T, tokens of one expert
 gathered). Weights are fragment words (`gemm_operands.fragment_words`) decoded by
 `l1_gemm._fp4_word_asm`; what differs is the table of each 32-group (offset index d):
-  gather    d read 4 groups per int32 (pipelined), table[d] gathered from the 512-byte table: the
-            library's path (`l1_gemm._fp4_words_e4m3`); Triton gives the gather's index load a
-            distance of one K step only
+  gather    d read 4 groups per int32 (pipelined), table[d] gathered from the 512-byte table
+            (the words in the older (g, c) order, decoded in a blocked layout that Triton then
+            moves through shared memory into the MMA's operand); Triton gives the gather's index
+            load a distance of one K step only
   prefetch  d loaded two K steps ahead by hand (loop-carried), the gather a plain load
   arith     no gather: the table computed from d in registers (f16x2 products, cvt to e4m3x2;
             exact with subnormals, `l1_gemm._e2m1_table_f16`), d streamed like the words
   imad      d streamed, the table from two IMAD (exact for d <= 11, where every entry is normal;
             the load-time operand re-encodes groups beyond, `gemm_operands`); imad2: d read as [R, 4]
+  frag      the library's path: the words stored (c, g) per 128-K chunk and decoded in the MMA
+            register operand's layout (`l1_gemm._fp4_frag_e4m3`: no shared-memory round trip),
+            f16x2 tables
+  fragimad  frag with the two-IMAD tables (d <= 11; the library's default)
+  arith2    arith with d read as [R, BK / 128] words (any K step)
   e4m3      8-bit rebased E4M3 weights, nothing to decode (the reference point)
 Promotion: CHUNK 0 chains the whole K in the FP8 MMA, C > 0 promotes to float32 every C steps.
 
@@ -33,7 +39,8 @@ import triton.language as tl
 sys.path.insert(0, ".")
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
 from mega_moe_layer.kernels.gemm_operands import e2m1_table, fragment_codes  # noqa: E402
-from mega_moe_layer.kernels.l1_gemm import _e2m1_table_f16 as _tab_f16, _fp4_word_asm  # noqa: E402
+from mega_moe_layer.kernels.l1_gemm import (_e2m1_table_f16 as _tab_f16, _fp4_frag_e4m3, _fp4_word_asm,  # noqa: E402
+                                            _frag_rows)
 
 
 @triton.jit
@@ -69,7 +76,7 @@ def _words(w_ptr, e64, rows, kt, N: tl.constexpr, K: tl.constexpr, BK: tl.conste
 @triton.jit
 def _probe4_kernel(w_ptr, d_ptr, x_ptr, idx_ptr, tab_ptr, out_ptr, E, TOK_PER_E,
                    N: tl.constexpr, K: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   CHUNK: tl.constexpr, MODE: tl.constexpr):
+                   CHUNK: tl.constexpr, MODE: tl.constexpr, WARPS: tl.constexpr):
     NUM_R: tl.constexpr = N // BR
     NK: tl.constexpr = K // BK
     C: tl.constexpr = CHUNK if CHUNK > 0 else NK
@@ -92,12 +99,18 @@ def _probe4_kernel(w_ptr, d_ptr, x_ptr, idx_ptr, tab_ptr, out_ptr, E, TOK_PER_E,
             part = tl.zeros((BR, BT), dtype=tl.float32)
             for kk in range(0, C):
                 kt = kq * C + kk
-                if MODE == "e4m3":
+                if MODE == "frag" or MODE == "fragimad":
+                    vrows, vq = _frag_rows(rb * BR, BR, BK, WARPS, BR, 0)
+                    w = _fp4_frag_e4m3(w_ptr, d_ptr, tab_ptr, e64 * (N * K // 2), e64 * (N * K // 32), vrows, vq,
+                                       kt, K, BR, BK, WARPS, "imad" if MODE == "fragimad" else "f16")
+                elif MODE == "e4m3":
                     w = tl.load(w_ptr.to(tl.pointer_type(tl.float8e4nv)) + e64 * (N * K) + rows[:, None] * K
                                 + kt * BK + tl.arange(0, BK)[None, :])
                 else:
                     wd = _words(w_ptr, e64, rows, kt, N, K, BK)
-                    if MODE == "imad" or MODE == "imad2":
+                    if MODE == "arith2":
+                        tlo, thi = _tab_f16(_bcast(_load_d(d_ptr, e64, rows, kt, N, K, BR, BK), BR, BK))
+                    elif MODE == "imad" or MODE == "imad2":
                         # normal-range tables only (d <= 11): two IMAD per table
                         if MODE == "imad":
                             dw = tl.load(d_ptr + e64 * (N * K // 128) + rows * (K // 128) + kt)
@@ -148,6 +161,42 @@ def make(E, tok, N, K, dev, g, dmax, imad=False):
     return x, idx, words, d, tab, w8
 
 
+def _loop_counts(compiled, out_dir: str, name: str) -> str:
+    """Instruction counts of every backward-branch loop (> 20 instructions) of a compiled kernel's
+    SASS (Triton's bundled nvdisasm), where the decode's shared-memory round trip shows (STS, LDSM,
+    BAR); the SASS is written to `out_dir`."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+    nvd = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([nvd, "-c", f.name], capture_output=True, text=True).stdout
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".sass"), "w") as f:
+        f.write(text)
+    labels, ins = {}, []
+    for ln in text.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", ln)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", ln)
+        if m:
+            ins.append(m.group(1))
+    out = []
+    for i, s in enumerate(ins):
+        m = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", s)
+        if m and labels.get(m.group(1), i + 1) <= i and i + 1 - labels[m.group(1)] > 20:
+            body = ins[labels[m.group(1)]:i + 1]
+            c = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in body)
+            out.append(f"[{len(body)}: " + " ".join(f"{k} {c[k]}" for k in ("STS", "LDSM", "LDS", "BAR", "QGMMA",
+                                                                              "PRMT")) + "]")
+    return " ".join(out)
+
+
 def run(args):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -165,18 +214,29 @@ def run(args):
             rows = idx[e * tok:(e + 1) * tok].long()
             ref_out[e * tok:(e + 1) * tok] = x.double()[rows] @ w8[e].double().T
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split()]
-        for mode, chunk, (br, bt, warps, stages, ctas) in itertools.product(
-                args.modes.split(), [int(c) for c in args.chunks.split()], configs):
+        for bk, mode, chunk, (br, bt, warps, stages, ctas) in itertools.product(
+                [int(b) for b in args.bks.split()], args.modes.split(), [int(c) for c in args.chunks.split()],
+                configs):
+            if bk != 128 and mode in ("gather", "imad", "arith", "prefetch"):
+                continue                   # one int32 of d per row and step: 128-K steps only
             if tok % bt or N % br:
                 continue
             work = E * (tok // bt) * (N // br)
             grid = (min(work, sms * ctas),)
-            wdata = w8.view(torch.int8) if mode == "e4m3" else words
-            name = f"{case} {mode} {'chain' if chunk == 0 else f'p{chunk}'} br{br} bt{bt} w{warps} s{stages} c{ctas}"
+            # `words` are the library's fragment words ((c, g) order per 128-K chunk, what the
+            # reference decodes); the older modes read them (g, c), d as int32 words.
+            wdata, dptr = words, d
+            if mode == "e4m3":
+                wdata = w8.view(torch.int8)
+            elif not mode.startswith("frag"):
+                wdata = words.view(E, N, K // 128, 4, 4).transpose(-1, -2).contiguous()
+                dptr = d.view(torch.int32)
+            name = (f"{case} {mode} {'chain' if chunk == 0 else f'p{chunk}'} bk{bk} br{br} bt{bt} w{warps} "
+                    f"s{stages} c{ctas}")
 
             def launch():
-                _probe4_kernel[grid](wdata, d.view(torch.int32), x, idx, tab, out, E, tok, N, K, br, bt, 128,
-                                     chunk, mode, num_warps=warps, num_stages=stages)
+                return _probe4_kernel[grid](wdata, dptr, x, idx, tab, out, E, tok, N, K, br, bt, bk,
+                                     chunk, mode, warps, num_warps=warps, num_stages=stages)
             try:
                 out.zero_()
                 launch()
@@ -184,6 +244,8 @@ def run(args):
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
                 print(f"{name}: failed {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue
+            if args.sass:
+                print(f"{name}: loops {_loop_counts(launch(), args.sass, name)}", flush=True)
             got = torch.empty_like(ref_out)
             for e in range(ne):
                 rows = idx[e * tok:(e + 1) * tok].long()
@@ -222,5 +284,7 @@ if __name__ == "__main__":
                    help="space-separated br,bt,warps,stages,ctas_per_sm")
     p.add_argument("--dmax", type=int, default=14, help="largest offset index d drawn")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--bks", default="128", help="K steps (256: twice the bytes per pipeline stage)")
+    p.add_argument("--sass", default="", help="a folder: write each kernel's SASS there, print its loops")
     p.add_argument("--out", default="")
     run(p.parse_args())

@@ -7,7 +7,8 @@
   weights, > 0 and counted exactly when groups are forced far below their row's maximum).
 * The Triton tile helpers (`_weight_tile_e4m3`, `_act_tile_e4m3`) bitwise against the reference's
   rebased bytes: in the interpreter here (integer path), and on a GPU with the PRMT decode
-  (`-m gpu`, the same test with FAST=True).
+  (`-m gpu`: both E2M1 tables, "imad" without far groups and "f16" with them, at 128 and 256 K
+  per step and 4 or 8 warps).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import triton.language as tl
 from mega_moe_layer import formats
 from mega_moe_layer.kernels import gemm_operands as go
 from mega_moe_layer.kernels import reference as ref
-from mega_moe_layer.kernels.l1_gemm import _act_tile_e4m3, _row_max_exponent, _weight_tile_e4m3, sf_words_p2
+from mega_moe_layer.kernels.l1_gemm import (_act_tile_e4m3, _frag_rows, _row_max_exponent, _weight_tile_e4m3, fp4_table,
+                                            sf_words_p2)
 from utils import TOLERANCES
 
 INTERPRETED = not isinstance(_weight_tile_e4m3, triton.runtime.jit.JITFunction)
@@ -111,24 +113,48 @@ def test_prepare_weight_operand_report(fmt):
 
 
 def test_fragment_words_layout():
-    """Word 4g + c of a row: nibble p's magnitude is k = 32g + 4c + (0,1,2,3,16,17,18,19)[p]'s, its
-    sign bit that of k = 32g + 4c + (16,0,17,1,18,2,19,3)[p]: what `_fp4_word_asm` decodes."""
+    """Word 16 j + 4 c + g of a row (128-K chunk j, group g of it): nibble p's magnitude is that of
+    k = 128 j + 32 g + 4 c + (0,1,2,3,16,17,18,19)[p], its sign bit that of
+    k = 128 j + 32 g + 4 c + (16,0,17,1,18,2,19,3)[p]: what `_fp4_word_asm` decodes, a thread's
+    4 groups of a chunk in one 16-byte vector."""
     gen = torch.Generator().manual_seed(7)
-    codes = torch.randint(0, 16, (3, 64), generator=gen, dtype=torch.uint8)
+    codes = torch.randint(0, 16, (3, 256), generator=gen, dtype=torch.uint8)
     words = go.fragment_words(ref.pack_fp4(codes)).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    assert words.shape == (3, 8)
+    assert words.shape == (3, 32)
     for r in range(3):
-        for q in range(8):
-            g, c = divmod(q, 4)
+        for q in range(32):
+            j, c, g = q // 16, (q // 4) % 4, q % 4
             for p in range(8):
                 nib = (int(words[r, q]) >> (4 * p)) & 15
-                mk = 32 * g + 4 * c + (0, 1, 2, 3, 16, 17, 18, 19)[p]
-                sk = 32 * g + 4 * c + (16, 0, 17, 1, 18, 2, 19, 3)[p]
+                mk = 128 * j + 32 * g + 4 * c + (0, 1, 2, 3, 16, 17, 18, 19)[p]
+                sk = 128 * j + 32 * g + 4 * c + (16, 0, 17, 1, 18, 2, 19, 3)[p]
                 assert nib & 7 == int(codes[r, mk]) & 7
                 assert nib >> 3 == int(codes[r, sk]) >> 3
     assert torch.equal(go.fragment_codes(go.fragment_words(ref.pack_fp4(codes))), codes)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        go.fragment_words(torch.zeros(2, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        go.fragment_words(torch.zeros(2, 32, dtype=torch.int8))
+
+
+def test_far_groups_count():
+    """`WeightOperand.far_groups`: nonzero groups more than 11 binades below their row's largest
+    (their tables have subnormal entries: the kernels switch to the exact f16x2 tables); an
+    all-zero group does not count however far below it is; the table choice follows."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(1, 4, 256, generator=gen) * 1000
+    q = formats.quantize_weight(w.to(torch.bfloat16), "mxfp4")
+    op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8")
+    assert op.far_groups == 0 and fp4_table(op, interpreted=False) == "imad"
+    assert fp4_table(op, interpreted=True) == "int"
+    w[0, 1, 32:64] *= 2.0 ** -12          # d = 12: one far group
+    w[0, 2, 64:96] *= 2.0 ** -11          # d = 11: still normal tables
+    w[0, 3, 96:128] = 0.0                 # an all-zero group: d = 63, no value to decode
+    q = formats.quantize_weight(w.to(torch.bfloat16), "mxfp4")
+    op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8")
+    d = op.aux[0].to(torch.int64)
+    assert int(d[1, 1]) == 12 and int(d[2, 2]) in (10, 11, 12) and int(d[3, 3]) > go.FP4_IMAD_MAX_D
+    want = int(((d > go.FP4_IMAD_MAX_D) & (ref.unpack_fp4(q.data[0]).view(4, 8, 32) & 7).ne(0).any(-1)).sum())
+    assert op.far_groups == want and want >= 1
+    assert fp4_table(op, interpreted=False) == "f16"
 
 
 def test_prepare_weight_operand_kinds():
@@ -147,10 +173,12 @@ def test_prepare_weight_operand_kinds():
 # =================================================================================================
 @triton.jit
 def _weight_tiles_kernel(w_ptr, aux_ptr, tab_ptr, out_ptr, K: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+                         BLOCK_K: tl.constexpr, WARPS: tl.constexpr, TABLE: tl.constexpr):
     rows = tl.arange(0, ROWS).to(tl.int64)
+    vrows, vq = _frag_rows(0, ROWS, BLOCK_K, WARPS, ROWS, 0)
     for kt in range(0, K // BLOCK_K):
-        tile = _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, 0, 0, rows, kt, K, ROWS, BLOCK_K, "mxfp4", FAST)
+        tile = _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, 0, 0, rows, vrows, vq, kt, K, ROWS, BLOCK_K, "mxfp4",
+                                 WARPS, TABLE)
         cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], tile.to(tl.int8, bitcast=True))
 
@@ -176,13 +204,17 @@ def _device_and_fast():
     return "cuda", True
 
 
-def _check_weight_tiles(device, fast):
+def _check_weight_tiles(device, table, block_k=128, warps=4, far=True):
     gen = torch.Generator().manual_seed(3)
-    w = _far_groups(torch.randn(64, 512, generator=gen), 32, (2.0 ** -5, 2.0 ** -13, 2.0 ** -16))
+    w = torch.randn(64, 512, generator=gen)
+    if far:
+        w = _far_groups(w, 32, (2.0 ** -5, 2.0 ** -13, 2.0 ** -16))
     q = formats.quantize_weight(w.unsqueeze(0).to(torch.bfloat16), "mxfp4").to(device)
     op = go.prepare_weight_operand("mxfp4", q.data, q.scale, arch=90, act_format="fp8")
+    assert (op.far_groups > 0) == far
     out = torch.full((64, 512), 0x55, dtype=torch.int8, device=device)
-    _weight_tiles_kernel[(1,)](op.data, op.aux, op.table, out, K=512, ROWS=64, BLOCK_K=128, FAST=fast)
+    _weight_tiles_kernel[(1,)](op.data, op.aux, op.table, out, K=512, ROWS=64, BLOCK_K=block_k, WARPS=warps,
+                               TABLE=table, num_warps=warps)
     want, _ = ref.rebase_weight("mxfp4", q.data.cpu(), q.scale.cpu())
     got = out.cpu().view(torch.uint8)
     want = want[0].view(torch.uint8)
@@ -204,8 +236,10 @@ def _check_act_tiles(device, fast, fmt, group):
     assert bool(same.all()), f"{int((~same).sum())} bytes differ, first at {(~same).nonzero()[0].tolist()}"
 
 
-def test_weight_tile_bitwise():
-    _check_weight_tiles(*_device_and_fast())
+@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2)])
+def test_weight_tile_bitwise(block_k, warps):
+    device, fast = _device_and_fast()
+    _check_weight_tiles(device, "f16" if fast else "int", block_k, warps)
 
 
 @pytest.mark.parametrize("fmt,group", [("fp8", 32), ("fp8", 128), ("fp4", 32), ("fp4", 128)])
@@ -215,8 +249,10 @@ def test_act_tile_bitwise(fmt, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_weight_tile_bitwise_gpu():
-    _check_weight_tiles("cuda", True)
+@pytest.mark.parametrize("table,far", [("f16", True), ("imad", False), ("f16", False)])
+@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2)])
+def test_weight_tile_bitwise_gpu(table, far, block_k, warps):
+    _check_weight_tiles("cuda", table, block_k, warps, far)
 
 
 @pytest.mark.gpu

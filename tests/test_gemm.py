@@ -736,7 +736,8 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
 
 
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
-                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False,
+                    fp4_table: str = "imad"):
     """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw", act_rebased=act_rebased,
@@ -752,14 +753,16 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
               ACT_FORMAT=af, ACT_GROUP=g, HAS_CLAMP=True, ACT_REBASED=act_rebased,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder,
+              WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
-                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False):
+                    w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False,
+                    fp4_table: str = "imad"):
     """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw",
@@ -777,7 +780,8 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
               ACT_FORMAT=af, COMBINE_FORMAT=comb, ACT_REBASED=act_rebased,
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder)
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder,
+              WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
@@ -800,6 +804,8 @@ COMPILE_CASES = ([("l1", w, a, None, 90, 16) for w, a in COMBOS]
                     for bm in (16, 128) for w, kind in (("fp8", "fp8_rebased"), ("mxfp4", "fp8_rebased"),
                                                         ("mxfp4", "mxfp4"))]
                  + [("l2", "mxfp4", "fp8", "fp8", 90, 16, "mxfp4", "stream")]
+                 # 4-bit MXFP4 with far groups: the exact f16x2 tables
+                 + [(k, "mxfp4", "fp8", c, 90, 16, "mxfp4", "stream", "f16") for k, c in (("l1", None), ("l2", "bf16"))]
                  + [("l1", "fp8", "fp4", None, 90, 16, "fp8_block", "stream"),
                     ("l2", "fp8", "fp8", "fp8", 90, 128, "fp8_block", "stream")]
                  + [("l1", "mxfp4", a, None, 100, 16) for a in ("fp4", "fp8")]
@@ -810,7 +816,8 @@ def _case_id(case):
     k, w, a, c, arch, bm = case[:6]
     kind = f"-{case[6]}" if len(case) > 6 else ""
     stream = "-stream" if len(case) > 7 else ""
-    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}{kind}{stream}"
+    table = f"-{case[8]}" if len(case) > 8 else ""
+    return f"{k}-{w}x{a}{'-' + c if c else ''}-sm{arch}-bm{bm}{kind}{stream}{table}"
 
 
 @pytest.fixture(scope="module")
@@ -823,11 +830,12 @@ def compiled():
         kern, w, a, c, arch, bm = case[:6]
         kind = case[6] if len(case) > 6 else None
         stream = len(case) > 7
+        table = case[8] if len(case) > 8 else "imad"
         if kern == "l1":
-            sig, ce, opts = l1_compile_args(w, a, arch, bm, w_kind=kind, act_rebased=stream)
+            sig, ce, opts = l1_compile_args(w, a, arch, bm, w_kind=kind, act_rebased=stream, fp4_table=table)
             jobs.append(_compile.CompileJob(_l1_kernel, sig, ce, arch, **opts))
         else:
-            sig, ce, opts = l2_compile_args(w, a, c, arch, bm, w_kind=kind, act_rebased=stream)
+            sig, ce, opts = l2_compile_args(w, a, c, arch, bm, w_kind=kind, act_rebased=stream, fp4_table=table)
             jobs.append(_compile.CompileJob(_l2_kernel, sig, ce, arch, **opts))
     halves = [jobs[0::2], jobs[1::2]]
     try:

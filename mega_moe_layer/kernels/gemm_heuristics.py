@@ -42,7 +42,7 @@ class GroupedGemmConfig:
     Attributes:
         block_m: routed pairs per tile (the tile map's tile height; MMA N side).
         block_n: output columns per program (L1: columns of gate AND of up; MMA M side).
-        block_k: reduction step (always 128).
+        block_k: reduction step: 128, or 256 for 4-bit MXFP4 decode tiles on the streamed mainloop.
         group_m: tiles that share a band of programs sweeping all N blocks (L2-cache reuse of the
             x tiles and of an expert's weight slab at prefill sizes; irrelevant at decode).
         num_warps, num_stages: Triton launch options.
@@ -200,19 +200,27 @@ def _fp8_mainloop(fp8_mainloop: bool, arch: int, weight_format: str, act_format:
 STREAM_PROMOTE_L1 = 1
 _CHAIN = 1 << 20
 #: (num_warps, num_stages, ctas_per_sm) of the streamed mainloop's decode tiles with 4-bit MXFP4
-#: weights ("mxfp4" operand), L1 at 64 stacked rows and L2 at 64 rows. H200 (`bench_gemm.py
-#: --stream --stream-sweep`, docs/PERF.md), 8 / 1024 pairs: L1 59.3 / 422.5 us against 64.0 /
-#: 460.7 with 128 rows x 3 stages x 2 CTAs; L2 46.4 / 297.7 against 49.0 / 328.7 with 128 rows x
-#: 3 CTAs: more resident CTAs hide the decode's latency.
-FP4_STREAM_DECODE_L1 = (4, 4, 4)
-FP4_STREAM_DECODE_L2 = (4, 4, 4)
+#: weights ("mxfp4" operand), L1 at 64 stacked rows and L2 at 64 rows, 256 K per step
+#: (FP4_STREAM_DECODE_BLOCK_K). H200 (`scripts/probe_fp4_stream.py`, docs/PERF.md, fourth
+#: session), N 4096 K 7168, 8 / 64 experts x 16 tokens: 46.1 / 318.2 us at 3 stages against 50.5 /
+#: 327.3 at 4, 55.0 / 362.3 at 2 and 51.3 / 359.6 with 128 rows x 8 warps x 2 CTAs; 128 K per step
+#: 57.4 / 405.6 (a 4 KB stage of 4-bit words carries half an E4M3 stage's bytes).
+FP4_STREAM_DECODE_L1 = (4, 3, 4)
+FP4_STREAM_DECODE_L2 = (4, 3, 4)
+FP4_STREAM_DECODE_BLOCK_K = 256
 
 
-def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, promote: int) -> GroupedGemmConfig:
+def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, promote: int,
+                   block_k: int = GEMM_BLOCK_K) -> GroupedGemmConfig:
     num_warps, num_stages, ctas = decode if block_m <= 32 else prefill
-    return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=GEMM_BLOCK_K, group_m=8,
-                             num_warps=num_warps, num_stages=num_stages, ctas_per_sm=ctas,
+    return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=block_k if block_m <= 32 else GEMM_BLOCK_K,
+                             group_m=8, num_warps=num_warps, num_stages=num_stages, ctas_per_sm=ctas,
                              promote_steps=promote)
+
+
+def _fp4_block_k(k: int) -> int:
+    """K per step of 4-bit MXFP4 decode tiles: FP4_STREAM_DECODE_BLOCK_K where it divides K."""
+    return FP4_STREAM_DECODE_BLOCK_K if k % FP4_STREAM_DECODE_BLOCK_K == 0 else GEMM_BLOCK_K
 
 
 def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: str, act_format: str,
@@ -236,7 +244,7 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
             # 4-bit MXFP4 (fragment words decoded in registers): 64 stacked rows, one warpgroup,
             # 4 CTAs per SM, so that four CTAs' decode phases overlap each other's loads and MMAs.
             return _stream_config(block_m, 32, prefill=(4, 3, 2), decode=FP4_STREAM_DECODE_L1,
-                                  promote=STREAM_PROMOTE_L1)
+                                  promote=STREAM_PROMOTE_L1, block_k=_fp4_block_k(hidden))
         return _stream_config(block_m, 64 if block_m <= 32 else 32, prefill=(4, 3, 2), decode=(4, 4, 2),
                               promote=STREAM_PROMOTE_L1)
     block_n = 64  # I is a multiple of 128
@@ -289,8 +297,10 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
             # loop re-lays the decoded words through ~160 PRMT / ~116 shifts per step, promoted
             # 190), 64 rows, 4 CTAs per SM at decode; 128 rows where the FP8 combine needs them.
             if need_128:
-                return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 3), promote=1)
-            return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=FP4_STREAM_DECODE_L2, promote=1)
+                return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 3, 3), promote=1,
+                                      block_k=_fp4_block_k(intermediate))
+            return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=FP4_STREAM_DECODE_L2, promote=1,
+                                  block_k=_fp4_block_k(intermediate))
         if block_m > 32 and not need_128:
             return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=(4, 4, 2), promote=_CHAIN)
         return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 4, 2), promote=_CHAIN)

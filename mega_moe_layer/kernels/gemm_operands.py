@@ -37,8 +37,13 @@ import torch
 
 from . import reference as ref
 
-__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table", "fragment_words",
+__all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table", "fragment_words", "FP4_IMAD_MAX_D",
            "fragment_codes"]
+
+
+#: Largest offset index d at which every entry of an E2M1 -> E4M3 table (headroom 2**6) is a
+#: normal number: magnitude 0.5 x 2**(6 - d) >= 2**-6.
+FP4_IMAD_MAX_D = 11
 
 
 def uses_fp8_mma(arch: int, weight_format: str, act_format: str) -> bool:
@@ -78,9 +83,11 @@ def _inexact_lut() -> torch.Tensor:
     return (got != exact).reshape(-1)
 
 
-# Fragment words: word (n, 4 g + c) of a row holds the E2M1 codes of k = 32 g + {4c .. 4c+3} ("lo",
-# output bytes 0..3 of the decode) and 32 g + 16 + {4c .. 4c+3} ("hi"): the 8 values of one 32-group
-# that thread c of a quad holds in the m64nNk32 e4m3 wgmma's register operand. Nibble p's low 3 bits
+# Fragment words: word (n, 16 j + 4 c + g) of a row (j: 128-K chunk, g: 32-group in it) holds the
+# E2M1 codes of k = 128 j + 32 g + {4c .. 4c+3} ("lo", output bytes 0..3 of the decode) and
+# 128 j + 32 g + 16 + {4c .. 4c+3} ("hi"): the 8 values of one 32-group that thread c of a quad holds
+# in the m64nNk32 e4m3 wgmma's register operand, a thread's 4 groups of a chunk in one 16-byte
+# vector (`l1_gemm._fp4_frag_e4m3` loads them in the operand's layout). Nibble p's low 3 bits
 # are the magnitude of lo[p] (p < 4) / hi[p - 4]; its bit 3 a sign: nibbles 1, 3, 5, 7 carry lo 0..3's
 # (bits 7, 15, 23, 31: the E4M3 sign bits of the lo word as they stand), nibbles 0, 2, 4, 6 hi 0..3's.
 _FRAG_MAG_K = (0, 1, 2, 3, 16, 17, 18, 19)           # nibble p's magnitude: k offset (plus 4c)
@@ -90,7 +97,7 @@ _FRAG_SIGN_K = (16, 0, 17, 1, 18, 2, 19, 3)           # nibble p's sign bit: k o
 def _frag_index(k: int, device):
     """(mag_k, sign_k): int64 [K/8, 8] source k of each fragment word's nibble magnitude / sign."""
     q = torch.arange(k // 8, device=device)
-    base = (q // 4) * 32 + (q % 4) * 4
+    base = (q // 16) * 128 + (q % 4) * 32 + ((q // 4) % 4) * 4
     mag = base[:, None] + torch.tensor(_FRAG_MAG_K, device=device)[None, :]
     sign = base[:, None] + torch.tensor(_FRAG_SIGN_K, device=device)[None, :]
     return mag, sign
@@ -99,10 +106,10 @@ def _frag_index(k: int, device):
 def fragment_words(packed: torch.Tensor) -> torch.Tensor:
     """Packed MXFP4 bytes [..., N, K/2] (low nibble = even k) -> the same codes re-laid as fragment
     words (module comment above), returned as int8 [..., N, K/2] (the little-endian bytes of the
-    int32 words). K must be a multiple of 32."""
+    int32 words). K must be a multiple of 128."""
     k = packed.shape[-1] * 2
-    if k % 32:
-        raise ValueError(f"packed: expected K (2 x last dim) a multiple of 32, got {k}")
+    if k % 128:
+        raise ValueError(f"packed: expected K (2 x last dim) a multiple of 128, got {k}")
     codes = ref.unpack_fp4(packed.view(torch.uint8)).to(torch.int32)            # [..., N, K]
     mag_k, sign_k = _frag_index(k, packed.device)
     mag = codes[..., mag_k] & 7                                                  # [..., N, K/8, 8]
@@ -139,6 +146,10 @@ class WeightOperand:
     table: Optional[torch.Tensor]
     num_changed: int
     shape: tuple
+    #: "mxfp4": 32-groups more than FP4_IMAD_MAX_D below their row's largest scale holding a
+    #: nonzero value. Their E4M3 tables have subnormal entries: the kernels then compute every
+    #: table with f16x2 products (exact at every offset) instead of two IMAD (`l1_gemm.fp4_table`).
+    far_groups: int = 0
 
     @property
     def is_fp8_mma(self) -> bool:
@@ -185,16 +196,18 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
         e_row = e.amax(dim=2)                                              # [E, N]
         didx = (e_row[:, :, None] - e).clamp(0, 63).to(torch.uint8).contiguous()
         lut = _inexact_lut().to(data.device)
-        changed = 0
+        changed = far = 0
         for i in range(E):
             mag = ref.unpack_fp4(data[i]) & 7                              # [N, K]
             d = didx[i].to(torch.int64).repeat_interleave(32, dim=1)
             changed += int(lut[d * 8 + mag].sum())
+            nonzero = (mag != 0).view(N, -1, 32).any(dim=2)                # [N, K/32]
+            far += int((nonzero & (didx[i] > FP4_IMAD_MAX_D)).sum())
         row = ref.exp2_from_ue8m0(e_row - ref.REBASE_HEADROOM["mxfp4"]).contiguous()
         words = torch.empty_like(data, dtype=torch.int8)
         for i in range(E):
             words[i].copy_(fragment_words(data[i]))
-        return WeightOperand("mxfp4", fmt, words, didx, row, e2m1_table(data.device), changed, shape)
+        return WeightOperand("mxfp4", fmt, words, didx, row, e2m1_table(data.device), changed, shape, far)
     if fmt == "fp8":
         if not _is_pow2(scale):
             return WeightOperand("fp8_block", fmt, data, scale.float().contiguous(), None, None, 0, shape)

@@ -605,33 +605,63 @@ def _e2m1_table_f16(d):
 
 
 @triton.jit
-def _fp4_words_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
-                    K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
-    """MXFP4 fragment words (int8 data read as int32 words [N, K/8]; aux: the uint8 offset index d
-    per 32-group, read as one int32 per row and 128-K step) -> float8e4nv [BLOCK_R, BLOCK_K],
-    natural K order.
+def _frag_rows(row0, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WARPS: tl.constexpr, SPLIT: tl.constexpr,
+               SHIFT):
+    """Where each virtual row of `_fp4_frag_e4m3`'s [V, 16] word tile comes from: (weight row int64 [V],
+    128-K chunk int32 [V]), V = BLOCK_R * BLOCK_K / 128. v = lane + 8 w + 8 W (r + 2 (q + Q m)):
+    the coalesced layout of the tile gives bits 0-2 to the lanes (lane / 4 of the MMA fragment),
+    the next log2(W) to the warps and the rest to registers; the MMA's register operand wants tile
+    row t = lane + 8 r + 16 w + 16 W m (r: the thread's second row, m: the M repeat) and 128-K chunk
+    q of the step in registers. Tile rows from SPLIT on are stored SHIFT rows further (L1's up
+    rows); row0 is the first."""
+    Q: tl.constexpr = BLOCK_K // 128
+    v = tl.arange(0, BLOCK_R * Q)
+    lane = v % 8
+    w = (v // 8) % WARPS
+    r = (v // (8 * WARPS)) % 2
+    q = (v // (16 * WARPS)) % Q
+    m = v // (16 * WARPS * Q)
+    t = lane + 8 * r + 16 * w + 16 * WARPS * m
+    return (tl.where(t < SPLIT, t, t + SHIFT) + row0).to(tl.int64), q
 
-    The tile is built from the decoded words by join / permute / reshape only; the word order is
-    the register operand's, so on sm_90a it needs no data movement (the SASS has the words loaded
-    by LDSM and no shared-memory round trip of the expanded tile). Each word's table is computed
-    from its d where the word is (`_e2m1_table_f16`); the interpreter gathers it from `tab_ptr`."""
-    tl.static_assert(BLOCK_K == 128, "one int32 of offset indices per row and K step")
-    KB: tl.constexpr = BLOCK_K // 32
-    wcols = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + w_off // 4 + rows[:, None] * (K // 8) + wcols[None, :])
-    dw = tl.load(aux_ptr.to(tl.pointer_type(tl.int32)) + aux_off // 4 + rows * (K // 128) + kt)    # [R]
-    d = (tl.broadcast_to(dw[:, None], (BLOCK_R, BLOCK_K // 8))
-         >> (8 * (tl.arange(0, BLOCK_K // 8) // 4))[None, :]) & 0xFF                    # [R, BK/8]
-    if FAST:
-        tlo, thi = _e2m1_table_f16(d)
-        lo, hi = _fp4_word_asm(wd, tlo, thi)
-    else:
+
+@triton.jit
+def _fp4_frag_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, vrows, vq, kt,
+                   K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WARPS: tl.constexpr,
+                   TABLE: tl.constexpr):
+    """MXFP4 fragment words -> float8e4nv [BLOCK_R, BLOCK_K] (natural K order), decoded in the MMA's
+    register-operand layout: no shared-memory round trip of the expanded tile.
+
+    Per row, each 128-K chunk's 16 words are stored (c, g) (`gemm_operands.fragment_words`): word
+    4 c + g holds the codes of k = 32 g + 4 c + (0..3, 16..19). The step's words are loaded as a
+    [V, 16] tile of virtual rows (`_frag_rows`: vrows, vq): its coalesced layout (16 bytes = 4 g per
+    thread, c on lanes 0-1, the rows on lanes 2-4 and the warps) is the wgmma register operand's
+    (lane = 4 x row + c, k = 32 g + 16 h + 4 c + byte), so the reshape / join / permute below only
+    rename registers. Each thread's d bytes (uint8 per row and group) are loaded in the same
+    layout (c broadcast). TABLE: "imad" (two IMAD, exact while every entry is normal: d <= 11,
+    which the caller guarantees), "f16" (`_e2m1_table_f16`, exact for every d), "int" (the
+    interpreter: gathered from `tab_ptr`)."""
+    Q: tl.constexpr = BLOCK_K // 128
+    MR: tl.constexpr = BLOCK_R // (16 * WARPS)
+    col = tl.arange(0, 16)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + w_off // 4 + vrows[:, None] * (K // 8)
+                 + (kt * (BLOCK_K // 128) + vq)[:, None] * 16 + col[None, :])
+    d = tl.load(aux_ptr + aux_off + vrows[:, None] * (K // 32) + (kt * (BLOCK_K // 128) + vq)[:, None] * 4
+                + (col % 4)[None, :]).to(tl.int32)
+    if TABLE == "int":
         lo, hi = _fp4_word_int(wd, tl.load(tab_ptr + d))
-    j = tl.permute(tl.join(tl.reshape(lo, (BLOCK_R, KB, 4)), tl.reshape(hi, (BLOCK_R, KB, 4))),
-                   (0, 1, 3, 2))                                                       # [R, KB, 2, 4]
+    else:
+        if TABLE == "imad":
+            # E4M3 bytes of the magnitudes x 2**(6 - d) while normal: 0x60 + 8 (e - d) per entry
+            tlo = 0x6C686000 - d * 0x08080800
+            thi = 0x7C787470 - d * 0x08080808
+        else:
+            tlo, thi = _e2m1_table_f16(d)
+        lo, hi = _fp4_word_asm(wd, tlo, thi)
+    j = tl.reshape(tl.join(lo, hi), (MR, Q, 2, WARPS, 8, 4, 4, 2))                # [m, q, r, w, lane, c, g, h]
     b = tl.join(tl.join(j.to(tl.int8), (j >> 8).to(tl.int8)),
-                tl.join((j >> 16).to(tl.int8), (j >> 24).to(tl.int8)))                 # [..., b & 1, b >> 1]
-    b = tl.permute(b, (0, 1, 2, 3, 5, 4))
+                tl.join((j >> 16).to(tl.int8), (j >> 24).to(tl.int8)))          # [..., byte & 1, byte >> 1]
+    b = tl.permute(b, (0, 3, 2, 4, 1, 6, 7, 5, 9, 8))              # [m, w, r, lane, q, g, h, c, byte >> 1, byte & 1]
     return tl.reshape(b, (BLOCK_R, BLOCK_K)).to(tl.float8e4nv, bitcast=True)
 
 
@@ -679,14 +709,15 @@ def _act_tile_e4m3(x_ptr, sf_ptr, tab_ptr, rows64, row_ok, kt, e_row,
 
 
 @triton.jit
-def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt,
+def _weight_tile_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, vrows, vq, kt,
                       K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      W_KIND: tl.constexpr, FAST: tl.constexpr):
-    """Weight rows `rows` x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the
-    fragment words with the group's table (aux = uint8 offset index per 32-group,
-    `_fp4_words_e4m3`); "fp8_rebased" / "fp8_block" load the stored E4M3 bytes (natural order)."""
+                      W_KIND: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr):
+    """Weight rows x K tile `kt` -> float8e4nv [BLOCK_R, BLOCK_K]: "mxfp4" expands the fragment
+    words of virtual rows (vrows, vq) (`_frag_rows`, `_fp4_frag_e4m3`; aux = uint8 offset index per
+    32-group); "fp8_rebased" / "fp8_block" load the stored E4M3 bytes of `rows` (natural order)."""
     if W_KIND == "mxfp4":
-        tile = _fp4_words_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, rows, kt, K, BLOCK_R, BLOCK_K, FAST)
+        tile = _fp4_frag_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, vrows, vq, kt, K, BLOCK_R, BLOCK_K, WARPS,
+                              FP4_TABLE)
     else:
         cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tile = tl.load(w_ptr + w_off + rows[:, None] * K + cols[None, :])
@@ -707,9 +738,10 @@ def _mma8(a, b, acc, DOT_IN_F32: tl.constexpr):
 
 
 @triton.jit
-def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, a_ptr, a_rows64, a_ok,
+def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shift, a_ptr, a_rows64, a_ok,
                          K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         W_KIND: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr):
+                         W_SPLIT: tl.constexpr, W_KIND: tl.constexpr, WARPS: tl.constexpr,
+                         FP4_TABLE: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr):
     """acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the operands' row bases:
     the streamed FP8 mainloop (act rows already rebased to E4M3 where they landed, `rebase.py`).
 
@@ -723,13 +755,15 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, a_ptr,
     keeps the MMA in flight; promoting after every step still measured as fast in the layer's L1
     (`gemm_heuristics.STREAM_PROMOTE_L1`), where two CTAs per SM overlap each other's waits.
     "fp8_block" (block scales that are not powers of two) multiplies each 128-K partial product
-    by its scale.
+    by its scale. "mxfp4" reads the rows `_frag_rows(w_row0, ..., W_SPLIT, w_shift)` (= w_rows)
+    in the MMA register operand's order, 128 or 256 K per step.
     """
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    vrows, vq = _frag_rows(w_row0, BLOCK_R, BLOCK_K, WARPS, W_SPLIT, w_shift)
     if PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
         for kt in range(0, K // BLOCK_K):
-            w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, kt, K, BLOCK_R, BLOCK_K,
-                                   W_KIND, not DOT_IN_F32)
+            w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, vrows, vq, kt, K, BLOCK_R,
+                                   BLOCK_K, W_KIND, WARPS, FP4_TABLE)
             cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
             acc = _mma8(w8, tl.trans(a8), acc, DOT_IN_F32)
@@ -738,8 +772,8 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, a_ptr,
             part = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
             for kk in range(0, PROMOTE):
                 kt = kc * PROMOTE + kk
-                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, kt, K, BLOCK_R, BLOCK_K,
-                                       W_KIND, not DOT_IN_F32)
+                w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, vrows, vq, kt, K,
+                                       BLOCK_R, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
                 cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
                 a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
                 if W_KIND == "fp8_block":
@@ -779,7 +813,7 @@ def _l1_kernel(
     HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
+    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
 
@@ -844,8 +878,9 @@ def _l1_kernel(
             e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
         acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         if ACT_REBASED:
-            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, x_ptr, prow, row_ok,
-                                       HIDDEN, 2 * BLOCK_N, BLOCK_M, BLOCK_K, W_KIND, PROMOTE, DOT_IN_F32)
+            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N,
+                                       INTER - BLOCK_N, x_ptr, prow, row_ok, HIDDEN, 2 * BLOCK_N, BLOCK_M, BLOCK_K,
+                                       BLOCK_N, W_KIND, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32)
         elif W_KIND == "raw" or USE_DOT_SCALED:
             for kt in range(0, HIDDEN // BLOCK_K):
                 if USE_DOT_SCALED:
@@ -874,12 +909,13 @@ def _l1_kernel(
             # mantissa bits kept across additions, truncating), so each chunk's partial sum is
             # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
             # MMA additions in reduced precision; one wgmma wait per chunk).
+            vrows, vq = _frag_rows(pid_n * BLOCK_N, 2 * BLOCK_N, BLOCK_K, WARPS, BLOCK_N, INTER - BLOCK_N)
             for kc in range(0, HIDDEN // BLOCK_K // PROMOTE):
                 part = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for kk in tl.static_range(PROMOTE):
                     kt = kc * PROMOTE + kk
-                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, kt, HIDDEN,
-                                           2 * BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)
+                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, vrows, vq, kt, HIDDEN,
+                                           2 * BLOCK_N, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
                     x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
                                         BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
                     if W_KIND == "fp8_block":
@@ -1084,6 +1120,30 @@ def sf_words_p2(k: int, group: int) -> int:
     return triton.next_power_of_2(max(1, k // group // 4))
 
 
+def fp4_table(operand: Optional[WeightOperand], interpreted: bool) -> str:
+    """FP4_TABLE of a launch (`_fp4_frag_e4m3`): "int" in the interpreter; "imad" (two IMAD per
+    table, exact while every entry is normal) unless the operand has groups more than 11 below
+    their row's largest scale that hold a nonzero value (`WeightOperand.far_groups`), which take
+    the f16x2 tables, exact at every offset ("f16"; docs/PERF.md: 1.2x slower at decode)."""
+    if interpreted:
+        return "int"
+    return "f16" if operand is not None and operand.far_groups else "imad"
+
+
+def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: int, rows: int) -> None:
+    """block_k 128, or 256 for 4-bit MXFP4 on the streamed mainloop (K a multiple of 256); the
+    register-operand layout of `_frag_rows` needs 16 x num_warps to divide the weight rows."""
+    if config.block_k == 256 and not (w_kind == "mxfp4" and streamed and k % 256 == 0):
+        raise ValueError(f"config: block_k 256 needs 4-bit MXFP4 weights on the streamed FP8 mainloop and K "
+                         f"(= {k}) a multiple of 256, got weight kind {w_kind!r}"
+                         f"{'' if streamed else ' without rebased activations'}")
+    if config.block_k not in (128, 256):
+        raise ValueError(f"config: block_k must be 128 (or 256, see gemm_heuristics), got {config.block_k}")
+    if w_kind == "mxfp4" and rows % (16 * config.num_warps) != 0:
+        raise ValueError(f"config: {rows} weight rows per program must be a multiple of 16 x num_warps "
+                         f"(= {16 * config.num_warps}) for MXFP4 fragment words")
+
+
 def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
     """FP4_DECODER of a launch: the config's choice."""
     return config.fp4_decoder
@@ -1271,13 +1331,13 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                                 weight_kind=None if w13_operand is None else w13_operand.kind)
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
-    if inter % config.block_n != 0 or config.block_n % 32 != 0 or config.block_k != 128:
-        raise ValueError(f"config: block_n {config.block_n} must divide I = {inter} and be a multiple of 32; "
-                         f"block_k must be 128, got {config.block_k}")
+    if inter % config.block_n != 0 or config.block_n % 32 != 0:
+        raise ValueError(f"config: block_n {config.block_n} must divide I = {inter} and be a multiple of 32")
     _check_launch_device(device, _l1_kernel)
     w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
+    _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
     fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
@@ -1297,6 +1357,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             DOT_IN_F32=_is_interpreted(_l1_kernel), W_KIND=w_kind,
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None,
+            FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
+            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

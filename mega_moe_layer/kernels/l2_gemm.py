@@ -24,7 +24,8 @@ from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, 
                       _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
                       _check_operand_only, _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _quant_store_rows,
                       _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
-                      _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2)
+                      _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2, _check_block_k, _frag_rows,
+                      fp4_table)
 
 __all__ = ["l2_grouped_gemm"]
 
@@ -72,7 +73,7 @@ def _l2_kernel(
     USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
+    FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
 
@@ -125,8 +126,9 @@ def _l2_kernel(
             e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if ACT_REBASED:
-            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, h_ptr, rows64, row_ok,
-                                       INTER, BLOCK_N, BLOCK_M, BLOCK_K, W_KIND, PROMOTE, DOT_IN_F32)
+            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr,
+                                       rows64, row_ok, INTER, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND, WARPS,
+                                       FP4_TABLE, PROMOTE, DOT_IN_F32)
         elif W_KIND == "raw" or USE_DOT_SCALED:
             for kt in range(0, INTER // BLOCK_K):
                 if USE_DOT_SCALED:
@@ -153,12 +155,13 @@ def _l2_kernel(
             # mantissa bits kept across additions, truncating), so each chunk's partial sum is
             # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
             # MMA additions in reduced precision; one wgmma wait per chunk).
+            vrows, vq = _frag_rows(pid_n * BLOCK_N, BLOCK_N, BLOCK_K, WARPS, BLOCK_N, 0)
             for kc in range(0, INTER // BLOCK_K // PROMOTE):
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for kk in tl.static_range(PROMOTE):
                     kt = kc * PROMOTE + kk
-                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, kt, INTER,
-                                           BLOCK_N, BLOCK_K, W_KIND, not DOT_IN_F32)
+                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, vrows, vq, kt, INTER,
+                                           BLOCK_N, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
                     h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
                                         BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
                     if W_KIND == "fp8_block":
@@ -289,13 +292,14 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     if config.block_m != block_m:
         raise ValueError(f"config.block_m = {config.block_m} differs from block_m = {block_m} (the tile map's)")
     need_mult = _COMBINE_GROUP if combine_format == "fp8" else 32
-    if hidden % config.block_n != 0 or config.block_n % need_mult != 0 or config.block_k != 128:
+    if hidden % config.block_n != 0 or config.block_n % need_mult != 0:
         raise ValueError(f"config: block_n {config.block_n} must divide H = {hidden} and be a multiple of "
-                         f"{need_mult}; block_k must be 128, got {config.block_k}")
+                         f"{need_mult}")
     _check_launch_device(device, _l2_kernel)
     w_kind, w_data, w_aux, w_row, tab = _weight_launch_args(
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
+    _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
@@ -311,5 +315,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             PROMOTE=config.promote_for(inter),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
+            WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))
