@@ -310,18 +310,32 @@ STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1),
                    (16, 64, 4, 4, 4), (16, 64, 4, 6, 3), (16, 128, 4, 3, 4), (16, 128, 4, 5, 3), (128, 128, 8, 3, 2)]
 
 
+#: 4-bit MXFP4 ("mxfp4" operand): (block_m, block_n, num_warps, num_stages, ctas_per_sm, block_k).
+FP4_STREAM_SWEEP_L1 = [(16, 32, 4, 3, 4, 256), (16, 32, 4, 4, 4, 128), (32, 32, 4, 3, 4, 256), (32, 32, 4, 2, 4, 256),
+                       (32, 32, 4, 3, 3, 256), (32, 32, 4, 4, 4, 128), (32, 32, 4, 3, 4, 128), (32, 64, 4, 3, 2, 256),
+                       (128, 32, 4, 3, 2, 128), (128, 32, 4, 2, 2, 128), (128, 64, 8, 3, 1, 128)]
+FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 256), (32, 64, 4, 2, 4, 256),
+                       (32, 64, 4, 3, 3, 256), (32, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 128), (32, 128, 4, 3, 2, 256),
+                       (128, 64, 4, 4, 2, 128), (128, 64, 4, 3, 2, 128), (128, 128, 8, 3, 1, 128)]
+
+
 def stream_sweep(case: "Case", kern: str, iters: int) -> None:
     """Time the STREAM_SWEEP configs of the case's regime on the streamed path (case.stream set),
     each run through L1 + L2 and checked against the reference (error printed) first."""
     H, I, wf, af = case.H, case.I, case.w13.format, case.act_format
     own = case.block_m
-    for bm, bn, warps, stages, ctas in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2):
+    kind = case.stream[0].kind
+    if kind == "mxfp4":
+        entries = FP4_STREAM_SWEEP_L1 if kern == "l1" else FP4_STREAM_SWEEP_L2
+    else:
+        entries = [e + (gh.GEMM_BLOCK_K,) for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
+    for bm, bn, warps, stages, ctas, bk in entries:
         if (bm <= 32) != (own <= 32):
             continue
-        c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True)
-        c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True)
+        c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True, weight_kind=kind)
+        c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         var = dataclasses.replace(c1 if kern == "l1" else c2, block_n=bn, num_warps=warps, num_stages=stages,
-                                  ctas_per_sm=ctas)
+                                  ctas_per_sm=ctas, block_k=bk)
         c1, c2 = (var, c2) if kern == "l1" else (c1, var)
         try:
             case.retile(bm)
@@ -343,7 +357,8 @@ def stream_sweep(case: "Case", kern: str, iters: int) -> None:
 
 
 def _cfg_txt(cfg) -> str:
-    return f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm} p{cfg.promote_steps}"
+    return (f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm} "
+            f"p{cfg.promote_steps}")
 
 
 def sweep(case: Case, kern: str, base, iters: int, base_us: float):

@@ -205,8 +205,13 @@ _CHAIN = 1 << 20
 #: session), N 4096 K 7168, 8 / 64 experts x 16 tokens: 46.1 / 318.2 us at 3 stages against 50.5 /
 #: 327.3 at 4, 55.0 / 362.3 at 2 and 51.3 / 359.6 with 128 rows x 8 warps x 2 CTAs; 128 K per step
 #: 57.4 / 405.6 (a 4 KB stage of 4-bit words carries half an E4M3 stage's bytes).
+#: The layer's L1 / L2 (`bench_gemm.py --stream --stream-sweep`, same session): 8 pairs L1 43.9 /
+#: L2 32.2 us (128 K per step 52.9 / 33.5); at 32 pairs per tile the 3-stage tile of 32 x 256
+#: activations leaves room for 3 CTAs only (1024 pairs, 64 tiles: L1 356.4 us at 3 CTAs vs 401.9
+#: asking for 4; L2 226.7 vs 274.7): FP4_STREAM_DECODE_M32.
 FP4_STREAM_DECODE_L1 = (4, 3, 4)
 FP4_STREAM_DECODE_L2 = (4, 3, 4)
+FP4_STREAM_DECODE_M32 = (4, 3, 3)
 FP4_STREAM_DECODE_BLOCK_K = 256
 
 
@@ -243,7 +248,8 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         if weight_kind == "mxfp4" and block_m <= 32:
             # 4-bit MXFP4 (fragment words decoded in registers): 64 stacked rows, one warpgroup,
             # 4 CTAs per SM, so that four CTAs' decode phases overlap each other's loads and MMAs.
-            return _stream_config(block_m, 32, prefill=(4, 3, 2), decode=FP4_STREAM_DECODE_L1,
+            return _stream_config(block_m, 32, prefill=(4, 3, 2),
+                                  decode=FP4_STREAM_DECODE_L1 if block_m <= 16 else FP4_STREAM_DECODE_M32,
                                   promote=STREAM_PROMOTE_L1, block_k=_fp4_block_k(hidden))
         return _stream_config(block_m, 64 if block_m <= 32 else 32, prefill=(4, 3, 2), decode=(4, 4, 2),
                               promote=STREAM_PROMOTE_L1)
@@ -297,9 +303,11 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
             # loop re-lays the decoded words through ~160 PRMT / ~116 shifts per step, promoted
             # 190), 64 rows, 4 CTAs per SM at decode; 128 rows where the FP8 combine needs them.
             if need_128:
-                return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 3, 3), promote=1,
-                                      block_k=_fp4_block_k(intermediate))
-            return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=FP4_STREAM_DECODE_L2, promote=1,
+                # 128 rows x 256 K: 24 KB a stage at 16 pairs (3 CTAs fit), 28 KB at 32 (2 fit)
+                return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 3, 3 if block_m <= 16 else 2),
+                                      promote=1, block_k=_fp4_block_k(intermediate))
+            return _stream_config(block_m, 64, prefill=(4, 4, 2),
+                                  decode=FP4_STREAM_DECODE_L2 if block_m <= 16 else FP4_STREAM_DECODE_M32, promote=1,
                                   block_k=_fp4_block_k(intermediate))
         if block_m > 32 and not need_128:
             return _stream_config(block_m, 64, prefill=(4, 4, 2), decode=(4, 4, 2), promote=_CHAIN)
