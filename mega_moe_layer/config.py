@@ -44,13 +44,13 @@ class MegaMoEConfig:
             after the dispatch and h after L1 (`kernels/rebase.py`), weights rebased at load
             time; False the bf16 mainloop on operands dequantised in registers. None (default):
             True for FP8 and MXFP4 weights (H200: FP8 weights' GEMMs 2-5x faster; MXFP4 kept at 4
-            bits, expanded from re-laid fragment words in registers, 1.3-1.8x faster than the
+            bits, expanded from re-laid fragment words in registers, 1.5-2.0x faster than the
             bf16 mainloop; docs/PERF.md has every variant measured).
         hopper_fp4_as_fp8: MXFP4 weights on Hopper: keep them expanded to rebased E4M3 bytes (twice
             the memory of the packed weights: exact for groups within 2**8 of their row's largest
             scale) so the FP8 mainloop streams them like FP8 weights, with nothing to decode:
-            as fast as 4 bits at decode (H200, dsv3: T = 1-512 within 4-10%, 4 bits ahead), 1.21x
-            faster at T = 4096 (MMA bound); False (default) keeps 4 bits per weight.
+            slower than 4 bits at decode (H200, dsv3: T = 1-512 1.17-1.35x), 1.14x faster at
+            T = 4096 (MMA bound); False (default) keeps 4 bits per weight.
     """
 
     hidden: int

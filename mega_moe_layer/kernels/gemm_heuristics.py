@@ -247,7 +247,7 @@ def l1_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         # promoting every step, 836 chained; the layer's L1 at 32768 pairs: 518).
         if weight_kind == "mxfp4" and block_m <= 32:
             # 4-bit MXFP4 (fragment words decoded in registers): 64 stacked rows, one warpgroup,
-            # 4 CTAs per SM, so that four CTAs' decode phases overlap each other's loads and MMAs.
+            # 256 K per step at decode, 4 CTAs per SM at 16 pairs per tile (3 at 32: shared memory).
             return _stream_config(block_m, 32, prefill=(4, 3, 2),
                                   decode=FP4_STREAM_DECODE_L1 if block_m <= 16 else FP4_STREAM_DECODE_M32,
                                   promote=STREAM_PROMOTE_L1, block_k=_fp4_block_k(hidden))
@@ -301,7 +301,8 @@ def l2_gemm_config(block_m: int, hidden: int, intermediate: int, weight_format: 
         if weight_kind == "mxfp4":
             # 4-bit MXFP4: promoted after every K step like L1 (Triton 3.9's sm_90a SASS: a chained
             # loop re-lays the decoded words through ~160 PRMT / ~116 shifts per step, promoted
-            # 190), 64 rows, 4 CTAs per SM at decode; 128 rows where the FP8 combine needs them.
+            # 190), 64 rows x 256 K at decode (4 CTAs per SM, 3 at 32 pairs per tile); 128 rows
+            # where the FP8 combine needs them.
             if need_128:
                 # 128 rows x 256 K: 24 KB a stage at 16 pairs (3 CTAs fit), 28 KB at 32 (2 fit)
                 return _stream_config(block_m, 128, prefill=(8, 4, 1), decode=(4, 3, 3 if block_m <= 16 else 2),

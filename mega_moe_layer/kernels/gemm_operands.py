@@ -18,8 +18,10 @@ an 8-byte table per group, `table[d]` (`reference.e2m1_to_e4m3_tables`, headroom
 in registers on the GPU, `l1_gemm._e2m1_table_f16`), d = row exponent - group exponent (clamped
 to 63). The nibbles are re-laid once at load time (`fragment_words`, same byte count) so that
 one int32 word holds the 8 values one thread of the Hopper MMA's register operand needs from one
-32-group, arranged for a 7-instruction decode (`l1_gemm._fp4_words_e4m3`): one table per word,
-none per byte, and no byte shuffles to reach the MMA's operand order. FP8 block scales that are not powers of two
+32-group, arranged for a 7-instruction decode (`l1_gemm._fp4_frag_e4m3`), a thread's 4 groups of a
+128-K chunk in one 16-byte vector, loaded straight in the MMA register operand's layout: one table
+per word (two IMAD, or f16x2 products where `far_groups` > 0), no byte shuffles, no shared-memory
+round trip. FP8 block scales that are not powers of two
 (checkpoints from elsewhere) cannot be folded: "fp8_block" rescales each 128-K partial product
 (slower: the accumulator is touched every K step).
 
