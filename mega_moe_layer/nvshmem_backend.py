@@ -9,15 +9,17 @@
     4 fill       pull routed rows from every peer over NVLink into the pool; the pair arrays
     5 L1         grouped GEMM (+ SwiGLU, clamp, top-k weight, requantise h)   (`_run_l1`)
     6 L2         grouped GEMM; the epilogue stores y_k into the source rank's `combine` slot (`_run_l2`)
+                 (a two-height tile plan, `gemm_heuristics.TilePlan`, launches 5 and 6 twice each:
+                 the main tiles, then the tail tiles of the second map)
     7 barrier    "combine"
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
 Host time. Every launch is a `kernels._launch.Launcher` bound once (per token count or tile height
-where its grid or arguments depend on it). Only the stage kernel takes this call's tensors (x, the
+where its grid or arguments depend on it; the GEMMs per tile height and map). Only the stage kernel takes this call's tensors (x, the
 top-k arrays, and y's address, which it stores with T in `call_info`); kernels 2-8 read this
 object's buffers, the workspace and the weights (the combine finds y and T in `call_info`), so
-they are the same launches on every call with the same tile height: eager calls replay them as one
-CUDA graph per tile height (`_middle_graphs`, captured on the second call with that height; the
+they are the same launches on every call with the same tile plan: eager calls replay them as one
+CUDA graph per tile plan (`_middle_graphs`, captured on the second call with that plan; the
 first runs them directly and compiles them). An eager call is then two host launches (stage, the
 graph). While the caller's stream is being captured (the caller builds its own CUDA graph, e.g.
 `torch.compile(mode="reduce-overhead")`), kernels 2-8 are launched directly into that capture
@@ -48,6 +50,7 @@ from .kernels import dispatch as dispatch_k
 from .kernels import gemm_api
 from .kernels import sync as sync_k
 from .kernels._launch import Launcher
+from .kernels.gemm_api import TilePlan
 from .kernels.heuristics import pre_dispatch_config
 from .kernels.pre_dispatch import _pre_dispatch_kernel
 
@@ -85,6 +88,22 @@ def _experts_forward_fake(x, topk_idx, topk_weights, error_count, stats_last, st
                           handle):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bfloat16)
 
+
+
+#: Launch kernels 2-8 with programmatic dependent launch on Hopper+ (`Launcher.enable_pdl`): each
+#: kernel's launch overlaps the previous one's run (read when the launches are bound; the bench's
+#: --no-pdl turns it off to measure the difference).
+USE_PDL = True
+
+
+def _pdl_supported(arch: int) -> bool:
+    if arch < 90:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _data_scale(qw):
@@ -148,6 +167,9 @@ class NvshmemForward(CompiledForwardMixin):
         self.tile_expert = torch.full((self.max_tiles,), -1, **i32)
         self.tile_row_start = torch.zeros(self.max_tiles, **i32)
         self.num_tiles = torch.zeros(1, **i32)
+        #: the tail map of two-height plans (`gemm_heuristics.TilePlan`), same capacity
+        self.tail_maps = (torch.full((self.max_tiles,), -1, **i32), torch.zeros(self.max_tiles, **i32),
+                          torch.zeros(1, **i32))
         #: first row with an out-of-range id (validate=True), INT32_MAX when none
         self.bad_row = torch.full((1,), dispatch_k.INT32_MAX, **i32)
         self.timeout = sync_k.TimeoutInfo()
@@ -164,17 +186,20 @@ class NvshmemForward(CompiledForwardMixin):
         #: the streamed FP8 path (cfg.hopper_fp8_mainloop): rebased x / h buffers and their passes
         self.x_rebased = self.h_rebased = None
         self._rebase_x = self._rebase_h = None
-        self._l1_launch: Dict[int, Optional[Launcher]] = {}
-        self._l2_launch: Dict[int, Optional[Launcher]] = {}
-        #: kernels 2-8 as one CUDA graph per tile height (see the module docstring)
+        #: bound GEMM launches per (tile height, which map: False main / True tail)
+        self._l1_launch: Dict[Tuple[int, bool], Optional[Launcher]] = {}
+        self._l2_launch: Dict[Tuple[int, bool], Optional[Launcher]] = {}
+        #: kernels 2-8 as one CUDA graph per tile plan (see the module docstring)
         self.use_graphs = True
-        self._middle_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self._middle_graphs: Dict[TilePlan, torch.cuda.CUDAGraph] = {}
         self._middle_seen: set = set()
         # NOTE: read once here: a device query inside the forward is a data-dependent guard
         # under torch.compile (and host time in eager).
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        from .kernels.gemm_operands import uses_fp8_mma
         major, minor = torch.cuda.get_device_capability(device)
+        #: kernels 2-8 launched with programmatic dependent launch (`USE_PDL`)
+        self.pdl = USE_PDL and _pdl_supported(10 * major + minor)
+        from .kernels.gemm_operands import uses_fp8_mma
         #: the streamed FP8 path: the fill lists the pool rows it writes (rebased after it)
         self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format, cfg.act_format)
         self.recv_rows = self.recv_count = None
@@ -185,7 +210,7 @@ class NvshmemForward(CompiledForwardMixin):
         self._per_T: Dict[int, Tuple] = {}
         self._stage: Dict[Tuple, Launcher] = {}
         self._stage_update: Dict[Tuple, object] = {}      # Launcher.setter of each stage launch
-        self._count_plan: Dict[int, Launcher] = {}
+        self._count_plan: Dict[TilePlan, Launcher] = {}
         self._register()
 
     # ------------------------------------------------------------------ bound launches
@@ -193,45 +218,53 @@ class NvshmemForward(CompiledForwardMixin):
         cfg, ws, R = self.cfg, self.ws, self.num_ranks
         bar = dict(peer_bases=ws.peer_bases, signals_offset=self.off["signals"], rank=self.rank,
                    num_ranks=R, info=self.timeout, timeout_s=cfg.spin_timeout_s)
-        self._barrier_dispatch = Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="dispatch"))
-        self._barrier_combine = Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="combine"))
+        self._barrier_dispatch = self._chain(Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="dispatch")))
+        self._barrier_combine = self._chain(Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="combine")))
         self._kw = dict(rank=self.rank, num_ranks=R, num_local_experts=self.num_local_experts,
                         max_tokens=cfg.max_tokens_per_rank, topk=cfg.topk)
-        self._fill = Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
+        self._fill = self._chain(Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
             ws.peer_bases, self.off, self.expert_offsets, self.cursor, ws.view("pair_rows"),
             self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
             x_row_bytes=self.x_row_bytes, sf_row_bytes=self.sf_row_bytes,
             comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes,
-            recv_rows=self.recv_rows, recv_count=self.recv_count, **self._kw))
+            recv_rows=self.recv_rows, recv_count=self.recv_count, **self._kw)))
         # combine: y's address and T come from `call_info` (written by the call's stage kernel),
         # so one bound launch, or graph node, serves every call; min(T_max, SMs) programs per H
         # block stride over the rows. (y1 only gives H.)
         y1 = torch.empty(1, cfg.hidden, dtype=torch.bfloat16, device=self.device)
         fp8 = cfg.combine_format == "fp8"
-        self._combine = Launcher(combine_k._combine_kernel, *combine_k.combine_args(
+        self._combine = self._chain(Launcher(combine_k._combine_kernel, *combine_k.combine_args(
             ws.view("combine"), ws.view("combine_sf") if fp8 else None, ws.view("topk_idx"), y1,
             self.error_count, cfg.num_experts, call_info=self.call_info,
-            row_programs=max(1, min(cfg.max_tokens_per_rank, self.num_sms))))
+            row_programs=max(1, min(cfg.max_tokens_per_rank, self.num_sms)))))
 
-    def _count_plan_launcher(self, block_m: int) -> Launcher:
-        lc = self._count_plan.get(block_m)
+    def _chain(self, launch: Optional[Launcher]) -> Optional[Launcher]:
+        """A launch of kernels 2-8: with programmatic dependent launch where on (`USE_PDL`)."""
+        if launch is not None and self.pdl:
+            launch.enable_pdl()
+        return launch
+
+    def _count_plan_launcher(self, plan: TilePlan) -> Launcher:
+        lc = self._count_plan.get(plan)
         if lc is None:
-            lc = Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
+            tail = dict(tail_block_m=plan.tail_block_m, tail_max=plan.tail_max, tail_maps=self.tail_maps) \
+                if plan.has_tail else {}
+            lc = self._chain(Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
                 self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
                 self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
-                self.num_tiles, self.stats.last, self.stats.cumulative, block_m=block_m,
-                recv_count=self.recv_count, **self._kw))
-            self._count_plan[block_m] = lc
+                self.num_tiles, self.stats.last, self.stats.cumulative, block_m=plan.block_m,
+                recv_count=self.recv_count, **tail, **self._kw)))
+            self._count_plan[plan] = lc
         return lc
 
     def _plan_T(self, T: int) -> Tuple:
-        """(stage config, stage grid, block_m) for a call of T tokens (cached per T)."""
+        """(stage config, stage grid, tile plan) for a call of T tokens (cached per T)."""
         cfg = self.cfg
         pcfg = pre_dispatch_config(T, cfg.hidden, cfg.act_group_size, num_sms=self.num_sms,
                                    use_fp4=cfg.act_format == "fp4")
         grid = (pcfg.num_topk_programs(cfg.max_tokens_per_rank) + pcfg.num_x_programs(T),)
-        bm = gemm_api.block_m_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
-        plan = (pcfg, grid, bm)
+        tiles = gemm_api.tile_plan_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
+        plan = (pcfg, grid, tiles)
         self._per_T[T] = plan
         return plan
 
@@ -319,11 +352,11 @@ class NvshmemForward(CompiledForwardMixin):
                               wsmod.shared_scratch("rebased_h_e", (P,), i32, dev))
         count = self.expert_offsets[El:]                      # the device's pair count
         # x: the pool rows this call received, once each (the fill's list)
-        self._rebase_x = rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased, self.recv_count,
+        self._rebase_x = self._chain(rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased, self.recv_count,
                                          act_format=cfg.act_format, group=cfg.act_group_size,
-                                         rows=self.recv_rows, num_sms=self.num_sms, bind=True)
-        self._rebase_h = rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
-                                         act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True)
+                                         rows=self.recv_rows, num_sms=self.num_sms, bind=True))
+        self._rebase_h = self._chain(rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
+                                         act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True))
 
     def reset_graphs(self) -> None:
         """Drop the captured kernels 2-8 (they are recaptured when next used)."""
@@ -334,38 +367,41 @@ class NvshmemForward(CompiledForwardMixin):
         self.timeout.check()
 
     # ------------------------------------------------------------------ the GEMMs
-    def _run_l1(self, block_m: int) -> None:
-        # NOTE: one bound launch per tile height, validated when bound (every tensor it reads is a
-        # persistent buffer of this object, the workspace or the weights): no per-call checks.
-        launch = self._l1_launch.get(block_m, False)
+    def _run_l1(self, block_m: int, tail: bool = False) -> None:
+        # NOTE: one bound launch per (tile height, map), validated when bound (every tensor it reads
+        # is a persistent buffer of this object, the workspace or the weights): no per-call checks.
+        launch = self._l1_launch.get((block_m, tail), False)
         if launch is False:
-            launch = self._l1_launch[block_m] = self._bind_l1(block_m)
+            launch = self._l1_launch[block_m, tail] = self._chain(self._bind_l1(block_m, tail))
         if launch is not None:
             launch()
 
-    def _run_l2(self, block_m: int) -> None:
-        launch = self._l2_launch.get(block_m, False)
+    def _run_l2(self, block_m: int, tail: bool = False) -> None:
+        launch = self._l2_launch.get((block_m, tail), False)
         if launch is False:
-            launch = self._l2_launch[block_m] = self._bind_l2(block_m)
+            launch = self._l2_launch[block_m, tail] = self._chain(self._bind_l2(block_m, tail))
         if launch is not None:
             launch()
 
-    def _bind_l1(self, block_m: int):
+    def _tile_map(self, tail: bool):
+        return self.tail_maps if tail else (self.tile_expert, self.tile_row_start, self.num_tiles)
+
+    def _bind_l1(self, block_m: int, tail: bool):
         cfg, ws, g, w13 = self.cfg, self.ws, gemm_api, self.w13
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
-                          ws.view("pair_rows"), self.pair_weights, self.expert_offsets, self.tile_expert,
-                          self.tile_row_start, self.num_tiles, *_data_scale(w13), h,
+                          ws.view("pair_rows"), self.pair_weights, self.expert_offsets,
+                          *self._tile_map(tail), *_data_scale(w13), h,
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
                           block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased, bind=True)
 
-    def _bind_l2(self, block_m: int):
+    def _bind_l2(self, block_m: int, tail: bool):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
-                          self.tile_expert, self.tile_row_start, self.num_tiles, *_data_scale(w2),
+                          *self._tile_map(tail), *_data_scale(w2),
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
@@ -373,42 +409,47 @@ class NvshmemForward(CompiledForwardMixin):
                           bind=True)
 
     # ------------------------------------------------------------------ kernels 2-8
-    def _middle(self, bm: int) -> None:
-        """Launch kernels 2-8 (barrier, count+plan, fill, L1, L2, barrier, combine) for tile
-        height bm; the combine finds y and T in `call_info`."""
+    def _middle(self, plan: TilePlan) -> None:
+        """Launch kernels 2-8 (barrier, count+plan, fill, L1, L2, barrier, combine) for a tile
+        plan (a two-height plan launches each GEMM twice: main tiles, then tail tiles); the
+        combine finds y and T in `call_info`."""
         self._barrier_dispatch()
         # dispatch: count + plan, then pull rows and build the pairs
-        lc = self._count_plan.get(bm)
+        lc = self._count_plan.get(plan)
         if lc is None:
-            lc = self._count_plan_launcher(bm)
+            lc = self._count_plan_launcher(plan)
         lc()
         self._fill()
         # the expert GEMMs; L2 stores into the owners' combine slots (the streamed FP8 path
         # rebases x before L1 and h before L2)
         if self._rebase_x is not None:
             self._rebase_x()
-        self._run_l1(bm)
+        self._run_l1(plan.block_m)
+        if plan.has_tail:
+            self._run_l1(plan.tail_block_m, tail=True)
         if self._rebase_h is not None:
             self._rebase_h()
-        self._run_l2(bm)
+        self._run_l2(plan.block_m)
+        if plan.has_tail:
+            self._run_l2(plan.tail_block_m, tail=True)
         self._barrier_combine()
         # combine reduce into this call's y
         self._combine()
 
-    def _run_middle(self, bm: int) -> None:
+    def _run_middle(self, plan: TilePlan) -> None:
         if torch.cuda.is_current_stream_capturing() or not self.use_graphs:
-            self._middle(bm)
+            self._middle(plan)
             return
-        g = self._middle_graphs.get(bm)
+        g = self._middle_graphs.get(plan)
         if g is None:
-            if bm not in self._middle_seen:       # first use: launch (and compile) directly
-                self._middle(bm)
-                self._middle_seen.add(bm)
+            if plan not in self._middle_seen:       # first use: launch (and compile) directly
+                self._middle(plan)
+                self._middle_seen.add(plan)
                 return
-            g = self._capture_middle(bm)
+            g = self._capture_middle(plan)
         g.replay()
 
-    def _capture_middle(self, bm: int) -> "torch.cuda.CUDAGraph":
+    def _capture_middle(self, plan: TilePlan) -> "torch.cuda.CUDAGraph":
         # NOTE: capture_begin / capture_end rather than `torch.cuda.graph(...)`, whose entry
         # synchronises the device, collects garbage and empties the allocator cache. Capturing
         # launches nothing; the graph reads and writes only persistent buffers (no allocation).
@@ -418,11 +459,11 @@ class NvshmemForward(CompiledForwardMixin):
         with torch.cuda.stream(side):
             g.capture_begin(capture_error_mode="thread_local")
             try:
-                self._middle(bm)
+                self._middle(plan)
             finally:
                 g.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self._middle_graphs[bm] = g
+        self._middle_graphs[plan] = g
         return g
 
     # ------------------------------------------------------------------ forward
@@ -435,7 +476,7 @@ class NvshmemForward(CompiledForwardMixin):
         plan = self._per_T.get(T)
         if plan is None:
             plan = self._plan_T(T)
-        pcfg, grid, bm = plan
+        pcfg, grid, tiles = plan
         # NOTE: y is a fresh tensor rather than a view of a persistent buffer: the caller owns y
         # (it may keep it across calls), and a custom op's output must not alias hidden state.
         y = torch.empty((T, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
@@ -451,7 +492,7 @@ class NvshmemForward(CompiledForwardMixin):
                 raise ValueError(f"topk_idx: row {bad} has an expert id outside "
                                  f"[-1, {self.cfg.num_experts}): {topk_idx[bad].tolist()}")
         # 2-8. dispatch, the expert GEMMs, combine (one CUDA graph replay in eager calls)
-        self._run_middle(bm)
+        self._run_middle(tiles)
         self.stats.num_calls += 1
         return y
 

@@ -365,6 +365,12 @@ def parse_args(argv=None):
                    help="also time the host side of an eager call with validate=True")
     p.add_argument("--out", default="bench_out", help="folder of the PNGs (and the JSON without --json)")
     p.add_argument("--json", default=None, help="path of the JSON (default: under --out)")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="GPU layer: launch kernels 2-8 without programmatic dependent launch "
+                        "(`nvshmem_backend.USE_PDL`), to measure what it gains")
+    p.add_argument("--single-height", action="store_true",
+                   help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
+                        "replaced by its single-height choice), to measure what the two-height plans gain")
     args = p.parse_args(argv)
     if args.host_iters < 30:
         p.error("--host-iters must be >= 30")
@@ -412,6 +418,12 @@ def time_maybe_graph(fn, iters, flush, try_graph, out=None, ref=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.single_height:
+        from mega_moe_layer.kernels import gemm_api
+        gemm_api.tile_plan_for = lambda T, K, E, R: gemm_api.TilePlan.single(gemm_api.block_m_for(T, K, E, R))
+    if args.no_pdl:
+        from mega_moe_layer import nvshmem_backend
+        nvshmem_backend.USE_PDL = False
     local = init_dist()
     rank, R = dist.get_rank(), dist.get_world_size()
     dg = None

@@ -370,6 +370,71 @@ def test_gemm_block_m_choices():
         gh.gemm_block_m(float("nan"))
 
 
+def test_gemm_tile_plan_choices():
+    """Two-height plans where one height pads badly (E 256 local experts, `TILE_COST`): decode
+    keeps one 16-row height; T 512 (16 per expert) adds 16-row tails to 32-row tiles; T 4096 (128)
+    cuts remainders of <= 32 pairs into 16-row tiles; the chosen plan never costs more than the
+    best single height."""
+    P = gh.TilePlan
+    got = {lam: gh.gemm_tile_plan(lam, 256) for lam in (0, 0.03, 4, 16, 128)}
+    assert got == {0: P(16, 16, 0), 0.03: P(16, 16, 0), 4: P(16, 16, 0), 16: P(32, 16, 16), 128: P(128, 16, 32)}
+    for lam in (0.5, 4, 12, 16, 24, 48, 64, 96, 128, 300):
+        plan = gh.gemm_tile_plan(lam, 256)
+        single = gh.gemm_block_m(lam)
+        cost = 256 * gh._expected_plan_cost(round(lam, 3), plan) + (gh.TAIL_LAUNCH_COST if plan.has_tail else 0)
+        assert cost <= 256 * gh._expected_plan_cost(round(lam, 3), P.single(single)) + 1e-9, (lam, plan)
+        if plan.has_tail:        # a tail tile set is cheaper than the main tile it replaces
+            k = -(-plan.tail_max // plan.tail_block_m)
+            assert k * gh.TILE_COST[plan.tail_block_m] < gh.TILE_COST[plan.block_m], plan
+    # one local expert: the launches cost more than the padding saves
+    assert not gh.gemm_tile_plan(16, 1).has_tail
+    assert gh.split_counts(150, P(128, 16, 32)) == (1, 2)
+    assert gh.split_counts(170, P(128, 16, 32)) == (2, 0)
+    assert gh.split_counts(100, P(128, 16, 32)) == (1, 0)
+    assert gh.split_counts(256, P(128, 16, 32)) == (2, 0)
+    assert gh.split_counts(0, P(128, 16, 32)) == (0, 0)
+    for bad in (dict(block_m=48, tail_block_m=16), dict(block_m=32, tail_block_m=64),
+                dict(block_m=32, tail_block_m=16, tail_max=32), dict(block_m=32, tail_block_m=32, tail_max=4)):
+        with pytest.raises(ValueError, match="TilePlan"):
+            P(**bad)
+    with pytest.raises(ValueError, match="num_local_experts"):
+        gh.gemm_tile_plan(4, 0)
+
+
+def test_build_tile_map_two_heights():
+    """The torch tile maps of a two-height plan against `split_counts`, expert by expert, and
+    every pair in exactly one tile."""
+    g = torch.Generator().manual_seed(3)
+    i32 = dict(dtype=torch.int32)
+    for plan in (gh.TilePlan(128, 16, 32), gh.TilePlan(32, 16, 16), gh.TilePlan(64, 32, 32)):
+        counts = torch.randint(0, 3 * plan.block_m, (13,), generator=g)
+        counts[3] = 0
+        counts[4] = plan.block_m + plan.tail_max
+        off = torch.zeros(14, dtype=torch.int64)
+        off[1:] = counts.cumsum(0)
+        mt = gh.max_tiles(int(off[-1]), 13, 16)
+        main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+        tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+        build_tile_map(off, plan.block_m, mt, *main, tail_block_m=plan.tail_block_m, tail_max=plan.tail_max,
+                       tail_out=tail)
+        cover = torch.zeros(int(off[-1]), dtype=torch.int32)
+        per_e = torch.zeros(13, 2, dtype=torch.int64)
+        for k, ((te, trs, nt), h) in enumerate(((main, plan.block_m), (tail, plan.tail_block_m))):
+            assert bool((te[int(nt):] == -1).all()) and bool((trs[int(nt):] == 0).all())
+            for j in range(int(nt)):
+                e = int(te[j])
+                per_e[e, k] += 1
+                lo, hi = int(trs[j]), min(int(trs[j]) + h, int(off[e + 1]))
+                assert int(off[e]) <= lo < hi
+                cover[lo:hi] += 1
+        assert bool((cover == 1).all())
+        assert [tuple(r) for r in per_e.tolist()] == [gh.split_counts(int(c), plan) for c in counts]
+    with pytest.raises(ValueError, match="tail_out"):
+        build_tile_map(off, 64, mt, *main, tail_block_m=32, tail_max=32)
+    with pytest.raises(ValueError, match="tail_max"):
+        build_tile_map(off, 64, mt, *main, tail_block_m=32, tail_max=64, tail_out=tail)
+
+
 def test_expected_tiles_matches_uniform_routing():
     """The Poisson estimate against the tiles of real uniform top-8 routing (bench.py's), CPU."""
     assert gh.expected_tiles(0, 16) == 0.0
@@ -915,6 +980,37 @@ def test_compiles(compiled, case):
         kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
         assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
         assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
+
+
+def test_gemms_compile_with_programmatic_dependent_launch():
+    """PDL=True (the layer's chained launches, `Launcher.enable_pdl`): the L1 / L2 decode kernels
+    wait for the previous grid and release the next one before anything else, and still run the
+    e4m3 wgmma with no spills; without it neither instruction is there."""
+    from mega_moe_layer.kernels import _compile
+
+    jobs = []
+    for pdl in (False, True):
+        sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="mxfp4", act_rebased=True)
+        jobs.append(_compile.CompileJob(_l1_kernel, sig, {**ce, "PDL": pdl}, 90, **opts))
+        sig, ce, opts = l2_compile_args("mxfp4", "fp8", "bf16", 90, 16, w_kind="mxfp4", act_rebased=True)
+        jobs.append(_compile.CompileJob(_l2_kernel, sig, {**ce, "PDL": pdl}, 90, **opts))
+    try:
+        ptx = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for p in ptx[:2]:
+        assert "griddepcontrol" not in p
+    for p in ptx[2:]:
+        wait, launch = p.find("griddepcontrol.wait"), p.find("griddepcontrol.launch_dependents")
+        assert 0 <= wait < launch, "wait for the previous grid, then release the next"
+        assert wait < p.find("ld.global"), "nothing is read before the wait"
+        wgmmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
+        assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
 
 
 def test_fp4_decoder_config_is_checked():

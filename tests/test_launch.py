@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from mega_moe_layer.kernels._launch import Launcher, fast_path_supported
+from mega_moe_layer.kernels.sync import pdl_enter
 
 
 @triton.jit(do_not_specialize=["scale"])
@@ -13,6 +14,16 @@ def _axpb_kernel(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr, ADD: tl.constexpr)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     tl.store(y_ptr + i, tl.load(x_ptr + i, mask=m) * scale + ADD, mask=m)
+
+
+@triton.jit
+def _shift_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """y[i] = x[i - 1] + 1 (reads what the previous launch wrote): a PDL chain link."""
+    if PDL:
+        pdl_enter()
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(y_ptr + i, tl.load(x_ptr + i - 1, mask=m & (i > 0), other=0) + 1, mask=m)
 
 
 def _dev():
@@ -124,3 +135,57 @@ def test_fast_path_matches_plain_and_is_taken():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y2, x * 2 + 4)
+
+
+def test_enable_pdl_binds_only_where_it_applies():
+    """enable_pdl binds PDL / launch_pdl for a compiled kernel with a PDL parameter; a kernel
+    without one, or Triton's interpreter, is left as it was."""
+    x, y = _case(64)
+    plain = Launcher(_axpb_kernel, (1,), (x, y, 64, 2), dict(BLOCK=64, ADD=0)).enable_pdl()
+    assert not plain.pdl and "PDL" not in plain.kwargs
+    chained = Launcher(_shift_kernel, (1,), (x, y, 64), dict(BLOCK=64)).enable_pdl()
+    if torch.cuda.is_available():
+        assert chained.pdl and chained.kwargs["PDL"] is True
+    else:                       # the interpreter: no griddepcontrol there
+        assert not chained.pdl and "PDL" not in chained.kwargs
+        chained()
+        assert torch.equal(y[1:], x[:-1] + 1) and int(y[0]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_pdl_chain_in_a_cuda_graph():
+    """Eight dependent launches with programmatic dependent launch, each reading the previous
+    one's output, direct and replayed from a CUDA graph: every link sees the whole previous
+    result (y = x shifted by 8, plus 8)."""
+    n, block = 1 << 16, 1024
+    bufs = [torch.arange(n, dtype=torch.int32, device="cuda")] + [torch.zeros(n, dtype=torch.int32, device="cuda")
+                                                                   for _ in range(8)]
+    links = [Launcher(_shift_kernel, (n // block,), (bufs[i], bufs[i + 1], n), dict(BLOCK=block)).enable_pdl()
+             for i in range(8)]
+    assert all(l.pdl for l in links)
+    expect = torch.arange(n, dtype=torch.int32, device="cuda") - 8 + 8
+    expect[:8] = torch.arange(1, 9, dtype=torch.int32, device="cuda")
+    for _ in range(2):                     # plain, then fast
+        for b in bufs[1:]:
+            b.zero_()
+        for l in links:
+            l()
+        torch.cuda.synchronize()
+        assert torch.equal(bufs[-1], expect)
+    assert all(l.is_fast for l in links)
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        g.capture_begin()
+        for l in links:
+            l()
+        g.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        for b in bufs[1:]:
+            b.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(bufs[-1], expect)

@@ -210,6 +210,38 @@ def test_repeated_calls_no_drift(env):
     assert torch.equal(y, y0), "200 back-to-back calls drifted"
 
 
+#: Tile plans forced onto one call (`gemm_heuristics.TilePlan`): one height, and two heights with
+#: tails of each smaller height (E 8, K 4, ~50 pairs per expert: most experts get tail tiles).
+PLANS = [(16, 16, 0), (128, 128, 0), (64, 16, 32), (128, 32, 64), (32, 16, 16), (128, 64, 127)]
+
+
+@pytest.mark.parametrize("wf,af,cf,as_fp8", [("mxfp4", "fp8", "bf16", False), ("fp8", "fp4", "fp8", False),
+                                             ("mxfp4", "fp8", "fp8", None)])
+def test_two_height_tile_plans(env, wf, af, cf, as_fp8):
+    """Every tile plan gives y within the GEMM tolerance of the reference (pairs in tail tiles
+    are computed by the tail launches, none twice or dropped), the same statistics, and the tail
+    map holds tiles where the plan has a tail. as_fp8 None: the bf16 mainloop (FP8 path off)."""
+    rank, R = env
+    if as_fp8 is None:
+        cfg = _cfg(R, weight_format=wf, act_format=af, combine_format=cf, hopper_fp8_mainloop=False)
+    else:
+        cfg = _streamed_cfg(R, wf, af, cf, as_fp8)
+    m = _layer(cfg)
+    gpu = m._backend
+    from mega_moe_layer.kernels.gemm_api import TilePlan
+    T = 100 + 3 * rank
+    for i, p in enumerate(PLANS):
+        plan = TilePlan(*p)
+        for t in {T} | {100 + 3 * r for r in range(R)}:
+            pcfg, grid, _ = gpu._plan_T(t)
+            gpu._per_T[t] = (pcfg, grid, plan)
+        for call in range(2):         # the second call replays the plan's graph
+            _run_and_check(cfg, rank, R, lambda r: 100 + 3 * r, seed=60 + i + 10 * call, mask_frac=0.1)
+        if plan.has_tail:
+            assert int(gpu.tail_maps[2]) > 0, f"{p}: no tail tiles"
+    gpu._per_T.clear()
+
+
 def test_two_layers_share_workspace(env):
     rank, R = env
     a = _cfg(R)

@@ -107,6 +107,20 @@ class Launcher:
         self._dns = ({p.name for p in kernel.params if getattr(p, "do_not_specialize", False)}
                      if self._is_jit else set())
 
+    def enable_pdl(self) -> "Launcher":
+        """Launch with programmatic dependent launch (Hopper+): the kernel must take a `PDL`
+        constexpr and call `sync.pdl_enter()` first when it is set; this binds PDL=True and the
+        launch option launch_pdl=True (cuLaunchKernelEx with programmatic stream serialisation;
+        captured into CUDA graphs as programmatic edges). A no-op for the interpreter or a kernel
+        without the parameter. Call before the first launch (the fast path is built from it)."""
+        if self._is_jit and self._names is not None and "PDL" in self._names and self._fast is None:
+            self.kwargs.update(PDL=True, launch_pdl=True)
+        return self
+
+    @property
+    def pdl(self) -> bool:
+        return bool(self.kwargs.get("launch_pdl", False))
+
     # ------------------------------------------------------------------ launching
     def __call__(self) -> None:
         f = self._fast

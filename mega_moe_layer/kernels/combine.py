@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sync import pdl_enter
+
 __all__ = ["combine_reduce"]
 
 
@@ -62,10 +64,12 @@ def _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, t64, hb, num_ex
 @triton.jit(do_not_specialize=["T"])
 def _combine_kernel(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, T, num_experts, info_ptr,
                     H: tl.constexpr, K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr,
-                    INFO_ON_DEVICE: tl.constexpr):
+                    INFO_ON_DEVICE: tl.constexpr, PDL: tl.constexpr = False):
     """Program (t, hb): row t, columns of H block hb. INFO_ON_DEVICE: y's address and T are read
     from info_ptr (int64 [2], written by this call's pre-dispatch; y_ptr and T unused) and the
     programs stride over the rows: one launch (or one CUDA-graph node) serves every token count."""
+    if PDL:
+        pdl_enter()
     hb = tl.program_id(1)
     if INFO_ON_DEVICE:
         y_dev = tl.load(info_ptr).to(tl.pointer_type(tl.int16))

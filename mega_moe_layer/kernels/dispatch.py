@@ -10,7 +10,7 @@ Two launches after the pre-dispatch barrier (both read every peer's `topk_idx`, 
 
 1. `_count_plan_kernel` (`dispatch_count_plan`): pairs per local expert (atomics) -> `counts`;
    the last program to finish (a ticket counter) turns them into everything the later stages
-   need: `expert_offsets` [E_local + 1], the GEMM tile map (`tile_expert`, `tile_row_start`,
+   need: `expert_offsets` [E_local + 1], the GEMM tile map(s) (`tile_expert`, `tile_row_start`,
    `num_tiles`, exactly as `l1_gemm.build_tile_map` defines them), the statistics (`last`,
    `cumulative`), and leaves `counts`, `cursor` and the ticket at zero for the fill and the next
    call. (`_count_kernel` / `dispatch_count` is the bare count, kept for tests.)
@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .sync import pdl_enter
 
 __all__ = ["dispatch_count", "dispatch_count_plan", "dispatch_fill"]
 
@@ -57,20 +59,52 @@ INT32_MAX = 2**31 - 1
 _INT32_MAX = tl.constexpr(INT32_MAX)
 
 
-@triton.jit(do_not_specialize=["block_m", "max_tiles"])
+@triton.jit
+def _write_tile_map(tiles, base, bm, e, em, El, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, max_tiles,
+                    BLOCK_TILES: tl.constexpr):
+    """One tile map (`l1_gemm._fill_tile_map`): tiles[e] tiles of bm rows from base[e]. Only the
+    rows [num_tiles, previous num_tiles) past the new count are cleared (to -1 / 0)."""
+    ends = tl.cumsum(tiles, axis=0)                         # inclusive
+    starts = ends - tiles
+    ends_m = tl.where(em, ends, _INT32_MAX)
+    total = tl.sum(tiles, axis=0)
+    nt = tl.minimum(total, max_tiles)
+    prev = tl.load(num_tiles_ptr)
+    tl.store(num_tiles_ptr, nt)
+    hi = tl.maximum(nt, prev)
+    for c0 in range(0, hi, BLOCK_TILES):
+        tt = c0 + tl.arange(0, BLOCK_TILES)
+        ex = tl.sum((ends_m[None, :] <= tt[:, None]).to(tl.int32), axis=1)   # searchsorted right
+        ex = tl.minimum(ex, El - 1)
+        onehot = e[None, :] == ex[:, None]
+        base_e = tl.sum(tl.where(onehot, base[None, :], 0), axis=1)
+        start_e = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
+        valid = tt < nt
+        tm = tt < hi
+        tl.store(tile_expert_ptr + tt, tl.where(valid, ex, -1), mask=tm)
+        tl.store(tile_row_start_ptr + tt, tl.where(valid, base_e + (tt - start_e) * bm, 0), mask=tm)
+
+
+@triton.jit(do_not_specialize=["block_m", "max_tiles", "tail_block_m", "tail_max", "tail_max_tiles"])
 def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_ptr, cursor_ptr,
                        tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, stats_last_ptr,
-                       stats_cum_ptr, recv_count_ptr, rank, El, Tmax, block_m, max_tiles,
+                       stats_cum_ptr, recv_count_ptr, tail_expert_ptr, tail_row_start_ptr, tail_num_ptr,
+                       rank, El, Tmax, block_m, max_tiles, tail_block_m, tail_max, tail_max_tiles,
                        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
-                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr, RECV_LIST: tl.constexpr):
+                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr, RECV_LIST: tl.constexpr,
+                       TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Count, then (last program only) plan. EP >= El is a power of two. RECV_LIST: also zero the
-    counter of the fill's list of received rows (`_fill_kernel`).
+    counter of the fill's list of received rows (`_fill_kernel`). TAIL: a two-height plan
+    (`gemm_heuristics.TilePlan`): remainders r = n % block_m with 0 < r <= tail_max go to tiles of
+    tail_block_m rows in the second map (`l1_gemm.build_tile_map`'s tail_out).
 
     Worked example (El = 3, block_m = 16, counts [3, 0, 37], 6 tile rows): offsets [0, 3, 3, 40],
     tiles per expert [1, 0, 3], tile_expert [0, 2, 2, 2, -1, -1], tile_row_start
     [0, 3, 19, 35, 0, 0], num_tiles [4]. Tile rows past num_tiles keep -1 / 0: only the rows
     [num_tiles, previous num_tiles) are cleared, so the arrays must start as -1 / 0.
     """
+    if PDL:
+        pdl_enter()
     s = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     _, _, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
@@ -96,26 +130,19 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
             tl.store(stats_last_ptr + e, c, mask=em)
             cum = tl.load(stats_cum_ptr + e, mask=em, other=0)
             tl.store(stats_cum_ptr + e, cum + c, mask=em)
-        tiles = (c + block_m - 1) // block_m
-        ends = tl.cumsum(tiles, axis=0)                     # inclusive
-        starts = ends - tiles
-        ends_m = tl.where(em, ends, _INT32_MAX)
-        total = tl.sum(tiles, axis=0)
-        nt = tl.minimum(total, max_tiles)
-        prev = tl.load(num_tiles_ptr)
-        tl.store(num_tiles_ptr, nt)
-        hi = tl.maximum(nt, prev)
-        for c0 in range(0, hi, BLOCK_TILES):
-            tt = c0 + tl.arange(0, BLOCK_TILES)
-            ex = tl.sum((ends_m[None, :] <= tt[:, None]).to(tl.int32), axis=1)   # searchsorted right
-            ex = tl.minimum(ex, El - 1)
-            onehot = e[None, :] == ex[:, None]
-            off_e = tl.sum(tl.where(onehot, excl[None, :], 0), axis=1)
-            start_e = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
-            valid = tt < nt
-            tm = tt < hi
-            tl.store(tile_expert_ptr + tt, tl.where(valid, ex, -1), mask=tm)
-            tl.store(tile_row_start_ptr + tt, tl.where(valid, off_e + (tt - start_e) * block_m, 0), mask=tm)
+        if TAIL:
+            full = c // block_m
+            r = c - full * block_m
+            use_tail = (r > 0) & (r <= tail_max)
+            main = full + ((r > 0) & (r > tail_max)).to(tl.int32)
+            tail = tl.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
+            _write_tile_map(main, excl, block_m, e, em, El, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+                            max_tiles, BLOCK_TILES)
+            _write_tile_map(tail, excl + full * block_m, tail_block_m, e, em, El, tail_expert_ptr,
+                            tail_row_start_ptr, tail_num_ptr, tail_max_tiles, BLOCK_TILES)
+        else:
+            _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, em, El, tile_expert_ptr,
+                            tile_row_start_ptr, num_tiles_ptr, max_tiles, BLOCK_TILES)
         if RECV_LIST:
             tl.store(recv_count_ptr, 0)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
@@ -128,7 +155,10 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
                  recv_rows_ptr, recv_count_ptr, rank, El, Tmax,
                  X_WORDS: tl.constexpr, SF_WORDS: tl.constexpr, COMB_ROW_BYTES: tl.constexpr,
                  COMB_SF_ROW_BYTES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, RECV_LIST: tl.constexpr):
+                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, RECV_LIST: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    if PDL:
+        pdl_enter()
     s = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     base, k, loc, is_local = _local_slots(peer_bases_ptr, s, idx_off, t, Tmax, rank, El, K, KP)
@@ -196,18 +226,30 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
                     tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
                     stats_last, stats_cumulative, *, rank: int, num_ranks: int,
                     num_local_experts: int, max_tokens: int, topk: int, block_m: int,
-                    block_t: int = 64, block_tiles: int = 64, recv_count=None):
+                    block_t: int = 64, block_tiles: int = 64, recv_count=None,
+                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None):
     """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call).
-    recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None)."""
+    recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None).
+    tail_block_m / tail_max / tail_maps (tile_expert, tile_row_start, num_tiles): the second map
+    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height."""
     El = num_local_experts
     stats = stats_last is not None
+    tail = tail_max > 0
+    if tail and (tail_maps is None or len(tail_maps) != 3 or not 1 <= tail_block_m <= block_m
+                 or tail_max >= block_m):
+        raise ValueError(f"count_plan_args: a tail (tail_max {tail_max}) needs tail_maps = (tile_expert, "
+                         f"tile_row_start, num_tiles) and 1 <= tail_block_m ({tail_block_m}) <= block_m "
+                         f"({block_m}) > tail_max")
+    te2, trs2, nt2 = tail_maps if tail else (tile_expert, tile_row_start, num_tiles)
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, topk_idx_offset, counts, ticket, expert_offsets, cursor, tile_expert,
             tile_row_start, num_tiles, stats_last if stats else counts,
-            stats_cumulative if stats else counts, recv_count if recv_count is not None else counts, rank, El,
-            max_tokens, block_m, tile_expert.numel())
+            stats_cumulative if stats else counts, recv_count if recv_count is not None else counts,
+            te2, trs2, nt2, rank, El, max_tokens, block_m, tile_expert.numel(),
+            tail_block_m if tail else block_m, tail_max, te2.numel())
     kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=triton.next_power_of_2(El),
-                  BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, num_warps=4)
+                  BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, TAIL=tail,
+                  num_warps=4)
     return grid, args, kwargs
 
 
@@ -222,7 +264,8 @@ def dispatch_count_plan(peer_bases: torch.Tensor, topk_idx_offset: int, counts: 
     tile_expert / tile_row_start int32 [max_tiles] and num_tiles int32 [1] (`build_tile_map`'s
     arrays for `block_m`; they must hold -1 / 0 / 0 before the first call), and, when given,
     stats_last = counts, stats_cumulative += counts (int32 [E_local]). Keyword arguments as
-    `dispatch_count` plus block_m (the GEMM tile height).
+    `dispatch_count` plus block_m (the GEMM tile height) and optionally a two-height plan's tail
+    (`count_plan_args`).
     """
     grid, args, kwargs = count_plan_args(peer_bases, topk_idx_offset, counts, ticket, expert_offsets,
                                          cursor, tile_expert, tile_row_start, num_tiles, stats_last,

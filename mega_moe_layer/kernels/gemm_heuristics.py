@@ -25,7 +25,8 @@ import math
 from typing import Optional
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
-           "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST"]
+           "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST",
+           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_LAUNCH_COST"]
 
 #: Tile heights the kernels are built for (the MMA N side: multiples of 16 up to 128).
 GEMM_BLOCK_MS = (16, 32, 64, 128)
@@ -160,6 +161,115 @@ def gemm_block_m(expected_pairs_per_expert: float) -> int:
         return GEMM_BLOCK_MS[0]
     cost = {bm: expected_tiles(lam, bm) * TILE_COST[bm] for bm in GEMM_BLOCK_MS}
     return min(GEMM_BLOCK_MS, key=lambda bm: (cost[bm], bm))
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """How a call cuts each local expert's pairs into GEMM tiles: two tile heights.
+
+    An expert with n pairs gets n // block_m full tiles of `block_m` rows; its remainder
+    r = n % block_m (if any) becomes ceil(r / tail_block_m) tiles of `tail_block_m` rows when
+    r <= tail_max, else one more (partly empty) `block_m` tile (`split_counts`). The two kinds are
+    two tile maps and two launches of each grouped GEMM (each launch's BLOCK_M is a compile-time
+    constant). tail_max == 0: one height, one launch (`tail_block_m` is then `block_m`).
+
+    Why: at T = 4096 over 256 experts (~128 +- 11 pairs each) one height of 128 computes 1.46x
+    the rows routed (half the experts need a second, mostly empty tile), and a tile costs about
+    the same whatever its height's fill; a 16-row tail tile costs under half a 128-row one.
+
+    Example: TilePlan(128, 16, 32): 150 pairs -> one 128-row tile + two 16-row tiles (rows 128-143,
+    144-149); 170 pairs -> two 128-row tiles (r = 42 > 32); 100 pairs -> one 128-row tile.
+    """
+
+    block_m: int
+    tail_block_m: int
+    tail_max: int = 0
+
+    def __post_init__(self):
+        for v, name in ((self.block_m, "block_m"), (self.tail_block_m, "tail_block_m")):
+            if v not in GEMM_BLOCK_MS:
+                raise ValueError(f"TilePlan.{name}: expected one of {GEMM_BLOCK_MS}, got {v!r}")
+        if self.tail_block_m > self.block_m:
+            raise ValueError(f"TilePlan: tail_block_m ({self.tail_block_m}) must be <= block_m ({self.block_m})")
+        if not 0 <= self.tail_max < self.block_m or (self.tail_max and self.tail_block_m == self.block_m):
+            raise ValueError(f"TilePlan.tail_max: expected 0 <= tail_max < block_m ({self.block_m}) and 0 "
+                             f"when tail_block_m == block_m; got {self.tail_max!r}")
+
+    @property
+    def has_tail(self) -> bool:
+        return self.tail_max > 0
+
+    @classmethod
+    def single(cls, block_m: int) -> "TilePlan":
+        return cls(block_m, block_m, 0)
+
+
+def split_counts(n: int, plan: TilePlan):
+    """(main tiles, tail tiles) of an expert with n pairs under `plan` (see `TilePlan`).
+    Example: split_counts(150, TilePlan(128, 16, 32)) == (1, 2)."""
+    full, r = divmod(int(n), plan.block_m)
+    if r == 0:
+        return full, 0
+    if r <= plan.tail_max:
+        return full, -(-r // plan.tail_block_m)
+    return full + 1, 0
+
+
+#: Expected cost (in `TILE_COST` units) of the tail launches themselves: two more kernels (the L1
+#: and L2 tails) in the call's graph, each ~3-4 us of launch, ramp and last wave on an H200, where
+#: the streamed mainloop's tiles cost about half their `TILE_COST` figure in us.
+TAIL_LAUNCH_COST = 16.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _expected_plan_cost(lam: float, plan: TilePlan) -> float:
+    """E[tile cost] of one expert with Poisson(lam) pairs under `plan`."""
+    if lam <= 0:
+        return 0.0
+    width = 12.0 * math.sqrt(lam) + 12.0
+    lo, hi = max(1, int(lam - width)), int(lam + width) + 1
+    log_lam = math.log(lam)
+    cm, ct = TILE_COST[plan.block_m], TILE_COST[plan.tail_block_m]
+    total = 0.0
+    for n in range(lo, hi + 1):
+        main, tail = split_counts(n, plan)
+        total += math.exp(n * log_lam - lam - math.lgamma(n + 1)) * (main * cm + tail * ct)
+    return total
+
+
+def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> TilePlan:
+    """The tile plan with the least expected GEMM time for a call (see `TilePlan`).
+
+    Candidates: every height alone (`gemm_block_m`'s choice) and every (block_m, smaller tail
+    height) pair, the tail taking remainders up to where its tiles stop being cheaper than one
+    more `block_m` tile (r <= tail height x the largest k with k TILE_COST[tail] < TILE_COST[block_m]).
+    Cost: local experts x `_expected_plan_cost` (Poisson counts, as `expected_tiles`), plus
+    `TAIL_LAUNCH_COST` for a plan with a tail. Ties go to one height, then to smaller heights.
+
+    Examples (256 local experts): 0.03 pairs per expert (T 1) -> one height 16; 4 (T 128) -> 16;
+    16 (T 512) -> 32 with 16-row tails for experts of <= 16 pairs; 128 (T 4096) -> 128 with 16-row
+    tails for remainders <= 32.
+    """
+    if not expected_pairs_per_expert >= 0:
+        raise ValueError(f"expected_pairs_per_expert: expected >= 0, got {expected_pairs_per_expert}")
+    if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int) or num_local_experts < 1:
+        raise ValueError(f"num_local_experts: expected a positive int, got {num_local_experts!r}")
+    lam = round(float(expected_pairs_per_expert), 3)
+    if lam == 0:
+        return TilePlan.single(GEMM_BLOCK_MS[0])
+    cands = [TilePlan.single(bm) for bm in GEMM_BLOCK_MS]
+    for bm in GEMM_BLOCK_MS:
+        for tb in GEMM_BLOCK_MS:
+            if tb >= bm:
+                continue
+            k = max(0, math.ceil(TILE_COST[bm] / TILE_COST[tb]) - 1)     # k tail tiles < one main tile
+            if k:
+                cands.append(TilePlan(bm, tb, min(bm - 1, k * tb)))
+
+    def cost(p: TilePlan):
+        return (num_local_experts * _expected_plan_cost(lam, p) + (TAIL_LAUNCH_COST if p.has_tail else 0.0),
+                p.has_tail, p.block_m, p.tail_block_m)
+    return min(cands, key=cost)
 
 
 def uses_dot_scaled(arch: int, weight_format: str, act_format: str) -> bool:

@@ -45,6 +45,7 @@ from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, 
                               uses_dot_scaled)
 from ._launch import Launcher
 from .gemm_operands import WeightOperand, e2m1_table, uses_fp8_mma
+from .sync import pdl_enter
 
 __all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
 
@@ -814,6 +815,7 @@ def _l1_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
 
@@ -839,6 +841,8 @@ def _l1_kernel(
       0x7C). It writes h columns 64..127 of rows 3..18 and bytes 2, 3 of each row's first scale
       word (groups 2, 3); item 1 writes bytes 0, 1.
     """
+    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
+        pdl_enter()
     NUM_N: tl.constexpr = INTER // BLOCK_N
     pid = tl.program_id(0)
     # NOTE: the count comes from the device; clamp it so a bad value never reads past the map.
@@ -958,7 +962,8 @@ def _l1_kernel(
 # =================================================================================================
 def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
                    out_tile_expert: torch.Tensor, out_tile_row_start: torch.Tensor,
-                   out_num_tiles: torch.Tensor) -> None:
+                   out_num_tiles: torch.Tensor, *, tail_block_m: Optional[int] = None, tail_max: int = 0,
+                   tail_out: Optional[tuple] = None) -> None:
     """Cut each local expert's pair segment into tiles of `block_m` positions (device ops only).
 
     Args:
@@ -968,13 +973,19 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
         out_tile_expert: int32 [max_tiles]: local expert of tile t, -1 for t >= num_tiles.
         out_tile_row_start: int32 [max_tiles]: position of tile t's first pair, 0 for t >= num_tiles.
         out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m), clamped to max_tiles.
+        tail_block_m, tail_max, tail_out: a two-height plan (`gemm_heuristics.TilePlan`): an
+            expert's remainder r = n_e % block_m with 0 < r <= tail_max goes to ceil(r /
+            tail_block_m) tiles of `tail_block_m` positions in a second map, tail_out = (tile_expert,
+            tile_row_start, num_tiles) with its own capacity (len(tile_expert)); the main map then
+            holds n_e // block_m tiles of that expert. tail_max 0 (default): one map.
 
     Tiles are in expert order; within an expert, in row order. No host synchronisation (the
     counts are read by torch ops on the device; temporaries come from the caching allocator, so
     the call is CUDA-graph capturable).
 
     Example: offsets [0, 3, 3, 40], block_m 16, max_tiles 6 -> tile_expert [0, 2, 2, 2, -1, -1],
-    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4].
+    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4]. Two heights: offsets [0, 150], block_m
+    128, tail_block_m 16, tail_max 32 -> main map [0] / [0] / [1], tail map [0, 0] / [128, 144] / [2].
     """
     if not isinstance(expert_offsets, torch.Tensor) or expert_offsets.dim() != 1 or expert_offsets.numel() < 2:
         raise ValueError("expert_offsets: expected a 1-D tensor [E_local + 1] with E_local >= 1")
@@ -984,26 +995,46 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
         raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
     if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
         raise ValueError(f"max_tiles: expected an int >= 0, got {max_tiles!r}")
-    for t, name, n in ((out_tile_expert, "out_tile_expert", max_tiles),
-                       (out_tile_row_start, "out_tile_row_start", max_tiles), (out_num_tiles, "out_num_tiles", 1)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (n,):
-            raise ValueError(f"{name}: expected int32 [{n}], got "
-                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.device != expert_offsets.device:
-            raise ValueError(f"{name}: expected device {expert_offsets.device}, got {t.device}")
-    num_experts = expert_offsets.numel() - 1
+    if isinstance(tail_max, bool) or not isinstance(tail_max, int) or not 0 <= tail_max < block_m:
+        raise ValueError(f"tail_max: expected an int in [0, block_m = {block_m}), got {tail_max!r}")
+    if tail_max:
+        if isinstance(tail_block_m, bool) or not isinstance(tail_block_m, int) or not 1 <= tail_block_m <= block_m:
+            raise ValueError(f"tail_block_m: expected an int in [1, block_m = {block_m}], got {tail_block_m!r}")
+        if not isinstance(tail_out, tuple) or len(tail_out) != 3 or not isinstance(tail_out[0], torch.Tensor):
+            raise ValueError("tail_out: expected (tile_expert, tile_row_start, num_tiles) tensors for tail_max > 0")
+    maps = [(max_tiles, (out_tile_expert, out_tile_row_start, out_num_tiles), "out_")]
+    if tail_max:
+        maps.append((tail_out[0].numel(), tail_out, "tail_out "))
+    for n, arrays, prefix in maps:
+        for t, name, rows in zip(arrays, ("tile_expert", "tile_row_start", "num_tiles"), (n, n, 1)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (rows,):
+                raise ValueError(f"{prefix}{name}: expected int32 [{rows}], got "
+                                 f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.device != expert_offsets.device:
+                raise ValueError(f"{prefix}{name}: expected device {expert_offsets.device}, got {t.device}")
     off = expert_offsets.to(torch.int64)
     counts = (off[1:] - off[:-1]).clamp_min(0)
-    tiles = (counts + (block_m - 1)) // block_m                               # [E]
+    full, r = counts // block_m, counts % block_m
+    use_tail = (r > 0) & (r <= tail_max)
+    main = full + ((r > 0) & ~use_tail).to(torch.int64)
+    _fill_tile_map(off[:-1], main, block_m, max_tiles, out_tile_expert, out_tile_row_start, out_num_tiles)
+    if tail_max:
+        tail = torch.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
+        _fill_tile_map(off[:-1] + full * block_m, tail, tail_block_m, tail_out[0].numel(), *tail_out)
+
+
+def _fill_tile_map(base, tiles, block_m, max_tiles, out_te, out_trs, out_nt) -> None:
+    """Tile t of expert e (tiles [E], in order) starts at base[e] + j block_m, j its index there."""
+    num_experts = tiles.numel()
     ends = torch.cumsum(tiles, 0)                                             # inclusive
-    t = torch.arange(max_tiles, device=off.device, dtype=torch.int64)
+    t = torch.arange(max_tiles, device=tiles.device, dtype=torch.int64)
     expert = torch.searchsorted(ends, t, right=True)                          # first e with ends[e] > t
     valid = expert < num_experts
     e_c = expert.clamp_max(num_experts - 1)
-    row_start = off[e_c] + (t - (ends - tiles)[e_c]) * block_m
-    out_tile_expert.copy_(torch.where(valid, e_c, -1))
-    out_tile_row_start.copy_(torch.where(valid, row_start, 0))
-    out_num_tiles.copy_(ends[-1:].clamp_max(max_tiles))
+    row_start = base[e_c] + (t - (ends - tiles)[e_c]) * block_m
+    out_te.copy_(torch.where(valid, e_c, -1))
+    out_trs.copy_(torch.where(valid, row_start, 0))
+    out_nt.copy_(ends[-1:].clamp_max(max_tiles))
 
 
 def _is_interpreted(kernel) -> bool:

@@ -20,6 +20,7 @@ import triton.language as tl
 from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from ._launch import Launcher
 from .gemm_operands import WeightOperand
+from .sync import pdl_enter
 from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
                       _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
                       _check_operand_only, _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _quant_store_rows,
@@ -74,6 +75,7 @@ def _l2_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
 
@@ -91,6 +93,8 @@ def _l2_kernel(
       Bytes 256..383 of each destination row get the E4M3 codes and byte 2 of its scale row the
       exponent 118 (word 0, little-endian byte 2); a pair whose address is 0 is skipped.
     """
+    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
+        pdl_enter()
     NUM_N: tl.constexpr = HIDDEN // BLOCK_N
     pid = tl.program_id(0)
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)

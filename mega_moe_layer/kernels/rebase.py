@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._launch import Launcher
 from .gemm_operands import e2m1_table
+from .sync import pdl_enter
 from .l1_gemm import (_act_tile_e4m3, _check_tensor, _device_num_sms, _is_interpreted, _launch_or_bind,
                       _call_args, _row_max_exponent, sf_words_p2)
 
@@ -41,9 +42,11 @@ __all__ = ["rebase_act_rows"]
 def _rebase_rows_kernel(src_ptr, sf_ptr, tab_ptr, dst_ptr, e_ptr, rows_ptr, count_ptr, max_rows,
                         K: tl.constexpr, GROUP: tl.constexpr, SF_WORDS: tl.constexpr, SF_WORDS_P2: tl.constexpr,
                         ACT_FORMAT: tl.constexpr, INDIRECT: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FAST: tl.constexpr):
+                        BLOCK_K: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False):
     """Rows i < min(count, max_rows) (row = rows_ptr[i] if INDIRECT else i): dst[row] = the rebased
     E4M3 bytes of src[row] (scales sf[row]), e[row] = its row exponent."""
+    if PDL:
+        pdl_enter()
     n = tl.minimum(tl.load(count_ptr), max_rows)
     NUM_K: tl.constexpr = K // BLOCK_K
     # Work items (block of BLOCK_R rows, one BLOCK_K chunk): a handful of rows (decode) still

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["symmetric_barrier", "PHASES", "TimeoutInfo"]
+__all__ = ["symmetric_barrier", "PHASES", "TimeoutInfo", "pdl_enter"]
 
 #: Phase ids written on timeout (index -> name), so the message names the phase.
 PHASES = ("dispatch", "combine", "test")
@@ -34,13 +34,27 @@ def _globaltimer():
 
 
 @triton.jit
+def pdl_enter():
+    """Programmatic dependent launch (`Launcher.enable_pdl`): wait until the previous kernel on
+    the stream has completed and its memory is visible (`griddepcontrol.wait`), then let the next
+    kernel launch (`griddepcontrol.launch_dependents`: its CTAs are scheduled once every CTA here
+    has passed this point, and wait in their own `pdl_enter`). Called first thing by every kernel
+    of the layer's chain (kernels 2-8): the launch latency of one overlaps the run of the other.
+    Both instructions are no-ops in a launch without the attribute. sm_90+ only."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _trap():
     tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _barrier_kernel(peer_bases_ptr, signals_off, info_ptr, rank, num_ranks, timeout_ns, phase,
-                    ARRIVE: tl.constexpr):
+                    ARRIVE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        pdl_enter()
     my_base = tl.load(peer_bases_ptr + rank)
     my_signals = (my_base + signals_off).to(tl.pointer_type(tl.int64))
     epoch = tl.load(my_signals + rank * 8 + 1) + 1
