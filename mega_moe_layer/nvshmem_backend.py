@@ -92,7 +92,10 @@ def _experts_forward_fake(x, topk_idx, topk_weights, error_count, stats_last, st
 
 #: Launch kernels 2-8 with programmatic dependent launch on Hopper+ (`Launcher.enable_pdl`): each
 #: kernel's launch overlaps the previous one's run (read when the launches are bound; the bench's
-#: --no-pdl turns it off to measure the difference).
+#: --no-pdl turns it off to measure the difference). NOTE: one rank only for now: measured and
+#: tested on 1 H200 (docs/PERF.md, 2026-12-03); the cross-GPU barriers under it wait for a
+#: multi-GPU run (every kernel waits for its predecessor's completion before it arrives, which
+#: should keep the ordering stream order gives, but that has not run on 2+ GPUs yet).
 USE_PDL = True
 
 
@@ -198,7 +201,7 @@ class NvshmemForward(CompiledForwardMixin):
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         major, minor = torch.cuda.get_device_capability(device)
         #: kernels 2-8 launched with programmatic dependent launch (`USE_PDL`)
-        self.pdl = USE_PDL and _pdl_supported(10 * major + minor)
+        self.pdl = USE_PDL and num_ranks == 1 and _pdl_supported(10 * major + minor)
         from .kernels.gemm_operands import uses_fp8_mma
         #: the streamed FP8 path: the fill lists the pool rows it writes (rebased after it)
         self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format, cfg.act_format)

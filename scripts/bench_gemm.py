@@ -311,15 +311,17 @@ STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1),
 
 
 #: 4-bit MXFP4 ("mxfp4" operand): (block_m, block_n, num_warps, num_stages, ctas_per_sm, block_k).
-FP4_STREAM_SWEEP_L1 = [(16, 32, 4, 3, 4, 256), (16, 32, 4, 4, 4, 128), (32, 32, 4, 3, 4, 256), (32, 32, 4, 2, 4, 256),
+FP4_STREAM_SWEEP_L1 = [(16, 32, 4, 3, 4, 256), (16, 32, 4, 4, 4, 256), (16, 64, 8, 3, 2, 256), (16, 32, 4, 4, 4, 128),
+                       (32, 32, 4, 3, 4, 256), (32, 32, 4, 2, 4, 256),
                        (32, 32, 4, 3, 3, 256), (32, 32, 4, 4, 4, 128), (32, 32, 4, 3, 4, 128), (32, 64, 4, 3, 2, 256),
-                       (128, 32, 4, 3, 2, 128), (128, 32, 4, 2, 2, 128), (128, 64, 8, 3, 1, 128)]
-FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 256), (32, 64, 4, 2, 4, 256),
+                       (128, 32, 4, 3, 2, 128), (128, 32, 4, 2, 2, 128), (128, 32, 4, 2, 2, 256), (128, 32, 4, 3, 2, 256)]
+FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 256), (16, 128, 4, 3, 3, 256), (16, 128, 8, 3, 2, 256),
+                       (16, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 256), (32, 64, 4, 2, 4, 256),
                        (32, 64, 4, 3, 3, 256), (32, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 128), (32, 128, 4, 3, 2, 256),
-                       (128, 64, 4, 4, 2, 128), (128, 64, 4, 3, 2, 128), (128, 128, 8, 3, 1, 128)]
+                       (128, 64, 4, 4, 2, 128), (128, 64, 4, 3, 2, 128), (128, 64, 4, 2, 2, 256), (128, 64, 4, 3, 2, 256)]
 
 
-def stream_sweep(case: "Case", kern: str, iters: int) -> None:
+def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
     """Time the STREAM_SWEEP configs of the case's regime on the streamed path (case.stream set),
     each run through L1 + L2 and checked against the reference (error printed) first."""
     H, I, wf, af = case.H, case.I, case.w13.format, case.act_format
@@ -330,7 +332,7 @@ def stream_sweep(case: "Case", kern: str, iters: int) -> None:
     else:
         entries = [e + (gh.GEMM_BLOCK_K,) for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
     for bm, bn, warps, stages, ctas, bk in entries:
-        if (bm <= 32) != (own <= 32):
+        if (bm <= 32) != (own <= 32) or (block_ms and bm not in block_ms):
             continue
         c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True, weight_kind=kind)
@@ -426,6 +428,8 @@ def main() -> None:
                    help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
+    p.add_argument("--stream-sweep-bms", default="",
+                   help="with --stream-sweep: only these tile heights' entries, e.g. 16")
     p.add_argument("--stream-promotes", default="",
                    help="with --stream: also time promotion every N K steps, e.g. 1,2,4 (error reported)")
     p.add_argument("--block-ms", default="",
@@ -522,7 +526,8 @@ def main() -> None:
                             print(f"    {kern} streamed ({name}) promote every {prom}: {pus:.1f} us, rel-RMSE "
                                   f"{perr:.2e}", flush=True)
                         if args.stream_sweep:
-                            stream_sweep(case, kern, args.iters)
+                            stream_sweep(case, kern, args.iters,
+                                         [int(v) for v in args.stream_sweep_bms.split(",") if v])
                     finally:
                         case.stream = None
                         case.l1()

@@ -1,6 +1,10 @@
 """Where the time of one GPU forward goes: kernel times from torch.profiler, per stage.
 
     python3 scripts/profile_forward.py --tokens 1 128 4096      (1 GPU, EP1, dsv3 shape)
+
+With programmatic dependent launch (the default, `nvshmem_backend.USE_PDL`) a kernel starts
+before its predecessor ends and waits for it, so its profiled time includes that wait: pass
+--no-pdl for per-kernel times (the whole-forward time is measured either way).
 """
 import argparse
 import socket
@@ -15,7 +19,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
     p.add_argument("--experts", type=int, default=64, help="E (all local on one GPU)")
+    p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     args = p.parse_args()
+    if args.no_pdl:
+        from mega_moe_layer import nvshmem_backend
+        nvshmem_backend.USE_PDL = False
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -160,6 +160,7 @@ def test_gpu_create_destroy_50_times_no_leak(gpu1):
     group, _, _ = gpu1
     nbytes = workspace_nbytes(CFG_LEAK, 1)
     SymmetricWorkspace(CFG_LEAK, group).destroy()  # warm-up: caches, NVSHMEM heap mappings
+    gc.collect()              # garbage of earlier tests in this process is not this test's to count
     torch.cuda.synchronize()
     free0, _ = torch.cuda.mem_get_info()
     alloc0 = torch.cuda.memory_allocated()

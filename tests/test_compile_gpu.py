@@ -137,14 +137,18 @@ def _check_launches(m, x, idx, w, n_kernels: int) -> None:
 def test_launches_per_forward(env):
     rank, R = env
     cfg = _cfg(R)
-    x, idx, w = (t.cuda() for t in make_inputs(cfg, 64, seed=3 + rank))
     hopper = torch.cuda.get_device_capability()[0] == 9
     # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds its two
-    # rebasing passes, inside the graph; the bf16 mainloop runs without them.
-    _check_launches(_moe(cfg, validate=False).experts, x, idx, w, 10 if hopper else 8)
-    _check_launches(_moe(_cfg(R, hopper_fp8_mainloop=False), validate=False).experts, x, idx, w, 8)
-    if hopper:
-        _check_launches(_moe(_cfg(R, **CFGS["fp8w"]), validate=False).experts, x, idx, w, 10)
+    # rebasing passes, inside the graph; the bf16 mainloop runs without them. A call whose tile
+    # plan has tails (`gemm_heuristics.TilePlan`) launches L1 and L2 once more each.
+    for T in (64, 2):
+        x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=3 + rank))
+        for c, streamed in ((cfg, hopper), (_cfg(R, hopper_fp8_mainloop=False), False),
+                            (_cfg(R, **CFGS["fp8w"]), hopper)):
+            m = _moe(c, validate=False).experts
+            tail = m._gpu._plan_T(T)[2].has_tail
+            assert tail == (T == 64), "T 64 (32 pairs per expert) has tails, T 2 none"
+            _check_launches(m, x, idx, w, 8 + 2 * streamed + 2 * tail)
 
 
 def test_eager_graphs_equal_direct_launches(env):

@@ -985,7 +985,8 @@ def test_compiles(compiled, case):
 def test_gemms_compile_with_programmatic_dependent_launch():
     """PDL=True (the layer's chained launches, `Launcher.enable_pdl`): the L1 / L2 decode kernels
     wait for the previous grid and release the next one before anything else, and still run the
-    e4m3 wgmma with no spills; without it neither instruction is there."""
+    e4m3 wgmma with no spills; without it neither instruction is there. sm_100a (compile only):
+    the same order ahead of the block-scaled tcgen05 MMA."""
     from mega_moe_layer.kernels import _compile
 
     jobs = []
@@ -994,10 +995,16 @@ def test_gemms_compile_with_programmatic_dependent_launch():
         jobs.append(_compile.CompileJob(_l1_kernel, sig, {**ce, "PDL": pdl}, 90, **opts))
         sig, ce, opts = l2_compile_args("mxfp4", "fp8", "bf16", 90, 16, w_kind="mxfp4", act_rebased=True)
         jobs.append(_compile.CompileJob(_l2_kernel, sig, {**ce, "PDL": pdl}, 90, **opts))
+    # Blackwell (compile only): the block-scaled path keeps its tcgen05 MMA under PDL too
+    sig, ce, opts = l1_compile_args("mxfp4", "fp8", 100, 16)
+    jobs.append(_compile.CompileJob(_l1_kernel, sig, {**ce, "PDL": True}, 100, **opts))
     try:
         ptx = _compile.compile_ptx_batch(jobs)
     except _compile.CompileUnavailable as exc:
         pytest.skip(str(exc))
+    sm100 = ptx.pop()
+    assert sm100.find("griddepcontrol.wait") < sm100.find("griddepcontrol.launch_dependents")
+    assert "griddepcontrol.wait" in sm100 and re.search(r"tcgen05\.mma\.[\w.:]*block_scale", sm100)
     for p in ptx[:2]:
         assert "griddepcontrol" not in p
     for p in ptx[2:]:

@@ -43,6 +43,23 @@ def _is_jit_function(kernel_fn) -> bool:
     return isinstance(kernel_fn, triton.runtime.jit.JITFunction)
 
 
+def _with_defaults(kernel_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any]) -> Dict[str, Any]:
+    """constexprs plus the default of every parameter given neither a type nor a value (e.g. a
+    `PDL: tl.constexpr = False` switch), as a launch without that argument would use."""
+    import inspect
+
+    fn = getattr(kernel_fn, "fn", kernel_fn)
+    out = dict(constexprs)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return out
+    for name, prm in params.items():
+        if name not in signature and name not in out and prm.default is not inspect.Parameter.empty:
+            out[name] = prm.default
+    return out
+
+
 def _full_signature(kernel_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any]) -> Dict[str, str]:
     """Validated {parameter: type} in parameter order, constexprs marked "constexpr"."""
     names = _arg_names(kernel_fn)
@@ -84,7 +101,7 @@ def compile_kernel(kernel_fn, signature: Mapping[str, str], constexprs: Optional
     if not _is_jit_function(kernel_fn):
         raise CompileUnavailable(f"{getattr(kernel_fn, '__name__', kernel_fn)!r} is an interpreter object "
                                  "(TRITON_INTERPRET=1): compile it with compile_ptx / compile_ptx_batch")
-    constexprs = dict(constexprs or {})
+    constexprs = _with_defaults(kernel_fn, signature, constexprs or {})
     sig = _full_signature(kernel_fn, signature, constexprs)
     if divisible_by_16 is None:
         divisible_by_16 = [k for k, v in sig.items() if v.startswith("*")]
@@ -102,7 +119,8 @@ class CompileJob(dict):
 
     def __init__(self, kernel_fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, Any]],
                  arch: int, divisible_by_16: Optional[Iterable[str]] = None, **options):
-        super().__init__(kernel_fn=kernel_fn, signature=dict(signature), constexprs=dict(constexprs or {}),
+        super().__init__(kernel_fn=kernel_fn, signature=dict(signature),
+                         constexprs=_with_defaults(kernel_fn, signature, constexprs or {}),
                          arch=int(arch), divisible_by_16=None if divisible_by_16 is None else list(divisible_by_16),
                          options=dict(options))
 
