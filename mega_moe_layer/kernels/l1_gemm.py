@@ -972,7 +972,8 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
         max_tiles: rows of the outputs, >= `max_tiles(max_pairs, E_local, block_m)`.
         out_tile_expert: int32 [max_tiles]: local expert of tile t, -1 for t >= num_tiles.
         out_tile_row_start: int32 [max_tiles]: position of tile t's first pair, 0 for t >= num_tiles.
-        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m), clamped to max_tiles.
+        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m) (with a tail: the main map's count),
+            clamped to max_tiles.
         tail_block_m, tail_max, tail_out: a two-height plan (`gemm_heuristics.TilePlan`): an
             expert's remainder r = n_e % block_m with 0 < r <= tail_max goes to ceil(r /
             tail_block_m) tiles of `tail_block_m` positions in a second map, tail_out = (tile_expert,
