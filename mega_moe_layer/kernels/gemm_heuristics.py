@@ -126,16 +126,17 @@ def expected_tiles(pairs_per_expert: float, block_m: int) -> float:
     Example: expected_tiles(16, 16) = 1.43 (about half the experts get > 16 pairs, so two tiles),
     expected_tiles(16, 32) = 1.00.
     """
-    lam = float(pairs_per_expert)
+    return _poisson_mean(float(pairs_per_expert), lambda n: -(-n // block_m))
+
+
+def _poisson_mean(lam: float, f) -> float:
+    """E[f(n)] for n ~ Poisson(lam) with f(0) = 0, summed over lam +- 12 sqrt(lam) + 12."""
     if lam <= 0:
         return 0.0
     width = 12.0 * math.sqrt(lam) + 12.0
-    lo, hi = max(0, int(lam - width)), int(lam + width) + 1
+    lo, hi = max(1, int(lam - width)), int(lam + width) + 1
     log_lam = math.log(lam)
-    total = 0.0
-    for n in range(max(lo, 1), hi + 1):
-        total += math.exp(n * log_lam - lam - math.lgamma(n + 1)) * (-(-n // block_m))
-    return total
+    return sum(math.exp(n * log_lam - lam - math.lgamma(n + 1)) * f(n) for n in range(lo, hi + 1))
 
 
 def gemm_block_m(expected_pairs_per_expert: float) -> int:
@@ -224,17 +225,12 @@ TAIL_LAUNCH_COST = 16.0
 @functools.lru_cache(maxsize=4096)
 def _expected_plan_cost(lam: float, plan: TilePlan) -> float:
     """E[tile cost] of one expert with Poisson(lam) pairs under `plan`."""
-    if lam <= 0:
-        return 0.0
-    width = 12.0 * math.sqrt(lam) + 12.0
-    lo, hi = max(1, int(lam - width)), int(lam + width) + 1
-    log_lam = math.log(lam)
     cm, ct = TILE_COST[plan.block_m], TILE_COST[plan.tail_block_m]
-    total = 0.0
-    for n in range(lo, hi + 1):
+
+    def cost(n):
         main, tail = split_counts(n, plan)
-        total += math.exp(n * log_lam - lam - math.lgamma(n + 1)) * (main * cm + tail * ct)
-    return total
+        return main * cm + tail * ct
+    return _poisson_mean(lam, cost)
 
 
 def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> TilePlan:
