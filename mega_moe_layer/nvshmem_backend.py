@@ -1,9 +1,9 @@
-"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: eight kernels per call.
+"""The GPU forward of `MegaMoEExperts(backend="nvshmem")`: eight kernels per call (six on one rank).
 
     1 stage      pre-dispatch: quantise x into the symmetric x slot (bf16: copy it), copy and pad
                  the top-k rows; with validate=True also find the first row with a bad expert id
                  (then the one device-to-host read of the call, before any collective step)
-    2 barrier    "dispatch"
+    2 barrier    "dispatch" (R > 1 only: one rank's stream order needs no barrier)
     3 count+plan pairs per local expert from every peer's top-k rows; the last program turns them
                  into expert offsets, the GEMM tile map and the statistics (`dispatch.py`)
     4 fill       pull routed rows from every peer over NVLink into the pool; the pair arrays
@@ -11,7 +11,7 @@
     6 L2         grouped GEMM; the epilogue stores y_k into the source rank's `combine` slot (`_run_l2`)
                  (a two-height tile plan, `gemm_heuristics.TilePlan`, launches 5 and 6 twice each:
                  the main tiles, then the tail tiles of the second map)
-    7 barrier    "combine"
+    7 barrier    "combine" (R > 1 only)
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
 Host time. Every launch is a `kernels._launch.Launcher` bound once (per token count or tile height
@@ -221,8 +221,16 @@ class NvshmemForward(CompiledForwardMixin):
         cfg, ws, R = self.cfg, self.ws, self.num_ranks
         bar = dict(peer_bases=ws.peer_bases, signals_offset=self.off["signals"], rank=self.rank,
                    num_ranks=R, info=self.timeout, timeout_s=cfg.spin_timeout_s)
-        self._barrier_dispatch = self._chain(Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="dispatch")))
-        self._barrier_combine = self._chain(Launcher(sync_k._barrier_kernel, *sync_k.barrier_args(**bar, phase="combine")))
+        # NOTE: one rank has no peer to wait for or to release: stream order alone orders its
+        # kernels (the stage's writes before the dispatch reads them, L2's combine-slot stores
+        # before the combine), so the two barriers are launched only for R > 1 (two launches and
+        # ~2 x 2 us less per call on one GPU).
+        self._barrier_dispatch = self._barrier_combine = None
+        if R > 1:
+            self._barrier_dispatch = self._chain(Launcher(sync_k._barrier_kernel,
+                                                          *sync_k.barrier_args(**bar, phase="dispatch")))
+            self._barrier_combine = self._chain(Launcher(sync_k._barrier_kernel,
+                                                         *sync_k.barrier_args(**bar, phase="combine")))
         self._kw = dict(rank=self.rank, num_ranks=R, num_local_experts=self.num_local_experts,
                         max_tokens=cfg.max_tokens_per_rank, topk=cfg.topk)
         self._fill = self._chain(Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
@@ -416,7 +424,8 @@ class NvshmemForward(CompiledForwardMixin):
         """Launch kernels 2-8 (barrier, count+plan, fill, L1, L2, barrier, combine) for a tile
         plan (a two-height plan launches each GEMM twice: main tiles, then tail tiles); the
         combine finds y and T in `call_info`."""
-        self._barrier_dispatch()
+        if self._barrier_dispatch is not None:
+            self._barrier_dispatch()
         # dispatch: count + plan, then pull rows and build the pairs
         lc = self._count_plan.get(plan)
         if lc is None:
@@ -435,7 +444,8 @@ class NvshmemForward(CompiledForwardMixin):
         self._run_l2(plan.block_m)
         if plan.has_tail:
             self._run_l2(plan.tail_block_m, tail=True)
-        self._barrier_combine()
+        if self._barrier_combine is not None:
+            self._barrier_combine()
         # combine reduce into this call's y
         self._combine()
 

@@ -12,7 +12,7 @@ from mega_moe_layer.kernels import gemm_api
 from mega_moe_layer.kernels._launch import Launcher
 
 
-def _run(dev, launcher_too):
+def _run(dev, launcher_too, block_j=0):
     R, El, K, Tmax = 2, 5, 3, 40
     cfg = mml.MegaMoEConfig(hidden=128, intermediate=128, num_experts=El * R, topk=K,
                             max_tokens_per_rank=Tmax)
@@ -52,7 +52,7 @@ def _run(dev, launcher_too):
             wss[r].view("topk_idx").copy_(idx.to(dev))
             all_idx.append(idx)
         kw = dict(rank=rank, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K, block_m=bm,
-                  block_t=16, block_tiles=8, recv_count=st["recv"])
+                  block_t=16, block_tiles=8, recv_count=st["recv"], block_j=block_j)
         if tmax:
             kw.update(tail_block_m=tbm, tail_max=tmax, tail_maps=(st["te2"], st["trs2"], st["nt2"]))
         st["recv"].fill_(17)          # the previous call's received-row count: zeroed here
@@ -102,8 +102,11 @@ def _run(dev, launcher_too):
             assert int(st[name].abs().sum()) == 0, f"{what}: {name} not reset"
 
 
-def test_count_plan_matches_torch_ops():
-    _run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), launcher_too=False)
+@pytest.mark.parametrize("block_j", [0, 2])
+def test_count_plan_matches_torch_ops(block_j):
+    """block_j 2: experts with more than two tiles (the skewed calls: 80 pairs on one expert) are
+    written over several rounds; 0: the default (one round here)."""
+    _run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), launcher_too=False, block_j=block_j)
 
 
 def test_count_plan_through_launcher():
@@ -121,7 +124,7 @@ def test_new_kernel_variants_compile_for_hopper_and_blackwell():
                   stats_cum_ptr="*i32", recv_count_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32,
                   tail_expert_ptr="*i32", tail_row_start_ptr="*i32", tail_num_ptr="*i32",
                   max_tiles=i32, tail_block_m=i32, tail_max=i32, tail_max_tiles=i32)
-    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_TILES=64, STATS=True, RECV_LIST=True, TAIL=True, PDL=True)
+    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_J=8, BLOCK_TILES=64, STATS=True, RECV_LIST=True, TAIL=True, PDL=True)
     pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
     pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",
               "out_sf_ptr": "*i8", "out_idx_ptr": "*i32", "out_w_ptr": "*i32", "num_tokens": i32,

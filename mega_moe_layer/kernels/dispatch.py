@@ -60,29 +60,32 @@ _INT32_MAX = tl.constexpr(INT32_MAX)
 
 
 @triton.jit
-def _write_tile_map(tiles, base, bm, e, em, El, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, max_tiles,
-                    BLOCK_TILES: tl.constexpr):
-    """One tile map (`l1_gemm._fill_tile_map`): tiles[e] tiles of bm rows from base[e]. Only the
-    rows [num_tiles, previous num_tiles) past the new count are cleared (to -1 / 0)."""
+def _write_tile_map(tiles, base, bm, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, max_tiles,
+                    BLOCK_J: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """One tile map (`l1_gemm._fill_tile_map`): tiles[e] tiles of bm rows from base[e] (tiles is 0
+    past the local experts). Each expert writes its own tiles, BLOCK_J at a time, for as many
+    rounds as the largest expert needs (one at decode: an [EP, BLOCK_J] store, not a search of
+    every tile among the experts). Only the rows [num_tiles, previous num_tiles) past the new count
+    are cleared (to -1 / 0)."""
     ends = tl.cumsum(tiles, axis=0)                         # inclusive
     starts = ends - tiles
-    ends_m = tl.where(em, ends, _INT32_MAX)
     total = tl.sum(tiles, axis=0)
     nt = tl.minimum(total, max_tiles)
     prev = tl.load(num_tiles_ptr)
     tl.store(num_tiles_ptr, nt)
-    hi = tl.maximum(nt, prev)
-    for c0 in range(0, hi, BLOCK_TILES):
+    most = tl.max(tiles, axis=0)
+    j = tl.arange(0, BLOCK_J)
+    for j0 in range(0, most, BLOCK_J):
+        jj = j0 + j
+        tt = starts[:, None] + jj[None, :]
+        ok = (jj[None, :] < tiles[:, None]) & (tt < max_tiles)
+        tl.store(tile_expert_ptr + tt, e[:, None] + 0 * jj[None, :], mask=ok)
+        tl.store(tile_row_start_ptr + tt, base[:, None] + jj[None, :] * bm, mask=ok)
+    for c0 in range(nt, prev, BLOCK_TILES):
         tt = c0 + tl.arange(0, BLOCK_TILES)
-        ex = tl.sum((ends_m[None, :] <= tt[:, None]).to(tl.int32), axis=1)   # searchsorted right
-        ex = tl.minimum(ex, El - 1)
-        onehot = e[None, :] == ex[:, None]
-        base_e = tl.sum(tl.where(onehot, base[None, :], 0), axis=1)
-        start_e = tl.sum(tl.where(onehot, starts[None, :], 0), axis=1)
-        valid = tt < nt
-        tm = tt < hi
-        tl.store(tile_expert_ptr + tt, tl.where(valid, ex, -1), mask=tm)
-        tl.store(tile_row_start_ptr + tt, tl.where(valid, base_e + (tt - start_e) * bm, 0), mask=tm)
+        m = tt < prev
+        tl.store(tile_expert_ptr + tt, tl.full((BLOCK_TILES,), -1, tl.int32), mask=m)
+        tl.store(tile_row_start_ptr + tt, tl.zeros((BLOCK_TILES,), tl.int32), mask=m)
 
 
 @triton.jit(do_not_specialize=["block_m", "max_tiles", "tail_block_m", "tail_max", "tail_max_tiles"])
@@ -91,7 +94,8 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
                        stats_cum_ptr, recv_count_ptr, tail_expert_ptr, tail_row_start_ptr, tail_num_ptr,
                        rank, El, Tmax, block_m, max_tiles, tail_block_m, tail_max, tail_max_tiles,
                        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
-                       BLOCK_TILES: tl.constexpr, STATS: tl.constexpr, RECV_LIST: tl.constexpr,
+                       BLOCK_J: tl.constexpr, BLOCK_TILES: tl.constexpr, STATS: tl.constexpr,
+                       RECV_LIST: tl.constexpr,
                        TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Count, then (last program only) plan. EP >= El is a power of two. RECV_LIST: also zero the
     counter of the fill's list of received rows (`_fill_kernel`). TAIL: a two-height plan
@@ -136,13 +140,13 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
             use_tail = (r > 0) & (r <= tail_max)
             main = full + ((r > 0) & (r > tail_max)).to(tl.int32)
             tail = tl.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
-            _write_tile_map(main, excl, block_m, e, em, El, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-                            max_tiles, BLOCK_TILES)
-            _write_tile_map(tail, excl + full * block_m, tail_block_m, e, em, El, tail_expert_ptr,
-                            tail_row_start_ptr, tail_num_ptr, tail_max_tiles, BLOCK_TILES)
+            _write_tile_map(main, excl, block_m, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+                            max_tiles, BLOCK_J, BLOCK_TILES)
+            _write_tile_map(tail, excl + full * block_m, tail_block_m, e, tail_expert_ptr,
+                            tail_row_start_ptr, tail_num_ptr, tail_max_tiles, BLOCK_J, BLOCK_TILES)
         else:
-            _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, em, El, tile_expert_ptr,
-                            tile_row_start_ptr, num_tiles_ptr, max_tiles, BLOCK_TILES)
+            _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, tile_expert_ptr,
+                            tile_row_start_ptr, num_tiles_ptr, max_tiles, BLOCK_J, BLOCK_TILES)
         if RECV_LIST:
             tl.store(recv_count_ptr, 0)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
@@ -227,11 +231,12 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
                     stats_last, stats_cumulative, *, rank: int, num_ranks: int,
                     num_local_experts: int, max_tokens: int, topk: int, block_m: int,
                     block_t: int = 64, block_tiles: int = 64, recv_count=None,
-                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None):
+                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None, block_j: int = 0):
     """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call).
     recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None).
     tail_block_m / tail_max / tail_maps (tile_expert, tile_row_start, num_tiles): the second map
-    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height."""
+    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height. block_j: tiles
+    per expert written per round (a power of two; 0: ~2048 / E_local, see below)."""
     El = num_local_experts
     stats = stats_last is not None
     tail = tail_max > 0
@@ -247,7 +252,10 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
             stats_cumulative if stats else counts, recv_count if recv_count is not None else counts,
             te2, trs2, nt2, rank, El, max_tokens, block_m, tile_expert.numel(),
             tail_block_m if tail else block_m, tail_max, te2.numel())
-    kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=triton.next_power_of_2(El),
+    EP = triton.next_power_of_2(El)
+    # NOTE: tile maps are written [EP, BLOCK_J] at a time (~2048 stores a round, one round unless
+    # an expert has more than BLOCK_J tiles).
+    kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=EP, BLOCK_J=block_j or max(1, 2048 // EP),
                   BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, TAIL=tail,
                   num_warps=4)
     return grid, args, kwargs

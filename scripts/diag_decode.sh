@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Where decode time goes (device machine, repository root, .whl carried): per-kernel times of one
+# forward (torch.profiler, no PDL) at T = 1 / 128 / 512 on one GPU (E 256, dsv3), then Nsight
+# Compute's speed-of-light, memory, warp-state and scheduler sections of the streamed 4-bit L1 and
+# L2 at T = 128 (`bench_gemm.py --stream`, routed case u128:256). Logs under $OUT.
+#
+#   OUT=/path bash scripts/diag_decode.sh [profile] [ncu]
+set -u -o pipefail
+WHAT="${*:-profile ncu}"
+OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi -L
+for w in $WHAT; do
+    case $w in
+        profile)
+            timeout -k 5 240 python3 scripts/profile_forward.py --tokens 1 128 512 --experts 256 --no-pdl \
+                > "$OUT/profile.log" 2>&1; echo "profile: exit $?"
+            grep -E '^T=|^===|_kernel' "$OUT/profile.log" | cut -c1-52,120-230 ;;
+        ncu)
+            timeout -k 5 300 ncu --clock-control none -k 'regex:_l[12]_kernel' --launch-skip 6 --launch-count 2 \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+                --section SchedulerStats --section Occupancy --section LaunchStats \
+                python3 scripts/bench_gemm.py --out "$OUT/ncu_bench.json" --cases u128:256 --formats mxfp4/fp8 \
+                --stream --stream-kinds mxfp4 --iters 20 > "$OUT/ncu.log" 2>&1; echo "ncu: exit $?"
+            grep -E '_kernel|Throughput|Duration|Stall|Issued|Eligible|Active Warps|Registers|Achieved|Waves|Bandwidth|Hit Rate|No Eligible' \
+                "$OUT/ncu.log" | head -90 ;;
+    esac
+done
