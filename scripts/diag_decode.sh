@@ -4,7 +4,9 @@
 # Compute's speed-of-light, memory, warp-state and scheduler sections of the streamed 4-bit L1 and
 # L2 at T = 128 (`bench_gemm.py --stream`, routed case u128:256). Logs under $OUT.
 #
-#   OUT=/path bash scripts/diag_decode.sh [profile] [ncu]
+#   OUT=/path bash scripts/diag_decode.sh [tests] [profile] [ncu]
+#
+# tests: the GPU tests of the forward's launches, count+plan, dispatch / combine, the layer.
 set -u -o pipefail
 WHAT="${*:-profile ncu}"
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
@@ -14,6 +16,11 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L
 for w in $WHAT; do
     case $w in
+        tests)
+            timeout -k 5 420 python3 -m pytest -q -x -p no:cacheprovider -m "not multigpu" \
+                tests/test_count_plan.py tests/test_dispatch_combine.py tests/test_compile_gpu.py \
+                tests/test_layer_gpu.py > "$OUT/tests.log" 2>&1; echo "tests: exit $?"
+            tail -n 15 "$OUT/tests.log" ;;
         profile)
             timeout -k 5 240 python3 scripts/profile_forward.py --tokens 1 128 512 --experts 256 --no-pdl \
                 > "$OUT/profile.log" 2>&1; echo "profile: exit $?"

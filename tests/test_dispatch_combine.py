@@ -183,7 +183,7 @@ def comm_ptx():
                       pair_dst_ptr=ptr64, pair_dst_sf_ptr=ptr64, recv_rows_ptr="*i32", recv_count_ptr="*i32",
                       rank=i32, El=i32, Tmax=i32),
                  dict(X_WORDS=1792, SF_WORDS=56, COMB_ROW_BYTES=14336, COMB_SF_ROW_BYTES=0, K=8, KP=8,
-                      BLOCK_T=4, CHUNK=512, RECV_LIST=True)),
+                      BLOCK_T=4, CHUNK=2048, SF_CHUNK=64, RECV_LIST=True)),
         "combine": (combine_k._combine_kernel,
                     dict(comb_ptr="*fp8e4nv", comb_sf_ptr="*i32", idx_ptr="*i32", y_ptr="*i16",
                          err_ptr="*i32", T=i32, num_experts=i32),
@@ -219,3 +219,8 @@ def test_comm_kernels_compile(comm_ptx, name, arch):
         assert "%globaltimer" in ptx and "trap;" in ptx
     if name in ("combine", "combine_dev"):
         assert "atom.global" in ptx or "red.global" in ptx, "error counter update"
+    if name == "combine":
+        # the error count is added once, after every load of the K rows: an atomic between them
+        # would chain the K loads one memory round trip each
+        atomics = [m.start() for m in re.finditer(r"(atom|red)\.global", ptx)]
+        assert len(atomics) == 1 and ptx.rfind("ld.global") < atomics[0], "one atomic, after the loads"

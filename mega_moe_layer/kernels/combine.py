@@ -40,6 +40,9 @@ def _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, t64, hb, num_ex
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = cols < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    num_bad = 0
+    # NOTE: no atomic inside the loop: one would order every later load after it (a possibly
+    # aliasing write), chaining the K row loads; counted here, added once below.
     for k in tl.static_range(K):
         e = tl.load(idx_ptr + t64 * K + k)
         valid = (e >= 0) & (e < num_experts)
@@ -55,10 +58,10 @@ def _combine_row(comb_ptr, comb_sf_ptr, idx_ptr, y_ptr, err_ptr, t64, hb, num_ex
         else:
             v = tl.load(comb_ptr + row + cols, mask=vm, other=0.0).to(tl.float32)
         acc += v
-        if hb == 0:
-            bad = (e < -1) | (e >= num_experts)
-            tl.atomic_add(err_ptr, 1, mask=bad, sem="relaxed")
+        num_bad += ((e < -1) | (e >= num_experts)).to(tl.int32)
     tl.store(y_ptr + t64 * H + cols, _bf16_rne_bits(acc), mask=cm)
+    if hb == 0:
+        tl.atomic_add(err_ptr, num_bad, mask=num_bad > 0, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T"])

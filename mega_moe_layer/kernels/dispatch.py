@@ -159,7 +159,7 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
                  recv_rows_ptr, recv_count_ptr, rank, El, Tmax,
                  X_WORDS: tl.constexpr, SF_WORDS: tl.constexpr, COMB_ROW_BYTES: tl.constexpr,
                  COMB_SF_ROW_BYTES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, RECV_LIST: tl.constexpr,
+                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, SF_CHUNK: tl.constexpr, RECV_LIST: tl.constexpr,
                  PDL: tl.constexpr = False):
     if PDL:
         pdl_enter()
@@ -201,8 +201,8 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
     if SF_WORDS > 0:
         src_sf = (base + xsf_off).to(tl.pointer_type(tl.int32))
         dst_sf = (my_base + pool_sf_off).to(tl.pointer_type(tl.int32))
-        for c0 in range(0, SF_WORDS, CHUNK):
-            c = c0 + tl.arange(0, CHUNK)
+        for c0 in range(0, SF_WORDS, SF_CHUNK):
+            c = c0 + tl.arange(0, SF_CHUNK)
             m = need[:, None] & (c < SF_WORDS)[None, :]
             v = tl.load(src_sf + t64[:, None] * SF_WORDS + c[None, :], mask=m)
             tl.store(dst_sf + r64[:, None] * SF_WORDS + c[None, :], v, mask=m)
@@ -287,7 +287,7 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
                   num_ranks: int,
                   num_local_experts: int, max_tokens: int, topk: int, x_row_bytes: int,
                   sf_row_bytes: int, comb_row_bytes: int, comb_sf_row_bytes: int,
-                  block_t: int = 4, chunk: int = 512, recv_rows=None, recv_count=None) -> None:
+                  block_t: int = 4, chunk: int = 0, recv_rows=None, recv_count=None) -> None:
     """Pull rows into the pool and write the expert-contiguous pair arrays (see module doc).
 
     my_base: this rank's workspace base address (host int, fixed at workspace creation).
@@ -307,11 +307,12 @@ def dispatch_fill(peer_bases: torch.Tensor, offsets: dict, expert_offsets: torch
 
 def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
               pair_dst_sf, *, my_base, rank, num_ranks, num_local_experts, max_tokens, topk,
-              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=512,
+              x_row_bytes, sf_row_bytes, comb_row_bytes, comb_sf_row_bytes, block_t=4, chunk=0,
               recv_rows=None, recv_count=None):
     """(grid, args, kwargs) of one `_fill_kernel` launch (arguments as `dispatch_fill`). recv_rows
     int32 [R T_max] / recv_count int32 [1] (zeroed by count+plan): the list of the pool rows this
-    call writes, or None."""
+    call writes, or None. chunk: int32 words of a row copied per step (0: the whole row up to 2048
+    words, i.e. an FP8 row of H <= 8192 in one step)."""
     assert (recv_rows is None) == (recv_count is None)
     assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
@@ -320,7 +321,12 @@ def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weigh
             offsets["recv_x_sf"], expert_offsets, cursor, pair_rows, pair_weights, pair_dst,
             pair_dst_sf, recv_rows if recv_rows is not None else pair_rows,
             recv_count if recv_count is not None else cursor, rank, num_local_experts, max_tokens)
+    # NOTE: each step's stores need its loads' data, so a row copied in n steps costs n memory
+    # round trips in a row (the next load issues after the previous store): at decode one program
+    # copies the few routed rows alone, so the whole FP8 row goes in one step (8 warps: 32 words
+    # a thread at 4 rows).
+    chunk = chunk or min(2048, triton.next_power_of_2(max(x_row_bytes, 4) // 4))
     kwargs = dict(X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
                   COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t,
-                  CHUNK=chunk, RECV_LIST=recv_rows is not None, num_warps=4)
+                  CHUNK=chunk, SF_CHUNK=min(chunk, triton.next_power_of_2(max(sf_row_bytes, 4) // 4)), RECV_LIST=recv_rows is not None, num_warps=8 if block_t * chunk >= 4096 else 4)
     return grid, args, kwargs
