@@ -60,18 +60,17 @@ _INT32_MAX = tl.constexpr(INT32_MAX)
 
 
 @triton.jit
-def _write_tile_map(tiles, base, bm, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, max_tiles,
+def _write_tile_map(tiles, base, bm, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, prev, max_tiles,
                     BLOCK_J: tl.constexpr, BLOCK_TILES: tl.constexpr):
     """One tile map (`l1_gemm._fill_tile_map`): tiles[e] tiles of bm rows from base[e] (tiles is 0
     past the local experts). Each expert writes its own tiles, BLOCK_J at a time, for as many
     rounds as the largest expert needs (one at decode: an [EP, BLOCK_J] store, not a search of
     every tile among the experts). Only the rows [num_tiles, previous num_tiles) past the new count
-    are cleared (to -1 / 0)."""
+    are cleared (to -1 / 0); prev: the count before this call (*num_tiles_ptr)."""
     ends = tl.cumsum(tiles, axis=0)                         # inclusive
     starts = ends - tiles
     total = tl.sum(tiles, axis=0)
     nt = tl.minimum(total, max_tiles)
-    prev = tl.load(num_tiles_ptr)
     tl.store(num_tiles_ptr, nt)
     most = tl.max(tiles, axis=0)
     j = tl.arange(0, BLOCK_J)
@@ -119,10 +118,18 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
     seen = tl.sum(tl.sum(tl.where(is_local, old, 0), axis=1), axis=0)
     inc = tl.where(seen < 0, 2, 1)                          # always 1: counts are never negative
     num_programs = tl.num_programs(0) * tl.num_programs(1)
+    # NOTE: what the last program reads besides the counts (written only by the previous call's
+    # last program, complete before this launch) is loaded by every program before the ticket,
+    # so that after it the last program waits for one memory round trip (the counts), not three.
+    e = tl.arange(0, EP)
+    em = e < El
+    if STATS:
+        cum = tl.load(stats_cum_ptr + e, mask=em, other=0)
+    prev = tl.load(num_tiles_ptr)
+    if TAIL:
+        prev_tail = tl.load(tail_num_ptr)
     ticket = tl.atomic_add(ticket_ptr, inc, sem="acq_rel")
     if ticket == num_programs - 1:
-        e = tl.arange(0, EP)
-        em = e < El
         c = tl.atomic_xchg(counts_ptr + e, 0, mask=em, sem="relaxed")   # read and reset
         c = tl.where(em, c, 0)
         incl = tl.cumsum(c, axis=0)
@@ -132,7 +139,6 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
         tl.store(cursor_ptr + e, 0, mask=em)
         if STATS:
             tl.store(stats_last_ptr + e, c, mask=em)
-            cum = tl.load(stats_cum_ptr + e, mask=em, other=0)
             tl.store(stats_cum_ptr + e, cum + c, mask=em)
         if TAIL:
             full = c // block_m
@@ -140,13 +146,13 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
             use_tail = (r > 0) & (r <= tail_max)
             main = full + ((r > 0) & (r > tail_max)).to(tl.int32)
             tail = tl.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
-            _write_tile_map(main, excl, block_m, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+            _write_tile_map(main, excl, block_m, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, prev,
                             max_tiles, BLOCK_J, BLOCK_TILES)
             _write_tile_map(tail, excl + full * block_m, tail_block_m, e, tail_expert_ptr,
-                            tail_row_start_ptr, tail_num_ptr, tail_max_tiles, BLOCK_J, BLOCK_TILES)
+                            tail_row_start_ptr, tail_num_ptr, prev_tail, tail_max_tiles, BLOCK_J, BLOCK_TILES)
         else:
             _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, tile_expert_ptr,
-                            tile_row_start_ptr, num_tiles_ptr, max_tiles, BLOCK_J, BLOCK_TILES)
+                            tile_row_start_ptr, num_tiles_ptr, prev, max_tiles, BLOCK_J, BLOCK_TILES)
         if RECV_LIST:
             tl.store(recv_count_ptr, 0)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
