@@ -205,6 +205,10 @@ class NvshmemForward(CompiledForwardMixin):
         from .kernels.gemm_operands import uses_fp8_mma
         #: the streamed FP8 path: the fill lists the pool rows it writes (rebased after it)
         self.streamed = cfg.fp8_mainloop and uses_fp8_mma(10 * major + minor, cfg.weight_format, cfg.act_format)
+        #: FP8 activations on the streamed path: the stage kernel writes x already rebased to one
+        #: exponent per row (`pre_dispatch` REBASE) and the fill moves it with its exponent, so no
+        #: pass rebases x (set with the weights, `_bind_rebase`)
+        self.stage_rebase = False
         self.recv_rows = self.recv_count = None
         if self.streamed:
             self.recv_rows = torch.zeros(self.ws.view("recv_x").shape[0], **i32)
@@ -233,12 +237,7 @@ class NvshmemForward(CompiledForwardMixin):
                                                          *sync_k.barrier_args(**bar, phase="combine")))
         self._kw = dict(rank=self.rank, num_ranks=R, num_local_experts=self.num_local_experts,
                         max_tokens=cfg.max_tokens_per_rank, topk=cfg.topk)
-        self._fill = self._chain(Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
-            ws.peer_bases, self.off, self.expert_offsets, self.cursor, ws.view("pair_rows"),
-            self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
-            x_row_bytes=self.x_row_bytes, sf_row_bytes=self.sf_row_bytes,
-            comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes,
-            recv_rows=self.recv_rows, recv_count=self.recv_count, **self._kw)))
+        self._fill = self._bind_fill()
         # combine: y's address and T come from `call_info` (written by the call's stage kernel),
         # so one bound launch, or graph node, serves every call; min(T_max, SMs) programs per H
         # block stride over the rows. (y1 only gives H.)
@@ -248,6 +247,24 @@ class NvshmemForward(CompiledForwardMixin):
             ws.view("combine"), ws.view("combine_sf") if fp8 else None, ws.view("topk_idx"), y1,
             self.error_count, cfg.num_experts, call_info=self.call_info,
             row_programs=max(1, min(cfg.max_tokens_per_rank, self.num_sms)))))
+
+    def _bind_fill(self) -> Launcher:
+        """The fill launch: the x rows and their scale words, or with `stage_rebase` the rebased
+        rows and their one exponent word (into the first R T_max words of the pool's scale slot);
+        the list of received rows only where a pass rebases x after it."""
+        ws = self.ws
+        recv = (self.recv_rows, self.recv_count) if self._recv_list else (None, None)
+        return self._chain(Launcher(dispatch_k._fill_kernel, *dispatch_k.fill_args(
+            ws.peer_bases, self.off, self.expert_offsets, self.cursor, ws.view("pair_rows"),
+            self.pair_weights, self.pair_dst, self.pair_dst_sf, my_base=ws.base_ptr,
+            x_row_bytes=self.x_row_bytes, sf_row_bytes=4 if self.stage_rebase else self.sf_row_bytes,
+            comb_row_bytes=self.comb_row_bytes, comb_sf_row_bytes=self.comb_sf_row_bytes,
+            recv_rows=recv[0], recv_count=recv[1], **self._kw)))
+
+    @property
+    def _recv_list(self) -> bool:
+        """Whether the fill lists the pool rows it writes (for the pass rebasing x after it)."""
+        return self.streamed and not self.stage_rebase
 
     def _chain(self, launch: Optional[Launcher]) -> Optional[Launcher]:
         """A launch of kernels 2-8: with programmatic dependent launch where on (`USE_PDL`)."""
@@ -264,7 +281,7 @@ class NvshmemForward(CompiledForwardMixin):
                 self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
                 self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
                 self.num_tiles, self.stats.last, self.stats.cumulative, block_m=plan.block_m,
-                recv_count=self.recv_count, **tail, **self._kw)))
+                recv_count=self.recv_count if self._recv_list else None, **tail, **self._kw)))
             self._count_plan[plan] = lc
         return lc
 
@@ -272,7 +289,7 @@ class NvshmemForward(CompiledForwardMixin):
         """(stage config, stage grid, tile plan) for a call of T tokens (cached per T)."""
         cfg = self.cfg
         pcfg = pre_dispatch_config(T, cfg.hidden, cfg.act_group_size, num_sms=self.num_sms,
-                                   use_fp4=cfg.act_format == "fp4")
+                                   use_fp4=cfg.act_format == "fp4", whole_rows=self.stage_rebase)
         grid = (pcfg.num_topk_programs(cfg.max_tokens_per_rank) + pcfg.num_x_programs(T),)
         tiles = gemm_api.tile_plan_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
         plan = (pcfg, grid, tiles)
@@ -293,12 +310,13 @@ class NvshmemForward(CompiledForwardMixin):
             args = (x_words, topk_idx, w_words, out_x, out_sf, ws.view("topk_idx"),
                     ws.view("topk_weights").view(torch.int32), None, T, T, Tmax,
                     pcfg.num_topk_programs(Tmax), self.bad_row, cfg.num_experts, self.call_info,
-                    y.data_ptr())
+                    y.data_ptr(), ws.view("x_sf").view(-1)[:Tmax] if self.stage_rebase else None)
             kwargs = dict(HIDDEN=cfg.hidden, GROUP=cfg.act_group_size, TOPK=cfg.topk,
                           TOPK_PAD=triton_next_pow2(cfg.topk), USE_FP4=fmt == "fp4", HW_CVT=True,
                           NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
                           TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=bool(self.validate),
-                          COPY_BF16=fmt == "bf16", WRITE_CALL_INFO=True, num_warps=pcfg.num_warps,
+                          COPY_BF16=fmt == "bf16", WRITE_CALL_INFO=True, REBASE=self.stage_rebase,
+                          num_warps=pcfg.num_warps,
                           enable_fp_fusion=False)
             ls = Launcher(_pre_dispatch_kernel, (1,), args, kwargs)
             self._stage_update[key] = ls.setter("x_ptr", "topk_idx_ptr", "topk_w_ptr", "num_tokens",
@@ -344,28 +362,44 @@ class NvshmemForward(CompiledForwardMixin):
         self.reset_graphs()
 
     def _bind_rebase(self, on: bool) -> None:
-        """The streamed FP8 path: buffers for x / h rebased to one exponent per row and the two
-        bound passes that fill them (x after the dispatch, over the pool rows the fill listed; h
-        after L1, over the pairs)."""
+        """The streamed FP8 path: x / h rebased to one exponent per row. FP8 x is rebased by the
+        stage kernel as it is quantised (`stage_rebase`) and lands rebased in the pool; FP4 x by a
+        pass after the dispatch, over the pool rows the fill listed, into a scratch buffer. h by a
+        pass after L1, over the pairs."""
+        cfg, ws, El = self.cfg, self.ws, self.num_local_experts
+        # FP8 x is staged rebased (the stage kernel's REBASE): the per-T stage configs and launches,
+        # the count+plan launches (the received-row list) and the fill change with it.
+        self.stage_rebase = bool(on) and cfg.act_format == "fp8"
+        self._per_T.clear()
+        self._stage.clear()
+        self._stage_update.clear()
+        self._count_plan.clear()
+        self._fill = self._bind_fill()
         if not on:
             self.x_rebased = self.h_rebased = self._rebase_x = self._rebase_h = None
             return
         from .kernels.rebase import rebase_act_rows
-        cfg, ws, El = self.cfg, self.ws, self.num_local_experts
-        if self.x_rebased is None:
+        npool, P = ws.view("recv_x").shape[0], self.max_pairs
+        f8, i32, dev = torch.float8_e4m3fn, torch.int32, self.device
+        if self.h_rebased is None:
             # NOTE: per-forward contents, shared by every layer of the same shapes (as the
-            # workspace is): one rebased x / h for a whole model, not one per layer.
-            npool, P = ws.view("recv_x").shape[0], self.max_pairs
-            f8, i32, dev = torch.float8_e4m3fn, torch.int32, self.device
-            self.x_rebased = (wsmod.shared_scratch("rebased_x", (npool, cfg.hidden), f8, dev),
-                              wsmod.shared_scratch("rebased_x_e", (npool,), i32, dev))
+            # workspace is): one rebased h (and x for FP4) for a whole model, not one per layer.
             self.h_rebased = (wsmod.shared_scratch("rebased_h", (P, cfg.intermediate), f8, dev),
                               wsmod.shared_scratch("rebased_h_e", (P,), i32, dev))
         count = self.expert_offsets[El:]                      # the device's pair count
-        # x: the pool rows this call received, once each (the fill's list)
-        self._rebase_x = self._chain(rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased, self.recv_count,
-                                         act_format=cfg.act_format, group=cfg.act_group_size,
-                                         rows=self.recv_rows, num_sms=self.num_sms, bind=True))
+        if self.stage_rebase:
+            # NOTE: the pool holds the rebased rows, and the first R T_max words of its scale slot
+            # their exponents (one word a row, written by the fill).
+            self.x_rebased = (ws.view("recv_x"), ws.view("recv_x_sf").view(-1)[:npool])
+            self._rebase_x = None
+        else:
+            self.x_rebased = (wsmod.shared_scratch("rebased_x", (npool, cfg.hidden), f8, dev),
+                              wsmod.shared_scratch("rebased_x_e", (npool,), i32, dev))
+            # x: the pool rows this call received, once each (the fill's list)
+            self._rebase_x = self._chain(rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased,
+                                                         self.recv_count, act_format=cfg.act_format,
+                                                         group=cfg.act_group_size, rows=self.recv_rows,
+                                                         num_sms=self.num_sms, bind=True))
         self._rebase_h = self._chain(rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
                                          act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True))
 

@@ -133,7 +133,7 @@ def test_new_kernel_variants_compile_for_hopper_and_blackwell():
     pd_cx = dict(HIDDEN=7168, GROUP=32, TOPK=8, TOPK_PAD=8, USE_FP4=False, HW_CVT=True,
                  NUM_TOKENS_ON_DEVICE=False, BLOCK_M=pcfg.block_m, BLOCK_W=pcfg.block_w,
                  TOPK_BLOCK_ROWS=pcfg.topk_block_rows, CHECK_IDS=True, COPY_BF16=True,
-                 WRITE_CALL_INFO=True, num_tokens_ptr=None)
+                 WRITE_CALL_INFO=True, num_tokens_ptr=None, out_e_ptr=None)
     jobs = [_compile.CompileJob(dispatch_k._count_plan_kernel, cp_sig, cp_cx, a) for a in (90, 100)]
     jobs += [_compile.CompileJob(_pre_dispatch_kernel, pd_sig, pd_cx, a, enable_fp_fusion=False)
              for a in (90, 100)]

@@ -150,7 +150,8 @@ def _check_vs_float64(cfg, y, T, seed, err, label):
 
 @pytest.mark.parametrize("wf,af,cf,as_fp8", STREAMED)
 def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
-    """The streamed FP8 mainloop end to end (x rebased after the dispatch, h after L1, FP8 wgmma):
+    """The streamed FP8 mainloop end to end (x rebased where it is staged for FP8 acts, after the
+    dispatch for FP4; h after L1; FP8 wgmma):
     against the reference within the GEMM tolerance (Hopper's FP8 MMA accumulation and rebasing are
     the only differences), and against the float64 MoE within the formats' quantisation bound;
     a second call with other tokens (the captured graph replays the rebasing passes too)."""
@@ -159,6 +160,7 @@ def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
     m = _layer(cfg)
     if torch.cuda.get_device_capability()[0] == 9:
         assert m._backend.x_rebased is not None, "the streamed path is not on"
+        assert m._backend.stage_rebase == (af == "fp8") and (m._backend._rebase_x is None) == (af == "fp8")
         assert m._backend.w13_op.kind == ("fp8_rebased" if wf == "fp8" or as_fp8 else "mxfp4")
     for seed, T in ((2, 100 + 7 * rank), (3, 37 + rank)):
         y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 100 + 7 * r, seed=seed, mask_frac=0.1,

@@ -143,6 +143,56 @@ def test_bitwise_special_values(use_fp4, g):
         assert {0x7E, 0xFE, 0x80} <= set(codes.unique().tolist())
 
 
+def check_rebased(x, ids, w, n, g, buf_x, buf_sf, buf_e, buf_idx, buf_w):
+    """The REBASE staging (`_launch_pre_dispatch(..., rebase_out=)`): rows < n are the reference's
+    FP8 quantisation rebased to one exponent per row (`reference.rebase_act`), bitwise, with the
+    row exponents; no scale byte and no row >= n written; the top-k rows as usual."""
+    q, sf = ref.per_token_cast_to_fp8(x[:n], g)
+    want_r, want_f = ref.rebase_act(q, sf, "fp8", g)
+    assert_bitwise(buf_x[:n], want_r, "rebased buf_x")
+    e = buf_e[:n].long()
+    assert_bitwise(torch.exp2((e - 127).double()).float(), want_f.float(), "row exponents")
+    assert bool((buf_x[n:].contiguous().view(torch.uint8) == POISON).all()), "buf_x rows >= num_tokens were written"
+    assert bool((buf_sf.contiguous().view(torch.uint8) == POISON).all()), "scale bytes were written"
+    assert bool((buf_e[n:].view(torch.uint8) == POISON).all()), "exponents of rows >= num_tokens were written"
+    assert_bitwise(buf_idx[:n], ids[:n].to(buf_idx.dtype), "buf_topk_idx")
+    assert_bitwise(buf_w[:n], w[:n], "buf_topk_weights")
+    # the rebasing really moved values: some group sits below its row's largest scale
+    assert bool((q.view(torch.uint8) != buf_x[:n].view(torch.uint8)).any()), "no group was rebased"
+
+
+def run_rebased(T: int, H: int, g: int, seed: int, device="cpu"):
+    x = make_x(T, H, g, ref.FP8_MAX, seed=seed, device=device)
+    ids, w = make_topk(T, 8, torch.int32, seed=seed, device=device)
+    buf_x, buf_sf, buf_idx, buf_w = make_buffers(T + 3, T + 5, H, 8, g, False, torch.int32, device=device)
+    buf_e = torch.full((T + 3,), POISON * 0x01010101, dtype=torch.int32, device=device)
+    _launch_pre_dispatch(x, ids, w, buf_x, buf_sf, buf_idx, buf_w, T, group_size=g, rebase_out=buf_e)
+    check_rebased(x, ids, w, T, g, buf_x, buf_sf, buf_e, buf_idx, buf_w)
+
+
+@pytest.mark.parametrize("g", [32, 128])
+def test_rebased_staging_matches_the_reference(g):
+    """The layer's Hopper FP8 staging: x quantised, then rebased to one exponent per row in the
+    same program (special values: zeros, ties, extremes, wide ranges within and across groups)."""
+    run_rebased(5, 1536, g, seed=g)
+
+
+def test_rebased_staging_rejects_bad_arguments():
+    x = torch.zeros(2, 512, dtype=torch.bfloat16)
+    ids, w = make_topk(2, 2, torch.int32, 0)
+    bufs = make_buffers(2, 2, 512, 2, 32, False, torch.int32)
+    with pytest.raises(TypeError, match="rebase_out"):
+        _launch_pre_dispatch(x, ids, w, *bufs, 2, rebase_out=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rebase_out"):
+        _launch_pre_dispatch(x, ids, w, *bufs, 2, rebase_out=torch.zeros(1, dtype=torch.int32))
+    fp4 = make_buffers(2, 2, 512, 2, 32, True, torch.int32)
+    with pytest.raises(ValueError, match="FP8"):
+        _launch_pre_dispatch(x, ids, w, *fp4, 2, use_fp4_acts=True, rebase_out=torch.zeros(2, dtype=torch.int32))
+    split = PreDispatchConfig(block_m=1, block_w=1, num_col_blocks=4, topk_block_rows=8, num_warps=4)
+    with pytest.raises(ValueError, match="whole rows"):
+        _launch_pre_dispatch(x, ids, w, *bufs, 2, config=split, rebase_out=torch.zeros(2, dtype=torch.int32))
+
+
 def test_worked_example_of_the_docstring():
     """The numbers quoted in the kernel docstring."""
     x = torch.zeros(1, 128, dtype=torch.bfloat16)
@@ -431,8 +481,8 @@ def test_heuristic_branches():
 # ------------------------------------------------------------------------------------------------
 # Compile checks: the kernel builds for Hopper and Blackwell
 # ------------------------------------------------------------------------------------------------
-def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7168, g=32, K=8):
-    cfg = pre_dispatch_config(4096, H, g, use_fp4=use_fp4)
+def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7168, g=32, K=8, rebase=False):
+    cfg = pre_dispatch_config(4096, H, g, use_fp4=use_fp4, whole_rows=rebase)
     sig = {"x_ptr": "*i32", "topk_idx_ptr": f"*{idx_in}", "topk_w_ptr": "*i32",
            "out_x_ptr": "*i8" if use_fp4 else "*i16", "out_sf_ptr": "*i8", "out_idx_ptr": f"*{idx_out}",
            "out_w_ptr": "*i32", "num_tokens": "i32", "max_tokens": "i32", "num_topk_rows": "i32",
@@ -440,17 +490,22 @@ def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7
     constexprs = dict(HIDDEN=H, GROUP=g, TOPK=K, TOPK_PAD=heuristics.next_power_of_2(K), USE_FP4=use_fp4,
                       HW_CVT=True, NUM_TOKENS_ON_DEVICE=on_device, BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w,
                       TOPK_BLOCK_ROWS=cfg.topk_block_rows, CHECK_IDS=False, COPY_BF16=False,
-                      WRITE_CALL_INFO=False, bad_row_ptr=None, call_info_ptr=None)
+                      WRITE_CALL_INFO=False, bad_row_ptr=None, call_info_ptr=None, out_e_ptr=None)
     if on_device:
         sig["num_tokens_ptr"] = "*i32"
     else:
         constexprs["num_tokens_ptr"] = None
+    if rebase:
+        del constexprs["out_e_ptr"]
+        sig["out_e_ptr"] = "*i32"
+        constexprs["REBASE"] = True
     return sig, constexprs, cfg.num_warps
 
 
-COMPILE_VARIANTS = {  # name -> (use_fp4, topk_idx dtype, buffer dtype, count on device)
+COMPILE_VARIANTS = {  # name -> (use_fp4, topk_idx dtype, buffer dtype, count on device[, rebase])
     "fp8": (False, "i64", "i32", False),
     "fp4-devcount": (True, "i32", "i64", True),
+    "fp8-rebase": (False, "i32", "i32", False, True),   # the layer's Hopper FP8 staging, whole rows
 }
 ARCHS = (90, 100)
 
@@ -461,9 +516,9 @@ def compiled_ptx():
     from mega_moe_layer.kernels import _compile
 
     keys, jobs = [], []
-    for name, (use_fp4, idx_in, idx_out, on_device) in COMPILE_VARIANTS.items():
+    for name, (use_fp4, idx_in, idx_out, on_device, *rebase) in COMPILE_VARIANTS.items():
         for arch in ARCHS:
-            sig, constexprs, num_warps = _compile_args(use_fp4, idx_in, idx_out, on_device)
+            sig, constexprs, num_warps = _compile_args(use_fp4, idx_in, idx_out, on_device, rebase=bool(rebase))
             keys.append((name, arch))
             jobs.append(_compile.CompileJob(_pre_dispatch_kernel, sig, constexprs, arch, num_warps=num_warps,
                                             enable_fp_fusion=False))

@@ -15,7 +15,7 @@ import torch
 from mega_moe_layer.kernels import reference as ref
 from mega_moe_layer.kernels.pre_dispatch import mega_moe_pre_dispatch
 from test_pre_dispatch import (POISON, check_every_bf16_amax, check_every_bf16_value, check_outputs, make_buffers,
-                               make_topk, make_x)
+                               make_topk, make_x, run_rebased)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -142,3 +142,14 @@ def test_runs_on_a_side_stream_and_leaves_poison_beyond_num_tokens(session_seed)
     s.synchronize()
     check_outputs(x, ids, w, 50, g, False, *bufs)
     assert bool((bufs[0][50:].view(torch.uint8) == POISON).all())
+
+
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("M,H", [(1, 7168), (7, 1024), (512, 7168)])
+def test_rebased_staging_bitwise(M, H, g, session_seed):
+    """The layer's Hopper FP8 staging (REBASE, the hardware conversions) against
+    `reference.rebase_act` of the reference quantisation, bitwise."""
+    try:
+        run_rebased(M, H, g, seed=session_seed + M, device=DEV)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {session_seed}: {exc}") from exc

@@ -67,7 +67,8 @@ class PreDispatchConfig:
 
 
 def pre_dispatch_config(num_rows: int, hidden: int, group_size: int, num_sms: int = DEFAULT_NUM_SMS,
-                        interpreter: bool = False, use_fp4: bool = False) -> PreDispatchConfig:
+                        interpreter: bool = False, use_fp4: bool = False,
+                        whole_rows: bool = False) -> PreDispatchConfig:
     """Tiles of the pre-dispatch kernel for `num_rows` tokens (an upper bound) of width `hidden`.
 
     The kernel is a pure streaming pass (read 2 bytes, write 1 or 0.5 + scales per element), so
@@ -82,6 +83,10 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int, num_sms: in
       hardware E2M1 conversion on Hopper: issue-bound) takes 4 rows (8 KB), so fewer, fatter
       programs amortise index math. Each was the fastest (within ~2% run-to-run noise) of 1/2/4/8
       rows and 4/8 warps on an H200 at T = 1024-8192, H = 7168 (bench_pre_dispatch.py --sweep).
+    * `whole_rows=True` (the kernel's REBASE: each row rebased to its largest group scale, which
+      one program must see): one row per program across all of H, 8 warps from 4096 elements
+      (H = 7168: 8192 lanes, 32 elements a thread); at decode one program per row instead of
+      H / 1024, each with a whole row's bytes in flight.
     * `interpreter=True` (CPU tensors, Triton's interpreter): the interpreter pays a fixed Python
       cost per program and vectorises within one, so programs are as large as possible (a whole
       row, up to 64 rows or 64K elements).
@@ -100,6 +105,11 @@ def pre_dispatch_config(num_rows: int, hidden: int, group_size: int, num_sms: in
         block_m = 1 << (block_m.bit_length() - 1)  # a power of two
         return PreDispatchConfig(block_m=block_m, block_w=block_w, num_col_blocks=1,
                                  topk_block_rows=_INTERPRETER_TOPK_BLOCK_ROWS, num_warps=4)
+    if whole_rows:
+        block_w = next_power_of_2(words_per_row)
+        return PreDispatchConfig(block_m=1, block_w=block_w, num_col_blocks=1,
+                                 topk_block_rows=_PRE_DISPATCH_TOPK_BLOCK_ROWS,
+                                 num_warps=8 if block_w * 4 * group_size >= 4096 else 4)
     block_w = min(next_power_of_2(words_per_row), max(1, _PRE_DISPATCH_MAX_BLOCK_H // (4 * group_size)))
     num_col_blocks = cdiv(words_per_row, block_w)
 

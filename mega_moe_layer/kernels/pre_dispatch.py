@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import PRE_DISPATCH_GROUP_SIZES, PreDispatchConfig, next_power_of_2, pre_dispatch_config
+from .l1_gemm import _e4m3_code, _e4m3_value
 
 __all__ = ["mega_moe_pre_dispatch"]
 
@@ -61,10 +62,12 @@ def _pre_dispatch_kernel(
     num_experts,      # E (CHECK_IDS only)
     call_info_ptr,    # int64 [2] when WRITE_CALL_INFO: receives (y_addr, n) for the combine, else None
     y_addr,           # int64 address of this call's output y (WRITE_CALL_INFO only)
+    out_e_ptr,        # int32 [>=T] when REBASE: each row's exponent (its largest scale byte), else None
     HIDDEN: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
     USE_FP4: tl.constexpr, HW_CVT: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
     CHECK_IDS: tl.constexpr, COPY_BF16: tl.constexpr, WRITE_CALL_INFO: tl.constexpr,
+    REBASE: tl.constexpr = False,
 ):
     """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
 
@@ -80,6 +83,11 @@ def _pre_dispatch_kernel(
     (the bf16 activation format: the same single launch stages x and the top-k rows).
     WRITE_CALL_INFO: program 0 also stores (y_addr, n) into call_info_ptr: the layer's combine,
     replayed from a CUDA graph, finds this call's output and token count there.
+    REBASE (FP8, programs owning whole rows: BLOCK_W * 4 * GROUP >= HIDDEN): out_x receives each
+    row rebased to one exponent (`reference.rebase_act` of the quantised row, bitwise: the FP8
+    value of every group d = E - e below the row's largest scale byte E is multiplied by 2**-d and
+    rounded to E4M3 again) and out_e_ptr[row] = E; no scale bytes are written. The layer's Hopper
+    FP8 path stages x this way, so the grouped GEMM reads it as it lands (no rebasing pass).
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
@@ -167,7 +175,9 @@ def _pre_dispatch_kernel(
             else:
                 e = (amax >> 23) - _FP8_Q_EXP + ((amax & 0x7FFFFF) > _FP8_Q_MANT).to(tl.int32)
             e = tl.minimum(tl.maximum(e, 1), 254)
-            tl.store(out_sf_ptr + rows64[:, None] * GROUPS_PER_ROW + groups[None, :], e.to(tl.int8), mask=tile_ok)
+            if not REBASE:
+                tl.store(out_sf_ptr + rows64[:, None] * GROUPS_PER_ROW + groups[None, :], e.to(tl.int8),
+                         mask=tile_ok)
             # 2**(127 - e) as float32 bits (2**-127 is the subnormal 0x400000; unreachable for
             # finite bf16 input, kept for completeness).
             inv = tl.where(e < 254, (254 - e) << 23, 0x400000).to(tl.float32, bitcast=True)[:, :, None, None]
@@ -198,6 +208,19 @@ def _pre_dispatch_kernel(
                 # The GPU's cvt.rn.satfinite.e4m3x2.f32 of the exact product: round-to-nearest-even
                 # (|q| <= 448, so saturation never applies), -0 kept.
                 code = (x * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            if REBASE:
+                tl.static_assert(NUM_COL_BLOCKS == 1 and not USE_FP4, "REBASE: FP8, whole rows per program")
+                # The row exponent: the largest scale byte of the row's groups; each group's FP8
+                # values times 2**-(E - e) (0 from d >= 127: an exact zero, sign kept), rounded again.
+                e_row = tl.reduce(tl.where(tile_ok, e, 0), 1, _MAX_COMBINE)                 # [BM]
+                d = e_row[:, None] - e
+                f = tl.where(d < 127, (127 - d) << 23, 0).to(tl.float32, bitcast=True)[:, :, None, None]
+                if HW_CVT:
+                    q = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    code = (q * f).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+                else:
+                    code = _e4m3_code(_e4m3_value(code) * f)
+                tl.store(out_e_ptr + rows64, e_row, mask=rows < n)
             c_lo, c_hi = tl.split(code)
             if USE_FP4:
                 packed = (c_lo | (c_hi << 4)).to(tl.int8)               # even column in the low nibble
@@ -254,8 +277,13 @@ def _need_contiguous(t: torch.Tensor, name: str) -> None:
 
 def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
                          num_tokens, group_size: int = 32, use_fp4_acts: bool = False,
-                         config: Optional[PreDispatchConfig] = None) -> None:
-    """`mega_moe_pre_dispatch` with an optional explicit launch config (benchmarks / tuning)."""
+                         config: Optional[PreDispatchConfig] = None,
+                         rebase_out: Optional[torch.Tensor] = None) -> None:
+    """`mega_moe_pre_dispatch` with an optional explicit launch config (benchmarks / tuning).
+    rebase_out (FP8 only): int32 [rows] receiving each row's exponent; buf_x then receives the rows
+    rebased to it (the kernel's REBASE: `reference.rebase_act`, bitwise) and buf_x_sf is not
+    written; the config must own whole rows (`pre_dispatch_config(..., whole_rows=True)`, the
+    default then)."""
     # --- arguments ---
     if not isinstance(use_fp4_acts, bool):
         raise TypeError(f"use_fp4_acts: expected a bool, got {type(use_fp4_acts).__name__}")
@@ -330,13 +358,25 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     if rows_needed >= 2**31 or R >= 2**31:
         raise ValueError(f"x: {rows_needed} rows exceed the kernel's int32 row index")
 
+    rebase = rebase_out is not None
+    if rebase:
+        if use_fp4_acts:
+            raise ValueError("rebase_out: rebasing in the pre-dispatch is for FP8 activations (use_fp4_acts=False)")
+        _need_dtype(_need_tensor(rebase_out, "rebase_out"), "rebase_out", (torch.int32,))
+        _need_shape(rebase_out, "rebase_out", f"[rows >= {rows_needed}] (1-D)",
+                    rebase_out.dim() == 1 and rebase_out.shape[0] >= rows_needed)
+        if rebase_out.device != device:
+            raise ValueError(f"rebase_out: expected device {device}, got {rebase_out.device}")
     # --- launch ---
     if config is None:
         if device.type == "cuda":
             config = pre_dispatch_config(rows_needed, H, group_size, num_sms=_num_sms(device),
-                                         use_fp4=use_fp4_acts)
+                                         use_fp4=use_fp4_acts, whole_rows=rebase)
         else:
             config = pre_dispatch_config(rows_needed, H, group_size, interpreter=True)
+    if rebase and config.num_col_blocks != 1:
+        raise ValueError(f"config: rebasing needs programs owning whole rows (num_col_blocks 1, got "
+                         f"{config.num_col_blocks})")
     num_topk_programs = config.num_topk_programs(R)
     grid = (num_topk_programs + config.num_x_programs(rows_needed),)
     if grid[0] == 0:
@@ -360,11 +400,11 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
             x_words, topk_idx, topk_weights.view(torch.int32),
             out_x, buf_x_sf.view(torch.int8), buf_topk_idx, buf_topk_weights.view(torch.int32),
             num_tokens if on_device else None,
-            count, T, R, num_topk_programs, None, 0, None, 0,
+            count, T, R, num_topk_programs, None, 0, None, 0, rebase_out,
             HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
             USE_FP4=use_fp4_acts, HW_CVT=hw_cvt, NUM_TOKENS_ON_DEVICE=on_device,
             BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
-            CHECK_IDS=False, COPY_BF16=False, WRITE_CALL_INFO=False, num_warps=config.num_warps,
+            CHECK_IDS=False, COPY_BF16=False, WRITE_CALL_INFO=False, REBASE=rebase, num_warps=config.num_warps,
             enable_fp_fusion=False,
         )
 
