@@ -467,7 +467,7 @@ class NvshmemForward(CompiledForwardMixin):
         lc()
         self._fill()
         # the expert GEMMs; L2 stores into the owners' combine slots (the streamed FP8 path
-        # rebases x before L1 and h before L2)
+        # rebases h before L2, and x before L1 where the stage did not: FP4 activations)
         if self._rebase_x is not None:
             self._rebase_x()
         self._run_l1(plan.block_m)

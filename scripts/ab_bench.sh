@@ -6,7 +6,7 @@
 #
 #   git archive REV mega_moe_layer scripts | tar -x -C .base     # here, once (.base/ ignored)
 #   OUT=/path TESTS="tests/test_x.py" BASE_TOKENS="1 128 512" NEW_TOKENS="1 128 512 4096" \
-#       FP8_TOKENS="1 128 512 4096" bash scripts/ab_bench.sh
+#       FP8_TOKENS="1 128 512 4096" [ANCHOR=] bash scripts/ab_bench.sh
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
 # skips that run. Logs and JSON under $OUT; every step under `timeout`.
@@ -23,7 +23,10 @@ if [ -n "$TESTS" ]; then
         $TESTS > "$OUT/tests.log" 2>&1 || status=1
     echo "=== tests"; tail -n 3 "$OUT/tests.log"
 fi
-if [ -d /tmp/dg/dgpkg/deep_gemm ] && [ -d /tmp/site/tvm_ffi ]; then
+ANCHOR="${ANCHOR-deepgemm}"      # ANCHOR= (empty): no DeepGEMM build, no anchor columns
+if [ -z "$ANCHOR" ]; then
+    echo "no anchor"
+elif [ -d /tmp/dg/dgpkg/deep_gemm ] && [ -d /tmp/site/tvm_ffi ]; then
     echo "deep_gemm already unpacked and built"
 else
     timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed: no anchor"
@@ -37,6 +40,6 @@ run() {  # run NAME DIR TOKENS ARGS...: bench.py in DIR
     echo "=== $name ($dir)"; grep '^|' "$OUT/$name.log" | cut -d'|' -f3-12
 }
 [ -d .base/mega_moe_layer ] && run base .base "$BASE_TOKENS"
-run new . "$NEW_TOKENS" --anchor deepgemm
-run fp8 . "$FP8_TOKENS" --anchor deepgemm --weight-format fp8
+run new . "$NEW_TOKENS" --anchor "${ANCHOR:-none}"
+run fp8 . "$FP8_TOKENS" --anchor "${ANCHOR:-none}" --weight-format fp8
 exit $status

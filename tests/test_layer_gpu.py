@@ -154,7 +154,7 @@ def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
     dispatch for FP4; h after L1; FP8 wgmma):
     against the reference within the GEMM tolerance (Hopper's FP8 MMA accumulation and rebasing are
     the only differences), and against the float64 MoE within the formats' quantisation bound;
-    a second call with other tokens (the captured graph replays the rebasing passes too)."""
+    a second call with other tokens (the captured graph replays the rebasing pass(es) too)."""
     rank, R = env
     cfg = _streamed_cfg(R, wf, af, cf, as_fp8)
     m = _layer(cfg)
