@@ -165,8 +165,8 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
                  recv_rows_ptr, recv_count_ptr, rank, El, Tmax,
                  X_WORDS: tl.constexpr, SF_WORDS: tl.constexpr, COMB_ROW_BYTES: tl.constexpr,
                  COMB_SF_ROW_BYTES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, SF_CHUNK: tl.constexpr, RECV_LIST: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, SF_CHUNK: tl.constexpr,
+                 RECV_LIST: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:
         pdl_enter()
     s = tl.program_id(0)
@@ -341,5 +341,6 @@ def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weigh
     chunk = chunk or min(2048, triton.next_power_of_2(max(x_row_bytes, 4) // 4))
     kwargs = dict(X_WORDS=x_row_bytes // 4, SF_WORDS=sf_row_bytes // 4, COMB_ROW_BYTES=comb_row_bytes,
                   COMB_SF_ROW_BYTES=comb_sf_row_bytes, K=topk, KP=_kp(topk), BLOCK_T=block_t,
-                  CHUNK=chunk, SF_CHUNK=min(chunk, triton.next_power_of_2(max(sf_row_bytes, 4) // 4)), RECV_LIST=recv_rows is not None, num_warps=8 if block_t * chunk >= 4096 else 4)
+                  CHUNK=chunk, SF_CHUNK=min(chunk, triton.next_power_of_2(max(sf_row_bytes, 4) // 4)),
+                  RECV_LIST=recv_rows is not None, num_warps=8 if block_t * chunk >= 4096 else 4)
     return grid, args, kwargs
