@@ -9,7 +9,7 @@
 #       FP8_TOKENS="1 128 512 4096" [ANCHOR=] bash scripts/ab_bench.sh
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
-# skips that run. Logs and JSON under $OUT; every step under `timeout`.
+# skips that run. BASE_DIR=. with NEW_ARGS=--stage-rebase (say) compares a switch of this tree. Logs and JSON under $OUT; every step under `timeout`.
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 TESTS="${TESTS:-}"
@@ -39,7 +39,8 @@ run() {  # run NAME DIR TOKENS ARGS...: bench.py in DIR
         --tokens $tokens --json "$OUT/$name.json" --out "$OUT/$name" "$@") > "$OUT/$name.log" 2>&1 || status=1
     echo "=== $name ($dir)"; grep '^|' "$OUT/$name.log" | cut -d'|' -f3-12
 }
-[ -d .base/mega_moe_layer ] && run base .base "$BASE_TOKENS"
-run new . "$NEW_TOKENS" --anchor "${ANCHOR:-none}"
+BASE_DIR="${BASE_DIR:-.base}"
+[ -d "$BASE_DIR/mega_moe_layer" ] && run base "$BASE_DIR" "$BASE_TOKENS"
+run new . "$NEW_TOKENS" --anchor "${ANCHOR:-none}" ${NEW_ARGS:-}
 run fp8 . "$FP8_TOKENS" --anchor "${ANCHOR:-none}" --weight-format fp8
 exit $status

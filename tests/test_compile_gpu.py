@@ -134,13 +134,14 @@ def _check_launches(m, x, idx, w, n_kernels: int) -> None:
             assert len(calls) == n_kernels, calls
 
 
-def test_launches_per_forward(env):
+def test_launches_per_forward(env, monkeypatch):
+    from mega_moe_layer import nvshmem_backend
     rank, R = env
     cfg = _cfg(R)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds its rebasing
-    # pass(es), inside the graph; the bf16 mainloop runs without them. A call whose tile
-    # plan has tails (`gemm_heuristics.TilePlan`) launches L1 and L2 once more each. One rank
+    # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds its two
+    # rebasing passes (x, h), inside the graph; the bf16 mainloop runs without them. A call whose
+    # tile plan has tails (`gemm_heuristics.TilePlan`) launches L1 and L2 once more each. One rank
     # launches no barrier (stream order suffices), R > 1 ranks two.
     for T in (64, 2):
         x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=3 + rank))
@@ -149,11 +150,16 @@ def test_launches_per_forward(env):
             m = _moe(c, validate=False).experts
             tail = m._gpu._plan_T(T)[2].has_tail
             assert tail == (T == 64), "T 64 (32 pairs per expert) has tails, T 2 none"
-            # the streamed path rebases h in a pass; x only with FP4 acts (FP8 x is staged rebased)
-            passes = (1 + (c.act_format == "fp4")) * streamed
-            assert m._gpu.stage_rebase == (streamed and c.act_format == "fp8")
-            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + passes + 2 * tail)
+            assert not m._gpu.stage_rebase
+            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + 2 * streamed + 2 * tail)
             assert (m._gpu._barrier_dispatch is None) == (R == 1)
+    # FP8 x staged rebased (`STAGE_REBASE`): only h's pass is left
+    if hopper:
+        monkeypatch.setattr(nvshmem_backend, "STAGE_REBASE", True)
+        m = _moe(cfg, validate=False).experts
+        assert m._gpu.stage_rebase
+        x, idx, w = (t.cuda() for t in make_inputs(cfg, 2, seed=5 + rank))
+        _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + 1)
 
 
 def test_eager_graphs_equal_direct_launches(env):

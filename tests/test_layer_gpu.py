@@ -160,13 +160,32 @@ def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
     m = _layer(cfg)
     if torch.cuda.get_device_capability()[0] == 9:
         assert m._backend.x_rebased is not None, "the streamed path is not on"
-        assert m._backend.stage_rebase == (af == "fp8") and (m._backend._rebase_x is None) == (af == "fp8")
+        assert (m._backend._rebase_x is None) == m._backend.stage_rebase
         assert m._backend.w13_op.kind == ("fp8_rebased" if wf == "fp8" or as_fp8 else "mxfp4")
     for seed, T in ((2, 100 + 7 * rank), (3, 37 + rank)):
         y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 100 + 7 * r, seed=seed, mask_frac=0.1,
                                 tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
     _check_vs_float64(cfg, y, 37 + rank, 300 + rank, err,
                       f"streamed rank {rank} {wf}{'->e4m3' if as_fp8 else ''}/{af}/{cf}")
+
+
+@pytest.mark.parametrize("wf,cf", [("mxfp4", "bf16"), ("fp8", "fp8")])
+def test_staged_rebase_vs_reference(env, wf, cf, monkeypatch):
+    """`nvshmem_backend.STAGE_REBASE` (FP8 x rebased by the stage kernel as it is quantised, the
+    fill moving one exponent word a row, no x rebasing pass): the same results as the streamed
+    path's tolerance allows against the reference and the float64 bound, over two calls."""
+    from mega_moe_layer import nvshmem_backend
+    rank, R = env
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 mainloop is Hopper's")
+    monkeypatch.setattr(nvshmem_backend, "STAGE_REBASE", True)
+    cfg = _streamed_cfg(R, wf, "fp8", cf, False)
+    m = _layer(cfg)
+    assert m._backend.stage_rebase and m._backend._rebase_x is None
+    for seed, T in ((4, 90 + 5 * rank), (5, 1 + rank)):
+        y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 90 + 5 * r, seed=seed, mask_frac=0.1,
+                                tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
+    _check_vs_float64(cfg, y, 1 + rank, 400 + rank, err, f"staged rebase rank {rank} {wf}/fp8/{cf}")
 
 
 def test_fp8_combine_hidden_640(env):

@@ -195,9 +195,6 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
         tl.store(recv_rows_ptr + slot, row, mask=need)
 
     # The token row (once per token, however many local slots) and its scales.
-    # NOTE: workspace slots start 16-byte aligned (`workspace.ALIGN_BYTES`) and rows are whole
-    # 16-byte units (the config's H % 128 == 0): the hints let each thread move 16 bytes per
-    # load / store (4-byte accesses without them: the addresses come from integers).
     src_x = (base + x_off).to(tl.pointer_type(tl.int32))
     dst_x = (my_base + pool_off).to(tl.pointer_type(tl.int32))
     t64 = t.to(tl.int64)
@@ -205,10 +202,8 @@ def _fill_kernel(peer_bases_ptr, idx_off, w_off, x_off, xsf_off, comb_off, combs
     for c0 in range(0, X_WORDS, CHUNK):
         c = c0 + tl.arange(0, CHUNK)
         m = need[:, None] & (c < X_WORDS)[None, :]
-        ps = tl.multiple_of(src_x + t64[:, None] * X_WORDS + c[None, :], [1, 16])
-        pd = tl.multiple_of(dst_x + r64[:, None] * X_WORDS + c[None, :], [1, 16])
-        v = tl.load(ps, mask=m)
-        tl.store(pd, v, mask=m)
+        v = tl.load(src_x + t64[:, None] * X_WORDS + c[None, :], mask=m)
+        tl.store(dst_x + r64[:, None] * X_WORDS + c[None, :], v, mask=m)
     if SF_WORDS > 0:
         src_sf = (base + xsf_off).to(tl.pointer_type(tl.int32))
         dst_sf = (my_base + pool_sf_off).to(tl.pointer_type(tl.int32))
@@ -325,9 +320,7 @@ def fill_args(peer_bases, offsets, expert_offsets, cursor, pair_rows, pair_weigh
     call writes, or None. chunk: int32 words of a row copied per step (0: the whole row up to 2048
     words, i.e. an FP8 row of H <= 8192 in one step)."""
     assert (recv_rows is None) == (recv_count is None)
-    if x_row_bytes % 16 or sf_row_bytes % 4:
-        raise ValueError(f"fill_args: expected x rows of whole 16-byte units and scale rows of whole words, "
-                         f"got x_row_bytes {x_row_bytes}, sf_row_bytes {sf_row_bytes}")
+    assert x_row_bytes % 4 == 0 and sf_row_bytes % 4 == 0
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, offsets["topk_idx"], offsets["topk_weights"], offsets["x"], offsets["x_sf"],
             offsets["combine"], offsets["combine_sf"], my_base, offsets["recv_x"],

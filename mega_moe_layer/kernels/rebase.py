@@ -6,8 +6,8 @@ group scales, every group's values shifted down by its distance from it. Then th
 stream the act operand straight into the FP8 MMA with nothing to decode in the K loop
 (`l1_gemm._fp8_stream_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
 
-Uses per forward (`nvshmem_backend`): x after the dispatch (FP4 activations only: FP8 x is
-rebased by the pre-dispatch kernel as it is quantised, `pre_dispatch` REBASE), over the pool rows this call
+Uses per forward (`nvshmem_backend`): x after the dispatch (unless `nvshmem_backend.STAGE_REBASE`
+has the pre-dispatch kernel rebase FP8 x as it is quantised), over the pool rows this call
 received (the fill kernel lists each once, `dispatch._fill_kernel`'s RECV_LIST), and h after L1,
 over the pair positions. Both read their row count on the device (no host sync, graph-safe): a
 static persistent grid whose programs loop over (block of rows, K chunk) items below it. (With a
