@@ -375,8 +375,9 @@ class NvshmemForward(CompiledForwardMixin):
         FP8 x instead by the stage kernel as it is quantised: it lands rebased in the pool); h by
         a pass after L1, over the pairs."""
         cfg, ws, El = self.cfg, self.ws, self.num_local_experts
-        # FP8 x is staged rebased (the stage kernel's REBASE): the per-T stage configs and launches,
-        # the count+plan launches (the received-row list) and the fill change with it.
+        # With STAGE_REBASE, FP8 x is staged rebased (the stage kernel's REBASE): the per-T stage
+        # configs and launches, the count+plan launches (the received-row list) and the fill
+        # change with it, so they are bound again here.
         self.stage_rebase = STAGE_REBASE and bool(on) and cfg.act_format == "fp8"
         self._per_T.clear()
         self._stage.clear()
