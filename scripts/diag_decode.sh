@@ -3,6 +3,9 @@
 # forward (torch.profiler, no PDL) at T = 1 / 128 / 512 on one GPU (E 256, dsv3), then Nsight
 # Compute's speed-of-light, memory, warp-state and scheduler sections of the streamed 4-bit L1 and
 # L2 at T = 128 (`bench_gemm.py --stream`, routed case u128:256). Logs under $OUT.
+# NOTE: bench_gemm launches the default (bf16-mainloop) kernels and its reference checks first,
+# under the same kernel names: with NCU_SKIP=6 (2026-12-07) ncu caught those, not the streamed
+# ones; raise NCU_SKIP and check the grid / registers it reports (streamed 4-bit: 124 / 121 regs).
 #
 #   OUT=/path bash scripts/diag_decode.sh [tests] [profile] [ncu]
 #
@@ -26,7 +29,7 @@ for w in $WHAT; do
                 > "$OUT/profile.log" 2>&1; echo "profile: exit $?"
             grep -E '^T=|^===|_kernel' "$OUT/profile.log" | cut -c1-52,120-230 ;;
         ncu)
-            timeout -k 5 300 ncu --clock-control none -k 'regex:_l[12]_kernel' --launch-skip 6 --launch-count 2 \
+            timeout -k 5 300 ncu --clock-control none -k 'regex:_l[12]_kernel' --launch-skip "${NCU_SKIP:-40}" --launch-count 2 \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
                 --section SchedulerStats --section Occupancy --section LaunchStats \
                 python3 scripts/bench_gemm.py --out "$OUT/ncu_bench.json" --cases u128:256 --formats mxfp4/fp8 \

@@ -24,7 +24,7 @@ def _cfg(R, **kw):
 
 
 CFGS = {"fp8": dict(), "bf16act": dict(act_format="bf16", weight_format="bf16"),
-        # FP8 weights: Hopper's FP8 mainloop (h's rebasing pass in the graph), as MXFP4's
+        # FP8 weights: Hopper's FP8 mainloop (two rebasing passes in the graph), as MXFP4's
         "fp8w": dict(weight_format="fp8"),
         "fp4comb8": dict(act_format="fp4", combine_format="fp8", weight_format="mxfp4")}
 

@@ -150,8 +150,7 @@ def _check_vs_float64(cfg, y, T, seed, err, label):
 
 @pytest.mark.parametrize("wf,af,cf,as_fp8", STREAMED)
 def test_streamed_fp8_path_vs_reference(env, wf, af, cf, as_fp8):
-    """The streamed FP8 mainloop end to end (x rebased where it is staged for FP8 acts, after the
-    dispatch for FP4; h after L1; FP8 wgmma):
+    """The streamed FP8 mainloop end to end (x rebased after the dispatch, h after L1, FP8 wgmma):
     against the reference within the GEMM tolerance (Hopper's FP8 MMA accumulation and rebasing are
     the only differences), and against the float64 MoE within the formats' quantisation bound;
     a second call with other tokens (the captured graph replays the rebasing pass(es) too)."""

@@ -56,7 +56,6 @@ def _count_kernel(peer_bases_ptr, idx_off, counts_ptr, rank, El, Tmax,
 
 #: "No bad row" for the first-bad-row word of the pre-dispatch validation; also a large sentinel.
 INT32_MAX = 2**31 - 1
-_INT32_MAX = tl.constexpr(INT32_MAX)
 
 
 @triton.jit
