@@ -314,7 +314,10 @@ STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1),
 FP4_STREAM_SWEEP_L1 = [(16, 32, 4, 3, 4, 256), (16, 32, 4, 4, 4, 256), (16, 64, 8, 3, 2, 256), (16, 32, 4, 4, 4, 128),
                        (32, 32, 4, 3, 4, 256), (32, 32, 4, 2, 4, 256),
                        (32, 32, 4, 3, 3, 256), (32, 32, 4, 4, 4, 128), (32, 32, 4, 3, 4, 128), (32, 64, 4, 3, 2, 256),
-                       (128, 32, 4, 3, 2, 128), (128, 32, 4, 2, 2, 128), (128, 32, 4, 2, 2, 256), (128, 32, 4, 3, 2, 256)]
+                       (128, 32, 4, 3, 2, 128), (128, 32, 4, 2, 2, 128), (128, 32, 4, 2, 2, 256), (128, 32, 4, 3, 2, 256),
+                       # prefill with L1's K chained (no promotion): the MMA stays in flight across steps
+                       (128, 32, 4, 3, 2, 128, gh._CHAIN), (128, 64, 8, 3, 1, 128, gh._CHAIN),
+                       (128, 64, 8, 2, 1, 128, gh._CHAIN), (128, 64, 8, 3, 1, 128, 1), (128, 32, 4, 4, 2, 128, gh._CHAIN)]
 FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 256), (16, 128, 4, 3, 3, 256), (16, 128, 8, 3, 2, 256),
                        (16, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 256), (32, 64, 4, 2, 4, 256),
                        (32, 64, 4, 3, 3, 256), (32, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 128), (32, 128, 4, 3, 2, 256),
@@ -331,13 +334,16 @@ def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
         entries = FP4_STREAM_SWEEP_L1 if kern == "l1" else FP4_STREAM_SWEEP_L2
     else:
         entries = [e + (gh.GEMM_BLOCK_K,) for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
-    for bm, bn, warps, stages, ctas, bk in entries:
+    for entry in entries:
+        bm, bn, warps, stages, ctas, bk = entry[:6]
         if (bm <= 32) != (own <= 32) or (block_ms and bm not in block_ms):
             continue
         c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         var = dataclasses.replace(c1 if kern == "l1" else c2, block_n=bn, num_warps=warps, num_stages=stages,
                                   ctas_per_sm=ctas, block_k=bk)
+        if len(entry) > 6:      # an entry's own promotion (L1: gh._CHAIN = none inside K)
+            var = dataclasses.replace(var, promote_steps=entry[6])
         c1, c2 = (var, c2) if kern == "l1" else (c1, var)
         try:
             case.retile(bm)
@@ -513,7 +519,8 @@ def main() -> None:
                             cfg_of = gh.l1_gemm_config if kern == "l1" else gh.l2_gemm_config
                             extra = () if kern == "l1" else ("bf16",)
                             pc = dataclasses.replace(cfg_of(case.block_m, H, I, wf, af, *extra, fp8_mainloop=True,
-                                                            act_rebased=True), promote_steps=prom)
+                                                            act_rebased=True, weight_kind=case.stream[0].kind),
+                                                     promote_steps=prom)
                             case.rebase_x()
                             case.l1(pc if kern == "l1" else None)
                             case.rebase_h()
