@@ -236,7 +236,7 @@ def _check_act_tiles(device, fast, fmt, group):
     assert bool(same.all()), f"{int((~same).sum())} bytes differ, first at {(~same).nonzero()[0].tolist()}"
 
 
-@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2)])
+@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2), (512, 4)])
 def test_weight_tile_bitwise(block_k, warps):
     device, fast = _device_and_fast()
     _check_weight_tiles(device, "f16" if fast else "int", block_k, warps)
@@ -250,7 +250,7 @@ def test_act_tile_bitwise(fmt, group):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("table,far", [("f16", True), ("imad", False), ("f16", False)])
-@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2)])
+@pytest.mark.parametrize("block_k,warps", [(128, 4), (256, 4), (256, 2), (512, 4)])
 def test_weight_tile_bitwise_gpu(table, far, block_k, warps):
     _check_weight_tiles("cuda", table, block_k, warps, far)
 

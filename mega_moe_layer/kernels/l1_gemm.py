@@ -1163,14 +1163,14 @@ def fp4_table(operand: Optional[WeightOperand], interpreted: bool) -> str:
 
 
 def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: int, rows: int) -> None:
-    """block_k 128, or 256 for 4-bit MXFP4 on the streamed mainloop (K a multiple of 256); the
+    """block_k 128, or 256 / 512 for 4-bit MXFP4 on the streamed mainloop (K a multiple of it); the
     register-operand layout of `_frag_rows` needs 16 x num_warps to divide the weight rows."""
-    if config.block_k == 256 and not (w_kind == "mxfp4" and streamed and k % 256 == 0):
-        raise ValueError(f"config: block_k 256 needs 4-bit MXFP4 weights on the streamed FP8 mainloop and K "
-                         f"(= {k}) a multiple of 256, got weight kind {w_kind!r}"
+    if config.block_k not in (128, 256, 512):
+        raise ValueError(f"config: block_k must be 128 (or 256 / 512, see gemm_heuristics), got {config.block_k}")
+    if config.block_k > 128 and not (w_kind == "mxfp4" and streamed and k % config.block_k == 0):
+        raise ValueError(f"config: block_k {config.block_k} needs 4-bit MXFP4 weights on the streamed FP8 mainloop "
+                         f"and K (= {k}) a multiple of {config.block_k}, got weight kind {w_kind!r}"
                          f"{'' if streamed else ' without rebased activations'}")
-    if config.block_k not in (128, 256):
-        raise ValueError(f"config: block_k must be 128 (or 256, see gemm_heuristics), got {config.block_k}")
     if w_kind == "mxfp4" and rows % (16 * config.num_warps) != 0:
         raise ValueError(f"config: {rows} weight rows per program must be a multiple of 16 x num_warps "
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
