@@ -304,7 +304,9 @@ def scaled_grouped_mm_us(case: "Case", kern: str, iters: int):
 STREAM_SWEEP_L1 = [(128, 32, 4, 4, 2), (128, 64, 8, 3, 1), (128, 64, 8, 4, 1), (64, 32, 4, 3, 2), (64, 64, 8, 4, 1),
                    (16, 64, 4, 3, 2), (16, 64, 4, 4, 3), (16, 128, 8, 4, 1), (32, 64, 4, 4, 2),
                    (16, 32, 4, 4, 4), (16, 32, 4, 6, 3), (16, 32, 4, 3, 4), (16, 32, 4, 5, 4), (16, 64, 4, 4, 3),
-                   (128, 64, 8, 3, 2), (128, 32, 4, 4, 3)]
+                   (128, 64, 8, 3, 2), (128, 32, 4, 4, 3),
+                   # prefill with L1's K chained (an optional 6th element: promote_steps)
+                   (128, 32, 4, 3, 2, gh._CHAIN), (128, 64, 8, 3, 1, gh._CHAIN), (128, 128, 8, 3, 1, gh._CHAIN)]
 STREAM_SWEEP_L2 = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 2), (128, 256, 8, 3, 1), (64, 128, 8, 4, 1), (64, 128, 4, 4, 2),
                    (16, 128, 4, 4, 3), (16, 64, 4, 4, 2), (16, 256, 8, 4, 1), (32, 128, 4, 4, 2),
                    (16, 64, 4, 4, 4), (16, 64, 4, 6, 3), (16, 128, 4, 3, 4), (16, 128, 4, 5, 3), (128, 128, 8, 3, 2)]
@@ -338,7 +340,7 @@ def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
     if kind == "mxfp4":
         entries = FP4_STREAM_SWEEP_L1 if kern == "l1" else FP4_STREAM_SWEEP_L2
     else:
-        entries = [e + (gh.GEMM_BLOCK_K,) for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
+        entries = [e[:5] + (gh.GEMM_BLOCK_K,) + e[5:] for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
     for entry in entries:
         bm, bn, warps, stages, ctas, bk = entry[:6]
         if (bm <= 32) != (own <= 32) or (block_ms and bm not in block_ms):

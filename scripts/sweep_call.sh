@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: staged-rebase GPU tests, the 4-bit tile sweeps (prefill u4096 at bm 128, decode
-# u1 / u128 at bm 16) and an A/B of a bench.py switch (NEW_ARGS) without the anchor. Logs under $OUT.
+# One device call: staged-rebase GPU tests, an A/B of a bench.py switch (NEW_ARGS) without the
+# anchor, then the tile sweeps (prefill u4096 at bm 128, MXFP4 and FP8 weights; 4-bit decode u1 /
+# u128 at bm 16). Each step can be skipped (AB= PREFILL= DECODE= TESTS=). Logs under $OUT.
 #   OUT=... [TESTS=...] [NEW_ARGS=--stage-rebase] bash scripts/sweep_call.sh
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
@@ -13,17 +14,17 @@ if [ -n "$TESTS" ]; then
     timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
     echo "=== tests"; tail -n 4 "$OUT/tests.log"
 fi
+if [ -n "${AB-1}" ]; then
+    OUT="$OUT" ANCHOR= BASE_DIR=. NEW_ARGS="${NEW_ARGS---stage-rebase}" BASE_TOKENS="${AB_TOKENS-1 128 512 4096}" \
+        NEW_TOKENS="${AB_TOKENS-1 128 512 4096}" FP8_TOKENS= timeout -k 5 ${AB_S-150} bash scripts/ab_bench.sh
+fi
 if [ -n "${PREFILL-1}" ]; then
-    timeout -k 5 200 python3 scripts/bench_gemm.py --cases u4096:256 --formats mxfp4/fp8 --stream --stream-kinds mxfp4 \
+    timeout -k 5 ${PREFILL_S-200} python3 scripts/bench_gemm.py --cases u4096:256 --formats ${PREFILL_FORMATS-mxfp4/fp8,fp8/fp8} --stream --stream-kinds mxfp4 \
         --stream-sweep --stream-sweep-bms 128 --iters 20 > "$OUT/sweep_prefill.log" 2>&1
     echo "=== prefill sweep"; grep -E "stream|streamed" "$OUT/sweep_prefill.log" | tail -n 20
 fi
 if [ -n "${DECODE-1}" ]; then
-    timeout -k 5 200 python3 scripts/bench_gemm.py --cases u1:256,u128:256 --formats mxfp4/fp8 --stream --stream-kinds mxfp4 \
+    timeout -k 5 ${DECODE_S-150} python3 scripts/bench_gemm.py --cases u1:256,u128:256 --formats mxfp4/fp8 --stream --stream-kinds mxfp4 \
         --stream-sweep --stream-sweep-bms 16 --iters 30 > "$OUT/sweep_decode.log" 2>&1
     echo "=== decode sweep"; grep -E "stream|streamed" "$OUT/sweep_decode.log" | tail -n 30
-fi
-if [ -n "${AB-1}" ]; then
-    OUT="$OUT" ANCHOR= BASE_DIR=. NEW_ARGS="${NEW_ARGS---stage-rebase}" BASE_TOKENS="${AB_TOKENS-1 128 512 4096}" \
-        NEW_TOKENS="${AB_TOKENS-1 128 512 4096}" FP8_TOKENS= timeout -k 5 240 bash scripts/ab_bench.sh
 fi
