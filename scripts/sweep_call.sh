@@ -21,7 +21,7 @@ fi
 if [ -n "${PREFILL-1}" ]; then
     timeout -k 5 ${PREFILL_S-200} python3 scripts/bench_gemm.py --cases u4096:256 --formats ${PREFILL_FORMATS-mxfp4/fp8,fp8/fp8} --stream --stream-kinds mxfp4 \
         --stream-sweep --stream-sweep-bms 128 --iters 20 > "$OUT/sweep_prefill.log" 2>&1
-    echo "=== prefill sweep"; grep -E "stream|streamed" "$OUT/sweep_prefill.log" | tail -n 20
+    echo "=== prefill sweep"; grep -E "stream|streamed" "$OUT/sweep_prefill.log" | tail -n 40
 fi
 if [ -n "${DECODE-1}" ]; then
     timeout -k 5 ${DECODE_S-150} python3 scripts/bench_gemm.py --cases u1:256,u128:256 --formats mxfp4/fp8 --stream --stream-kinds mxfp4 \
