@@ -438,6 +438,20 @@ def _tile_coords(work, num_tiles, NUM_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_item(work, total, num_tiles, tile_expert_ptr, tile_row_ptr, NUM_N: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """(expert, first pair row, N block) of work item `work`: the persistent loops load them an
+    item ahead (two loads with no dependency), and the expert's row end one item later, so no
+    item starts with a chain of dependent metadata loads. Past `total` the loads are masked off
+    (expert 0, row 0)."""
+    ok = work < total
+    tile, pid_n = _tile_coords(tl.where(ok, work, 0), tl.maximum(num_tiles, 1), NUM_N, GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile, mask=ok, other=0)
+    row_start = tl.load(tile_row_ptr + tile, mask=ok, other=0)
+    return expert, row_start, pid_n
+
+
+@triton.jit
 def _quant_store_rows(y, row_ok, col0, out_rows, sf_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       GROUP: tl.constexpr, FORMAT: tl.constexpr):
     """Quantise float32 y [BLOCK_M, BLOCK_N] (columns col0 ..) per GROUP columns and store it.
@@ -845,15 +859,21 @@ def _l1_kernel(
         pdl_enter()
     NUM_N: tl.constexpr = INTER // BLOCK_N
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     # NOTE: the count comes from the device; clamp it so a bad value never reads past the map.
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
+    total = num_tiles * NUM_N
     # Persistent loop over (tile, N block) work items: a grid of a few CTAs per SM serves any
-    # count, so a map sized for the worst case costs no empty CTAs at decode sizes.
-    for work in range(pid, num_tiles * NUM_N, tl.num_programs(0)):
-        tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
-        expert = tl.load(tile_expert_ptr + tile)
-        row_start = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(offsets_ptr + expert + 1)
+    # count, so a map sized for the worst case costs no empty CTAs at decode sizes. An item's
+    # metadata (tile -> expert -> its row end) is loaded one and two items ahead (`_prefetch_item`).
+    expert, row_start, pid_n = _prefetch_item(pid, total, num_tiles, tile_expert_ptr, tile_row_ptr, NUM_N, GROUP_M)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    n_expert, n_row_start, n_pid_n = _prefetch_item(pid + nprog, total, num_tiles, tile_expert_ptr, tile_row_ptr,
+                                                    NUM_N, GROUP_M)
+    for work in range(pid, total, nprog):
+        n_row_end = tl.load(offsets_ptr + n_expert + 1)
+        nn_expert, nn_row_start, nn_pid_n = _prefetch_item(work + 2 * nprog, total, num_tiles, tile_expert_ptr,
+                                                           tile_row_ptr, NUM_N, GROUP_M)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
@@ -955,6 +975,8 @@ def _l1_kernel(
         else:
             sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
         _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
+        expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
+        n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
 
 # =================================================================================================
