@@ -9,7 +9,8 @@
 #       FP8_TOKENS="1 128 512 4096" [ANCHOR=] bash scripts/ab_bench.sh
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
-# skips that run. BASE_DIR=. with NEW_ARGS=--stage-rebase (say) compares a switch of this tree. Logs and JSON under $OUT; every step under `timeout`.
+# skips that run. BASE_DIR=. with NEW_ARGS=--stage-rebase (say) compares a switch of this tree;
+# NEW2_ARGS adds a second run of this tree with those arguments (no anchor). Logs and JSON under $OUT; every step under `timeout`.
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 TESTS="${TESTS:-}"
@@ -42,5 +43,6 @@ run() {  # run NAME DIR TOKENS ARGS...: bench.py in DIR
 BASE_DIR="${BASE_DIR:-.base}"
 [ -d "$BASE_DIR/mega_moe_layer" ] && run base "$BASE_DIR" "$BASE_TOKENS"
 run new . "$NEW_TOKENS" --anchor "${ANCHOR:-none}" ${NEW_ARGS:-}
+[ -n "${NEW2_ARGS:-}" ] && run new2 . "$NEW_TOKENS" --anchor none $NEW2_ARGS
 run fp8 . "$FP8_TOKENS" --anchor "${ANCHOR:-none}" --weight-format fp8
 exit $status

@@ -15,7 +15,7 @@ if [ -n "$TESTS" ]; then
     echo "=== tests"; tail -n 4 "$OUT/tests.log"
 fi
 if [ -n "${AB-1}" ]; then
-    OUT="$OUT" ANCHOR= BASE_DIR=. NEW_ARGS="${NEW_ARGS---stage-rebase}" BASE_TOKENS="${AB_TOKENS-1 128 512 4096}" \
+    OUT="$OUT" ANCHOR= BASE_DIR="${BASE_DIR:-.}" NEW_ARGS="${NEW_ARGS---stage-rebase}" NEW2_ARGS="${NEW2_ARGS:-}" BASE_TOKENS="${AB_TOKENS-1 128 512 4096}" \
         NEW_TOKENS="${AB_TOKENS-1 128 512 4096}" FP8_TOKENS= timeout -k 5 ${AB_S-150} bash scripts/ab_bench.sh
 fi
 if [ -n "${PREFILL-1}" ]; then
