@@ -179,12 +179,19 @@ def test_staged_rebase_vs_reference(env, wf, cf, monkeypatch):
         pytest.skip("the FP8 mainloop is Hopper's")
     monkeypatch.setattr(nvshmem_backend, "STAGE_REBASE", True)
     cfg = _streamed_cfg(R, wf, "fp8", cf, False)
-    m = _layer(cfg)
-    assert m._backend.stage_rebase and m._backend._rebase_x is None
-    for seed, T in ((4, 90 + 5 * rank), (5, 1 + rank)):
-        y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 90 + 5 * r, seed=seed, mask_frac=0.1,
-                                tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
-    _check_vs_float64(cfg, y, 1 + rank, 400 + rank, err, f"staged rebase rank {rank} {wf}/fp8/{cf}")
+    # NOTE: a layer of its own (the module's cached layer of this config was bound without the
+    # switch), dropped again afterwards so later tests get the default path.
+    _LAYERS.pop(cfg, None)
+    try:
+        m = _layer(cfg)
+        assert m._backend.stage_rebase and m._backend._rebase_x is None
+        for seed, T in ((4, 90 + 5 * rank), (5, 1 + rank)):
+            y, err = _run_and_check(cfg, rank, R, lambda r: T if r == rank else 90 + 5 * r, seed=seed,
+                                    mask_frac=0.1, tol=TOLERANCES["gemm_fp8_mainloop_rel_rmse"])
+        # the last call's inputs: seed 5 (`_inputs_all_ranks`: seed * 100 + rank)
+        _check_vs_float64(cfg, y, 1 + rank, 500 + rank, err, f"staged rebase rank {rank} {wf}/fp8/{cf}")
+    finally:
+        _LAYERS.pop(cfg, None)
 
 
 def test_fp8_combine_hidden_640(env):
