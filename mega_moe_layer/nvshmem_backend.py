@@ -104,7 +104,7 @@ USE_PDL = True
 #: in the interpreter and compiles for sm_90a; no device machine was left to run it). The GPU
 #: tests switch it on (`test_layer_gpu.py::test_staged_rebase_vs_reference`,
 #: `test_pre_dispatch_gpu.py::test_rebased_staging_bitwise`); `bench.py --stage-rebase` times it.
-STAGE_REBASE = False
+STAGE_REBASE = True
 
 
 def _pdl_supported(arch: int) -> bool:

@@ -139,10 +139,12 @@ def test_launches_per_forward(env, monkeypatch):
     rank, R = env
     cfg = _cfg(R)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds its two
-    # rebasing passes (x, h), inside the graph; the bf16 mainloop runs without them. A call whose
-    # tile plan has tails (`gemm_heuristics.TilePlan`) launches L1 and L2 once more each. One rank
-    # launches no barrier (stream order suffices), R > 1 ranks two.
+    # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds h's rebasing
+    # pass inside the graph (FP8 x is staged rebased, `STAGE_REBASE`, the default); the bf16
+    # mainloop runs without it. A call whose tile plan has tails (`gemm_heuristics.TilePlan`)
+    # launches L1 and L2 once more each. One rank launches no barrier (stream order suffices),
+    # R > 1 ranks two.
+    assert nvshmem_backend.STAGE_REBASE
     for T in (64, 2):
         x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=3 + rank))
         for c, streamed in ((cfg, hopper), (_cfg(R, hopper_fp8_mainloop=False), False),
@@ -150,16 +152,16 @@ def test_launches_per_forward(env, monkeypatch):
             m = _moe(c, validate=False).experts
             tail = m._gpu._plan_T(T)[2].has_tail
             assert tail == (T == 64), "T 64 (32 pairs per expert) has tails, T 2 none"
-            assert not m._gpu.stage_rebase
-            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + 2 * streamed + 2 * tail)
+            assert m._gpu.stage_rebase == streamed
+            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + streamed + 2 * tail)
             assert (m._gpu._barrier_dispatch is None) == (R == 1)
-    # FP8 x staged rebased (`STAGE_REBASE`): only h's pass is left
+    # Without the staged rebase, a pass rebases x after the dispatch too
     if hopper:
-        monkeypatch.setattr(nvshmem_backend, "STAGE_REBASE", True)
+        monkeypatch.setattr(nvshmem_backend, "STAGE_REBASE", False)
         m = _moe(cfg, validate=False).experts
-        assert m._gpu.stage_rebase
+        assert not m._gpu.stage_rebase and m._gpu._rebase_x is not None
         x, idx, w = (t.cuda() for t in make_inputs(cfg, 2, seed=5 + rank))
-        _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + 1)
+        _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + 2)
 
 
 def test_eager_graphs_equal_direct_launches(env):
