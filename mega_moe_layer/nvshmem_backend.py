@@ -14,6 +14,10 @@
     7 barrier    "combine" (R > 1 only)
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
+The streamed FP8 mainloop (Hopper, FP8 / MXFP4 weights, the default there) adds h's rebasing pass
+between 5 and 6; FP8 x is staged already rebased by kernel 1 (`STAGE_REBASE`), FP4 x is rebased
+by one more pass between 4 and 5 (`_bind_rebase`).
+
 Host time. Every launch is a `kernels._launch.Launcher` bound once (per token count or tile height
 where its grid or arguments depend on it; the GEMMs per tile height and map). Only the stage kernel takes this call's tensors (x, the
 top-k arrays, and y's address, which it stores with T in `call_info`); kernels 2-8 read this
@@ -99,11 +103,11 @@ def _experts_forward_fake(x, topk_idx, topk_weights, error_count, stats_last, st
 USE_PDL = True
 
 #: Stage FP8 x already rebased to one exponent per row (`pre_dispatch` REBASE; `stage_rebase`):
-#: no x rebasing pass, one exponent word a row over NVLink instead of H / 128. NOTE: off until a
-#: GPU run passes with it (built 2026-12-07: the kernel is bitwise against `reference.rebase_act`
-#: in the interpreter and compiles for sm_90a; no device machine was left to run it). The GPU
-#: tests switch it on (`test_layer_gpu.py::test_staged_rebase_vs_reference`,
-#: `test_pre_dispatch_gpu.py::test_rebased_staging_bitwise`); `bench.py --stage-rebase` times it.
+#: no x rebasing pass and no rebased-x scratch (29 MB at T_max 4096, H 7168), one exponent word a
+#: row over NVLink instead of H / 128. Measured on an H100 (docs/PERF.md, 2026-12-07, second
+#: session, two A/B runs): -1.8 / -2.4 us at T = 1; +1.0 / +1.1% at T = 128 (three profiles:
+#: +0.6% on average, repeated runs spread by ~1%); +0.1-1.6% at 512 / 4096. False restores the
+#: pass after the dispatch (`bench.py --no-stage-rebase`).
 STAGE_REBASE = True
 
 

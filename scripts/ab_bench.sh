@@ -9,7 +9,7 @@
 #       FP8_TOKENS="1 128 512 4096" [ANCHOR=] bash scripts/ab_bench.sh
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
-# skips that run. BASE_DIR=. with NEW_ARGS=--stage-rebase (say) compares a switch of this tree;
+# skips that run. BASE_DIR=. with NEW_ARGS=--no-stage-rebase (say) compares a switch of this tree;
 # NEW2_ARGS adds a second run of this tree with those arguments (no anchor). Logs and JSON under $OUT; every step under `timeout`.
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"

@@ -365,8 +365,8 @@ def parse_args(argv=None):
                    help="also time the host side of an eager call with validate=True")
     p.add_argument("--out", default="bench_out", help="folder of the PNGs (and the JSON without --json)")
     p.add_argument("--json", default=None, help="path of the JSON (default: under --out)")
-    p.add_argument("--stage-rebase", action="store_true",
-                   help="stage FP8 x already rebased (`nvshmem_backend.STAGE_REBASE`: no x rebasing pass)")
+    p.add_argument("--no-stage-rebase", action="store_true",
+                   help="rebase FP8 x in a pass after the dispatch (`nvshmem_backend.STAGE_REBASE` = False)")
     p.add_argument("--no-pdl", action="store_true",
                    help="GPU layer: launch kernels 2-8 without programmatic dependent launch "
                         "(`nvshmem_backend.USE_PDL`), to measure what it gains")
@@ -423,9 +423,9 @@ def main(argv=None):
     if args.single_height:
         from mega_moe_layer.kernels import gemm_api
         gemm_api.tile_plan_for = lambda T, K, E, R: gemm_api.TilePlan.single(gemm_api.block_m_for(T, K, E, R))
-    if args.stage_rebase:
+    if args.no_stage_rebase:
         from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.STAGE_REBASE = True
+        nvshmem_backend.STAGE_REBASE = False
     if args.no_pdl:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_PDL = False

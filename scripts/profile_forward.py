@@ -20,12 +20,12 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
     p.add_argument("--experts", type=int, default=64, help="E (all local on one GPU)")
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
-    p.add_argument("--stage-rebase", action="store_true",
-                   help="stage FP8 x rebased (`nvshmem_backend.STAGE_REBASE`: no x rebasing pass)")
+    p.add_argument("--no-stage-rebase", action="store_true",
+                   help="rebase FP8 x in a pass after the dispatch (`nvshmem_backend.STAGE_REBASE` = False)")
     args = p.parse_args()
-    if args.stage_rebase:
+    if args.no_stage_rebase:
         from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.STAGE_REBASE = True
+        nvshmem_backend.STAGE_REBASE = False
     if args.no_pdl:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_PDL = False

@@ -87,8 +87,8 @@ def _pre_dispatch_kernel(
     row rebased to one exponent (`reference.rebase_act` of the quantised row, bitwise: the FP8
     value of every group d = E - e below the row's largest scale byte E is multiplied by 2**-d and
     rounded to E4M3 again) and out_e_ptr[row] = E; no scale bytes are written. The layer's Hopper
-    FP8 path can stage x this way (`nvshmem_backend.STAGE_REBASE`), so the grouped GEMM reads it as
-    it lands (no rebasing pass).
+    FP8 path stages x this way (`nvshmem_backend.STAGE_REBASE`, on by default), so the grouped
+    GEMM reads it as it lands (no rebasing pass).
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120

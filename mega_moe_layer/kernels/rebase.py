@@ -6,10 +6,10 @@ group scales, every group's values shifted down by its distance from it. Then th
 stream the act operand straight into the FP8 MMA with nothing to decode in the K loop
 (`l1_gemm._fp8_stream_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
 
-Uses per forward (`nvshmem_backend`): x after the dispatch (unless `nvshmem_backend.STAGE_REBASE`
-has the pre-dispatch kernel rebase FP8 x as it is quantised), over the pool rows this call
-received (the fill kernel lists each once, `dispatch._fill_kernel`'s RECV_LIST), and h after L1,
-over the pair positions. Both read their row count on the device (no host sync, graph-safe): a
+Uses per forward (`nvshmem_backend`): h after L1, over the pair positions; and FP4 x (or FP8 x
+with `nvshmem_backend.STAGE_REBASE` off; by default the pre-dispatch kernel rebases FP8 x as it
+quantises it) after the dispatch, over the pool rows this call received (the fill kernel lists
+each once, `dispatch._fill_kernel`'s RECV_LIST). Both read their row count on the device (no host sync, graph-safe): a
 static persistent grid whose programs loop over (block of rows, K chunk) items below it. (With a
 `rows` list that repeats a row, e.g. the pairs' `pair_rows`, the row is written repeatedly with
 the same bytes.)
