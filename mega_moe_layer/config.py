@@ -42,7 +42,8 @@ class MegaMoEConfig:
         hopper_fp8_mainloop: Hopper grouped GEMMs with FP8 / MXFP4 weights and FP8 / FP4 acts:
             True runs the streamed FP8 (e4m3 wgmma) mainloop: x rebased to one exponent per row
             (FP8 x as the pre-dispatch kernel quantises it, FP4 x after the dispatch) and h after
-            L1 (`kernels/rebase.py`), weights rebased at load time; False the bf16 mainloop on operands dequantised in registers. None (default):
+            L1 (`kernels/rebase.py`), weights rebased at load time; False the bf16 mainloop on
+            operands dequantised in registers. None (default):
             True for FP8 and MXFP4 weights (H200: FP8 weights' GEMMs 2-5x faster; MXFP4 kept at 4
             bits, expanded from re-laid fragment words in registers, 1.5-2.0x faster than the
             bf16 mainloop; docs/PERF.md has every variant measured).

@@ -9,10 +9,10 @@ stream the act operand straight into the FP8 MMA with nothing to decode in the K
 Uses per forward (`nvshmem_backend`): h after L1, over the pair positions; and FP4 x (or FP8 x
 with `nvshmem_backend.STAGE_REBASE` off; by default the pre-dispatch kernel rebases FP8 x as it
 quantises it) after the dispatch, over the pool rows this call received (the fill kernel lists
-each once, `dispatch._fill_kernel`'s RECV_LIST). Both read their row count on the device (no host sync, graph-safe): a
-static persistent grid whose programs loop over (block of rows, K chunk) items below it. (With a
-`rows` list that repeats a row, e.g. the pairs' `pair_rows`, the row is written repeatedly with
-the same bytes.)
+each once, `dispatch._fill_kernel`'s RECV_LIST). Both read their row count on the device (no
+host sync, graph-safe): a static persistent grid whose programs loop over (block of rows, K
+chunk) items below it. (With a `rows` list that repeats a row, e.g. the pairs' `pair_rows`, the
+row is written repeatedly with the same bytes.)
 
 Exact except where rebasing rounds: a value more than ~2**8 below its row's largest group scale
 falls under E4M3's normal range there and rounds (by at most 2**-10 of the row's base scale,
