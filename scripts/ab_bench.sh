@@ -5,7 +5,7 @@
 # this tree with the anchor (MXFP4), then this tree with FP8 weights and the anchor.
 #
 #   git archive REV mega_moe_layer scripts | tar -x -C .base     # here, once (.base/ ignored)
-#   OUT=/path TESTS="tests/test_x.py" BASE_TOKENS="1 128 512" NEW_TOKENS="1 128 512 4096" \
+#   OUT=/path TESTS="tests/test_x.py" [TESTS_S=300] BASE_TOKENS="1 128 512" NEW_TOKENS="1 128 512 4096" \
 #       FP8_TOKENS="1 128 512 4096" [ANCHOR=] bash scripts/ab_bench.sh
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
@@ -20,7 +20,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi -L
 status=0
 if [ -n "$TESTS" ]; then
-    PYTHONPATH=/tmp/site:$PWD timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider -m "not multigpu" \
+    PYTHONPATH=/tmp/site:$PWD timeout -k 5 "${TESTS_S:-300}" python3 -m pytest -q -x -p no:cacheprovider -m "not multigpu" \
         $TESTS > "$OUT/tests.log" 2>&1 || status=1
     echo "=== tests"; tail -n 3 "$OUT/tests.log"
 fi

@@ -34,6 +34,7 @@ target arch (`gemm_heuristics.uses_dot_scaled`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -753,16 +754,20 @@ def _mma8(a, b, acc, DOT_IN_F32: tl.constexpr):
 
 
 @triton.jit
-def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shift, a_ptr, a_rows64, a_ok,
-                         K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         W_SPLIT: tl.constexpr, W_KIND: tl.constexpr, WARPS: tl.constexpr,
-                         FP4_TABLE: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr):
-    """acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the operands' row bases:
-    the streamed FP8 mainloop (act rows already rebased to E4M3 where they landed, `rebase.py`).
+def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shift, a_ptr, a_sf_ptr, a_rows64, a_ok,
+                  e_row, K: tl.constexpr, A_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, W_SPLIT: tl.constexpr, W_KIND: tl.constexpr, ACT_FORMAT: tl.constexpr,
+                  WARPS: tl.constexpr, FP4_TABLE: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr,
+                  STREAMED: tl.constexpr):
+    """acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the operands' row bases
+    (`_apply_row_factors` applies them): the FP8 mainloop.
 
-    Both operands come straight from memory ("fp8_rebased" weights; "mxfp4" is expanded in
-    registers), so Triton pipelines the loads and keeps the wgmma in flight across K steps
-    (`warp_group_dot_wait {pendings = 1}`) as long as only the MMA touches its accumulator.
+    STREAMED: the act rows were rebased to E4M3 where they landed (`rebase.py`; a_sf_ptr, A_GROUP
+    and e_row unused), so both operands come straight from memory ("fp8_rebased" weights; "mxfp4"
+    is expanded in registers), Triton pipelines the loads and keeps the wgmma in flight across K
+    steps (`warp_group_dot_wait {pendings = 1}`) as long as only the MMA touches its accumulator.
+    Else the act groups of A_GROUP are rebased to the row exponent e_row in registers
+    (`_act_tile_e4m3`).
     NOTE: Hopper's FP8 MMA keeps ~14 mantissa bits while it accumulates (truncating): the partial
     sum of every PROMOTE steps (a pipelined inner loop) is added to a float32 accumulator; PROMOTE
     = K / BLOCK_K chains the whole K (H200, N 4096 K 7168, Gaussian data: rel-RMSE 1.9e-3 chained,
@@ -775,7 +780,7 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0
     """
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     vrows, vq = _frag_rows(w_row0, BLOCK_R, BLOCK_K, WARPS, W_SPLIT, w_shift)
-    if PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
+    if STREAMED and PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
         for kt in range(0, K // BLOCK_K):
             w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, vrows, vq, kt, K, BLOCK_R,
                                    BLOCK_K, W_KIND, WARPS, FP4_TABLE)
@@ -789,8 +794,12 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0
                 kt = kc * PROMOTE + kk
                 w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, vrows, vq, kt, K,
                                        BLOCK_R, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
-                cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-                a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
+                if STREAMED:
+                    cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                    a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
+                else:
+                    a8 = _act_tile_e4m3(a_ptr, a_sf_ptr, tab_ptr, a_rows64, a_ok, kt, e_row, K, A_GROUP, BLOCK_M,
+                                        BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
                 if W_KIND == "fp8_block":
                     s_w = tl.load(w_sf_ptr + sf_off + (w_rows // 128) * (K // 128) + kt * BLOCK_K // 128)
                     part += _mma8(w8, tl.trans(a8), tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32),
@@ -799,6 +808,105 @@ def _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0
                     part = _mma8(w8, tl.trans(a8), part, DOT_IN_F32)
             acc += part
     return acc
+
+
+@triton.jit
+def _apply_row_factors(acc, e_row, w_row_ptr, w_idx, ACT_FORMAT: tl.constexpr, W_KIND: tl.constexpr):
+    """The FP8 mainloop's result times its operands' row factors, exact powers of two: the
+    activation rows' 2**(e_row - 127 - headroom) and the weight rows' w_row_ptr[w_idx] ("fp8_block"
+    weights have none: their block scales were applied per K step)."""
+    a_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
+    if W_KIND == "fp8_block":
+        acc = acc * a_f[None, :]
+    else:
+        w_f = tl.load(w_row_ptr + w_idx)
+        acc = acc * w_f[:, None] * a_f[None, :]
+    return acc
+
+
+@triton.jit
+def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr, h_sf_ptr, clamp,
+             expert, row_start, row_end, pid_n,
+             HIDDEN: tl.constexpr, INTER: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
+             ACT_GROUP: tl.constexpr, HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr,
+             DOT_IN_F32: tl.constexpr, W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr,
+             ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr):
+    """One L1 work item (`_l1_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
+    `expert` x N block `pid_n` (BLOCK_N columns of gate and of up) -> their h columns."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows64 = rows.to(tl.int64)
+    prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+
+    e64 = expert.to(tl.int64)
+    # NOTE: gate and up rows are stacked into ONE operand of 2 * BLOCK_N rows (gate rows
+    # n0..n0+BN-1, then up rows I+n0..): one MMA of M = 2 * BLOCK_N per K step (128 rows = one
+    # Blackwell block-scaled MMA at BLOCK_N 64), one accumulator, and no operand shared between
+    # two MMAs (Triton 3.6's Blackwell warp specialisation asserts on a shared scale operand).
+    r = tl.arange(0, 2 * BLOCK_N)
+    n_rows = (tl.where(r < BLOCK_N, r, r - BLOCK_N + INTER) + pid_n * BLOCK_N).to(tl.int64)
+    if WEIGHT_FORMAT == "mxfp4":
+        w_off = e64 * (2 * INTER * (HIDDEN // 2))
+        sf_off = e64 * (2 * INTER * (HIDDEN // 32))
+    elif WEIGHT_FORMAT == "fp8":
+        w_off = e64 * (2 * INTER * HIDDEN)
+        sf_off = e64 * ((2 * INTER // 128) * (HIDDEN // 128))
+    else:
+        w_off = e64 * (2 * INTER * HIDDEN)
+        sf_off = e64 * 0
+
+    if ACT_REBASED:
+        e_row = tl.load(x_sf_ptr + prow, mask=row_ok, other=0)
+    elif W_KIND != "raw":
+        e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
+    acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
+        # Hopper: the FP8 mainloop (x rebased where it landed, or here in registers)
+        acc = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N, INTER - BLOCK_N, x_ptr,
+                            x_sf_ptr, prow, row_ok, e_row, HIDDEN, ACT_GROUP, 2 * BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N,
+                            W_KIND, ACT_FORMAT, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
+    else:
+        for kt in range(0, HIDDEN // BLOCK_K):
+            if USE_DOT_SCALED:
+                # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
+                x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
+                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
+                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
+                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            else:
+                x_tile = _act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M, BLOCK_K,
+                                        ACT_FORMAT)                                             # [BM, BK]
+                if WEIGHT_FORMAT == "mxfp4":
+                    x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
+                x_t = tl.trans(x_tile)                                                          # [BK, BM]
+                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
+                                      WEIGHT_FORMAT, not DOT_IN_F32, FP4_DECODER)                   # [2BN, BK]
+                if WEIGHT_FORMAT == "fp8":
+                    # Block scales (any positive float32) multiply the per-128-K partial products.
+                    s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
+                    acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
+                else:
+                    acc = _mma(w, x_t, acc, DOT_IN_F32)
+    if W_KIND != "raw":
+        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * (2 * INTER) + n_rows, ACT_FORMAT, W_KIND)
+    # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
+    # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
+    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    if HAS_CLAMP:
+        gate = tl.minimum(gate, clamp)
+        up = tl.minimum(tl.maximum(up, -clamp), clamp)
+    weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
+    h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
+    if ACT_FORMAT == "fp4":
+        h_rows = h_ptr + rows64[:, None] * (INTER // 2)
+    else:
+        h_rows = h_ptr + rows64[:, None] * INTER
+    if ACT_FORMAT == "bf16":
+        sf_rows = h_rows  # unused
+    else:
+        sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
+    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
 
 
 # =================================================================================================
@@ -829,13 +937,21 @@ def _l1_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
+    TAIL_M: tl.constexpr = 0, TAIL_K: tl.constexpr = 128, TAIL_PROMOTE: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
-    """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h.
+    """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h
+    (`_l1_item`).
+
+    TAIL_M > 0 (a two-height `gemm_heuristics.TilePlan`): a tile that holds at most TAIL_M pairs
+    (row_end - row_start <= TAIL_M: an expert's remainder after its full tiles, or a small
+    expert) runs at TAIL_M rows with TAIL_K / TAIL_PROMOTE instead (the same BLOCK_N, so the
+    same work items). The map is the one-height map of BLOCK_M; an expert's tail tile follows its
+    full tiles, so both read its weight slab at about the same time (once from HBM).
 
     ACT_REBASED (with W_KIND != "raw"): x_ptr is the rebased E4M3 pool [Npool, H] and x_sf_ptr the
     int32 row exponents [Npool] (`rebase.rebase_act_rows`): the streamed FP8 mainloop
-    (`_fp8_stream_mainloop`).
+    (`_fp8_mainloop`).
 
     W_KIND != "raw" (Hopper, FP8/MXFP4 weights x FP8/FP4 acts): the FP8 mainloop — rebased E4M3
     operands, plain `tl.dot` accumulation, the weight rows' and x rows' power-of-two factors
@@ -874,107 +990,24 @@ def _l1_kernel(
         n_row_end = tl.load(offsets_ptr + n_expert + 1)
         nn_expert, nn_row_start, nn_pid_n = _prefetch_item(work + 2 * nprog, total, num_tiles, tile_expert_ptr,
                                                            tile_row_ptr, NUM_N, GROUP_M)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        rows64 = rows.to(tl.int64)
-        prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-
-        e64 = expert.to(tl.int64)
-        # NOTE: gate and up rows are stacked into ONE operand of 2 * BLOCK_N rows (gate rows
-        # n0..n0+BN-1, then up rows I+n0..): one MMA of M = 2 * BLOCK_N per K step (128 rows = one
-        # Blackwell block-scaled MMA at BLOCK_N 64), one accumulator, and no operand shared between
-        # two MMAs (Triton 3.6's Blackwell warp specialisation asserts on a shared scale operand).
-        r = tl.arange(0, 2 * BLOCK_N)
-        n_rows = (tl.where(r < BLOCK_N, r, r - BLOCK_N + INTER) + pid_n * BLOCK_N).to(tl.int64)
-        if WEIGHT_FORMAT == "mxfp4":
-            w_off = e64 * (2 * INTER * (HIDDEN // 2))
-            sf_off = e64 * (2 * INTER * (HIDDEN // 32))
-        elif WEIGHT_FORMAT == "fp8":
-            w_off = e64 * (2 * INTER * HIDDEN)
-            sf_off = e64 * ((2 * INTER // 128) * (HIDDEN // 128))
-        else:
-            w_off = e64 * (2 * INTER * HIDDEN)
-            sf_off = e64 * 0
-
-        if ACT_REBASED:
-            e_row = tl.load(x_sf_ptr + prow, mask=row_ok, other=0)
-        elif W_KIND != "raw":
-            e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
-        acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if ACT_REBASED:
-            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N,
-                                       INTER - BLOCK_N, x_ptr, prow, row_ok, HIDDEN, 2 * BLOCK_N, BLOCK_M, BLOCK_K,
-                                       BLOCK_N, W_KIND, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32)
-        elif W_KIND == "raw" or USE_DOT_SCALED:
-            for kt in range(0, HIDDEN // BLOCK_K):
-                if USE_DOT_SCALED:
-                    # Blackwell: native block-scaled MMA (MXFP4 weights x FP8/FP4 activations).
-                    x_raw, x_sf = _act_tile_mx(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_K, ACT_FORMAT)
-                    w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, BLOCK_K)
-                    acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(x_raw), x_sf,
-                                        "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
-                else:
-                    x_tile = _act_tile_bf16(x_ptr, x_sf_ptr, prow, row_ok, kt, HIDDEN, ACT_GROUP, BLOCK_M, BLOCK_K,
-                                            ACT_FORMAT)                                             # [BM, BK]
-                    if WEIGHT_FORMAT == "mxfp4":
-                        x_tile = _fp4_perm_k(x_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
-                    x_t = tl.trans(x_tile)                                                          # [BK, BM]
-                    w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n_rows, kt, HIDDEN, 2 * BLOCK_N, BLOCK_K,
-                                          WEIGHT_FORMAT, not DOT_IN_F32, FP4_DECODER)                   # [2BN, BK]
-                    if WEIGHT_FORMAT == "fp8":
-                        # Block scales (any positive float32) multiply the per-128-K partial products.
-                        s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
-                        acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
-                    else:
-                        acc = _mma(w, x_t, acc, DOT_IN_F32)
-        else:
-            # Hopper FP8 mainloop: nothing but the MMA touches the accumulator within a chunk of
-            # PROMOTE K steps. NOTE: Hopper's FP8 MMA accumulates with reduced precision (~14
-            # mantissa bits kept across additions, truncating), so each chunk's partial sum is
-            # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
-            # MMA additions in reduced precision; one wgmma wait per chunk).
-            vrows, vq = _frag_rows(pid_n * BLOCK_N, 2 * BLOCK_N, BLOCK_K, WARPS, BLOCK_N, INTER - BLOCK_N)
-            for kc in range(0, HIDDEN // BLOCK_K // PROMOTE):
-                part = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for kk in tl.static_range(PROMOTE):
-                    kt = kc * PROMOTE + kk
-                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, vrows, vq, kt, HIDDEN,
-                                           2 * BLOCK_N, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
-                    x8 = _act_tile_e4m3(x_ptr, x_sf_ptr, tab_ptr, prow, row_ok, kt, e_row, HIDDEN, ACT_GROUP,
-                                        BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
-                    if W_KIND == "fp8_block":
-                        s_w = tl.load(w_sf_ptr + sf_off + (n_rows // 128) * (HIDDEN // 128) + kt * BLOCK_K // 128)
-                        part += _mma8(w8, tl.trans(x8), tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                      DOT_IN_F32) * s_w[:, None]
-                    else:
-                        part = _mma8(w8, tl.trans(x8), part, DOT_IN_F32)
-                acc += part
-
-        if W_KIND != "raw":
-            # The row factors: exact powers of two (x rows: 2**(e_row - 127 - headroom)).
-            x_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
-            if W_KIND == "fp8_block":
-                acc = acc * x_f[None, :]
+        if TAIL_M > 0:
+            # A tile holding <= TAIL_M pairs (an expert's remainder, `gemm_heuristics.TilePlan`)
+            # runs at the tail height, in this launch, next to its expert's full tiles.
+            if row_end - row_start <= TAIL_M:
+                _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
+                         h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
+                         ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
+                         TAIL_PROMOTE, TAIL_M, BLOCK_N, TAIL_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
             else:
-                w_f = tl.load(w_row_ptr + e64 * (2 * INTER) + n_rows)
-                acc = acc * w_f[:, None] * x_f[None, :]
-        # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
-        # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
-        gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-        if HAS_CLAMP:
-            gate = tl.minimum(gate, clamp)
-            up = tl.minimum(tl.maximum(up, -clamp), clamp)
-        weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
-        h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
-        if ACT_FORMAT == "fp4":
-            h_rows = h_ptr + rows64[:, None] * (INTER // 2)
+                _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
+                         h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
+                         ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
+                         PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
         else:
-            h_rows = h_ptr + rows64[:, None] * INTER
-        if ACT_FORMAT == "bf16":
-            sf_rows = h_rows  # unused
-        else:
-            sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
-        _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
+            _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
+                     h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
+                     ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
+                     PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -984,31 +1017,24 @@ def _l1_kernel(
 # =================================================================================================
 def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
                    out_tile_expert: torch.Tensor, out_tile_row_start: torch.Tensor,
-                   out_num_tiles: torch.Tensor, *, tail_block_m: Optional[int] = None, tail_max: int = 0,
-                   tail_out: Optional[tuple] = None) -> None:
+                   out_num_tiles: torch.Tensor) -> None:
     """Cut each local expert's pair segment into tiles of `block_m` positions (device ops only).
 
     Args:
         expert_offsets: int32/int64 [E_local + 1] non-decreasing prefix sums, offsets[0] = 0.
-        block_m: tile height (the kernels' BLOCK_M).
+        block_m: tile height (the kernels' BLOCK_M; a two-height plan's full height: the kernels
+            run a tile of at most their TAIL_M pairs at that height).
         max_tiles: rows of the outputs, >= `max_tiles(max_pairs, E_local, block_m)`.
         out_tile_expert: int32 [max_tiles]: local expert of tile t, -1 for t >= num_tiles.
         out_tile_row_start: int32 [max_tiles]: position of tile t's first pair, 0 for t >= num_tiles.
-        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m) (with a tail: the main map's count),
-            clamped to max_tiles.
-        tail_block_m, tail_max, tail_out: a two-height plan (`gemm_heuristics.TilePlan`): an
-            expert's remainder r = n_e % block_m with 0 < r <= tail_max goes to ceil(r /
-            tail_block_m) tiles of `tail_block_m` positions in a second map, tail_out = (tile_expert,
-            tile_row_start, num_tiles) with its own capacity (len(tile_expert)); the main map then
-            holds n_e // block_m tiles of that expert. tail_max 0 (default): one map.
+        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m), clamped to max_tiles.
 
     Tiles are in expert order; within an expert, in row order. No host synchronisation (the
     counts are read by torch ops on the device; temporaries come from the caching allocator, so
     the call is CUDA-graph capturable).
 
     Example: offsets [0, 3, 3, 40], block_m 16, max_tiles 6 -> tile_expert [0, 2, 2, 2, -1, -1],
-    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4]. Two heights: offsets [0, 150], block_m
-    128, tail_block_m 16, tail_max 32 -> main map [0] / [0] / [1], tail map [0, 0] / [128, 144] / [2].
+    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4].
     """
     if not isinstance(expert_offsets, torch.Tensor) or expert_offsets.dim() != 1 or expert_offsets.numel() < 2:
         raise ValueError("expert_offsets: expected a 1-D tensor [E_local + 1] with E_local >= 1")
@@ -1018,32 +1044,16 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
         raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
     if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
         raise ValueError(f"max_tiles: expected an int >= 0, got {max_tiles!r}")
-    if isinstance(tail_max, bool) or not isinstance(tail_max, int) or not 0 <= tail_max < block_m:
-        raise ValueError(f"tail_max: expected an int in [0, block_m = {block_m}), got {tail_max!r}")
-    if tail_max:
-        if isinstance(tail_block_m, bool) or not isinstance(tail_block_m, int) or not 1 <= tail_block_m <= block_m:
-            raise ValueError(f"tail_block_m: expected an int in [1, block_m = {block_m}], got {tail_block_m!r}")
-        if not isinstance(tail_out, tuple) or len(tail_out) != 3 or not isinstance(tail_out[0], torch.Tensor):
-            raise ValueError("tail_out: expected (tile_expert, tile_row_start, num_tiles) tensors for tail_max > 0")
-    maps = [(max_tiles, (out_tile_expert, out_tile_row_start, out_num_tiles), "out_")]
-    if tail_max:
-        maps.append((tail_out[0].numel(), tail_out, "tail_out "))
-    for n, arrays, prefix in maps:
-        for t, name, rows in zip(arrays, ("tile_expert", "tile_row_start", "num_tiles"), (n, n, 1)):
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (rows,):
-                raise ValueError(f"{prefix}{name}: expected int32 [{rows}], got "
-                                 f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            if t.device != expert_offsets.device:
-                raise ValueError(f"{prefix}{name}: expected device {expert_offsets.device}, got {t.device}")
+    arrays = (out_tile_expert, out_tile_row_start, out_num_tiles)
+    for t, name, rows in zip(arrays, ("tile_expert", "tile_row_start", "num_tiles"), (max_tiles, max_tiles, 1)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (rows,):
+            raise ValueError(f"out_{name}: expected int32 [{rows}], got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != expert_offsets.device:
+            raise ValueError(f"out_{name}: expected device {expert_offsets.device}, got {t.device}")
     off = expert_offsets.to(torch.int64)
     counts = (off[1:] - off[:-1]).clamp_min(0)
-    full, r = counts // block_m, counts % block_m
-    use_tail = (r > 0) & (r <= tail_max)
-    main = full + ((r > 0) & ~use_tail).to(torch.int64)
-    _fill_tile_map(off[:-1], main, block_m, max_tiles, out_tile_expert, out_tile_row_start, out_num_tiles)
-    if tail_max:
-        tail = torch.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
-        _fill_tile_map(off[:-1] + full * block_m, tail, tail_block_m, tail_out[0].numel(), *tail_out)
+    _fill_tile_map(off[:-1], (counts + block_m - 1) // block_m, block_m, max_tiles, *arrays)
 
 
 def _fill_tile_map(base, tiles, block_m, max_tiles, out_te, out_trs, out_nt) -> None:
@@ -1198,6 +1208,28 @@ def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: in
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
 
 
+def _tail_params(tail_block_m: Optional[int], tail_config: Optional[GroupedGemmConfig], block_m: int,
+                 config: GroupedGemmConfig, default_config, w_kind: str, streamed: bool, k: int, rows: int) -> dict:
+    """TAIL_M / TAIL_K / TAIL_PROMOTE of a launch (`_l1_kernel`'s tail tiles): {} for one height.
+    The tail body shares the launch's BLOCK_N, warps and stages; it takes its tile height's K step
+    and promotion (tail_config, default `default_config(tail_block_m)`)."""
+    if tail_block_m is None:
+        if tail_config is not None:
+            raise ValueError("tail_config: given without tail_block_m")
+        return {}
+    if tail_block_m not in GEMM_BLOCK_MS or tail_block_m >= block_m:
+        raise ValueError(f"tail_block_m: expected one of {GEMM_BLOCK_MS} below block_m = {block_m}, got "
+                         f"{tail_block_m!r}")
+    if tail_config is None:
+        tail_config = default_config(tail_block_m)
+    if tail_config.block_m != tail_block_m:
+        raise ValueError(f"tail_config.block_m = {tail_config.block_m} differs from tail_block_m = {tail_block_m}")
+    tail_config = dataclasses.replace(tail_config, num_warps=config.num_warps, num_stages=config.num_stages,
+                                      block_n=config.block_n)
+    _check_block_k(tail_config, w_kind, streamed, k, rows)
+    return dict(TAIL_M=tail_block_m, TAIL_K=tail_config.block_k, TAIL_PROMOTE=tail_config.promote_for(k))
+
+
 def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
     """FP4_DECODER of a launch: the config's choice."""
     return config.fp4_decoder
@@ -1261,7 +1293,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
-                    x_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
+                    x_rebased: Optional[tuple] = None, tail_block_m: Optional[int] = None,
+                    tail_config: Optional[GroupedGemmConfig] = None, bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1300,6 +1333,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
             the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the
             streamed FP8 mainloop. Needs an FP8-mainloop w13_operand.
+        tail_block_m: a two-height plan (`gemm_heuristics.TilePlan`): tiles of the map holding at
+            most tail_block_m pairs run at that height, with the K step and promotion of its
+            config (tail_config, default the heuristic's for that height) in the same launch.
+            None: one height.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1392,6 +1429,11 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
     _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
+    tail = _tail_params(tail_block_m, tail_config, block_m, config, lambda bm: l1_gemm_config(
+        bm, hidden, inter, weight_format, act_format, arch, fp8_mainloop=w13_operand is not None and
+        w13_operand.kind != "raw", act_rebased=x_rebased is not None,
+        weight_kind=None if w13_operand is None else w13_operand.kind), w_kind, x_rebased is not None, hidden,
+        2 * config.block_n)
     fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
@@ -1412,6 +1454,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
-            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)),
+            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), **tail,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

@@ -21,13 +21,12 @@ from .gemm_heuristics import GroupedGemmConfig, l2_gemm_config, uses_dot_scaled
 from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .sync import pdl_enter
-from .l1_gemm import (_call_args, _launch_or_bind, _act_shapes, _act_tile_bf16, _act_tile_e4m3, _act_tile_mx, _check_launch_device,
-                      _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _exp2_ue8m0, _fp4_perm_k,
-                      _check_operand_only, _fp4_decoder, _fp8_stream_mainloop, _is_interpreted, _kernel_weight_format, _mma, _mma8, _nullcontext, _prefetch_item,
-                      _quant_store_rows,
-                      _round_bf16, _row_max_exponent, _tile_coords, _weight_launch_args, _weight_shapes,
-                      _weight_tile_bf16, _weight_tile_e4m3, _weight_tile_mx, sf_words_p2, _check_block_k, _frag_rows,
-                      fp4_table)
+from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
+                      _check_block_k, _check_launch_device, _check_operand_only, _check_rebased, _check_tensor,
+                      _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
+                      _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
+                      _prefetch_item, _quant_store_rows, _round_bf16, _row_max_exponent, sf_words_p2,
+                      _tail_params, _weight_launch_args, _weight_shapes, _weight_tile_bf16, _weight_tile_mx)
 
 __all__ = ["l2_grouped_gemm"]
 
@@ -54,6 +53,80 @@ def _addr_rows(anchor_ptr, addr, DTYPE: tl.constexpr):
     return (base + delta)[:, None]
 
 
+@triton.jit
+def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr,
+             expert, row_start, row_end, pid_n,
+             HIDDEN: tl.constexpr, INTER: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
+             COMBINE_FORMAT: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
+             W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
+             WARPS: tl.constexpr, FP4_TABLE: tl.constexpr):
+    """One L2 work item (`_l2_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
+    `expert` x N block `pid_n` (BLOCK_N columns of y) -> their destination rows."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    # NOTE: a pair without a destination (address 0) is only left out of the store, so that
+    # nothing before the mainloop waits for the destination load.
+    dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
+    rows64 = rows.to(tl.int64)
+
+    e64 = expert.to(tl.int64)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)            # w2 rows = columns of y
+    if WEIGHT_FORMAT == "mxfp4":
+        w_off = e64 * (HIDDEN * (INTER // 2))
+        sf_off = e64 * (HIDDEN * (INTER // 32))
+    elif WEIGHT_FORMAT == "fp8":
+        w_off = e64 * (HIDDEN * INTER)
+        sf_off = e64 * ((HIDDEN // 128) * (INTER // 128))
+    else:
+        w_off = e64 * (HIDDEN * INTER)
+        sf_off = e64 * 0
+
+    if ACT_REBASED:
+        e_row = tl.load(h_sf_ptr + rows64, mask=row_ok, other=0)
+    elif W_KIND != "raw":
+        # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
+        e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
+        # Hopper: the FP8 mainloop (h rebased after L1, or here in registers)
+        acc = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr, h_sf_ptr, rows64,
+                            row_ok, e_row, INTER, 32, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND, ACT_FORMAT, WARPS,
+                            FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
+    else:
+        for kt in range(0, INTER // BLOCK_K):
+            if USE_DOT_SCALED:
+                h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
+                w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
+                acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
+                                    "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
+            else:
+                h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
+                                        ACT_FORMAT)                                         # [BM, BK]
+                if WEIGHT_FORMAT == "mxfp4":
+                    h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
+                h_t = tl.trans(h_tile)                                                      # [BK, BM]
+                w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
+                                      not DOT_IN_F32, FP4_DECODER)
+                if WEIGHT_FORMAT == "fp8":
+                    s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
+                    acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
+                else:
+                    acc = _mma(w, h_t, acc, DOT_IN_F32)
+    if W_KIND != "raw":
+        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * HIDDEN + n, ACT_FORMAT, W_KIND)
+    # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
+    y = tl.trans(_round_bf16(acc))                                              # [BM, BN] f32
+    st_ok = row_ok & (dst != 0)
+    if COMBINE_FORMAT == "fp8":
+        sf_dst = tl.load(dst_sf_ptr + rows, mask=st_ok, other=0)
+        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
+                          sf_dst.to(tl.pointer_type(tl.uint8))[:, None], BLOCK_M, BLOCK_N, 128, "fp8")
+    else:
+        out_rows = _addr_rows(dst_ptr, dst, tl.int16)
+        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
+
+
 @triton.jit(do_not_specialize=["max_tiles"])
 def _l2_kernel(
     h_ptr,            # fp8: float8_e4m3fn [P, I]; fp4: int8 [P, I/2]; bf16: bf16 [P, I]
@@ -76,9 +149,11 @@ def _l2_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
+    TAIL_M: tl.constexpr = 0, TAIL_K: tl.constexpr = 128, TAIL_PROMOTE: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
-    """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows.
+    """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows
+    (`_l2_item`). TAIL_M > 0: tiles of at most TAIL_M pairs run at that height, as in `_l1_kernel`.
 
     ACT_REBASED (with W_KIND != "raw"): h_ptr is h rebased to E4M3 [P, I] and h_sf_ptr its int32
     row exponents [P] (`rebase.rebase_act_rows`): the streamed FP8 mainloop.
@@ -114,95 +189,23 @@ def _l2_kernel(
         n_row_end = tl.load(offsets_ptr + n_expert + 1)
         nn_expert, nn_row_start, nn_pid_n = _prefetch_item(work + 2 * nprog, total, num_tiles, tile_expert_ptr,
                                                            tile_row_ptr, NUM_N, GROUP_M)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        # NOTE: a pair without a destination (address 0) is only left out of the store, so that
-        # nothing before the mainloop waits for the destination load.
-        dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
-        rows64 = rows.to(tl.int64)
-
-        e64 = expert.to(tl.int64)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)            # w2 rows = columns of y
-        if WEIGHT_FORMAT == "mxfp4":
-            w_off = e64 * (HIDDEN * (INTER // 2))
-            sf_off = e64 * (HIDDEN * (INTER // 32))
-        elif WEIGHT_FORMAT == "fp8":
-            w_off = e64 * (HIDDEN * INTER)
-            sf_off = e64 * ((HIDDEN // 128) * (INTER // 128))
-        else:
-            w_off = e64 * (HIDDEN * INTER)
-            sf_off = e64 * 0
-
-        if ACT_REBASED:
-            e_row = tl.load(h_sf_ptr + rows64, mask=row_ok, other=0)
-        elif W_KIND != "raw":
-            # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
-            e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if ACT_REBASED:
-            acc = _fp8_stream_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr,
-                                       rows64, row_ok, INTER, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND, WARPS,
-                                       FP4_TABLE, PROMOTE, DOT_IN_F32)
-        elif W_KIND == "raw" or USE_DOT_SCALED:
-            for kt in range(0, INTER // BLOCK_K):
-                if USE_DOT_SCALED:
-                    h_raw, h_sf = _act_tile_mx(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_K, ACT_FORMAT)
-                    w, w_sf = _weight_tile_mx(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_K)
-                    acc = tl.dot_scaled(w, w_sf, "e2m1", tl.trans(h_raw), h_sf,
-                                        "e4m3" if ACT_FORMAT == "fp8" else "e2m1", acc)
-                else:
-                    h_tile = _act_tile_bf16(h_ptr, h_sf_ptr, rows64, row_ok, kt, INTER, 32, BLOCK_M, BLOCK_K,
-                                            ACT_FORMAT)                                         # [BM, BK]
-                    if WEIGHT_FORMAT == "mxfp4":
-                        h_tile = _fp4_perm_k(h_tile, BLOCK_M, BLOCK_K)        # the weight tile's K order
-                    h_t = tl.trans(h_tile)                                                      # [BK, BM]
-                    w = _weight_tile_bf16(w_ptr, w_sf_ptr, w_off, sf_off, n, kt, INTER, BLOCK_N, BLOCK_K, WEIGHT_FORMAT,
-                                          not DOT_IN_F32, FP4_DECODER)
-                    if WEIGHT_FORMAT == "fp8":
-                        s = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
-                        acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
-                    else:
-                        acc = _mma(w, h_t, acc, DOT_IN_F32)
-        else:
-            # Hopper FP8 mainloop: nothing but the MMA touches the accumulator within a chunk of
-            # PROMOTE K steps. NOTE: Hopper's FP8 MMA accumulates with reduced precision (~14
-            # mantissa bits kept across additions, truncating), so each chunk's partial sum is
-            # added to the float32 accumulator by ordinary adds (PROMOTE steps of 128 K: 4 * PROMOTE
-            # MMA additions in reduced precision; one wgmma wait per chunk).
-            vrows, vq = _frag_rows(pid_n * BLOCK_N, BLOCK_N, BLOCK_K, WARPS, BLOCK_N, 0)
-            for kc in range(0, INTER // BLOCK_K // PROMOTE):
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for kk in tl.static_range(PROMOTE):
-                    kt = kc * PROMOTE + kk
-                    w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, vrows, vq, kt, INTER,
-                                           BLOCK_N, BLOCK_K, W_KIND, WARPS, FP4_TABLE)
-                    h8 = _act_tile_e4m3(h_ptr, h_sf_ptr, tab_ptr, rows64, row_ok, kt, e_row, INTER, 32,
-                                        BLOCK_M, BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
-                    if W_KIND == "fp8_block":
-                        s_w = tl.load(w_sf_ptr + sf_off + (n // 128) * (INTER // 128) + kt * BLOCK_K // 128)
-                        part += _mma8(w8, tl.trans(h8), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                      DOT_IN_F32) * s_w[:, None]
-                    else:
-                        part = _mma8(w8, tl.trans(h8), part, DOT_IN_F32)
-                acc += part
-
-        if W_KIND != "raw":
-            h_f = _exp2_ue8m0(tl.maximum(e_row - (0 if ACT_FORMAT == "fp8" else 6), 1))
-            if W_KIND == "fp8_block":
-                acc = acc * h_f[None, :]
+        if TAIL_M > 0:
+            # A tile of <= TAIL_M pairs runs at the tail height (see `_l1_kernel`).
+            if row_end - row_start <= TAIL_M:
+                _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
+                         row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
+                         USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, TAIL_PROMOTE, TAIL_M, BLOCK_N, TAIL_K,
+                         FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
             else:
-                w_f = tl.load(w_row_ptr + e64 * HIDDEN + n)
-                acc = acc * w_f[:, None] * h_f[None, :]
-        # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
-        y = tl.trans(_round_bf16(acc))                                              # [BM, BN] f32
-        st_ok = row_ok & (dst != 0)
-        if COMBINE_FORMAT == "fp8":
-            sf_dst = tl.load(dst_sf_ptr + rows, mask=st_ok, other=0)
-            _quant_store_rows(y, st_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
-                              sf_dst.to(tl.pointer_type(tl.uint8))[:, None], BLOCK_M, BLOCK_N, 128, "fp8")
+                _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
+                         row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
+                         USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
+                         FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
         else:
-            out_rows = _addr_rows(dst_ptr, dst, tl.int16)
-            _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
+            _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
+                     row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
+                     USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
+                     FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -214,7 +217,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
-                    h_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
+                    h_rebased: Optional[tuple] = None, tail_block_m: Optional[int] = None,
+                    tail_config: Optional[GroupedGemmConfig] = None, bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -241,6 +245,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         h_rebased: (float8_e4m3fn [P, I], int32 [P]): h rebased to one exponent per row
             (`rebase.rebase_act_rows` of h / h_sf after L1), read instead of h / h_sf: the streamed
             FP8 mainloop. Needs an FP8-mainloop w2_operand.
+        tail_block_m, tail_config: as in `l1_grouped_gemm` (default config the heuristic's for
+            that height).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -317,6 +323,11 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
     _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
+    tail = _tail_params(tail_block_m, tail_config, block_m, config, lambda bm: l2_gemm_config(
+        bm, hidden, inter, weight_format, act_format, combine_format, arch, fp8_mainloop=w2_operand is not None
+        and w2_operand.kind != "raw", act_rebased=h_rebased is not None,
+        weight_kind=None if w2_operand is None else w2_operand.kind), w_kind, h_rebased is not None, inter,
+        config.block_n)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
@@ -333,5 +344,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
+            **tail,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         ))

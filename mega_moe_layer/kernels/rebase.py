@@ -4,7 +4,7 @@
 E4M3 bytes against one exponent per row (`reference.rebase_act`, bitwise): the largest of the row's
 group scales, every group's values shifted down by its distance from it. Then the grouped GEMMs
 stream the act operand straight into the FP8 MMA with nothing to decode in the K loop
-(`l1_gemm._fp8_stream_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
+(`l1_gemm._fp8_mainloop`); the row factor 2**(E - 127 - headroom) is applied in the epilogue.
 
 Uses per forward (`nvshmem_backend`): h after L1, over the pair positions; and FP4 x (or FP8 x
 with `nvshmem_backend.STAGE_REBASE` off; by default the pre-dispatch kernel rebases FP8 x as it
