@@ -1,6 +1,7 @@
 """Where the time of one GPU forward goes: kernel times from torch.profiler, per stage.
 
     python3 scripts/profile_forward.py --tokens 1 128 4096      (1 GPU, EP1, dsv3 shape)
+    ncu -k regex:_l1_kernel --launch-skip 1 --launch-count 1 python3 scripts/profile_forward.py --ncu --tokens 4096
 
 With programmatic dependent launch (the default, `nvshmem_backend.USE_PDL`) a kernel starts
 before its predecessor ends and waits for it, so its profiled time includes that wait: pass
@@ -22,6 +23,9 @@ def main():
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     p.add_argument("--no-stage-rebase", action="store_true",
                    help="rebase FP8 x in a pass after the dispatch (`nvshmem_backend.STAGE_REBASE` = False)")
+    p.add_argument("--ncu", action="store_true",
+                   help="for Nsight Compute: three plain forwards per T (no CUDA graph, no torch.profiler), e.g. "
+                        "ncu -k regex:_l1_kernel --launch-skip 1 --launch-count 1 ... --ncu --tokens 4096")
     args = p.parse_args()
     if args.no_stage_rebase:
         from mega_moe_layer import nvshmem_backend
@@ -44,9 +48,13 @@ def main():
         x = torch.randn(T, H, device="cuda").bfloat16()
         idx = torch.rand(T, E, device="cuda").argsort(1)[:, :8].contiguous()
         w = torch.rand(T, 8, device="cuda")
+        if args.ncu:
+            m._backend.use_graphs = False
         for _ in range(3):
             m(x, idx, w)
         torch.cuda.synchronize()
+        if args.ncu:
+            continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(5):
