@@ -19,9 +19,10 @@ map cuts every expert's segment into tiles of BLOCK_M positions:
     tile_expert    = [0, 2, 2, 2, -1, ...]     tile_row_start = [0, 3, 19, 35, 0, ...]
     num_tiles      = [4]
 
-With a two-height plan (`gemm_heuristics.TilePlan`, the kernels' TAIL_M) the map is the same; a
-tile holding at most TAIL_M pairs (tile 0 and tile 3 above at TAIL_M 16: 3 and 5 pairs) runs at
-that smaller height in the same launch.
+With a two-height plan (`gemm_heuristics.TilePlan`, the kernels' TAIL_M) the map is the one of
+BLOCK_M, and a tile holding at most TAIL_M pairs runs at that smaller height in the same launch:
+at BLOCK_M 32, TAIL_M 16 the offsets above give tiles [0, 3, 35] of experts [0, 2, 2]; expert 0's
+3 pairs and the 5 pairs of expert 2's second tile run at 16 rows, its first tile at 32.
 
 Orientation: a work item computes ``acc[R, BLOCK_M] = W[R, K] . X[BLOCK_M, K]^T`` (weight rows on
 the MMA M side, pairs on its N side; see `gemm_heuristics`; R = 2 * BLOCK_N stacked gate + up rows
