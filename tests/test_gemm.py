@@ -1037,6 +1037,54 @@ def test_gemms_compile_with_programmatic_dependent_launch():
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
 
 
+def test_two_height_kernels_compile():
+    """A two-height plan's launch (TAIL_M: a second item body in the persistent loop) builds for
+    sm_90a on the streamed FP8 mainloop at the prefill plan (128 rows + 32-row tails, 4-bit MXFP4
+    and FP8 weights) with e4m3 wgmma only and no spills, and for sm_100a with the block-scaled
+    tcgen05 MMA in both bodies (two MMAs of different N)."""
+    from mega_moe_layer.kernels import _compile
+
+    def tail_ce(kern, wf, arch, w_kind, stream, ce):
+        if kern == "l1":
+            cfg = gh.l1_gemm_config(32, 7168, 2048, wf, "fp8", arch, fp8_mainloop=stream, act_rebased=stream,
+                                    weight_kind=w_kind)
+        else:
+            cfg = gh.l2_gemm_config(32, 7168, 2048, wf, "fp8", "bf16", arch, fp8_mainloop=stream,
+                                    act_rebased=stream, weight_kind=w_kind)
+        return {**ce, "TAIL_M": 32, "TAIL_K": cfg.block_k, "TAIL_PROMOTE": cfg.promote_for(7168 if kern == "l1" else 2048)}
+
+    cases = [("l1", "mxfp4", 90, "mxfp4", True), ("l2", "mxfp4", 90, "mxfp4", True),
+             ("l1", "fp8", 90, "fp8_rebased", True), ("l2", "fp8", 90, "fp8_rebased", True),
+             ("l1", "mxfp4", 100, "raw", False), ("l2", "mxfp4", 100, "raw", False)]
+    jobs = []
+    for kern, wf, arch, kind, stream in cases:
+        if kern == "l1":
+            sig, ce, opts = l1_compile_args(wf, "fp8", arch, 128, w_kind=kind, act_rebased=stream)
+        else:
+            sig, ce, opts = l2_compile_args(wf, "fp8", "bf16", arch, 128, w_kind=kind, act_rebased=stream)
+        jobs.append(_compile.CompileJob(_l1_kernel if kern == "l1" else _l2_kernel, sig,
+                                        tail_ce(kern, wf, arch, kind, stream, ce), arch, **opts))
+    try:
+        ptx = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for p, (kern, wf, arch, kind, stream) in zip(ptx, cases):
+        what = (kern, wf, arch)
+        if arch == 90:
+            wgmmas = re.findall(r"wgmma\.mma_async[\w.:]+", p)
+            assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), (what, set(wgmmas))
+            shapes = {re.search(r"\.m64n(\d+)k", m).group(1) for m in wgmmas}
+            assert {"128", "32"} <= shapes, (what, shapes)        # both bodies' MMAs (N 128 and 32)
+            try:
+                usage = _compile.ptxas_usage(p, 90)
+            except _compile.CompileUnavailable as exc:
+                pytest.skip(str(exc))
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
+        else:
+            mmas = re.findall(r"tcgen05\.mma\.[\w.:]+", p)
+            assert mmas and all("block_scale" in m for m in mmas), (what, set(mmas))
+
+
 def test_fp4_decoder_config_is_checked():
     cfg = gh.l1_gemm_config(16, 7168, 2048, "mxfp4", "fp8")
     assert cfg.fp4_decoder == "shift"                   # the GPU-verified decoder stays the default
