@@ -34,7 +34,7 @@ from mega_moe_layer.kernels import gemm_heuristics as gh
 from mega_moe_layer.kernels import reference as ref
 from mega_moe_layer.kernels import gemm_operands as go
 from mega_moe_layer.kernels.gemm_operands import uses_fp8_mma
-from mega_moe_layer.kernels.l1_gemm import _l1_kernel, build_tile_map, l1_grouped_gemm, sf_words_p2
+from mega_moe_layer.kernels.l1_gemm import _l1_kernel, _resident_grid, build_tile_map, l1_grouped_gemm, sf_words_p2
 from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
 from mega_moe_layer.kernels.rebase import rebase_act_rows
 from utils import TOLERANCES, assert_rel_rmse
@@ -397,6 +397,21 @@ def test_gemm_tile_plan_choices():
             P(**bad)
     with pytest.raises(ValueError, match="num_local_experts"):
         gh.gemm_tile_plan(4, 0)
+
+
+def test_resident_ctas():
+    """CTAs of a compiled kernel that fit on a Hopper SM (what caps the persistent grids,
+    `l1_gemm._resident_grid`): registers per warp rounded up to 256, 1 KB of shared memory
+    reserved per CTA, 2048 threads."""
+    assert gh.resident_ctas(151, 4, 45056) == 3          # 3 x 4 x 4864 = 58368 registers
+    assert gh.resident_ctas(205, 4, 45056) == 2          # 3 x 4 x 6656 > 65536
+    assert gh.resident_ctas(128, 4, 32768) == 4
+    assert gh.resident_ctas(255, 4, 59392) == 2
+    assert gh.resident_ctas(64, 4, 120 * 1024) == 1      # shared memory bound
+    assert gh.resident_ctas(32, 8, 0) == 8               # threads bound (2048 / 256)
+    assert gh.resident_ctas(255, 8, 0) == 1
+    # not a GPU launch: the grid is kept
+    assert _resident_grid(_l1_kernel, (99,), 4, torch.device("cpu"), (), {}) == (99,)
 
 
 def test_tail_tiles_of_the_one_height_map():

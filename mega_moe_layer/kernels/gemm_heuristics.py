@@ -26,7 +26,7 @@ from typing import Optional
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
            "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST",
-           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_PLAN_COST"]
+           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_PLAN_COST", "resident_ctas"]
 
 #: Tile heights the kernels are built for (the MMA N side: multiples of 16 up to 128).
 GEMM_BLOCK_MS = (16, 32, 64, 128)
@@ -85,6 +85,20 @@ class GroupedGemmConfig:
     def grid(self, num_work_items: int, num_sms: int) -> int:
         """Programs of the persistent grid: every SM busy, never more programs than work items."""
         return max(0, min(int(num_work_items), max(1, int(num_sms)) * self.ctas_per_sm))
+
+
+def resident_ctas(num_regs: int, num_warps: int, shared_bytes: int, regs_per_sm: int = 65536,
+                  smem_per_sm: int = 233472, max_threads_per_sm: int = 2048) -> int:
+    """CTAs of one compiled kernel that fit on an SM at once (Hopper's limits by default): registers
+    are allocated per warp in units of 256 (num_regs x 32 rounded up), shared memory per CTA with
+    1 KB reserved. A persistent grid larger than SMs x this leaves CTAs waiting for a whole
+    earlier CTA to finish (a second, partial wave). Example: 205 registers x 4 warps -> 2 (3 x 4 x
+    6656 > 65536); 151 -> 3; 255 x 4 warps with 59 KB -> 2."""
+    per_warp = -(-max(int(num_regs), 1) * 32 // 256) * 256
+    by_regs = int(regs_per_sm) // (per_warp * int(num_warps))
+    by_smem = int(smem_per_sm) // (int(shared_bytes) + 1024)
+    by_threads = int(max_threads_per_sm) // (32 * int(num_warps))
+    return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles,
+from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, max_tiles, resident_ctas,
                               uses_dot_scaled)
 from ._launch import Launcher
 from .gemm_operands import WeightOperand, e2m1_table, uses_fp8_mma
@@ -1174,6 +1174,30 @@ def _call_args(*args, **kwargs):
     return args, kwargs
 
 
+def _resident_grid(kernel, grid, num_sms: int, device, args, kwargs):
+    """The persistent grid capped at the CTAs that fit on the SMs at once
+    (`gemm_heuristics.resident_ctas` of the compiled kernel's registers and shared memory): the
+    config's ctas_per_sm assumes a register count that another Triton version, or a launch with
+    two item bodies (`_l1_kernel`'s TAIL_M), may exceed (Triton 3.6: L1 at 32 + 16 rows takes 205
+    registers, so 2 CTAs of 4 warps fit, not the 3 the 32-row config asks for). Compiles the
+    kernel now (its first launch would). The interpreter, or a Triton without these fields,
+    keeps the grid."""
+    if device.type != "cuda" or _is_interpreted(kernel):
+        return grid
+    try:
+        with torch.cuda.device(device):
+            compiled = kernel.warmup(*args, grid=grid, **kwargs)
+            compiled._init_handles()
+            n_regs, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+            props = torch.cuda.get_device_properties(device)
+    except (AttributeError, TypeError):
+        return grid
+    per_sm = resident_ctas(n_regs, warps, shared, getattr(props, "regs_per_multiprocessor", 65536),
+                           getattr(props, "shared_memory_per_multiprocessor", 233472),
+                           getattr(props, "max_threads_per_multi_processor", 2048))
+    return (max(1, min(grid[0], num_sms * per_sm)),)
+
+
 def _launch_or_bind(kernel, grid, device, bind: bool, args, kwargs) -> Optional[Launcher]:
     """Launch now, or (bind=True) return a `Launcher` with everything bound: the caller relaunches
     it with no validation and little Python work (its tensors must keep their storage)."""
@@ -1448,7 +1472,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)
     h_sf_view = None if h_sf_out is None else h_sf_out.view(torch.uint8)
     x_src, x_sf_src = (pool_x, pool_x_sf) if x_rebased is None else x_rebased
-    return _launch_or_bind(_l1_kernel, grid, device, bind, *_call_args(
+    args, kwargs = _call_args(
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
             num_tiles, w_data, w_aux, w_row, tab, h_view, h_sf_view, n_tiles,
             float(activation_clamp) if activation_clamp is not None else 0.0,
@@ -1461,4 +1485,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
             FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), **tail,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
-        ))
+        )
+    grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)
+    return _launch_or_bind(_l1_kernel, grid, device, bind, args, kwargs)

@@ -25,8 +25,9 @@ from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_fact
                       _check_block_k, _check_launch_device, _check_operand_only, _check_rebased, _check_tensor,
                       _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
                       _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
-                      _prefetch_item, _quant_store_rows, _round_bf16, _row_max_exponent, sf_words_p2,
-                      _tail_params, _weight_launch_args, _weight_shapes, _weight_tile_bf16, _weight_tile_mx)
+                      _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
+                      sf_words_p2, _tail_params, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
+                      _weight_tile_mx)
 
 __all__ = ["l2_grouped_gemm"]
 
@@ -334,7 +335,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     if grid[0] == 0 or num_pairs == 0:
         return None
     h_src, h_sf_src = (h, h_sf) if h_rebased is None else h_rebased
-    return _launch_or_bind(_l2_kernel, grid, device, bind, *_call_args(
+    args, kwargs = _call_args(
             h_src, h_sf_src, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,
             pair_dst, pair_dst_sf, n_tiles,
             HIDDEN=hidden, INTER=inter, WEIGHT_FORMAT=_kernel_weight_format(w_kind, weight_format),
@@ -346,4 +347,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
             **tail,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
-        ))
+        )
+    grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)
+    return _launch_or_bind(_l2_kernel, grid, device, bind, args, kwargs)
