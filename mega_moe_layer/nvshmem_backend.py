@@ -9,8 +9,8 @@
     4 fill       pull routed rows from every peer over NVLink into the pool; the pair arrays
     5 L1         grouped GEMM (+ SwiGLU, clamp, top-k weight, requantise h)   (`_run_l1`)
     6 L2         grouped GEMM; the epilogue stores y_k into the source rank's `combine` slot (`_run_l2`)
-                 (a two-height tile plan, `gemm_heuristics.TilePlan`: one map of the full height,
-                 whose small tiles L1 and L2 run at the tail height in the same launch)
+                 (a two-height tile plan, `gemm_heuristics.TilePlan`, launches 5 and 6 twice each:
+                 the main tiles, then the tail tiles of the second map)
     7 barrier    "combine" (R > 1 only)
     8 combine    reduce over k, ascending, float32 -> y (counts dropped out-of-range ids)
 
@@ -182,6 +182,9 @@ class NvshmemForward(CompiledForwardMixin):
         self.tile_expert = torch.full((self.max_tiles,), -1, **i32)
         self.tile_row_start = torch.zeros(self.max_tiles, **i32)
         self.num_tiles = torch.zeros(1, **i32)
+        #: the tail map of two-height plans (`gemm_heuristics.TilePlan`), same capacity
+        self.tail_maps = (torch.full((self.max_tiles,), -1, **i32), torch.zeros(self.max_tiles, **i32),
+                          torch.zeros(1, **i32))
         #: first row with an out-of-range id (validate=True), INT32_MAX when none
         self.bad_row = torch.full((1,), dispatch_k.INT32_MAX, **i32)
         self.timeout = sync_k.TimeoutInfo()
@@ -198,9 +201,9 @@ class NvshmemForward(CompiledForwardMixin):
         #: the streamed FP8 path (cfg.hopper_fp8_mainloop): rebased x / h buffers and their passes
         self.x_rebased = self.h_rebased = None
         self._rebase_x = self._rebase_h = None
-        #: bound GEMM launches per tile plan
-        self._l1_launch: Dict[TilePlan, Optional[Launcher]] = {}
-        self._l2_launch: Dict[TilePlan, Optional[Launcher]] = {}
+        #: bound GEMM launches per (tile height, which map: False main / True tail)
+        self._l1_launch: Dict[Tuple[int, bool], Optional[Launcher]] = {}
+        self._l2_launch: Dict[Tuple[int, bool], Optional[Launcher]] = {}
         #: kernels 2-8 as one CUDA graph per tile plan (see the module docstring)
         self.use_graphs = True
         self._middle_graphs: Dict[TilePlan, torch.cuda.CUDAGraph] = {}
@@ -284,11 +287,13 @@ class NvshmemForward(CompiledForwardMixin):
     def _count_plan_launcher(self, plan: TilePlan) -> Launcher:
         lc = self._count_plan.get(plan)
         if lc is None:
+            tail = dict(tail_block_m=plan.tail_block_m, tail_max=plan.tail_max, tail_maps=self.tail_maps) \
+                if plan.has_tail else {}
             lc = self._chain(Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
                 self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
                 self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
                 self.num_tiles, self.stats.last, self.stats.cumulative, block_m=plan.block_m,
-                recv_count=self.recv_count if self._recv_list else None, **self._kw)))
+                recv_count=self.recv_count if self._recv_list else None, **tail, **self._kw)))
             self._count_plan[plan] = lc
         return lc
 
@@ -420,55 +425,52 @@ class NvshmemForward(CompiledForwardMixin):
         self.timeout.check()
 
     # ------------------------------------------------------------------ the GEMMs
-    def _run_l1(self, plan: TilePlan) -> None:
-        # NOTE: one bound launch per tile plan, validated when bound (every tensor it reads is a
-        # persistent buffer of this object, the workspace or the weights): no per-call checks.
-        launch = self._l1_launch.get(plan, False)
+    def _run_l1(self, block_m: int, tail: bool = False) -> None:
+        # NOTE: one bound launch per (tile height, map), validated when bound (every tensor it reads
+        # is a persistent buffer of this object, the workspace or the weights): no per-call checks.
+        launch = self._l1_launch.get((block_m, tail), False)
         if launch is False:
-            launch = self._l1_launch[plan] = self._chain(self._bind_l1(plan))
+            launch = self._l1_launch[block_m, tail] = self._chain(self._bind_l1(block_m, tail))
         if launch is not None:
             launch()
 
-    def _run_l2(self, plan: TilePlan) -> None:
-        launch = self._l2_launch.get(plan, False)
+    def _run_l2(self, block_m: int, tail: bool = False) -> None:
+        launch = self._l2_launch.get((block_m, tail), False)
         if launch is False:
-            launch = self._l2_launch[plan] = self._chain(self._bind_l2(plan))
+            launch = self._l2_launch[block_m, tail] = self._chain(self._bind_l2(block_m, tail))
         if launch is not None:
             launch()
 
-    def _tile_map(self):
-        return self.tile_expert, self.tile_row_start, self.num_tiles
+    def _tile_map(self, tail: bool):
+        return self.tail_maps if tail else (self.tile_expert, self.tile_row_start, self.num_tiles)
 
-    @staticmethod
-    def _heights(plan: TilePlan) -> dict:
-        return dict(block_m=plan.block_m, tail_block_m=plan.tail_block_m if plan.has_tail else None)
-
-    def _bind_l1(self, plan: TilePlan):
+    def _bind_l1(self, block_m: int, tail: bool):
         cfg, ws, g, w13 = self.cfg, self.ws, gemm_api, self.w13
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
                           ws.view("pair_rows"), self.pair_weights, self.expert_offsets,
-                          *self._tile_map(), *_data_scale(w13), h,
+                          *self._tile_map(tail), *_data_scale(w13), h,
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
-                          w13_operand=self.w13_op, x_rebased=self.x_rebased, bind=True, **self._heights(plan))
+                          block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased, bind=True)
 
-    def _bind_l2(self, plan: TilePlan):
+    def _bind_l2(self, block_m: int, tail: bool):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
-                          *self._tile_map(), *_data_scale(w2),
+                          *self._tile_map(tail), *_data_scale(w2),
                           self.pair_dst, self.pair_dst_sf if cfg.combine_format == "fp8" else None,
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
-                          hidden=cfg.hidden, w2_operand=self.w2_op, h_rebased=self.h_rebased,
-                          bind=True, **self._heights(plan))
+                          hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, h_rebased=self.h_rebased,
+                          bind=True)
 
     # ------------------------------------------------------------------ kernels 2-8
     def _middle(self, plan: TilePlan) -> None:
         """Launch kernels 2-8 (barrier, count+plan, fill, L1, L2, barrier, combine) for a tile
-        plan; the combine finds y and T in `call_info`."""
+        plan (a two-height plan launches each GEMM twice: main tiles, then tail tiles); the
+        combine finds y and T in `call_info`."""
         if self._barrier_dispatch is not None:
             self._barrier_dispatch()
         # dispatch: count + plan, then pull rows and build the pairs
@@ -481,10 +483,14 @@ class NvshmemForward(CompiledForwardMixin):
         # rebases x before L1 unless the stage did, and h before L2)
         if self._rebase_x is not None:
             self._rebase_x()
-        self._run_l1(plan)
+        self._run_l1(plan.block_m)
+        if plan.has_tail:
+            self._run_l1(plan.tail_block_m, tail=True)
         if self._rebase_h is not None:
             self._rebase_h()
-        self._run_l2(plan)
+        self._run_l2(plan.block_m)
+        if plan.has_tail:
+            self._run_l2(plan.tail_block_m, tail=True)
         if self._barrier_combine is not None:
             self._barrier_combine()
         # combine reduce into this call's y

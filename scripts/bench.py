@@ -373,9 +373,6 @@ def parse_args(argv=None):
     p.add_argument("--single-height", action="store_true",
                    help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
                         "replaced by its single-height choice), to measure what the two-height plans gain")
-    p.add_argument("--tail-height", type=int, default=0,
-                   help="GPU layer: where the call's tile plan has a tail height, use this one instead "
-                        "(e.g. 16 against the default 32 at T = 4096)")
     args = p.parse_args(argv)
     if args.host_iters < 30:
         p.error("--host-iters must be >= 30")
@@ -426,16 +423,6 @@ def main(argv=None):
     if args.single_height:
         from mega_moe_layer.kernels import gemm_api
         gemm_api.tile_plan_for = lambda T, K, E, R: gemm_api.TilePlan.single(gemm_api.block_m_for(T, K, E, R))
-    if args.tail_height:
-        from mega_moe_layer.kernels import gemm_api
-        plan_for = gemm_api.tile_plan_for
-
-        def tail_plan_for(T, K, E, R):
-            plan = plan_for(T, K, E, R)
-            if not plan.has_tail or args.tail_height >= plan.block_m:
-                return plan
-            return gemm_api.TilePlan(plan.block_m, args.tail_height)
-        gemm_api.tile_plan_for = tail_plan_for
     if args.no_stage_rebase:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.STAGE_REBASE = False

@@ -142,8 +142,8 @@ def test_launches_per_forward(env, monkeypatch):
     # The streamed FP8 mainloop (MXFP4 / FP8 weights on Hopper, the default) adds h's rebasing
     # pass inside the graph (FP8 x is staged rebased, `STAGE_REBASE`, the default); the bf16
     # mainloop runs without it. A call whose tile plan has tails (`gemm_heuristics.TilePlan`)
-    # runs them in the same L1 and L2 launches. One rank launches no barrier (stream order
-    # suffices), R > 1 ranks two.
+    # launches L1 and L2 once more each. One rank launches no barrier (stream order suffices),
+    # R > 1 ranks two.
     assert nvshmem_backend.STAGE_REBASE
     for T in (64, 2):
         x, idx, w = (t.cuda() for t in make_inputs(cfg, T, seed=3 + rank))
@@ -153,7 +153,7 @@ def test_launches_per_forward(env, monkeypatch):
             tail = m._gpu._plan_T(T)[2].has_tail
             assert tail == (T == 64), "T 64 (32 pairs per expert) has tails, T 2 none"
             assert m._gpu.stage_rebase == streamed
-            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + streamed)
+            _check_launches(m, x, idx, w, 6 + 2 * (R > 1) + streamed + 2 * tail)
             assert (m._gpu._barrier_dispatch is None) == (R == 1)
     # Without the staged rebase, a pass rebases x after the dispatch too
     if hopper:

@@ -29,16 +29,18 @@ def _run(dev, launcher_too, block_j=0):
               offsets=torch.zeros(El + 1, **i32), cursor=torch.zeros(El, **i32),
               te=torch.full((max_tiles,), -1, **i32), trs=torch.zeros(max_tiles, **i32),
               nt=torch.zeros(1, **i32), last=torch.zeros(El, **i32), cum=torch.zeros(El, **i32),
-              recv=torch.zeros(1, **i32))
+              recv=torch.zeros(1, **i32), te2=torch.full((max_tiles,), -1, **i32),
+              trs2=torch.zeros(max_tiles, **i32), nt2=torch.zeros(1, **i32))
     g = torch.Generator().manual_seed(0)
     cum_expect = torch.zeros(El, dtype=torch.int64)
     rank = 1
     launchers = {}
-    # calls with shrinking / growing tile counts (tile heights), skew and an empty call (a
-    # two-height plan uses the map of its full height)
-    for call, (Ts, bm, skew) in enumerate([
-            ((40, 7), 16, False), ((3, 0), 16, False), ((40, 40), 32, True), ((40, 40), 64, False),
-            ((0, 0), 16, False), ((25, 9), 16, True), ((33, 20), 128, False), ((40, 40), 32, True)]):
+    # calls with shrinking / growing tile counts, skew, an empty call and two-height plans
+    # (bm, tail height, tail_max): the tail map grows, shrinks and is left out between calls
+    for call, (Ts, (bm, tbm, tmax), skew) in enumerate([
+            ((40, 7), (16, 16, 0), False), ((3, 0), (16, 16, 0), False), ((40, 40), (32, 32, 0), True),
+            ((40, 40), (32, 16, 16), False), ((40, 40), (64, 16, 32), True), ((0, 0), (16, 16, 0), False),
+            ((25, 9), (16, 16, 0), True), ((33, 20), (128, 32, 64), False), ((40, 40), (32, 16, 16), True)]):
         all_idx = []
         for r in range(R):
             idx = torch.rand(Tmax, El * R, generator=g).argsort(dim=1)[:, :K].to(torch.int32)
@@ -51,14 +53,16 @@ def _run(dev, launcher_too, block_j=0):
             all_idx.append(idx)
         kw = dict(rank=rank, num_ranks=R, num_local_experts=El, max_tokens=Tmax, topk=K, block_m=bm,
                   block_t=16, block_tiles=8, recv_count=st["recv"], block_j=block_j)
+        if tmax:
+            kw.update(tail_block_m=tbm, tail_max=tmax, tail_maps=(st["te2"], st["trs2"], st["nt2"]))
         st["recv"].fill_(17)          # the previous call's received-row count: zeroed here
         a = (bases, off, st["counts"], st["ticket"], st["offsets"], st["cursor"], st["te"], st["trs"],
              st["nt"], st["last"], st["cum"])
         if launcher_too:
-            if bm not in launchers:
+            if (bm, tbm, tmax) not in launchers:
                 grid, args, kwargs = dispatch_k.count_plan_args(*a, **kw)
-                launchers[bm] = Launcher(dispatch_k._count_plan_kernel, grid, args, kwargs)
-            launchers[bm]()
+                launchers[bm, tbm, tmax] = Launcher(dispatch_k._count_plan_kernel, grid, args, kwargs)
+            launchers[bm, tbm, tmax]()
         else:
             dispatch_k.dispatch_count_plan(*a, **kw)
         full = torch.cat(all_idx).long()
@@ -70,12 +74,28 @@ def _run(dev, launcher_too, block_j=0):
         te = torch.empty(max_tiles, dtype=torch.int32)
         trs = torch.empty(max_tiles, dtype=torch.int32)
         nt = torch.empty(1, dtype=torch.int32)
-        gemm_api.build_tile_map(offsets, bm, max_tiles, te, trs, nt)
+        te2, trs2, nt2 = (torch.empty_like(t) for t in (te, trs, nt))
+        gemm_api.build_tile_map(offsets, bm, max_tiles, te, trs, nt, tail_block_m=tbm, tail_max=tmax,
+                                tail_out=(te2, trs2, nt2))
         what = f"call {call}"
         assert torch.equal(st["offsets"].cpu(), offsets), what
         assert torch.equal(st["nt"].cpu(), nt), what
         assert torch.equal(st["te"].cpu(), te), what
         assert torch.equal(st["trs"].cpu(), trs), what
+        if tmax:           # the tail map (left as it was by one-height calls: only tails read it)
+            assert torch.equal(st["nt2"].cpu(), nt2), what
+            assert torch.equal(st["te2"].cpu(), te2), what
+            assert torch.equal(st["trs2"].cpu(), trs2), what
+            assert int(nt2) > 0 or call == 7, f"{what}: the case has no tail tiles"
+            # every pair in exactly one tile of either map
+            cover = torch.zeros(int(offsets[-1]), dtype=torch.int32)
+            for tiles_e, tiles_r, n, h in ((te, trs, nt, bm), (te2, trs2, nt2, tbm)):
+                for j in range(int(n)):
+                    e = int(tiles_e[j])
+                    lo, hi = int(tiles_r[j]), min(int(tiles_r[j]) + h, int(offsets[e + 1]))
+                    assert int(offsets[e]) <= lo < hi, what
+                    cover[lo:hi] += 1
+            assert bool((cover == 1).all()), f"{what}: pairs not covered exactly once"
         assert torch.equal(st["last"].cpu().long(), counts), what
         assert torch.equal(st["cum"].cpu().long(), cum_expect), what
         for name in ("counts", "cursor", "ticket", "recv"):
@@ -102,8 +122,9 @@ def test_new_kernel_variants_compile_for_hopper_and_blackwell():
                   offsets_ptr="*i32", cursor_ptr="*i32", tile_expert_ptr="*i32",
                   tile_row_start_ptr="*i32", num_tiles_ptr="*i32", stats_last_ptr="*i32",
                   stats_cum_ptr="*i32", recv_count_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32,
-                  max_tiles=i32)
-    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_J=8, BLOCK_TILES=64, STATS=True, RECV_LIST=True, PDL=True)
+                  tail_expert_ptr="*i32", tail_row_start_ptr="*i32", tail_num_ptr="*i32",
+                  max_tiles=i32, tail_block_m=i32, tail_max=i32, tail_max_tiles=i32)
+    cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_J=8, BLOCK_TILES=64, STATS=True, RECV_LIST=True, TAIL=True, PDL=True)
     pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
     pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",
               "out_sf_ptr": "*i8", "out_idx_ptr": "*i32", "out_w_ptr": "*i32", "num_tokens": i32,

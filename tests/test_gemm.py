@@ -372,31 +372,67 @@ def test_gemm_block_m_choices():
 
 def test_gemm_tile_plan_choices():
     """Two-height plans where one height pads badly (E 256 local experts, `TILE_COST`): decode
-    keeps one 16-row height; T 512 (16 per expert) runs tiles of <= 16 pairs at 16 rows next to
-    32-row tiles; T 4096 (128) runs remainders of <= 32 pairs at 32 rows; the chosen plan never
-    costs more than the best single height."""
+    keeps one 16-row height; T 512 (16 per expert) adds 16-row tails to 32-row tiles; T 4096 (128)
+    cuts remainders of <= 32 pairs into 16-row tiles; the chosen plan never costs more than the
+    best single height."""
     P = gh.TilePlan
     got = {lam: gh.gemm_tile_plan(lam, 256) for lam in (0, 0.03, 4, 16, 128)}
-    assert got == {0: P(16, 16), 0.03: P(16, 16), 4: P(16, 16), 16: P(32, 16), 128: P(128, 32)}
+    assert got == {0: P(16, 16, 0), 0.03: P(16, 16, 0), 4: P(16, 16, 0), 16: P(32, 16, 16), 128: P(128, 16, 32)}
     for lam in (0.5, 4, 12, 16, 24, 48, 64, 96, 128, 300):
         plan = gh.gemm_tile_plan(lam, 256)
         single = gh.gemm_block_m(lam)
-        cost = 256 * gh._expected_plan_cost(round(lam, 3), plan) + (gh.TAIL_PLAN_COST if plan.has_tail else 0)
+        cost = 256 * gh._expected_plan_cost(round(lam, 3), plan) + (gh.TAIL_LAUNCH_COST if plan.has_tail else 0)
         assert cost <= 256 * gh._expected_plan_cost(round(lam, 3), P.single(single)) + 1e-9, (lam, plan)
-    # one local expert: the plan's fixed cost is more than the padding saves
+        if plan.has_tail:        # a tail tile set is cheaper than the main tile it replaces
+            k = -(-plan.tail_max // plan.tail_block_m)
+            assert k * gh.TILE_COST[plan.tail_block_m] < gh.TILE_COST[plan.block_m], plan
+    # one local expert: the launches cost more than the padding saves
     assert not gh.gemm_tile_plan(16, 1).has_tail
-    assert gh.split_counts(150, P(128, 32)) == (1, 1)
-    assert gh.split_counts(170, P(128, 32)) == (2, 0)
-    assert gh.split_counts(100, P(128, 32)) == (1, 0)
-    assert gh.split_counts(20, P(128, 32)) == (0, 1)
-    assert gh.split_counts(256, P(128, 32)) == (2, 0)
-    assert gh.split_counts(0, P(128, 32)) == (0, 0)
-    assert gh.split_counts(150, P.single(128)) == (2, 0)
-    for bad in (dict(block_m=48, tail_block_m=16), dict(block_m=32, tail_block_m=64)):
+    assert gh.split_counts(150, P(128, 16, 32)) == (1, 2)
+    assert gh.split_counts(170, P(128, 16, 32)) == (2, 0)
+    assert gh.split_counts(100, P(128, 16, 32)) == (1, 0)
+    assert gh.split_counts(256, P(128, 16, 32)) == (2, 0)
+    assert gh.split_counts(0, P(128, 16, 32)) == (0, 0)
+    for bad in (dict(block_m=48, tail_block_m=16), dict(block_m=32, tail_block_m=64),
+                dict(block_m=32, tail_block_m=16, tail_max=32), dict(block_m=32, tail_block_m=32, tail_max=4)):
         with pytest.raises(ValueError, match="TilePlan"):
             P(**bad)
     with pytest.raises(ValueError, match="num_local_experts"):
         gh.gemm_tile_plan(4, 0)
+
+
+def test_build_tile_map_two_heights():
+    """The torch tile maps of a two-height plan against `split_counts`, expert by expert, and
+    every pair in exactly one tile."""
+    g = torch.Generator().manual_seed(3)
+    i32 = dict(dtype=torch.int32)
+    for plan in (gh.TilePlan(128, 16, 32), gh.TilePlan(32, 16, 16), gh.TilePlan(64, 32, 32)):
+        counts = torch.randint(0, 3 * plan.block_m, (13,), generator=g)
+        counts[3] = 0
+        counts[4] = plan.block_m + plan.tail_max
+        off = torch.zeros(14, dtype=torch.int64)
+        off[1:] = counts.cumsum(0)
+        mt = gh.max_tiles(int(off[-1]), 13, 16)
+        main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+        tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+        build_tile_map(off, plan.block_m, mt, *main, tail_block_m=plan.tail_block_m, tail_max=plan.tail_max,
+                       tail_out=tail)
+        cover = torch.zeros(int(off[-1]), dtype=torch.int32)
+        per_e = torch.zeros(13, 2, dtype=torch.int64)
+        for k, ((te, trs, nt), h) in enumerate(((main, plan.block_m), (tail, plan.tail_block_m))):
+            assert bool((te[int(nt):] == -1).all()) and bool((trs[int(nt):] == 0).all())
+            for j in range(int(nt)):
+                e = int(te[j])
+                per_e[e, k] += 1
+                lo, hi = int(trs[j]), min(int(trs[j]) + h, int(off[e + 1]))
+                assert int(off[e]) <= lo < hi
+                cover[lo:hi] += 1
+        assert bool((cover == 1).all())
+        assert [tuple(r) for r in per_e.tolist()] == [gh.split_counts(int(c), plan) for c in counts]
+    with pytest.raises(ValueError, match="tail_out"):
+        build_tile_map(off, 64, mt, *main, tail_block_m=32, tail_max=32)
+    with pytest.raises(ValueError, match="tail_max"):
+        build_tile_map(off, 64, mt, *main, tail_block_m=32, tail_max=64, tail_out=tail)
 
 
 def test_resident_ctas():
@@ -412,35 +448,6 @@ def test_resident_ctas():
     assert gh.resident_ctas(255, 8, 0) == 1
     # not a GPU launch: the grid is kept
     assert _resident_grid(_l1_kernel, (99,), 4, torch.device("cpu"), (), {}) == (99,)
-
-
-def test_tail_tiles_of_the_one_height_map():
-    """What the kernels do with a two-height plan (`_l1_kernel`'s TAIL_M): a tile of the
-    one-height map holding <= tail_block_m pairs runs at the tail height, any other at block_m.
-    That gives every expert `split_counts`'s tiles and computes every pair exactly once."""
-    g = torch.Generator().manual_seed(3)
-    i32 = dict(dtype=torch.int32)
-    for plan in (gh.TilePlan(128, 32), gh.TilePlan(32, 16), gh.TilePlan(64, 16), gh.TilePlan(128, 64)):
-        counts = torch.randint(0, 3 * plan.block_m, (13,), generator=g)
-        counts[3] = 0
-        counts[4] = plan.block_m + plan.tail_block_m
-        counts[5] = plan.tail_block_m
-        counts[6] = plan.tail_block_m + 1
-        off = torch.zeros(14, dtype=torch.int64)
-        off[1:] = counts.cumsum(0)
-        mt = gh.max_tiles(int(off[-1]), 13, 16)
-        te, trs, nt = torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32)
-        build_tile_map(off, plan.block_m, mt, te, trs, nt)
-        cover = torch.zeros(int(off[-1]), dtype=torch.int32)
-        per_e = torch.zeros(13, 2, dtype=torch.int64)
-        for j in range(int(nt)):
-            e, lo = int(te[j]), int(trs[j])
-            left = int(off[e + 1]) - lo
-            tail = left <= plan.tail_block_m
-            per_e[e, int(tail)] += 1
-            cover[lo:lo + min(left, plan.tail_block_m if tail else plan.block_m)] += 1
-        assert bool((cover == 1).all())
-        assert [tuple(r) for r in per_e.tolist()] == [gh.split_counts(int(c), plan) for c in counts]
 
 
 def test_expected_tiles_matches_uniform_routing():
@@ -597,10 +604,9 @@ interp = pytest.mark.skipif(not INTERPRETED or _TRITON_VERSION < (3, 8),
                                    "bounded by loaded values")
 
 
-def _chain(prob: GemmProblem, combine_format: str, skip=(), arch=None, num_sms=None, what="", **more):
-    """L1 then L2 on the kernels' own h; checks h and y (y against expert_forward). more: further
-    arguments of both launches."""
-    extra = dict(more) if arch is None else {"arch": arch, **more}
+def _chain(prob: GemmProblem, combine_format: str, skip=(), arch=None, num_sms=None, what=""):
+    """L1 then L2 on the kernels' own h; checks h and y (y against expert_forward)."""
+    extra = {} if arch is None else {"arch": arch}
     if num_sms is not None:
         extra["num_sms"] = num_sms
     h, h_sf = run_l1(prob, **extra)
@@ -755,26 +761,6 @@ def test_clamp_group128_block32_and_persistent_loop():
 
 
 @interp
-@pytest.mark.parametrize("wf,af,stream", [("mxfp4", "fp8", True), ("fp8", "fp8", True), ("mxfp4", "fp4", False)])
-def test_two_heights_in_one_launch(wf, af, stream):
-    """A two-height plan (`gemm_heuristics.TilePlan(32, 16)`) on the one-height map of 32: tiles of
-    <= 16 pairs (a small expert, remainders of 8 and 1) run at 16 rows, the others (a partial tile
-    of 20, full tiles) at 32, in one L1 and one L2 launch; h and y against the DESIGN reference
-    (no pair dropped: unwritten rows keep their poison), with one program (the two bodies
-    alternate in one persistent loop) and with several. The streamed FP8 path and the bf16
-    mainloop."""
-    prob = make_problem(512, 128, [5, 0, 40, 20, 33], wf, af, block_m=32, seed=21,
-                        fp8_mainloop=stream, fp4_as_fp8=False)
-    run = stream_chain if stream else _chain
-    for sms in (1, 4):
-        run(prob, "bf16", what=f"two heights {wf} x {af} {sms} SMs", num_sms=sms, tail_block_m=16)
-    with pytest.raises(ValueError, match="tail_block_m: expected one of"):
-        run_l1(prob, tail_block_m=32)
-    with pytest.raises(ValueError, match="tail_config: given without tail_block_m"):
-        run_l1(prob, tail_config=gh.l1_gemm_config(16, 512, 128, wf, af))
-
-
-@interp
 def test_no_pairs_at_all_writes_nothing():
     prob = make_problem(256, 128, [0, 0], "mxfp4", "fp4", slack=5)
     h, h_sf = run_l1(prob)
@@ -802,7 +788,7 @@ def test_interpreter_tests_in_a_child_process():
         pytest.skip("the interpreter tests ran in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "l1_l2 or combine or dot_scaled or clamp or no_pairs or block_scales or inferred or two_heights"],
+                           "-k", "l1_l2 or combine or dot_scaled or clamp or no_pairs or block_scales or inferred"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
@@ -1050,54 +1036,6 @@ def test_gemms_compile_with_programmatic_dependent_launch():
         except _compile.CompileUnavailable as exc:
             pytest.skip(str(exc))
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
-
-
-def test_two_height_kernels_compile():
-    """A two-height plan's launch (TAIL_M: a second item body in the persistent loop) builds for
-    sm_90a on the streamed FP8 mainloop at the prefill plan (128 rows + 32-row tails, 4-bit MXFP4
-    and FP8 weights) with e4m3 wgmma only and no spills, and for sm_100a with the block-scaled
-    tcgen05 MMA in both bodies (two MMAs of different N)."""
-    from mega_moe_layer.kernels import _compile
-
-    def tail_ce(kern, wf, arch, w_kind, stream, ce):
-        if kern == "l1":
-            cfg = gh.l1_gemm_config(32, 7168, 2048, wf, "fp8", arch, fp8_mainloop=stream, act_rebased=stream,
-                                    weight_kind=w_kind)
-        else:
-            cfg = gh.l2_gemm_config(32, 7168, 2048, wf, "fp8", "bf16", arch, fp8_mainloop=stream,
-                                    act_rebased=stream, weight_kind=w_kind)
-        return {**ce, "TAIL_M": 32, "TAIL_K": cfg.block_k, "TAIL_PROMOTE": cfg.promote_for(7168 if kern == "l1" else 2048)}
-
-    cases = [("l1", "mxfp4", 90, "mxfp4", True), ("l2", "mxfp4", 90, "mxfp4", True),
-             ("l1", "fp8", 90, "fp8_rebased", True), ("l2", "fp8", 90, "fp8_rebased", True),
-             ("l1", "mxfp4", 100, "raw", False), ("l2", "mxfp4", 100, "raw", False)]
-    jobs = []
-    for kern, wf, arch, kind, stream in cases:
-        if kern == "l1":
-            sig, ce, opts = l1_compile_args(wf, "fp8", arch, 128, w_kind=kind, act_rebased=stream)
-        else:
-            sig, ce, opts = l2_compile_args(wf, "fp8", "bf16", arch, 128, w_kind=kind, act_rebased=stream)
-        jobs.append(_compile.CompileJob(_l1_kernel if kern == "l1" else _l2_kernel, sig,
-                                        tail_ce(kern, wf, arch, kind, stream, ce), arch, **opts))
-    try:
-        ptx = _compile.compile_ptx_batch(jobs)
-    except _compile.CompileUnavailable as exc:
-        pytest.skip(str(exc))
-    for p, (kern, wf, arch, kind, stream) in zip(ptx, cases):
-        what = (kern, wf, arch)
-        if arch == 90:
-            wgmmas = re.findall(r"wgmma\.mma_async[\w.:]+", p)
-            assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), (what, set(wgmmas))
-            shapes = {re.search(r"\.m64n(\d+)k", m).group(1) for m in wgmmas}
-            assert {"128", "32"} <= shapes, (what, shapes)        # both bodies' MMAs (N 128 and 32)
-            try:
-                usage = _compile.ptxas_usage(p, 90)
-            except _compile.CompileUnavailable as exc:
-                pytest.skip(str(exc))
-            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
-        else:
-            mmas = re.findall(r"tcgen05\.mma\.[\w.:]+", p)
-            assert mmas and all("block_scale" in m for m in mmas), (what, set(mmas))
 
 
 def test_fp4_decoder_config_is_checked():

@@ -86,17 +86,19 @@ def _write_tile_map(tiles, base, bm, e, tile_expert_ptr, tile_row_start_ptr, num
         tl.store(tile_row_start_ptr + tt, tl.zeros((BLOCK_TILES,), tl.int32), mask=m)
 
 
-@triton.jit(do_not_specialize=["block_m", "max_tiles"])
+@triton.jit(do_not_specialize=["block_m", "max_tiles", "tail_block_m", "tail_max", "tail_max_tiles"])
 def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_ptr, cursor_ptr,
                        tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, stats_last_ptr,
-                       stats_cum_ptr, recv_count_ptr, rank, El, Tmax, block_m, max_tiles,
+                       stats_cum_ptr, recv_count_ptr, tail_expert_ptr, tail_row_start_ptr, tail_num_ptr,
+                       rank, El, Tmax, block_m, max_tiles, tail_block_m, tail_max, tail_max_tiles,
                        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
                        BLOCK_J: tl.constexpr, BLOCK_TILES: tl.constexpr, STATS: tl.constexpr,
-                       RECV_LIST: tl.constexpr, PDL: tl.constexpr = False):
+                       RECV_LIST: tl.constexpr,
+                       TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Count, then (last program only) plan. EP >= El is a power of two. RECV_LIST: also zero the
-    counter of the fill's list of received rows (`_fill_kernel`). A two-height plan
-    (`gemm_heuristics.TilePlan`) uses this same map of block_m (the GEMMs run its small tiles at
-    the tail height).
+    counter of the fill's list of received rows (`_fill_kernel`). TAIL: a two-height plan
+    (`gemm_heuristics.TilePlan`): remainders r = n % block_m with 0 < r <= tail_max go to tiles of
+    tail_block_m rows in the second map (`l1_gemm.build_tile_map`'s tail_out).
 
     Worked example (El = 3, block_m = 16, counts [3, 0, 37], 6 tile rows): offsets [0, 3, 3, 40],
     tiles per expert [1, 0, 3], tile_expert [0, 2, 2, 2, -1, -1], tile_row_start
@@ -123,6 +125,8 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
     if STATS:
         cum = tl.load(stats_cum_ptr + e, mask=em, other=0)
     prev = tl.load(num_tiles_ptr)
+    if TAIL:
+        prev_tail = tl.load(tail_num_ptr)
     ticket = tl.atomic_add(ticket_ptr, inc, sem="acq_rel")
     if ticket == num_programs - 1:
         c = tl.atomic_xchg(counts_ptr + e, 0, mask=em, sem="relaxed")   # read and reset
@@ -135,8 +139,19 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
         if STATS:
             tl.store(stats_last_ptr + e, c, mask=em)
             tl.store(stats_cum_ptr + e, cum + c, mask=em)
-        _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, tile_expert_ptr,
-                        tile_row_start_ptr, num_tiles_ptr, prev, max_tiles, BLOCK_J, BLOCK_TILES)
+        if TAIL:
+            full = c // block_m
+            r = c - full * block_m
+            use_tail = (r > 0) & (r <= tail_max)
+            main = full + ((r > 0) & (r > tail_max)).to(tl.int32)
+            tail = tl.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
+            _write_tile_map(main, excl, block_m, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, prev,
+                            max_tiles, BLOCK_J, BLOCK_TILES)
+            _write_tile_map(tail, excl + full * block_m, tail_block_m, e, tail_expert_ptr,
+                            tail_row_start_ptr, tail_num_ptr, prev_tail, tail_max_tiles, BLOCK_J, BLOCK_TILES)
+        else:
+            _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, tile_expert_ptr,
+                            tile_row_start_ptr, num_tiles_ptr, prev, max_tiles, BLOCK_J, BLOCK_TILES)
         if RECV_LIST:
             tl.store(recv_count_ptr, 0)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
@@ -220,22 +235,34 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
                     tile_expert: torch.Tensor, tile_row_start: torch.Tensor, num_tiles: torch.Tensor,
                     stats_last, stats_cumulative, *, rank: int, num_ranks: int,
                     num_local_experts: int, max_tokens: int, topk: int, block_m: int,
-                    block_t: int = 64, block_tiles: int = 64, recv_count=None, block_j: int = 0):
+                    block_t: int = 64, block_tiles: int = 64, recv_count=None,
+                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None, block_j: int = 0):
     """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call).
     recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None).
-    block_j: tiles per expert written per round (a power of two; 0: ~2048 / E_local, see below)."""
+    tail_block_m / tail_max / tail_maps (tile_expert, tile_row_start, num_tiles): the second map
+    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height. block_j: tiles
+    per expert written per round (a power of two; 0: ~2048 / E_local, see below)."""
     El = num_local_experts
     stats = stats_last is not None
+    tail = tail_max > 0
+    if tail and (tail_maps is None or len(tail_maps) != 3 or not 1 <= tail_block_m <= block_m
+                 or tail_max >= block_m):
+        raise ValueError(f"count_plan_args: a tail (tail_max {tail_max}) needs tail_maps = (tile_expert, "
+                         f"tile_row_start, num_tiles) and 1 <= tail_block_m ({tail_block_m}) <= block_m "
+                         f"({block_m}) > tail_max")
+    te2, trs2, nt2 = tail_maps if tail else (tile_expert, tile_row_start, num_tiles)
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, topk_idx_offset, counts, ticket, expert_offsets, cursor, tile_expert,
             tile_row_start, num_tiles, stats_last if stats else counts,
             stats_cumulative if stats else counts, recv_count if recv_count is not None else counts,
-            rank, El, max_tokens, block_m, tile_expert.numel())
+            te2, trs2, nt2, rank, El, max_tokens, block_m, tile_expert.numel(),
+            tail_block_m if tail else block_m, tail_max, te2.numel())
     EP = triton.next_power_of_2(El)
     # NOTE: tile maps are written [EP, BLOCK_J] at a time (~2048 stores a round, one round unless
     # an expert has more than BLOCK_J tiles).
     kwargs = dict(K=topk, KP=_kp(topk), BLOCK_T=block_t, EP=EP, BLOCK_J=block_j or max(1, 2048 // EP),
-                  BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, num_warps=4)
+                  BLOCK_TILES=block_tiles, STATS=stats, RECV_LIST=recv_count is not None, TAIL=tail,
+                  num_warps=4)
     return grid, args, kwargs
 
 
@@ -250,7 +277,8 @@ def dispatch_count_plan(peer_bases: torch.Tensor, topk_idx_offset: int, counts: 
     tile_expert / tile_row_start int32 [max_tiles] and num_tiles int32 [1] (`build_tile_map`'s
     arrays for `block_m`; they must hold -1 / 0 / 0 before the first call), and, when given,
     stats_last = counts, stats_cumulative += counts (int32 [E_local]). Keyword arguments as
-    `dispatch_count` plus block_m (the GEMM tile height, a two-height plan's full height).
+    `dispatch_count` plus block_m (the GEMM tile height) and optionally a two-height plan's tail
+    (`count_plan_args`).
     """
     grid, args, kwargs = count_plan_args(peer_bases, topk_idx_offset, counts, ticket, expert_offsets,
                                          cursor, tile_expert, tile_row_start, num_tiles, stats_last,

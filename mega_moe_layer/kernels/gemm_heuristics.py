@@ -26,7 +26,7 @@ from typing import Optional
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
            "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST",
-           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_PLAN_COST", "resident_ctas"]
+           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_LAUNCH_COST", "resident_ctas"]
 
 #: Tile heights the kernels are built for (the MMA N side: multiples of 16 up to 128).
 GEMM_BLOCK_MS = (16, 32, 64, 128)
@@ -180,26 +180,25 @@ def gemm_block_m(expected_pairs_per_expert: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-    """How a call cuts each local expert's pairs into GEMM tiles: one or two tile heights.
+    """How a call cuts each local expert's pairs into GEMM tiles: two tile heights.
 
-    The tile map is always the one-height map of `block_m`: an expert with n pairs gets
-    ceil(n / block_m) tiles. With a tail height (tail_block_m < block_m), a tile holding at most
-    tail_block_m pairs (the remainder r = n % block_m <= tail_block_m after the expert's full
-    tiles, or a whole expert of <= tail_block_m pairs) runs at the tail height, in the same launch
-    (`l1_gemm._l1_kernel`'s TAIL_M): its MMA is that much smaller, and it sits next to its
-    expert's full tiles in the map, so both read the expert's weight slab at about the same time.
-    tail_block_m == block_m: one height.
+    An expert with n pairs gets n // block_m full tiles of `block_m` rows; its remainder
+    r = n % block_m (if any) becomes ceil(r / tail_block_m) tiles of `tail_block_m` rows when
+    r <= tail_max, else one more (partly empty) `block_m` tile (`split_counts`). The two kinds are
+    two tile maps and two launches of each grouped GEMM (each launch's BLOCK_M is a compile-time
+    constant). tail_max == 0: one height, one launch (`tail_block_m` is then `block_m`).
 
     Why: at T = 4096 over 256 experts (~128 +- 11 pairs each) one height of 128 computes 1.46x
-    the rows routed (half the experts need a second, mostly empty tile); a 32-row tile computes a
-    quarter of those rows and costs about half a 128-row one (`TILE_COST`).
+    the rows routed (half the experts need a second, mostly empty tile), and a tile costs about
+    the same whatever its height's fill; a 16-row tail tile costs under half a 128-row one.
 
-    Example: TilePlan(128, 32): 150 pairs -> one 128-row tile + one 32-row tile (rows 128-149);
-    170 pairs -> two 128-row tiles (r = 42 > 32); 20 pairs -> one 32-row tile.
+    Example: TilePlan(128, 16, 32): 150 pairs -> one 128-row tile + two 16-row tiles (rows 128-143,
+    144-149); 170 pairs -> two 128-row tiles (r = 42 > 32); 100 pairs -> one 128-row tile.
     """
 
     block_m: int
     tail_block_m: int
+    tail_max: int = 0
 
     def __post_init__(self):
         for v, name in ((self.block_m, "block_m"), (self.tail_block_m, "tail_block_m")):
@@ -207,25 +206,34 @@ class TilePlan:
                 raise ValueError(f"TilePlan.{name}: expected one of {GEMM_BLOCK_MS}, got {v!r}")
         if self.tail_block_m > self.block_m:
             raise ValueError(f"TilePlan: tail_block_m ({self.tail_block_m}) must be <= block_m ({self.block_m})")
+        if not 0 <= self.tail_max < self.block_m or (self.tail_max and self.tail_block_m == self.block_m):
+            raise ValueError(f"TilePlan.tail_max: expected 0 <= tail_max < block_m ({self.block_m}) and 0 "
+                             f"when tail_block_m == block_m; got {self.tail_max!r}")
 
     @property
     def has_tail(self) -> bool:
-        return self.tail_block_m < self.block_m
+        return self.tail_max > 0
 
     @classmethod
     def single(cls, block_m: int) -> "TilePlan":
-        return cls(block_m, block_m)
+        return cls(block_m, block_m, 0)
 
 
 def split_counts(n: int, plan: TilePlan):
-    """(full-height tiles, tail-height tiles) of an expert with n pairs under `plan` (see
-    `TilePlan`). Example: split_counts(150, TilePlan(128, 32)) == (1, 1)."""
+    """(main tiles, tail tiles) of an expert with n pairs under `plan` (see `TilePlan`).
+    Example: split_counts(150, TilePlan(128, 16, 32)) == (1, 2)."""
     full, r = divmod(int(n), plan.block_m)
     if r == 0:
         return full, 0
-    if plan.has_tail and r <= plan.tail_block_m:
-        return full, 1
+    if r <= plan.tail_max:
+        return full, -(-r // plan.tail_block_m)
     return full + 1, 0
+
+
+#: Expected cost (in `TILE_COST` units) of the tail launches themselves: two more kernels (the L1
+#: and L2 tails) in the call's graph, each ~3-4 us of launch, ramp and last wave on an H200, where
+#: the streamed mainloop's tiles cost about half their `TILE_COST` figure in us.
+TAIL_LAUNCH_COST = 16.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -239,24 +247,18 @@ def _expected_plan_cost(lam: float, plan: TilePlan) -> float:
     return _poisson_mean(lam, cost)
 
 
-#: What a plan with a tail height costs beyond its tiles (in `TILE_COST` units): its launches take
-#: the full height's configuration (at decode fewer CTAs per SM at 32 rows than at 16) and
-#: compile both bodies. A tail must save more than this: e.g. T = 128 over 256 experts (4 pairs
-#: each, ~0 experts above 16) keeps one height of 16.
-TAIL_PLAN_COST = 16.0
-
-
 def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> TilePlan:
     """The tile plan with the least expected GEMM time for a call (see `TilePlan`).
 
     Candidates: every height alone (`gemm_block_m`'s choice) and every (block_m, smaller tail
-    height) pair. Cost: local experts x `_expected_plan_cost` (Poisson counts, as
-    `expected_tiles`), a tail tile costing its height's `TILE_COST` (measured on tiles that stream
-    their weights: an upper bound for a tail read next to its expert's full tiles), plus
-    `TAIL_PLAN_COST` for a plan with a tail. Ties go to one height, then to smaller heights. 
+    height) pair, the tail taking remainders up to where its tiles stop being cheaper than one
+    more `block_m` tile (r <= tail height x the largest k with k TILE_COST[tail] < TILE_COST[block_m]).
+    Cost: local experts x `_expected_plan_cost` (Poisson counts, as `expected_tiles`), plus
+    `TAIL_LAUNCH_COST` for a plan with a tail. Ties go to one height, then to smaller heights.
+
     Examples (256 local experts): 0.03 pairs per expert (T 1) -> one height 16; 4 (T 128) -> 16;
-    16 (T 512) -> 32 with 16-row tails (experts of <= 16 pairs, remainders <= 16); 128 (T 4096)
-    -> 128 with 32-row tails.
+    16 (T 512) -> 32 with 16-row tails for experts of <= 16 pairs; 128 (T 4096) -> 128 with 16-row
+    tails for remainders <= 32.
     """
     if not expected_pairs_per_expert >= 0:
         raise ValueError(f"expected_pairs_per_expert: expected >= 0, got {expected_pairs_per_expert}")
@@ -265,10 +267,17 @@ def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> 
     lam = round(float(expected_pairs_per_expert), 3)
     if lam == 0:
         return TilePlan.single(GEMM_BLOCK_MS[0])
-    cands = [TilePlan(bm, tb) for bm in GEMM_BLOCK_MS for tb in GEMM_BLOCK_MS if tb <= bm]
+    cands = [TilePlan.single(bm) for bm in GEMM_BLOCK_MS]
+    for bm in GEMM_BLOCK_MS:
+        for tb in GEMM_BLOCK_MS:
+            if tb >= bm:
+                continue
+            k = max(0, math.ceil(TILE_COST[bm] / TILE_COST[tb]) - 1)     # k tail tiles < one main tile
+            if k:
+                cands.append(TilePlan(bm, tb, min(bm - 1, k * tb)))
 
     def cost(p: TilePlan):
-        return (round(num_local_experts * _expected_plan_cost(lam, p) + (TAIL_PLAN_COST if p.has_tail else 0.0), 9),
+        return (num_local_experts * _expected_plan_cost(lam, p) + (TAIL_LAUNCH_COST if p.has_tail else 0.0),
                 p.has_tail, p.block_m, p.tail_block_m)
     return min(cands, key=cost)
 

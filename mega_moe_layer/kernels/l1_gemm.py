@@ -19,10 +19,6 @@ map cuts every expert's segment into tiles of BLOCK_M positions:
     tile_expert    = [0, 2, 2, 2, -1, ...]     tile_row_start = [0, 3, 19, 35, 0, ...]
     num_tiles      = [4]
 
-With a two-height plan (`gemm_heuristics.TilePlan`, the kernels' TAIL_M) the map is the one of
-BLOCK_M, and a tile holding at most TAIL_M pairs runs at that smaller height in the same launch:
-at BLOCK_M 32, TAIL_M 16 the offsets above give tiles [0, 3, 35] of experts [0, 2, 2]; expert 0's
-3 pairs and the 5 pairs of expert 2's second tile run at 16 rows, its first tile at 32.
 
 Orientation: a work item computes ``acc[R, BLOCK_M] = W[R, K] . X[BLOCK_M, K]^T`` (weight rows on
 the MMA M side, pairs on its N side; see `gemm_heuristics`; R = 2 * BLOCK_N stacked gate + up rows
@@ -39,7 +35,6 @@ target arch (`gemm_heuristics.uses_dot_scaled`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -942,17 +937,10 @@ def _l1_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
-    TAIL_M: tl.constexpr = 0, TAIL_K: tl.constexpr = 128, TAIL_PROMOTE: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h
     (`_l1_item`).
-
-    TAIL_M > 0 (a two-height `gemm_heuristics.TilePlan`): a tile that holds at most TAIL_M pairs
-    (row_end - row_start <= TAIL_M: an expert's remainder after its full tiles, or a small
-    expert) runs at TAIL_M rows with TAIL_K / TAIL_PROMOTE instead (the same BLOCK_N, so the
-    same work items). The map is the one-height map of BLOCK_M; an expert's tail tile follows its
-    full tiles, so both read its weight slab at about the same time (once from HBM).
 
     ACT_REBASED (with W_KIND != "raw"): x_ptr is the rebased E4M3 pool [Npool, H] and x_sf_ptr the
     int32 row exponents [Npool] (`rebase.rebase_act_rows`): the streamed FP8 mainloop
@@ -995,24 +983,10 @@ def _l1_kernel(
         n_row_end = tl.load(offsets_ptr + n_expert + 1)
         nn_expert, nn_row_start, nn_pid_n = _prefetch_item(work + 2 * nprog, total, num_tiles, tile_expert_ptr,
                                                            tile_row_ptr, NUM_N, GROUP_M)
-        if TAIL_M > 0:
-            # A tile holding <= TAIL_M pairs (an expert's remainder, `gemm_heuristics.TilePlan`)
-            # runs at the tail height, in this launch, next to its expert's full tiles.
-            if row_end - row_start <= TAIL_M:
-                _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
-                         h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
-                         ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
-                         TAIL_PROMOTE, TAIL_M, BLOCK_N, TAIL_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
-            else:
-                _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
-                         h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
-                         ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
-                         PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
-        else:
-            _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr,
-                     h_sf_ptr, clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT,
-                     ACT_FORMAT, ACT_GROUP, HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2,
-                     PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
+        _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr, h_sf_ptr,
+                 clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, ACT_GROUP,
+                 HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
+                 FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -1022,24 +996,31 @@ def _l1_kernel(
 # =================================================================================================
 def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
                    out_tile_expert: torch.Tensor, out_tile_row_start: torch.Tensor,
-                   out_num_tiles: torch.Tensor) -> None:
+                   out_num_tiles: torch.Tensor, *, tail_block_m: Optional[int] = None, tail_max: int = 0,
+                   tail_out: Optional[tuple] = None) -> None:
     """Cut each local expert's pair segment into tiles of `block_m` positions (device ops only).
 
     Args:
         expert_offsets: int32/int64 [E_local + 1] non-decreasing prefix sums, offsets[0] = 0.
-        block_m: tile height (the kernels' BLOCK_M; a two-height plan's full height: the kernels
-            run a tile of at most their TAIL_M pairs at that height).
+        block_m: tile height (the kernels' BLOCK_M).
         max_tiles: rows of the outputs, >= `max_tiles(max_pairs, E_local, block_m)`.
         out_tile_expert: int32 [max_tiles]: local expert of tile t, -1 for t >= num_tiles.
         out_tile_row_start: int32 [max_tiles]: position of tile t's first pair, 0 for t >= num_tiles.
-        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m), clamped to max_tiles.
+        out_num_tiles: int32 [1]: sum_e ceil(n_e / block_m) (with a tail: the main map's count),
+            clamped to max_tiles.
+        tail_block_m, tail_max, tail_out: a two-height plan (`gemm_heuristics.TilePlan`): an
+            expert's remainder r = n_e % block_m with 0 < r <= tail_max goes to ceil(r /
+            tail_block_m) tiles of `tail_block_m` positions in a second map, tail_out = (tile_expert,
+            tile_row_start, num_tiles) with its own capacity (len(tile_expert)); the main map then
+            holds n_e // block_m tiles of that expert. tail_max 0 (default): one map.
 
     Tiles are in expert order; within an expert, in row order. No host synchronisation (the
     counts are read by torch ops on the device; temporaries come from the caching allocator, so
     the call is CUDA-graph capturable).
 
     Example: offsets [0, 3, 3, 40], block_m 16, max_tiles 6 -> tile_expert [0, 2, 2, 2, -1, -1],
-    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4].
+    tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4]. Two heights: offsets [0, 150], block_m
+    128, tail_block_m 16, tail_max 32 -> main map [0] / [0] / [1], tail map [0, 0] / [128, 144] / [2].
     """
     if not isinstance(expert_offsets, torch.Tensor) or expert_offsets.dim() != 1 or expert_offsets.numel() < 2:
         raise ValueError("expert_offsets: expected a 1-D tensor [E_local + 1] with E_local >= 1")
@@ -1049,16 +1030,32 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
         raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
     if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
         raise ValueError(f"max_tiles: expected an int >= 0, got {max_tiles!r}")
-    arrays = (out_tile_expert, out_tile_row_start, out_num_tiles)
-    for t, name, rows in zip(arrays, ("tile_expert", "tile_row_start", "num_tiles"), (max_tiles, max_tiles, 1)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (rows,):
-            raise ValueError(f"out_{name}: expected int32 [{rows}], got "
-                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.device != expert_offsets.device:
-            raise ValueError(f"out_{name}: expected device {expert_offsets.device}, got {t.device}")
+    if isinstance(tail_max, bool) or not isinstance(tail_max, int) or not 0 <= tail_max < block_m:
+        raise ValueError(f"tail_max: expected an int in [0, block_m = {block_m}), got {tail_max!r}")
+    if tail_max:
+        if isinstance(tail_block_m, bool) or not isinstance(tail_block_m, int) or not 1 <= tail_block_m <= block_m:
+            raise ValueError(f"tail_block_m: expected an int in [1, block_m = {block_m}], got {tail_block_m!r}")
+        if not isinstance(tail_out, tuple) or len(tail_out) != 3 or not isinstance(tail_out[0], torch.Tensor):
+            raise ValueError("tail_out: expected (tile_expert, tile_row_start, num_tiles) tensors for tail_max > 0")
+    maps = [(max_tiles, (out_tile_expert, out_tile_row_start, out_num_tiles), "out_")]
+    if tail_max:
+        maps.append((tail_out[0].numel(), tail_out, "tail_out "))
+    for n, arrays, prefix in maps:
+        for t, name, rows in zip(arrays, ("tile_expert", "tile_row_start", "num_tiles"), (n, n, 1)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (rows,):
+                raise ValueError(f"{prefix}{name}: expected int32 [{rows}], got "
+                                 f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.device != expert_offsets.device:
+                raise ValueError(f"{prefix}{name}: expected device {expert_offsets.device}, got {t.device}")
     off = expert_offsets.to(torch.int64)
     counts = (off[1:] - off[:-1]).clamp_min(0)
-    _fill_tile_map(off[:-1], (counts + block_m - 1) // block_m, block_m, max_tiles, *arrays)
+    full, r = counts // block_m, counts % block_m
+    use_tail = (r > 0) & (r <= tail_max)
+    main = full + ((r > 0) & ~use_tail).to(torch.int64)
+    _fill_tile_map(off[:-1], main, block_m, max_tiles, out_tile_expert, out_tile_row_start, out_num_tiles)
+    if tail_max:
+        tail = torch.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
+        _fill_tile_map(off[:-1] + full * block_m, tail, tail_block_m, tail_out[0].numel(), *tail_out)
 
 
 def _fill_tile_map(base, tiles, block_m, max_tiles, out_te, out_trs, out_nt) -> None:
@@ -1177,9 +1174,10 @@ def _call_args(*args, **kwargs):
 def _resident_grid(kernel, grid, num_sms: int, device, args, kwargs):
     """The persistent grid capped at the CTAs that fit on the SMs at once
     (`gemm_heuristics.resident_ctas` of the compiled kernel's registers and shared memory): the
-    config's ctas_per_sm assumes a register count that another Triton version, or a launch with
-    two item bodies (`_l1_kernel`'s TAIL_M), may exceed (Triton 3.6: L1 at 32 + 16 rows takes 205
-    registers, so 2 CTAs of 4 warps fit, not the 3 the 32-row config asks for). Compiles the
+    config's ctas_per_sm assumes register counts that another Triton version or kernel variant
+    may exceed, and CTAs beyond what is resident wait for a whole earlier CTA (a second, partial
+    wave of a persistent grid). E.g. Triton 3.6 (ptxas -v, sm_90a) gave an L1 variant with a second
+    item body 205 registers: 2 CTAs of 4 warps fit, not the 3 its config asked for. Compiles the
     kernel now (its first launch would). The interpreter, or a Triton without these fields,
     keeps the grid."""
     if device.type != "cuda" or _is_interpreted(kernel):
@@ -1235,28 +1233,6 @@ def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: in
     if w_kind == "mxfp4" and rows % (16 * config.num_warps) != 0:
         raise ValueError(f"config: {rows} weight rows per program must be a multiple of 16 x num_warps "
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
-
-
-def _tail_params(tail_block_m: Optional[int], tail_config: Optional[GroupedGemmConfig], block_m: int,
-                 config: GroupedGemmConfig, default_config, w_kind: str, streamed: bool, k: int, rows: int) -> dict:
-    """TAIL_M / TAIL_K / TAIL_PROMOTE of a launch (`_l1_kernel`'s tail tiles): {} for one height.
-    The tail body shares the launch's BLOCK_N, warps and stages; it takes its tile height's K step
-    and promotion (tail_config, default `default_config(tail_block_m)`)."""
-    if tail_block_m is None:
-        if tail_config is not None:
-            raise ValueError("tail_config: given without tail_block_m")
-        return {}
-    if tail_block_m not in GEMM_BLOCK_MS or tail_block_m >= block_m:
-        raise ValueError(f"tail_block_m: expected one of {GEMM_BLOCK_MS} below block_m = {block_m}, got "
-                         f"{tail_block_m!r}")
-    if tail_config is None:
-        tail_config = default_config(tail_block_m)
-    if tail_config.block_m != tail_block_m:
-        raise ValueError(f"tail_config.block_m = {tail_config.block_m} differs from tail_block_m = {tail_block_m}")
-    tail_config = dataclasses.replace(tail_config, num_warps=config.num_warps, num_stages=config.num_stages,
-                                      block_n=config.block_n)
-    _check_block_k(tail_config, w_kind, streamed, k, rows)
-    return dict(TAIL_M=tail_block_m, TAIL_K=tail_config.block_k, TAIL_PROMOTE=tail_config.promote_for(k))
 
 
 def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
@@ -1322,8 +1298,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
-                    x_rebased: Optional[tuple] = None, tail_block_m: Optional[int] = None,
-                    tail_config: Optional[GroupedGemmConfig] = None, bind: bool = False) -> Optional[Launcher]:
+                    x_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1362,10 +1337,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
             the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the
             streamed FP8 mainloop. Needs an FP8-mainloop w13_operand.
-        tail_block_m: a two-height plan (`gemm_heuristics.TilePlan`): tiles of the map holding at
-            most tail_block_m pairs run at that height, with the K step and promotion of its
-            config (tail_config, default the heuristic's for that height) in the same launch.
-            None: one height.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1458,11 +1429,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
     _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
-    tail = _tail_params(tail_block_m, tail_config, block_m, config, lambda bm: l1_gemm_config(
-        bm, hidden, inter, weight_format, act_format, arch, fp8_mainloop=w13_operand is not None and
-        w13_operand.kind != "raw", act_rebased=x_rebased is not None,
-        weight_kind=None if w13_operand is None else w13_operand.kind), w_kind, x_rebased is not None, hidden,
-        2 * config.block_n)
     fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
@@ -1483,7 +1449,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
-            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), **tail,
+            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)

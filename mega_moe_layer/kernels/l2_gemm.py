@@ -26,7 +26,7 @@ from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_fact
                       _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
                       _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
                       _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
-                      sf_words_p2, _tail_params, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
+                      sf_words_p2, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
                       _weight_tile_mx)
 
 __all__ = ["l2_grouped_gemm"]
@@ -150,11 +150,10 @@ def _l2_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
-    TAIL_M: tl.constexpr = 0, TAIL_K: tl.constexpr = 128, TAIL_PROMOTE: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows
-    (`_l2_item`). TAIL_M > 0: tiles of at most TAIL_M pairs run at that height, as in `_l1_kernel`.
+    (`_l2_item`).
 
     ACT_REBASED (with W_KIND != "raw"): h_ptr is h rebased to E4M3 [P, I] and h_sf_ptr its int32
     row exponents [P] (`rebase.rebase_act_rows`): the streamed FP8 mainloop.
@@ -190,23 +189,10 @@ def _l2_kernel(
         n_row_end = tl.load(offsets_ptr + n_expert + 1)
         nn_expert, nn_row_start, nn_pid_n = _prefetch_item(work + 2 * nprog, total, num_tiles, tile_expert_ptr,
                                                            tile_row_ptr, NUM_N, GROUP_M)
-        if TAIL_M > 0:
-            # A tile of <= TAIL_M pairs runs at the tail height (see `_l1_kernel`).
-            if row_end - row_start <= TAIL_M:
-                _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
-                         row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
-                         USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, TAIL_PROMOTE, TAIL_M, BLOCK_N, TAIL_K,
-                         FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
-            else:
-                _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
-                         row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
-                         USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
-                         FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
-        else:
-            _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert,
-                     row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT,
-                     USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
-                     FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
+        _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert, row_start,
+                 row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT, USE_DOT_SCALED,
+                 DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED,
+                 WARPS, FP4_TABLE)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -218,8 +204,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
-                    h_rebased: Optional[tuple] = None, tail_block_m: Optional[int] = None,
-                    tail_config: Optional[GroupedGemmConfig] = None, bind: bool = False) -> Optional[Launcher]:
+                    h_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -246,8 +231,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         h_rebased: (float8_e4m3fn [P, I], int32 [P]): h rebased to one exponent per row
             (`rebase.rebase_act_rows` of h / h_sf after L1), read instead of h / h_sf: the streamed
             FP8 mainloop. Needs an FP8-mainloop w2_operand.
-        tail_block_m, tail_config: as in `l1_grouped_gemm` (default config the heuristic's for
-            that height).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -324,11 +307,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
     _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
-    tail = _tail_params(tail_block_m, tail_config, block_m, config, lambda bm: l2_gemm_config(
-        bm, hidden, inter, weight_format, act_format, combine_format, arch, fp8_mainloop=w2_operand is not None
-        and w2_operand.kind != "raw", act_rebased=h_rebased is not None,
-        weight_kind=None if w2_operand is None else w2_operand.kind), w_kind, h_rebased is not None, inter,
-        config.block_n)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
@@ -345,7 +323,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
-            **tail,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)
