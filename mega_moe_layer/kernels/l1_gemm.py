@@ -19,7 +19,6 @@ map cuts every expert's segment into tiles of BLOCK_M positions:
     tile_expert    = [0, 2, 2, 2, -1, ...]     tile_row_start = [0, 3, 19, 35, 0, ...]
     num_tiles      = [4]
 
-
 Orientation: a work item computes ``acc[R, BLOCK_M] = W[R, K] . X[BLOCK_M, K]^T`` (weight rows on
 the MMA M side, pairs on its N side; see `gemm_heuristics`; R = 2 * BLOCK_N stacked gate + up rows
 in L1, BLOCK_N in L2), then transposes in the epilogue. The weight is the left operand, as
