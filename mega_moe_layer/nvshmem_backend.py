@@ -110,6 +110,11 @@ USE_PDL = True
 #: pass after the dispatch (`bench.py --no-stage-rebase`).
 STAGE_REBASE = True
 
+#: Tile plans whose last full tile of an expert computes up to 16 rows of its remainder
+#: (`gemm_heuristics.TilePlan.over`) where the GEMMs run the streamed FP8 mainloop: prefill
+#: heights only. False: the plans without (`bench.py --no-over`).
+USE_OVER = True
+
 
 def _pdl_supported(arch: int) -> bool:
     if arch < 90:
@@ -289,6 +294,7 @@ class NvshmemForward(CompiledForwardMixin):
         if lc is None:
             tail = dict(tail_block_m=plan.tail_block_m, tail_max=plan.tail_max, tail_maps=self.tail_maps) \
                 if plan.has_tail else {}
+            tail["over"] = plan.over
             lc = self._chain(Launcher(dispatch_k._count_plan_kernel, *dispatch_k.count_plan_args(
                 self.ws.peer_bases, self.off["topk_idx"], self.counts, self.ticket,
                 self.expert_offsets, self.cursor, self.tile_expert, self.tile_row_start,
@@ -303,7 +309,8 @@ class NvshmemForward(CompiledForwardMixin):
         pcfg = pre_dispatch_config(T, cfg.hidden, cfg.act_group_size, num_sms=self.num_sms,
                                    use_fp4=cfg.act_format == "fp4", whole_rows=self.stage_rebase)
         grid = (pcfg.num_topk_programs(cfg.max_tokens_per_rank) + pcfg.num_x_programs(T),)
-        tiles = gemm_api.tile_plan_for(T, cfg.topk, cfg.num_experts, self.num_ranks)
+        tiles = gemm_api.tile_plan_for(T, cfg.topk, cfg.num_experts, self.num_ranks,
+                                       over=USE_OVER and self.h_rebased is not None)
         plan = (pcfg, grid, tiles)
         self._per_T[T] = plan
         return plan
@@ -425,26 +432,29 @@ class NvshmemForward(CompiledForwardMixin):
         self.timeout.check()
 
     # ------------------------------------------------------------------ the GEMMs
-    def _run_l1(self, block_m: int, tail: bool = False) -> None:
-        # NOTE: one bound launch per (tile height, map), validated when bound (every tensor it reads
-        # is a persistent buffer of this object, the workspace or the weights): no per-call checks.
-        launch = self._l1_launch.get((block_m, tail), False)
+    def _run_l1(self, block_m: int, tail: bool = False, over: Tuple[int, int] = (0, 0)) -> None:
+        # NOTE: one bound launch per (tile height, map, rows past block_m), validated when bound
+        # (every tensor it reads is a persistent buffer of this object, the workspace or the
+        # weights): no per-call checks.
+        key = (block_m, tail, over)
+        launch = self._l1_launch.get(key, False)
         if launch is False:
-            launch = self._l1_launch[block_m, tail] = self._chain(self._bind_l1(block_m, tail))
+            launch = self._l1_launch[key] = self._chain(self._bind_l1(block_m, tail, over))
         if launch is not None:
             launch()
 
-    def _run_l2(self, block_m: int, tail: bool = False) -> None:
-        launch = self._l2_launch.get((block_m, tail), False)
+    def _run_l2(self, block_m: int, tail: bool = False, over: Tuple[int, int] = (0, 0)) -> None:
+        key = (block_m, tail, over)
+        launch = self._l2_launch.get(key, False)
         if launch is False:
-            launch = self._l2_launch[block_m, tail] = self._chain(self._bind_l2(block_m, tail))
+            launch = self._l2_launch[key] = self._chain(self._bind_l2(block_m, tail, over))
         if launch is not None:
             launch()
 
     def _tile_map(self, tail: bool):
         return self.tail_maps if tail else (self.tile_expert, self.tile_row_start, self.num_tiles)
 
-    def _bind_l1(self, block_m: int, tail: bool):
+    def _bind_l1(self, block_m: int, tail: bool, over: Tuple[int, int]):
         cfg, ws, g, w13 = self.cfg, self.ws, gemm_api, self.w13
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l1_grouped_gemm(ws.view("recv_x"), ws.view("recv_x_sf") if self.sf_row_bytes else None,
@@ -453,9 +463,10 @@ class NvshmemForward(CompiledForwardMixin):
                           h_sf if cfg.act_format != "bf16" else None,
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
-                          block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased, bind=True)
+                          block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased,
+                          over_m=over[0], over_limit=over[1], bind=True)
 
-    def _bind_l2(self, block_m: int, tail: bool):
+    def _bind_l2(self, block_m: int, tail: bool, over: Tuple[int, int]):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
@@ -464,7 +475,7 @@ class NvshmemForward(CompiledForwardMixin):
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
                           hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, h_rebased=self.h_rebased,
-                          bind=True)
+                          over_m=over[0], over_limit=over[1], bind=True)
 
     # ------------------------------------------------------------------ kernels 2-8
     def _middle(self, plan: TilePlan) -> None:
@@ -483,12 +494,13 @@ class NvshmemForward(CompiledForwardMixin):
         # rebases x before L1 unless the stage did, and h before L2)
         if self._rebase_x is not None:
             self._rebase_x()
-        self._run_l1(plan.block_m)
+        over = (plan.over, plan.over_limit)
+        self._run_l1(plan.block_m, over=over)
         if plan.has_tail:
             self._run_l1(plan.tail_block_m, tail=True)
         if self._rebase_h is not None:
             self._rebase_h()
-        self._run_l2(plan.block_m)
+        self._run_l2(plan.block_m, over=over)
         if plan.has_tail:
             self._run_l2(plan.tail_block_m, tail=True)
         if self._barrier_combine is not None:

@@ -10,6 +10,7 @@ from mega_moe_layer.comm.workspace import CPUWorkspace
 from mega_moe_layer.kernels import dispatch as dispatch_k
 from mega_moe_layer.kernels import gemm_api
 from mega_moe_layer.kernels._launch import Launcher
+from utils import covered_once
 
 
 def _run(dev, launcher_too, block_j=0):
@@ -35,12 +36,14 @@ def _run(dev, launcher_too, block_j=0):
     cum_expect = torch.zeros(El, dtype=torch.int64)
     rank = 1
     launchers = {}
-    # calls with shrinking / growing tile counts, skew, an empty call and two-height plans
-    # (bm, tail height, tail_max): the tail map grows, shrinks and is left out between calls
-    for call, (Ts, (bm, tbm, tmax), skew) in enumerate([
-            ((40, 7), (16, 16, 0), False), ((3, 0), (16, 16, 0), False), ((40, 40), (32, 32, 0), True),
-            ((40, 40), (32, 16, 16), False), ((40, 40), (64, 16, 32), True), ((0, 0), (16, 16, 0), False),
-            ((25, 9), (16, 16, 0), True), ((33, 20), (128, 32, 64), False), ((40, 40), (32, 16, 16), True)]):
+    # calls with shrinking / growing tile counts, skew, an empty call, two-height plans
+    # (bm, tail height, tail_max): the tail map grows, shrinks and is left out between calls, and
+    # plans whose last full tile takes rows of the remainder (over: `TilePlan.over`)
+    for call, (Ts, (bm, tbm, tmax, over), skew) in enumerate([
+            ((40, 7), (16, 16, 0, 0), False), ((3, 0), (16, 16, 0, 0), False), ((40, 40), (32, 32, 0, 0), True),
+            ((40, 40), (32, 16, 16, 0), False), ((40, 40), (64, 16, 32, 0), True), ((0, 0), (16, 16, 0, 0), False),
+            ((25, 9), (16, 16, 0, 0), True), ((33, 20), (128, 32, 64, 0), False), ((40, 40), (32, 16, 16, 0), True),
+            ((40, 40), (16, 8, 12, 4), False), ((40, 40), (8, 8, 0, 4), True), ((40, 33), (16, 4, 12, 2), False)]):
         all_idx = []
         for r in range(R):
             idx = torch.rand(Tmax, El * R, generator=g).argsort(dim=1)[:, :K].to(torch.int32)
@@ -55,14 +58,16 @@ def _run(dev, launcher_too, block_j=0):
                   block_t=16, block_tiles=8, recv_count=st["recv"], block_j=block_j)
         if tmax:
             kw.update(tail_block_m=tbm, tail_max=tmax, tail_maps=(st["te2"], st["trs2"], st["nt2"]))
+        if over:
+            kw.update(over=over)
         st["recv"].fill_(17)          # the previous call's received-row count: zeroed here
         a = (bases, off, st["counts"], st["ticket"], st["offsets"], st["cursor"], st["te"], st["trs"],
              st["nt"], st["last"], st["cum"])
         if launcher_too:
-            if (bm, tbm, tmax) not in launchers:
+            if (bm, tbm, tmax, over) not in launchers:
                 grid, args, kwargs = dispatch_k.count_plan_args(*a, **kw)
-                launchers[bm, tbm, tmax] = Launcher(dispatch_k._count_plan_kernel, grid, args, kwargs)
-            launchers[bm, tbm, tmax]()
+                launchers[bm, tbm, tmax, over] = Launcher(dispatch_k._count_plan_kernel, grid, args, kwargs)
+            launchers[bm, tbm, tmax, over]()
         else:
             dispatch_k.dispatch_count_plan(*a, **kw)
         full = torch.cat(all_idx).long()
@@ -76,7 +81,7 @@ def _run(dev, launcher_too, block_j=0):
         nt = torch.empty(1, dtype=torch.int32)
         te2, trs2, nt2 = (torch.empty_like(t) for t in (te, trs, nt))
         gemm_api.build_tile_map(offsets, bm, max_tiles, te, trs, nt, tail_block_m=tbm, tail_max=tmax,
-                                tail_out=(te2, trs2, nt2))
+                                tail_out=(te2, trs2, nt2), over=over)
         what = f"call {call}"
         assert torch.equal(st["offsets"].cpu(), offsets), what
         assert torch.equal(st["nt"].cpu(), nt), what
@@ -87,15 +92,12 @@ def _run(dev, launcher_too, block_j=0):
             assert torch.equal(st["te2"].cpu(), te2), what
             assert torch.equal(st["trs2"].cpu(), trs2), what
             assert int(nt2) > 0 or call == 7, f"{what}: the case has no tail tiles"
-            # every pair in exactly one tile of either map
-            cover = torch.zeros(int(offsets[-1]), dtype=torch.int32)
-            for tiles_e, tiles_r, n, h in ((te, trs, nt, bm), (te2, trs2, nt2, tbm)):
-                for j in range(int(n)):
-                    e = int(tiles_e[j])
-                    lo, hi = int(tiles_r[j]), min(int(tiles_r[j]) + h, int(offsets[e + 1]))
-                    assert int(offsets[e]) <= lo < hi, what
-                    cover[lo:hi] += 1
-            assert bool((cover == 1).all()), f"{what}: pairs not covered exactly once"
+        if tmax or over:
+            # every pair in exactly one tile of either map, a main tile's rows past bm included
+            assert covered_once(offsets, (te, trs, nt, bm), (te2, trs2, nt2, tbm) if tmax else None, over,
+                                max(over, tmax)), f"{what}: pairs not covered exactly once"
+            assert not over or any(int(c) > bm and 0 < int(c) % bm <= max(over, tmax) for c in counts), \
+                f"{what}: no expert uses the over rows"
         assert torch.equal(st["last"].cpu().long(), counts), what
         assert torch.equal(st["cum"].cpu().long(), cum_expect), what
         for name in ("counts", "cursor", "ticket", "recv"):
@@ -123,7 +125,7 @@ def test_new_kernel_variants_compile_for_hopper_and_blackwell():
                   tile_row_start_ptr="*i32", num_tiles_ptr="*i32", stats_last_ptr="*i32",
                   stats_cum_ptr="*i32", recv_count_ptr="*i32", rank=i32, El=i32, Tmax=i32, block_m=i32,
                   tail_expert_ptr="*i32", tail_row_start_ptr="*i32", tail_num_ptr="*i32",
-                  max_tiles=i32, tail_block_m=i32, tail_max=i32, tail_max_tiles=i32)
+                  max_tiles=i32, tail_block_m=i32, tail_max=i32, tail_max_tiles=i32, over=i32, over_limit=i32)
     cp_cx = dict(K=8, KP=8, BLOCK_T=64, EP=256, BLOCK_J=8, BLOCK_TILES=64, STATS=True, RECV_LIST=True, TAIL=True, PDL=True)
     pcfg = heuristics.pre_dispatch_config(1, 7168, 32)
     pd_sig = {"x_ptr": "*i32", "topk_idx_ptr": "*i64", "topk_w_ptr": "*i32", "out_x_ptr": "*i32",

@@ -37,7 +37,7 @@ from mega_moe_layer.kernels.gemm_operands import uses_fp8_mma
 from mega_moe_layer.kernels.l1_gemm import _l1_kernel, _resident_grid, build_tile_map, l1_grouped_gemm, sf_words_p2
 from mega_moe_layer.kernels.l2_gemm import _l2_kernel, l2_grouped_gemm
 from mega_moe_layer.kernels.rebase import rebase_act_rows
-from utils import TOLERANCES, assert_rel_rmse
+from utils import TOLERANCES, assert_rel_rmse, covered_once
 
 WEIGHT_FORMATS = ("mxfp4", "fp8", "bf16")
 ACT_FORMATS = ("fp8", "fp4", "bf16")
@@ -157,12 +157,16 @@ def h_buffers(prob: GemmProblem, device):
 
 def run_l1(prob: GemmProblem, **kw):
     h, h_sf = h_buffers(prob, prob.pool_x.device)
+    run_l1_into(prob, h, h_sf, **kw)
+    return h, h_sf
+
+
+def run_l1_into(prob: GemmProblem, h, h_sf, **kw) -> None:
     l1_grouped_gemm(prob.pool_x, prob.pool_x_sf, prob.pair_rows, prob.pair_weights, prob.expert_offsets,
                     prob.tile_expert, prob.tile_row_start, prob.num_tiles, *kw.pop("w13", (prob.w13.data, prob.w13.scale)),
                     h, h_sf, weight_format=prob.weight_format, act_format=prob.act_format,
                     act_group_size=prob.act_group_size, activation_clamp=prob.clamp, block_m=prob.block_m,
                     **{"w13_operand": prob.w13_op, **kw})
-    return h, h_sf
 
 
 @dataclasses.dataclass
@@ -401,33 +405,53 @@ def test_gemm_tile_plan_choices():
         gh.gemm_tile_plan(4, 0)
 
 
+def test_tile_plan_over_rows():
+    """Plans whose last full tile takes rows of its expert's remainder (`TilePlan.over`, the
+    streamed FP8 mainloop): only at prefill heights; at T 4096 (128 per expert) the 128-row plan
+    takes remainders <= 16 whole and the first 16 rows of those <= 48 (the rest: one 16-row tail
+    tile); the expected cost beats the plan without."""
+    P = gh.TilePlan
+    for lam in (0.03, 4, 16):
+        assert gh.gemm_tile_plan(lam, 256, over=True) == gh.gemm_tile_plan(lam, 256), lam
+    plan = gh.gemm_tile_plan(128, 256, over=True)
+    assert plan == P(128, 16, 48, 16) and plan.over_limit == 48
+    assert gh._expected_plan_cost(128, plan) < gh._expected_plan_cost(128, gh.gemm_tile_plan(128, 256))
+    assert [gh.split_counts(n, plan) for n in (100, 128, 140, 144, 145, 160, 176, 177, 256, 300)] == \
+        [(1, 0), (1, 0), (1, 0), (1, 0), (1, 1), (1, 1), (1, 2), (2, 0), (2, 0), (2, 2)]
+    assert [gh.over_rows(n, plan) for n in (100, 128, 140, 144, 145, 176, 177, 300)] == [0, 0, 12, 16, 16, 16, 0, 16]
+    one = P(64, 64, 0, 16)            # one height: r <= 16 in the last full tile, else one more tile
+    assert [gh.split_counts(n, one) for n in (20, 70, 80, 81, 130)] == [(1, 0), (1, 0), (1, 0), (2, 0), (2, 0)]
+    assert one.over_limit == 16 and P(64, 64).over_limit == 0
+    for bad in (dict(block_m=16, tail_block_m=16, over=16), dict(block_m=128, tail_block_m=128, over=8),
+                dict(block_m=128, tail_block_m=16, tail_max=16, over=16)):
+        with pytest.raises(ValueError, match="TilePlan.over"):
+            P(**bad)
+
+
 def test_build_tile_map_two_heights():
     """The torch tile maps of a two-height plan against `split_counts`, expert by expert, and
     every pair in exactly one tile."""
     g = torch.Generator().manual_seed(3)
     i32 = dict(dtype=torch.int32)
-    for plan in (gh.TilePlan(128, 16, 32), gh.TilePlan(32, 16, 16), gh.TilePlan(64, 32, 32)):
+    for plan in (gh.TilePlan(128, 16, 32), gh.TilePlan(32, 16, 16), gh.TilePlan(64, 32, 32),
+                 gh.TilePlan(128, 16, 48, 16), gh.TilePlan(64, 16, 32, 16)):
         counts = torch.randint(0, 3 * plan.block_m, (13,), generator=g)
         counts[3] = 0
         counts[4] = plan.block_m + plan.tail_max
+        counts[5] = plan.block_m + plan.over
         off = torch.zeros(14, dtype=torch.int64)
         off[1:] = counts.cumsum(0)
         mt = gh.max_tiles(int(off[-1]), 13, 16)
         main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
         tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
         build_tile_map(off, plan.block_m, mt, *main, tail_block_m=plan.tail_block_m, tail_max=plan.tail_max,
-                       tail_out=tail)
-        cover = torch.zeros(int(off[-1]), dtype=torch.int32)
+                       tail_out=tail, over=plan.over)
         per_e = torch.zeros(13, 2, dtype=torch.int64)
-        for k, ((te, trs, nt), h) in enumerate(((main, plan.block_m), (tail, plan.tail_block_m))):
+        for k, (te, trs, nt) in enumerate((main, tail)):
             assert bool((te[int(nt):] == -1).all()) and bool((trs[int(nt):] == 0).all())
             for j in range(int(nt)):
-                e = int(te[j])
-                per_e[e, k] += 1
-                lo, hi = int(trs[j]), min(int(trs[j]) + h, int(off[e + 1]))
-                assert int(off[e]) <= lo < hi
-                cover[lo:hi] += 1
-        assert bool((cover == 1).all())
+                per_e[int(te[j]), k] += 1
+        assert covered_once(off, (*main, plan.block_m), (*tail, plan.tail_block_m), plan.over, plan.over_limit)
         assert [tuple(r) for r in per_e.tolist()] == [gh.split_counts(int(c), plan) for c in counts]
     with pytest.raises(ValueError, match="tail_out"):
         build_tile_map(off, 64, mt, *main, tail_block_m=32, tail_max=32)
@@ -687,6 +711,51 @@ def test_streamed_fp8_mainloop(wf, af, as_fp8):
     # The operand holds all the kernel reads: without the loaded weight, the same bytes.
     h2, h2_sf = run_l1(prob, x_rebased=(x8, x_e), config=cfg1, w13=(None, None))
     assert torch.equal(h2.view(torch.uint8), h.view(torch.uint8)) and torch.equal(h2_sf, h_sf)
+
+
+@interp
+@pytest.mark.parametrize("wf,as_fp8", [("mxfp4", False), ("fp8", False)])
+def test_streamed_over_rows(wf, as_fp8):
+    """Rows past block_m in an expert's last full tile (`TilePlan.over`: a second, narrow MMA on
+    the same weight tiles, OVER_M 16 / OVER_LIMIT 32) next to a tail launch, on the streamed FP8
+    mainloop: every pair's h and y against the DESIGN reference, each pair computed once (the
+    outputs start poisoned). Counts: 70 / 80 (remainders 6 / 16 wholly in the full tile), 90 (16
+    there, 10 in a tail tile), 130 (the second full tile takes 2), 95 (r 31: 16 + a 15-row tail),
+    20 (no full tile: two tail tiles), 64 (none past), 120 (r 56 > 32: one more main tile, nothing
+    past)."""
+    counts = [70, 0, 80, 90, 130, 95, 20, 64, 120]
+    plan = gh.TilePlan(64, 16, 32, 16)
+    prob = make_problem(256, 128, counts, wf, "fp8", block_m=64, seed=21, fp8_mainloop=True, fp4_as_fp8=as_fp8)
+    assert prob.w13_op.kind == ("mxfp4" if wf == "mxfp4" and not as_fp8 else "fp8_rebased")
+    P, E = prob.num_pairs, len(counts)
+    i32 = dict(dtype=torch.int32)
+    mt = gh.max_tiles(P, E, 16)
+    main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    build_tile_map(prob.expert_offsets, 64, mt, *main, tail_block_m=16, tail_max=32, tail_out=tail, over=16)
+    assert int(tail[2]) == 4 and [gh.over_rows(c, plan) for c in counts] == [6, 0, 16, 16, 2, 16, 0, 0, 0]
+    mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
+    tp = dataclasses.replace(prob, tile_expert=tail[0], tile_row_start=tail[1], num_tiles=tail[2], block_m=16)
+    over = dict(over_m=16, over_limit=32)
+    count = prob.expert_offsets[-1:]
+    x8 = torch.empty(prob.pool_x.shape[0], 256, dtype=torch.float8_e4m3fn)
+    x_e = torch.empty(prob.pool_x.shape[0], **i32)
+    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format="fp8", group=32, rows=prob.pair_rows)
+    h, h_sf = h_buffers(prob, "cpu")
+    for q, kw in ((mp, over), (tp, {})):
+        run_l1_into(q, h, h_sf, x_rebased=(x8, x_e), num_sms=2, **kw)
+    check_l1(prob, h, h_sf, f"over rows {wf}")
+    h8 = torch.empty(P, 128, dtype=torch.float8_e4m3fn)
+    h_e = torch.empty(P, **i32)
+    rebase_act_rows(h, h_sf, h8, h_e, count, act_format="fp8", group=32)
+    dest = make_destinations(prob, "bf16", skip=(3, 75))
+    for q, kw in ((mp, over), (tp, {})):
+        run_l2(q, h, h_sf, "bf16", dest, h_rebased=(h8, h_e), num_sms=2, **kw)
+    check_l2(prob, dest, "bf16", reference_y(prob), f"over rows {wf}")
+    with pytest.raises(ValueError, match="over_m: rows past block_m need the streamed FP8 mainloop"):
+        run_l1(mp, **over)
+    with pytest.raises(ValueError, match="over_m / over_limit"):
+        run_l1(mp, x_rebased=(x8, x_e), over_m=16, over_limit=64)
 
 
 @interp
@@ -998,6 +1067,36 @@ def test_compiles(compiled, case):
         kind = "kind::mxf4" if a == "fp4" else "kind::mxf8f6f4"
         assert any(kind in m and "block_scale" in m for m in mmas), f"expected {kind} block_scale, got {mmas}"
         assert not any("kind::f16" in m for m in mmas), f"an upcast MMA remained: {mmas}"
+
+
+def test_over_rows_compile_for_hopper():
+    """The prefill tiles with rows past block_m (OVER_M 16, `TilePlan.over`) build for sm_90a: the
+    128-row and the 16-row e4m3 wgmma from the same weight tile, no spills, for L1 and L2 with
+    4-bit MXFP4 and FP8 weights."""
+    from mega_moe_layer.kernels import _compile
+
+    cases = [(k, w, kind) for k in ("l1", "l2") for w, kind in (("mxfp4", "mxfp4"), ("fp8", "fp8_rebased"))]
+    jobs = []
+    for k, w, kind in cases:
+        if k == "l1":
+            sig, ce, opts = l1_compile_args(w, "fp8", 90, 128, w_kind=kind, act_rebased=True)
+        else:
+            sig, ce, opts = l2_compile_args(w, "fp8", "bf16", 90, 128, w_kind=kind, act_rebased=True)
+        ce.update(OVER_M=16, OVER_LIMIT=48)
+        jobs.append(_compile.CompileJob(_l1_kernel if k == "l1" else _l2_kernel, sig, ce, 90, **opts))
+    try:
+        ptx = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for case, p in zip(cases, ptx):
+        shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k32\.f32\.e4m3\.e4m3", p))
+        assert shapes == {"128", "16"}, (case, shapes)
+        assert "bf16" not in "".join(re.findall(r"wgmma\.mma_async[\w.:]+", p)), case
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (case, usage)
 
 
 def test_gemms_compile_with_programmatic_dependent_launch():

@@ -198,3 +198,22 @@ def make_inputs(cfg: mml.MegaMoEConfig, T: int, seed: int, routing: str = "unifo
         idx = torch.where(torch.rand(T, K, generator=g) < mask_frac, torch.full_like(idx, -1), idx)
     w = torch.rand(T, K, generator=g) + 0.1
     return x, idx.to(idx_dtype).contiguous(), w.float().contiguous()
+
+
+def covered_once(offsets, main, tail, over: int, over_limit: int) -> bool:
+    """Every pair position [0, offsets[-1]) in exactly one tile of the main map (te, trs, nt, bm),
+    whose tiles with bm < (expert end - first row) <= bm + over_limit also cover the next
+    min(over, ...) rows (the kernels' OVER_M / OVER_LIMIT), or of the tail map (or None)."""
+    cover = torch.zeros(int(offsets[-1]), dtype=torch.int32)
+    for k, tiles in enumerate((main, tail)):
+        if tiles is None:
+            continue
+        te, trs, nt, h = tiles
+        for j in range(int(nt)):
+            e = int(te[j])
+            lo, end = int(trs[j]), int(offsets[e + 1])
+            rows = h + (over if k == 0 and over and h < end - lo <= h + over_limit else 0)
+            if not int(offsets[e]) <= lo < end:
+                return False
+            cover[lo:min(lo + rows, end)] += 1
+    return bool((cover == 1).all())

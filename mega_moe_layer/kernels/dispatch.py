@@ -86,19 +86,22 @@ def _write_tile_map(tiles, base, bm, e, tile_expert_ptr, tile_row_start_ptr, num
         tl.store(tile_row_start_ptr + tt, tl.zeros((BLOCK_TILES,), tl.int32), mask=m)
 
 
-@triton.jit(do_not_specialize=["block_m", "max_tiles", "tail_block_m", "tail_max", "tail_max_tiles"])
+@triton.jit(do_not_specialize=["block_m", "max_tiles", "tail_block_m", "tail_max", "tail_max_tiles", "over",
+                               "over_limit"])
 def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_ptr, cursor_ptr,
                        tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, stats_last_ptr,
                        stats_cum_ptr, recv_count_ptr, tail_expert_ptr, tail_row_start_ptr, tail_num_ptr,
                        rank, El, Tmax, block_m, max_tiles, tail_block_m, tail_max, tail_max_tiles,
-                       K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
+                       over, over_limit, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, EP: tl.constexpr,
                        BLOCK_J: tl.constexpr, BLOCK_TILES: tl.constexpr, STATS: tl.constexpr,
                        RECV_LIST: tl.constexpr,
                        TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Count, then (last program only) plan. EP >= El is a power of two. RECV_LIST: also zero the
     counter of the fill's list of received rows (`_fill_kernel`). TAIL: a two-height plan
     (`gemm_heuristics.TilePlan`): remainders r = n % block_m with 0 < r <= tail_max go to tiles of
-    tail_block_m rows in the second map (`l1_gemm.build_tile_map`'s tail_out).
+    tail_block_m rows in the second map (`l1_gemm.build_tile_map`'s tail_out). over / over_limit
+    (`TilePlan.over` / `over_limit`, 0 / 0 without): an expert's last full tile takes the first
+    min(r, over) rows of a remainder r <= over_limit, and only the rest is tiled.
 
     Worked example (El = 3, block_m = 16, counts [3, 0, 37], 6 tile rows): offsets [0, 3, 3, 40],
     tiles per expert [1, 0, 3], tile_expert [0, 2, 2, 2, -1, -1], tile_row_start
@@ -139,18 +142,18 @@ def _count_plan_kernel(peer_bases_ptr, idx_off, counts_ptr, ticket_ptr, offsets_
         if STATS:
             tl.store(stats_last_ptr + e, c, mask=em)
             tl.store(stats_cum_ptr + e, cum + c, mask=em)
+        full = c // block_m
+        r = c - full * block_m
+        ov = tl.where((full > 0) & (r <= over_limit), tl.minimum(r, over), 0)    # rows the last full tile takes
+        r = r - ov
         if TAIL:
-            full = c // block_m
-            r = c - full * block_m
-            use_tail = (r > 0) & (r <= tail_max)
-            main = full + ((r > 0) & (r > tail_max)).to(tl.int32)
-            tail = tl.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
-            _write_tile_map(main, excl, block_m, e, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, prev,
-                            max_tiles, BLOCK_J, BLOCK_TILES)
-            _write_tile_map(tail, excl + full * block_m, tail_block_m, e, tail_expert_ptr,
+            tail = tl.where((r > 0) & (r <= tail_max), (r + tail_block_m - 1) // tail_block_m, 0)
+            _write_tile_map(full + (r > tail_max).to(tl.int32), excl, block_m, e, tile_expert_ptr,
+                            tile_row_start_ptr, num_tiles_ptr, prev, max_tiles, BLOCK_J, BLOCK_TILES)
+            _write_tile_map(tail, excl + full * block_m + ov, tail_block_m, e, tail_expert_ptr,
                             tail_row_start_ptr, tail_num_ptr, prev_tail, tail_max_tiles, BLOCK_J, BLOCK_TILES)
         else:
-            _write_tile_map((c + block_m - 1) // block_m, excl, block_m, e, tile_expert_ptr,
+            _write_tile_map(full + (r > 0).to(tl.int32), excl, block_m, e, tile_expert_ptr,
                             tile_row_start_ptr, num_tiles_ptr, prev, max_tiles, BLOCK_J, BLOCK_TILES)
         if RECV_LIST:
             tl.store(recv_count_ptr, 0)
@@ -236,11 +239,12 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
                     stats_last, stats_cumulative, *, rank: int, num_ranks: int,
                     num_local_experts: int, max_tokens: int, topk: int, block_m: int,
                     block_t: int = 64, block_tiles: int = 64, recv_count=None,
-                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None, block_j: int = 0):
+                    tail_block_m: int = 0, tail_max: int = 0, tail_maps=None, over: int = 0, block_j: int = 0):
     """(grid, args, kwargs) of one `_count_plan_kernel` launch (for a `Launcher` or a plain call).
     recv_count: the int32 [1] counter of the fill's received-row list, zeroed here (or None).
     tail_block_m / tail_max / tail_maps (tile_expert, tile_row_start, num_tiles): the second map
-    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height. block_j: tiles
+    of a two-height plan (`gemm_heuristics.TilePlan`), tail_max 0 for one height. over: the plan's
+    rows past block_m in an expert's last full tile (`TilePlan.over`; 0: none). block_j: tiles
     per expert written per round (a power of two; 0: ~2048 / E_local, see below)."""
     El = num_local_experts
     stats = stats_last is not None
@@ -250,13 +254,15 @@ def count_plan_args(peer_bases: torch.Tensor, topk_idx_offset: int, counts: torc
         raise ValueError(f"count_plan_args: a tail (tail_max {tail_max}) needs tail_maps = (tile_expert, "
                          f"tile_row_start, num_tiles) and 1 <= tail_block_m ({tail_block_m}) <= block_m "
                          f"({block_m}) > tail_max")
+    if over and not 0 < over < block_m:
+        raise ValueError(f"count_plan_args: over ({over}) must be in [0, block_m = {block_m})")
     te2, trs2, nt2 = tail_maps if tail else (tile_expert, tile_row_start, num_tiles)
     grid = (num_ranks, triton.cdiv(max_tokens, block_t))
     args = (peer_bases, topk_idx_offset, counts, ticket, expert_offsets, cursor, tile_expert,
             tile_row_start, num_tiles, stats_last if stats else counts,
             stats_cumulative if stats else counts, recv_count if recv_count is not None else counts,
             te2, trs2, nt2, rank, El, max_tokens, block_m, tile_expert.numel(),
-            tail_block_m if tail else block_m, tail_max, te2.numel())
+            tail_block_m if tail else block_m, tail_max, te2.numel(), over, max(over, tail_max) if over else 0)
     EP = triton.next_power_of_2(El)
     # NOTE: tile maps are written [EP, BLOCK_J] at a time (~2048 stores a round, one round unless
     # an expert has more than BLOCK_J tiles).

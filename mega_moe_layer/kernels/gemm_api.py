@@ -18,7 +18,8 @@ def block_m_for(num_tokens: int, topk: int, num_experts: int, num_ranks: int) ->
     return gemm_block_m(num_ranks * num_tokens * topk / num_experts)
 
 
-def tile_plan_for(num_tokens: int, topk: int, num_experts: int, num_ranks: int) -> TilePlan:
+def tile_plan_for(num_tokens: int, topk: int, num_experts: int, num_ranks: int, over: bool = False) -> TilePlan:
     """Tile plan (one or two heights, `gemm_heuristics.gemm_tile_plan`) for a call, from the same
-    proxy as `block_m_for`."""
-    return gemm_tile_plan(num_ranks * num_tokens * topk / num_experts, num_experts // num_ranks)
+    proxy as `block_m_for`; over: the GEMMs can compute rows past block_m (`TilePlan.over`: the
+    streamed FP8 mainloop)."""
+    return gemm_tile_plan(num_ranks * num_tokens * topk / num_experts, num_experts // num_ranks, over=over)

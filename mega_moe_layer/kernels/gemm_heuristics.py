@@ -194,11 +194,22 @@ class TilePlan:
 
     Example: TilePlan(128, 16, 32): 150 pairs -> one 128-row tile + two 16-row tiles (rows 128-143,
     144-149); 170 pairs -> two 128-row tiles (r = 42 > 32); 100 pairs -> one 128-row tile.
+
+    over > 0 (the streamed FP8 mainloop only, `OVER_MS`; `gemm_tile_plan` proposes it at prefill
+    heights, >= OVER_MIN_BLOCK_M): an expert's last full tile also computes the first min(r, over)
+    rows of its remainder, when r <= max(over, tail_max), in the same K loop as a second, narrow MMA
+    on the same decoded weights (the kernels' OVER_M / OVER_LIMIT), and the tail tiles (if any) take
+    only the rest. A tail tile streams its expert's whole weight slab again for <= 16 rows; the
+    extra MMA reads nothing more.
+    Example: TilePlan(128, 16, 32, over=16): 140 pairs -> one 128-row tile computing rows 0-139;
+    150 -> that tile computes rows 0-143 and one 16-row tail tile rows 144-149; 100 -> one tile;
+    170 -> two 128-row tiles (r = 42 > 32).
     """
 
     block_m: int
     tail_block_m: int
     tail_max: int = 0
+    over: int = 0
 
     def __post_init__(self):
         for v, name in ((self.block_m, "block_m"), (self.tail_block_m, "tail_block_m")):
@@ -209,6 +220,16 @@ class TilePlan:
         if not 0 <= self.tail_max < self.block_m or (self.tail_max and self.tail_block_m == self.block_m):
             raise ValueError(f"TilePlan.tail_max: expected 0 <= tail_max < block_m ({self.block_m}) and 0 "
                              f"when tail_block_m == block_m; got {self.tail_max!r}")
+        if self.over and (self.over not in OVER_MS or self.over >= self.block_m
+                          or (self.tail_max and self.over >= self.tail_max)):
+            raise ValueError(f"TilePlan.over: expected 0 or one of {OVER_MS} below block_m and below tail_max "
+                             f"when there is a tail; got over {self.over!r} with block_m {self.block_m}, "
+                             f"tail_max {self.tail_max}")
+
+    @property
+    def over_limit(self) -> int:
+        """The largest remainder a last full tile takes rows of (the kernels' OVER_LIMIT)."""
+        return max(self.over, self.tail_max) if self.over else 0
 
     @property
     def has_tail(self) -> bool:
@@ -219,10 +240,18 @@ class TilePlan:
         return cls(block_m, block_m, 0)
 
 
+def over_rows(n: int, plan: TilePlan) -> int:
+    """Rows of an expert with n pairs that its last full tile computes past block_m (`TilePlan.over`).
+    Example: over_rows(150, TilePlan(128, 16, 32, over=16)) == 16; over_rows(100, ...) == 0."""
+    full, r = divmod(int(n), plan.block_m)
+    return min(r, plan.over) if full and r <= plan.over_limit else 0
+
+
 def split_counts(n: int, plan: TilePlan):
     """(main tiles, tail tiles) of an expert with n pairs under `plan` (see `TilePlan`).
-    Example: split_counts(150, TilePlan(128, 16, 32)) == (1, 2)."""
+    Example: split_counts(150, TilePlan(128, 16, 32)) == (1, 2); with over=16: (1, 1)."""
     full, r = divmod(int(n), plan.block_m)
+    r -= over_rows(n, plan)
     if r == 0:
         return full, 0
     if r <= plan.tail_max:
@@ -235,30 +264,47 @@ def split_counts(n: int, plan: TilePlan):
 #: the streamed mainloop's tiles cost about half their `TILE_COST` figure in us.
 TAIL_LAUNCH_COST = 16.0
 
+#: Rows past block_m a last full tile may compute (`TilePlan.over`), and the least block_m at which
+#: `gemm_tile_plan` proposes it: prefill tiles, where a tail tile's second stream of the weights
+#: costs most. 16: Triton 3.6's sm_90a build (ptxas -v) of L1's 128-row 4-bit tile with a 16-row
+#: second MMA uses 255 registers (244 without) and no spills, L2's 252 (248); a 32-row second MMA
+#: spilled 24 bytes in a first version.
+OVER_MS = (16,)
+OVER_MIN_BLOCK_M = 64
+#: Expected extra cost (`TILE_COST` units) of a tile that computes `over` rows past block_m: its
+#: second MMA. An estimate, not a measurement: TILE_COST's 64 -> 128 rows add 4.4 units for 64
+#: rows; a 16-row MMA is taken at 4x the cost per row (the same issue slots per K step).
+OVER_COST = {16: 4.4}
+
 
 @functools.lru_cache(maxsize=4096)
 def _expected_plan_cost(lam: float, plan: TilePlan) -> float:
     """E[tile cost] of one expert with Poisson(lam) pairs under `plan`."""
     cm, ct = TILE_COST[plan.block_m], TILE_COST[plan.tail_block_m]
+    co = OVER_COST.get(plan.over, 0.0)
 
     def cost(n):
         main, tail = split_counts(n, plan)
-        return main * cm + tail * ct
+        return main * cm + tail * ct + (co if over_rows(n, plan) else 0.0)
     return _poisson_mean(lam, cost)
 
 
-def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> TilePlan:
+def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int, over: bool = False) -> TilePlan:
     """The tile plan with the least expected GEMM time for a call (see `TilePlan`).
 
     Candidates: every height alone (`gemm_block_m`'s choice) and every (block_m, smaller tail
     height) pair, the tail taking remainders up to where its tiles stop being cheaper than one
     more `block_m` tile (r <= tail height x the largest k with k TILE_COST[tail] < TILE_COST[block_m]).
+    over (the kernels run the streamed FP8 mainloop): each of those at block_m >= OVER_MIN_BLOCK_M
+    also with `TilePlan.over` rows of the remainder in the last full tile.
     Cost: local experts x `_expected_plan_cost` (Poisson counts, as `expected_tiles`), plus
-    `TAIL_LAUNCH_COST` for a plan with a tail. Ties go to one height, then to smaller heights.
+    `TAIL_LAUNCH_COST` for a plan with a tail. Ties go to one height, then to smaller heights, then
+    to no over rows.
 
     Examples (256 local experts): 0.03 pairs per expert (T 1) -> one height 16; 4 (T 128) -> 16;
     16 (T 512) -> 32 with 16-row tails for experts of <= 16 pairs; 128 (T 4096) -> 128 with 16-row
-    tails for remainders <= 32.
+    tails for remainders <= 32; with over: 128 whose last full tile takes remainders <= 16 and the
+    first 16 rows of those <= 32, the rest in a 16-row tail tile.
     """
     if not expected_pairs_per_expert >= 0:
         raise ValueError(f"expected_pairs_per_expert: expected >= 0, got {expected_pairs_per_expert}")
@@ -275,10 +321,14 @@ def gemm_tile_plan(expected_pairs_per_expert: float, num_local_experts: int) -> 
             k = max(0, math.ceil(TILE_COST[bm] / TILE_COST[tb]) - 1)     # k tail tiles < one main tile
             if k:
                 cands.append(TilePlan(bm, tb, min(bm - 1, k * tb)))
+                if over and bm >= OVER_MIN_BLOCK_M:
+                    cands += [TilePlan(bm, tb, min(bm - 1, o + k * tb), o) for o in OVER_MS]
+        if over and bm >= OVER_MIN_BLOCK_M:
+            cands += [TilePlan(bm, bm, 0, o) for o in OVER_MS]
 
     def cost(p: TilePlan):
         return (num_local_experts * _expected_plan_cost(lam, p) + (TAIL_LAUNCH_COST if p.has_tail else 0.0),
-                p.has_tail, p.block_m, p.tail_block_m)
+                p.has_tail, p.block_m, p.tail_block_m, p.over)
     return min(cands, key=cost)
 
 

@@ -757,9 +757,13 @@ def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shi
                   e_row, K: tl.constexpr, A_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_K: tl.constexpr, W_SPLIT: tl.constexpr, W_KIND: tl.constexpr, ACT_FORMAT: tl.constexpr,
                   WARPS: tl.constexpr, FP4_TABLE: tl.constexpr, PROMOTE: tl.constexpr, DOT_IN_F32: tl.constexpr,
-                  STREAMED: tl.constexpr):
-    """acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the operands' row bases
-    (`_apply_row_factors` applies them): the FP8 mainloop.
+                  STREAMED: tl.constexpr, OVER_M: tl.constexpr = 0, o_rows64=None, o_ok=None):
+    """(acc, acc_o): acc[BLOCK_R, BLOCK_M] = W[w_rows, :K] . A[a_rows, :K]^T in units of the
+    operands' row bases (`_apply_row_factors` applies them): the FP8 mainloop.
+
+    OVER_M > 0 (STREAMED only): also acc_o[BLOCK_R, OVER_M] = W . A[o_rows]^T, a second, narrow MMA
+    on each K step's decoded weight tile (the tile's rows past BLOCK_M, `TilePlan.over`), promoted
+    like acc; OVER_M 0: acc_o is an unused [BLOCK_R, 16] zero tile.
 
     STREAMED: the act rows were rebased to E4M3 where they landed (`rebase.py`; a_sf_ptr, A_GROUP
     and e_row unused), so both operands come straight from memory ("fp8_rebased" weights; "mxfp4"
@@ -777,7 +781,9 @@ def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shi
     by its scale. "mxfp4" reads the rows `_frag_rows(w_row0, ..., W_SPLIT, w_shift)` (= w_rows)
     in the MMA register operand's order, 128 or 256 K per step.
     """
+    OM: tl.constexpr = OVER_M if OVER_M > 0 else 16
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_R, OM), dtype=tl.float32)
     vrows, vq = _frag_rows(w_row0, BLOCK_R, BLOCK_K, WARPS, W_SPLIT, w_shift)
     if STREAMED and PROMOTE * BLOCK_K >= K and W_KIND != "fp8_block":
         for kt in range(0, K // BLOCK_K):
@@ -786,9 +792,13 @@ def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shi
             cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
             acc = _mma8(w8, tl.trans(a8), acc, DOT_IN_F32)
+            if OVER_M > 0:
+                o8 = tl.load(a_ptr + o_rows64[:, None] * K + cols[None, :], mask=o_ok[:, None], other=0.0)
+                acc_o = _mma8(w8, tl.trans(o8), acc_o, DOT_IN_F32)
     else:
         for kc in range(0, K // BLOCK_K // PROMOTE):
             part = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+            part_o = tl.zeros((BLOCK_R, OM), dtype=tl.float32)
             for kk in range(0, PROMOTE):
                 kt = kc * PROMOTE + kk
                 w8 = _weight_tile_e4m3(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, vrows, vq, kt, K,
@@ -796,6 +806,8 @@ def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shi
                 if STREAMED:
                     cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
                     a8 = tl.load(a_ptr + a_rows64[:, None] * K + cols[None, :], mask=a_ok[:, None], other=0.0)
+                    if OVER_M > 0:
+                        o8 = tl.load(a_ptr + o_rows64[:, None] * K + cols[None, :], mask=o_ok[:, None], other=0.0)
                 else:
                     a8 = _act_tile_e4m3(a_ptr, a_sf_ptr, tab_ptr, a_rows64, a_ok, kt, e_row, K, A_GROUP, BLOCK_M,
                                         BLOCK_K, ACT_FORMAT, not DOT_IN_F32)
@@ -803,10 +815,17 @@ def _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, w_rows, w_row0, w_shi
                     s_w = tl.load(w_sf_ptr + sf_off + (w_rows // 128) * (K // 128) + kt * BLOCK_K // 128)
                     part += _mma8(w8, tl.trans(a8), tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32),
                                   DOT_IN_F32) * s_w[:, None]
+                    if OVER_M > 0:
+                        part_o += _mma8(w8, tl.trans(o8), tl.zeros((BLOCK_R, OM), dtype=tl.float32),
+                                        DOT_IN_F32) * s_w[:, None]
                 else:
                     part = _mma8(w8, tl.trans(a8), part, DOT_IN_F32)
+                    if OVER_M > 0:
+                        part_o = _mma8(w8, tl.trans(o8), part_o, DOT_IN_F32)
             acc += part
-    return acc
+            if OVER_M > 0:
+                acc_o += part_o
+    return acc, acc_o
 
 
 @triton.jit
@@ -824,18 +843,49 @@ def _apply_row_factors(acc, e_row, w_row_ptr, w_idx, ACT_FORMAT: tl.constexpr, W
 
 
 @triton.jit
+def _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
+                 INTER: tl.constexpr, ACT_FORMAT: tl.constexpr, HAS_CLAMP: tl.constexpr, W_KIND: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transposed [2 BLOCK_N, ROWS] accumulator of pairs `rows` -> their h columns: the FP8
+    mainloop's row factors, then DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5
+    (requantise)."""
+    if W_KIND != "raw":
+        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * (2 * INTER) + n_rows, ACT_FORMAT, W_KIND)
+    # [2BN, R] -> [R, 2, BN] -> [R, BN, 2] -> gate, up [R, BN]
+    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (ROWS, 2, BLOCK_N)), (0, 2, 1)))
+    if HAS_CLAMP:
+        gate = tl.minimum(gate, clamp)
+        up = tl.minimum(tl.maximum(up, -clamp), clamp)
+    weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
+    h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [R, BN] f32
+    rows64 = rows.to(tl.int64)
+    if ACT_FORMAT == "fp4":
+        h_rows = h_ptr + rows64[:, None] * (INTER // 2)
+    else:
+        h_rows = h_ptr + rows64[:, None] * INTER
+    if ACT_FORMAT == "bf16":
+        sf_rows = h_rows  # unused
+    else:
+        sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
+    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, ROWS, BLOCK_N, 32, ACT_FORMAT)
+
+
+@triton.jit
 def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr, h_sf_ptr, clamp,
              expert, row_start, row_end, pid_n,
              HIDDEN: tl.constexpr, INTER: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
              ACT_GROUP: tl.constexpr, HAS_CLAMP: tl.constexpr, USE_DOT_SCALED: tl.constexpr,
              DOT_IN_F32: tl.constexpr, W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr,
-             ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr):
+             ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
+             OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr):
     """One L1 work item (`_l1_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
-    `expert` x N block `pid_n` (BLOCK_N columns of gate and of up) -> their h columns."""
+    `expert` x N block `pid_n` (BLOCK_N columns of gate and of up) -> their h columns. OVER_M > 0:
+    when BLOCK_M < row_end - row_start <= BLOCK_M + OVER_LIMIT (the expert's last full tile, its
+    remainder within the plan's limit: `TilePlan.over`), also the pairs [row_start + BLOCK_M,
+    min(row_start + BLOCK_M + OVER_M, row_end)) in the same K loop."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    rows64 = rows.to(tl.int64)
     prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
 
     e64 = expert.to(tl.int64)
@@ -859,12 +909,27 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
         e_row = tl.load(x_sf_ptr + prow, mask=row_ok, other=0)
     elif W_KIND != "raw":
         e_row = _row_max_exponent(x_sf_ptr, prow, row_ok, HIDDEN // ACT_GROUP // 4, SF_WORDS_P2)
+    else:
+        e_row = row_ok.to(tl.int32)  # unused
     acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
+    rem = row_end - row_start
+    if OVER_M > 0 and (rem > BLOCK_M) & (rem <= BLOCK_M + OVER_LIMIT):
+        # the expert's last full tile and (part of) its remainder: one weight stream, two MMAs
+        orows = row_start + BLOCK_M + tl.arange(0, OVER_M)
+        o_ok = orows < row_end
+        oprow = tl.load(pair_rows_ptr + orows, mask=o_ok, other=0).to(tl.int64)
+        acc, acc_o = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N, INTER - BLOCK_N,
+                                   x_ptr, x_sf_ptr, prow, row_ok, e_row, HIDDEN, ACT_GROUP, 2 * BLOCK_N, BLOCK_M,
+                                   BLOCK_K, BLOCK_N, W_KIND, ACT_FORMAT, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32,
+                                   ACT_REBASED, OVER_M, oprow, o_ok)
+        o_e_row = tl.load(x_sf_ptr + oprow, mask=o_ok, other=0)
+        _l1_epilogue(acc_o, o_e_row, orows, o_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
+                     INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, OVER_M, BLOCK_N)
+    elif ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
         # Hopper: the FP8 mainloop (x rebased where it landed, or here in registers)
-        acc = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N, INTER - BLOCK_N, x_ptr,
-                            x_sf_ptr, prow, row_ok, e_row, HIDDEN, ACT_GROUP, 2 * BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N,
-                            W_KIND, ACT_FORMAT, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
+        acc, _ = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N, INTER - BLOCK_N,
+                               x_ptr, x_sf_ptr, prow, row_ok, e_row, HIDDEN, ACT_GROUP, 2 * BLOCK_N, BLOCK_M, BLOCK_K,
+                               BLOCK_N, W_KIND, ACT_FORMAT, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
     else:
         for kt in range(0, HIDDEN // BLOCK_K):
             if USE_DOT_SCALED:
@@ -887,25 +952,8 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
                     acc += _mma(w, x_t, tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s_w[:, None]
                 else:
                     acc = _mma(w, x_t, acc, DOT_IN_F32)
-    if W_KIND != "raw":
-        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * (2 * INTER) + n_rows, ACT_FORMAT, W_KIND)
-    # ---- epilogue: DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5 (requantise) ----
-    # [2BN, BM] -> [BM, 2, BN] -> [BM, BN, 2] -> gate, up [BM, BN]
-    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    if HAS_CLAMP:
-        gate = tl.minimum(gate, clamp)
-        up = tl.minimum(tl.maximum(up, -clamp), clamp)
-    weight = tl.load(pair_w_ptr + rows, mask=row_ok, other=0.0)
-    h = gate * tl.sigmoid(gate) * up * weight[:, None]                               # [BM, BN] f32
-    if ACT_FORMAT == "fp4":
-        h_rows = h_ptr + rows64[:, None] * (INTER // 2)
-    else:
-        h_rows = h_ptr + rows64[:, None] * INTER
-    if ACT_FORMAT == "bf16":
-        sf_rows = h_rows  # unused
-    else:
-        sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
-    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, BLOCK_M, BLOCK_N, 32, ACT_FORMAT)
+    _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
+                 INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, BLOCK_M, BLOCK_N)
 
 
 # =================================================================================================
@@ -936,10 +984,11 @@ def _l1_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h
-    (`_l1_item`).
+    (`_l1_item`; OVER_M / OVER_LIMIT: an expert's last full tile also computes up to OVER_M rows
+    of its remainder, `TilePlan.over`).
 
     ACT_REBASED (with W_KIND != "raw"): x_ptr is the rebased E4M3 pool [Npool, H] and x_sf_ptr the
     int32 row exponents [Npool] (`rebase.rebase_act_rows`): the streamed FP8 mainloop
@@ -985,7 +1034,7 @@ def _l1_kernel(
         _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr, h_sf_ptr,
                  clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, ACT_GROUP,
                  HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
-                 FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE)
+                 FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE, OVER_M, OVER_LIMIT)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -996,7 +1045,7 @@ def _l1_kernel(
 def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
                    out_tile_expert: torch.Tensor, out_tile_row_start: torch.Tensor,
                    out_num_tiles: torch.Tensor, *, tail_block_m: Optional[int] = None, tail_max: int = 0,
-                   tail_out: Optional[tuple] = None) -> None:
+                   tail_out: Optional[tuple] = None, over: int = 0) -> None:
     """Cut each local expert's pair segment into tiles of `block_m` positions (device ops only).
 
     Args:
@@ -1012,6 +1061,9 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
             tail_block_m) tiles of `tail_block_m` positions in a second map, tail_out = (tile_expert,
             tile_row_start, num_tiles) with its own capacity (len(tile_expert)); the main map then
             holds n_e // block_m tiles of that expert. tail_max 0 (default): one map.
+        over: rows past block_m that an expert's last full tile computes (`TilePlan.over`, the
+            kernels' OVER_M): of a remainder r <= max(over, tail_max) it takes min(r, over) rows
+            and only the rest is tiled (`gemm_heuristics.split_counts`). 0 (default): none.
 
     Tiles are in expert order; within an expert, in row order. No host synchronisation (the
     counts are read by torch ops on the device; temporaries come from the caching allocator, so
@@ -1019,7 +1071,8 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
 
     Example: offsets [0, 3, 3, 40], block_m 16, max_tiles 6 -> tile_expert [0, 2, 2, 2, -1, -1],
     tile_row_start [0, 3, 19, 35, 0, 0], num_tiles [4]. Two heights: offsets [0, 150], block_m
-    128, tail_block_m 16, tail_max 32 -> main map [0] / [0] / [1], tail map [0, 0] / [128, 144] / [2].
+    128, tail_block_m 16, tail_max 32 -> main map [0] / [0] / [1], tail map [0, 0] / [128, 144] / [2];
+    with over 16: the same main map (its tile computes rows 0-143), tail map [0] / [144] / [1].
     """
     if not isinstance(expert_offsets, torch.Tensor) or expert_offsets.dim() != 1 or expert_offsets.numel() < 2:
         raise ValueError("expert_offsets: expected a 1-D tensor [E_local + 1] with E_local >= 1")
@@ -1036,6 +1089,8 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
             raise ValueError(f"tail_block_m: expected an int in [1, block_m = {block_m}], got {tail_block_m!r}")
         if not isinstance(tail_out, tuple) or len(tail_out) != 3 or not isinstance(tail_out[0], torch.Tensor):
             raise ValueError("tail_out: expected (tile_expert, tile_row_start, num_tiles) tensors for tail_max > 0")
+    if isinstance(over, bool) or not isinstance(over, int) or not 0 <= over < block_m:
+        raise ValueError(f"over: expected an int in [0, block_m = {block_m}), got {over!r}")
     maps = [(max_tiles, (out_tile_expert, out_tile_row_start, out_num_tiles), "out_")]
     if tail_max:
         maps.append((tail_out[0].numel(), tail_out, "tail_out "))
@@ -1049,12 +1104,14 @@ def build_tile_map(expert_offsets: torch.Tensor, block_m: int, max_tiles: int,
     off = expert_offsets.to(torch.int64)
     counts = (off[1:] - off[:-1]).clamp_min(0)
     full, r = counts // block_m, counts % block_m
+    ov = torch.where((full > 0) & (r <= max(over, tail_max)), r.clamp_max(over), 0) if over else torch.zeros_like(r)
+    r = r - ov
     use_tail = (r > 0) & (r <= tail_max)
     main = full + ((r > 0) & ~use_tail).to(torch.int64)
     _fill_tile_map(off[:-1], main, block_m, max_tiles, out_tile_expert, out_tile_row_start, out_num_tiles)
     if tail_max:
         tail = torch.where(use_tail, (r + tail_block_m - 1) // tail_block_m, 0)
-        _fill_tile_map(off[:-1] + full * block_m, tail, tail_block_m, tail_out[0].numel(), *tail_out)
+        _fill_tile_map(off[:-1] + full * block_m + ov, tail, tail_block_m, tail_out[0].numel(), *tail_out)
 
 
 def _fill_tile_map(base, tiles, block_m, max_tiles, out_te, out_trs, out_nt) -> None:
@@ -1234,6 +1291,25 @@ def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: in
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
 
 
+def _check_over(over_m, over_limit, block_m: int, streamed: bool, w_kind: str) -> None:
+    """over_m / over_limit of a launch (`TilePlan.over` / `over_limit`): 0 / 0, or over_m 16 or 32
+    with over_m <= over_limit < block_m, on the streamed FP8 mainloop only."""
+    for v, name in ((over_m, "over_m"), (over_limit, "over_limit")):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if over_m == 0:
+        if over_limit != 0:
+            raise ValueError(f"over_limit: expected 0 with over_m 0, got {over_limit}")
+        return
+    if over_m not in (16, 32) or not over_m <= over_limit < block_m:
+        raise ValueError(f"over_m / over_limit: expected over_m 16 or 32 and over_m <= over_limit < block_m "
+                         f"(= {block_m}), got {over_m} / {over_limit}")
+    if not streamed or w_kind == "raw":
+        raise ValueError("over_m: rows past block_m need the streamed FP8 mainloop (rebased activations and an "
+                         f"FP8-mainloop weight operand), got weight kind {w_kind!r}"
+                         f"{'' if streamed else ' without rebased activations'}")
+
+
 def _fp4_decoder(operand: Optional[WeightOperand], config: GroupedGemmConfig) -> str:
     """FP4_DECODER of a launch: the config's choice."""
     return config.fp4_decoder
@@ -1297,7 +1373,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     activation_clamp: Optional[float], block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
-                    x_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
+                    x_rebased: Optional[tuple] = None, over_m: int = 0, over_limit: int = 0,
+                    bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1336,6 +1413,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             exponent each (`rebase.rebase_act_rows` of pool_x / pool_x_sf, for at least the rows
             the pairs use), which the kernel then reads instead of pool_x / pool_x_sf: the
             streamed FP8 mainloop. Needs an FP8-mainloop w13_operand.
+        over_m, over_limit: the tile plan's rows past block_m (`gemm_heuristics.TilePlan.over` /
+            `over_limit`, `build_tile_map(over=)`): a tile with block_m < (its expert's row end - its
+            first row) <= block_m + over_limit also computes the next min(over_m, ...) rows, as a
+            second MMA on each K step's weight tile. Streamed FP8 mainloop only; 0 / 0: none.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1428,6 +1509,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
     _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
+    _check_over(over_m, over_limit, block_m, x_rebased is not None, w_kind)
     fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
@@ -1448,7 +1530,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             SF_WORDS_P2=sf_words_p2(hidden, act_group_size), PROMOTE=config.promote_for(hidden),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
-            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)),
+            FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), OVER_M=over_m, OVER_LIMIT=over_limit,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)

@@ -22,7 +22,8 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
-                      _check_block_k, _check_launch_device, _check_operand_only, _check_rebased, _check_tensor,
+                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_rebased,
+                      _check_tensor,
                       _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
                       _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
                       _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
@@ -55,15 +56,36 @@ def _addr_rows(anchor_ptr, addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _l2_epilogue(acc, e_row, rows, row_ok, dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN: tl.constexpr,
+                 ACT_FORMAT: tl.constexpr, COMBINE_FORMAT: tl.constexpr, W_KIND: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The transposed [BLOCK_N, ROWS] accumulator of pairs `rows` (destination addresses `dst`) ->
+    their destination rows: the FP8 mainloop's row factors, DESIGN step 6 (bf16), then the
+    destination format. A pair without a destination (address 0) is left out of the store."""
+    if W_KIND != "raw":
+        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * HIDDEN + n, ACT_FORMAT, W_KIND)
+    y = tl.trans(_round_bf16(acc))                                              # [R, BN] f32
+    st_ok = row_ok & (dst != 0)
+    if COMBINE_FORMAT == "fp8":
+        sf_dst = tl.load(dst_sf_ptr + rows, mask=st_ok, other=0)
+        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
+                          sf_dst.to(tl.pointer_type(tl.uint8))[:, None], ROWS, BLOCK_N, 128, "fp8")
+    else:
+        out_rows = _addr_rows(dst_ptr, dst, tl.int16)
+        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, ROWS, BLOCK_N, 128, "bf16")
+
+
+@triton.jit
 def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr,
              expert, row_start, row_end, pid_n,
              HIDDEN: tl.constexpr, INTER: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
              COMBINE_FORMAT: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
              W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
-             WARPS: tl.constexpr, FP4_TABLE: tl.constexpr):
+             WARPS: tl.constexpr, FP4_TABLE: tl.constexpr, OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr):
     """One L2 work item (`_l2_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
-    `expert` x N block `pid_n` (BLOCK_N columns of y) -> their destination rows."""
+    `expert` x N block `pid_n` (BLOCK_N columns of y) -> their destination rows; OVER_M > 0: the
+    rows past BLOCK_M of an expert's last full tile too, as in `l1_gemm._l1_item`."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     # NOTE: a pair without a destination (address 0) is only left out of the store, so that
@@ -88,12 +110,28 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
     elif W_KIND != "raw":
         # h's row exponent: the largest of its I / 32 group scales (L1 wrote them per 32).
         e_row = _row_max_exponent(h_sf_ptr, rows64, row_ok, INTER // 32 // 4, SF_WORDS_P2)
+    else:
+        e_row = row_ok.to(tl.int32)  # unused
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
+    rem = row_end - row_start
+    if OVER_M > 0 and (rem > BLOCK_M) & (rem <= BLOCK_M + OVER_LIMIT):
+        # the expert's last full tile and (part of) its remainder: one weight stream, two MMAs
+        orows = row_start + BLOCK_M + tl.arange(0, OVER_M)
+        o_ok = orows < row_end
+        o_dst = tl.load(dst_ptr + orows, mask=o_ok, other=0)
+        orows64 = orows.to(tl.int64)
+        acc, acc_o = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr, h_sf_ptr,
+                                   rows64, row_ok, e_row, INTER, 32, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND,
+                                   ACT_FORMAT, WARPS, FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED, OVER_M, orows64,
+                                   o_ok)
+        o_e_row = tl.load(h_sf_ptr + orows64, mask=o_ok, other=0)
+        _l2_epilogue(acc_o, o_e_row, orows, o_ok, o_dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN,
+                     ACT_FORMAT, COMBINE_FORMAT, W_KIND, OVER_M, BLOCK_N)
+    elif ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
         # Hopper: the FP8 mainloop (h rebased after L1, or here in registers)
-        acc = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr, h_sf_ptr, rows64,
-                            row_ok, e_row, INTER, 32, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND, ACT_FORMAT, WARPS,
-                            FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
+        acc, _ = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr, h_sf_ptr, rows64,
+                               row_ok, e_row, INTER, 32, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_N, W_KIND, ACT_FORMAT, WARPS,
+                               FP4_TABLE, PROMOTE, DOT_IN_F32, ACT_REBASED)
     else:
         for kt in range(0, INTER // BLOCK_K):
             if USE_DOT_SCALED:
@@ -114,18 +152,8 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
                     acc += _mma(w, h_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_IN_F32) * s[:, None]
                 else:
                     acc = _mma(w, h_t, acc, DOT_IN_F32)
-    if W_KIND != "raw":
-        acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * HIDDEN + n, ACT_FORMAT, W_KIND)
-    # ---- epilogue: DESIGN step 6 (bf16), then the destination format ----
-    y = tl.trans(_round_bf16(acc))                                              # [BM, BN] f32
-    st_ok = row_ok & (dst != 0)
-    if COMBINE_FORMAT == "fp8":
-        sf_dst = tl.load(dst_sf_ptr + rows, mask=st_ok, other=0)
-        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
-                          sf_dst.to(tl.pointer_type(tl.uint8))[:, None], BLOCK_M, BLOCK_N, 128, "fp8")
-    else:
-        out_rows = _addr_rows(dst_ptr, dst, tl.int16)
-        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, BLOCK_M, BLOCK_N, 128, "bf16")
+    _l2_epilogue(acc, e_row, rows, row_ok, dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN, ACT_FORMAT,
+                 COMBINE_FORMAT, W_KIND, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["max_tiles"])
@@ -150,10 +178,10 @@ def _l2_kernel(
     W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows
-    (`_l2_item`).
+    (`_l2_item`; OVER_M / OVER_LIMIT as in `l1_gemm._l1_kernel`).
 
     ACT_REBASED (with W_KIND != "raw"): h_ptr is h rebased to E4M3 [P, I] and h_sf_ptr its int32
     row exponents [P] (`rebase.rebase_act_rows`): the streamed FP8 mainloop.
@@ -192,7 +220,7 @@ def _l2_kernel(
         _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert, row_start,
                  row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT, USE_DOT_SCALED,
                  DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED,
-                 WARPS, FP4_TABLE)
+                 WARPS, FP4_TABLE, OVER_M, OVER_LIMIT)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -204,7 +232,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     combine_format: str, hidden: int, block_m: Optional[int] = None,
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
-                    h_rebased: Optional[tuple] = None, bind: bool = False) -> Optional[Launcher]:
+                    h_rebased: Optional[tuple] = None, over_m: int = 0, over_limit: int = 0,
+                    bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -231,6 +260,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         h_rebased: (float8_e4m3fn [P, I], int32 [P]): h rebased to one exponent per row
             (`rebase.rebase_act_rows` of h / h_sf after L1), read instead of h / h_sf: the streamed
             FP8 mainloop. Needs an FP8-mainloop w2_operand.
+        over_m, over_limit: as in `l1_grouped_gemm` (the same tile map's).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -307,6 +337,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
     _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
+    _check_over(over_m, over_limit, block_m, h_rebased is not None, w_kind)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
     grid = (config.grid(n_tiles * (hidden // config.block_n), num_sms),)
@@ -323,6 +354,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
+            OVER_M=over_m, OVER_LIMIT=over_limit,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)
