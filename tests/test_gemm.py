@@ -713,49 +713,62 @@ def test_streamed_fp8_mainloop(wf, af, as_fp8):
     assert torch.equal(h2.view(torch.uint8), h.view(torch.uint8)) and torch.equal(h2_sf, h_sf)
 
 
-@interp
-@pytest.mark.parametrize("wf,as_fp8", [("mxfp4", False), ("fp8", False)])
-def test_streamed_over_rows(wf, as_fp8):
-    """Rows past block_m in an expert's last full tile (`TilePlan.over`: a second, narrow MMA on
-    the same weight tiles, OVER_M 16 / OVER_LIMIT 32) next to a tail launch, on the streamed FP8
-    mainloop: every pair's h and y against the DESIGN reference, each pair computed once (the
-    outputs start poisoned). Counts: 70 / 80 (remainders 6 / 16 wholly in the full tile), 90 (16
-    there, 10 in a tail tile), 130 (the second full tile takes 2), 95 (r 31: 16 + a 15-row tail),
-    20 (no full tile: two tail tiles), 64 (none past), 120 (r 56 > 32: one more main tile, nothing
-    past)."""
-    counts = [70, 0, 80, 90, 130, 95, 20, 64, 120]
-    plan = gh.TilePlan(64, 16, 32, 16)
-    prob = make_problem(256, 128, counts, wf, "fp8", block_m=64, seed=21, fp8_mainloop=True, fp4_as_fp8=as_fp8)
-    assert prob.w13_op.kind == ("mxfp4" if wf == "mxfp4" and not as_fp8 else "fp8_rebased")
+def over_rows_chain(hidden: int, inter: int, counts: Sequence[int], plan: gh.TilePlan, wf: str, seed: int,
+                    device="cpu", num_sms: Optional[int] = 2):
+    """The streamed FP8 path with a plan's rows past block_m (`TilePlan.over`: OVER_M / OVER_LIMIT
+    in the main launches) next to its tail launches: h and y of every pair against the DESIGN
+    reference (outputs start poisoned: each pair must be computed, by exactly one launch)."""
+    prob = make_problem(hidden, inter, counts, wf, "fp8", block_m=plan.block_m, seed=seed, fp8_mainloop=True,
+                        device=device)
+    assert prob.w13_op.kind == ("mxfp4" if wf == "mxfp4" else "fp8_rebased")
     P, E = prob.num_pairs, len(counts)
-    i32 = dict(dtype=torch.int32)
+    i32 = dict(dtype=torch.int32, device=device)
     mt = gh.max_tiles(P, E, 16)
     main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
     tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
-    build_tile_map(prob.expert_offsets, 64, mt, *main, tail_block_m=16, tail_max=32, tail_out=tail, over=16)
-    assert int(tail[2]) == 4 and [gh.over_rows(c, plan) for c in counts] == [6, 0, 16, 16, 2, 16, 0, 0, 0]
+    build_tile_map(prob.expert_offsets, plan.block_m, mt, *main, tail_block_m=plan.tail_block_m,
+                   tail_max=plan.tail_max, tail_out=tail, over=plan.over)
     mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
-    tp = dataclasses.replace(prob, tile_expert=tail[0], tile_row_start=tail[1], num_tiles=tail[2], block_m=16)
-    over = dict(over_m=16, over_limit=32)
+    tp = dataclasses.replace(prob, tile_expert=tail[0], tile_row_start=tail[1], num_tiles=tail[2],
+                             block_m=plan.tail_block_m)
+    launches = [(mp, dict(over_m=plan.over, over_limit=plan.over_limit))] + ([(tp, {})] if plan.has_tail else [])
+    extra = {} if num_sms is None else {"num_sms": num_sms}
     count = prob.expert_offsets[-1:]
-    x8 = torch.empty(prob.pool_x.shape[0], 256, dtype=torch.float8_e4m3fn)
+    x8 = torch.empty(prob.pool_x.shape[0], hidden, dtype=torch.float8_e4m3fn, device=device)
     x_e = torch.empty(prob.pool_x.shape[0], **i32)
     rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format="fp8", group=32, rows=prob.pair_rows)
-    h, h_sf = h_buffers(prob, "cpu")
-    for q, kw in ((mp, over), (tp, {})):
-        run_l1_into(q, h, h_sf, x_rebased=(x8, x_e), num_sms=2, **kw)
-    check_l1(prob, h, h_sf, f"over rows {wf}")
-    h8 = torch.empty(P, 128, dtype=torch.float8_e4m3fn)
+    h, h_sf = h_buffers(prob, device)
+    for q, kw in launches:
+        run_l1_into(q, h, h_sf, x_rebased=(x8, x_e), **extra, **kw)
+    m1 = check_l1(prob, h, h_sf, f"over rows {wf}")
+    h8 = torch.empty(P, inter, dtype=torch.float8_e4m3fn, device=device)
     h_e = torch.empty(P, **i32)
     rebase_act_rows(h, h_sf, h8, h_e, count, act_format="fp8", group=32)
-    dest = make_destinations(prob, "bf16", skip=(3, 75))
-    for q, kw in ((mp, over), (tp, {})):
-        run_l2(q, h, h_sf, "bf16", dest, h_rebased=(h8, h_e), num_sms=2, **kw)
-    check_l2(prob, dest, "bf16", reference_y(prob), f"over rows {wf}")
+    dest = make_destinations(prob, "bf16", skip=(3, sum(counts) - 2))
+    for q, kw in launches:
+        run_l2(q, h, h_sf, "bf16", dest, h_rebased=(h8, h_e), **extra, **kw)
+    m2 = check_l2(prob, dest, "bf16", reference_y(prob), f"over rows {wf}")
+    return mp, (x8, x_e), tail, {**m1, **m2}
+
+
+@interp
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_streamed_over_rows(wf):
+    """Rows past block_m in an expert's last full tile (`TilePlan.over`: a second, narrow MMA on
+    the same weight tiles, OVER_M 16 / OVER_LIMIT 32) next to a tail launch, on the streamed FP8
+    mainloop (`over_rows_chain`). Counts: 70 / 80 (remainders 6 / 16 wholly in the full tile), 90
+    (16 there, 10 in a tail tile), 130 (the second full tile takes 2), 95 (r 31: 16 + a 15-row
+    tail), 20 (no full tile: two tail tiles), 64 (none past), 120 (r 56 > 32: one more main tile,
+    nothing past)."""
+    counts = [70, 0, 80, 90, 130, 95, 20, 64, 120]
+    plan = gh.TilePlan(64, 16, 32, 16)
+    assert [gh.over_rows(c, plan) for c in counts] == [6, 0, 16, 16, 2, 16, 0, 0, 0]
+    mp, x_rebased, tail, _ = over_rows_chain(256, 128, counts, plan, wf, seed=21)
+    assert int(tail[2]) == 4
     with pytest.raises(ValueError, match="over_m: rows past block_m need the streamed FP8 mainloop"):
-        run_l1(mp, **over)
+        run_l1(mp, over_m=16, over_limit=32)
     with pytest.raises(ValueError, match="over_m / over_limit"):
-        run_l1(mp, x_rebased=(x8, x_e), over_m=16, over_limit=64)
+        run_l1(mp, x_rebased=x_rebased, over_m=16, over_limit=64)
 
 
 @interp

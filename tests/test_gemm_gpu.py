@@ -24,7 +24,7 @@ from mega_moe_layer.kernels.l1_gemm import (_fp4_pairs_bf16_asm, _fp4_pairs_bf16
                                             l1_grouped_gemm)
 from utils import TOLERANCES, assert_rel_rmse
 from test_gemm import (COMBOS, POISON, bytes_of, check_l1, check_l2, h_buffers, make_destinations, make_problem,
-                       reference_h, reference_y, run_l1, run_l2)
+                       over_rows_chain, reference_h, reference_y, run_l1, run_l2)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -234,3 +234,16 @@ def test_fp4_bf16_decoders_equal_on_gpu():
     assert torch.equal(torch.where(is_nan, inf, last), inf), "scale byte 255: +-inf for the nonzero codes"
 
 
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_over_rows_dsv3(wf):
+    """The prefill tiles with rows past block_m (`TilePlan.over`, the plan T 4096 gets: 128-row
+    tiles, 16 rows past, 16-row tails up to 48) at DeepSeek-V3's expert shape, next to the tail
+    launch: every pair's h and y against the reference (`test_gemm.over_rows_chain`). Counts: 138
+    (10 past), 158 (16 past + a 14-row tail), 300 (2 full tiles, 16 past + 28 in tails), 20 (tails
+    only), 128 (none past), 0."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the streamed FP8 mainloop is Hopper's")
+    plan = gh.TilePlan(128, 16, 48, 16)
+    _, _, _, metrics = over_rows_chain(7168, 2048, [138, 158, 300, 20, 128, 0], plan, wf, seed=31, device=DEV,
+                                       num_sms=None)
+    _report(f"over rows {wf}", metrics)
