@@ -112,8 +112,10 @@ STAGE_REBASE = True
 
 #: Tile plans whose last full tile of an expert computes up to 16 rows of its remainder
 #: (`gemm_heuristics.TilePlan.over`) where the GEMMs run the streamed FP8 mainloop: prefill
-#: heights only. False: the plans without (`bench.py --no-over`).
-USE_OVER = True
+#: heights only. Off until it has run on a GPU: built and tested in the interpreter and compiled
+#: for sm_90a (docs/PERF.md, 2026-12-07, fourth session), but no device call of that session
+#: reached a machine. `bench.py --over` / `profile_forward.py --over` turn it on.
+USE_OVER = False
 
 
 def _pdl_supported(arch: int) -> bool:
