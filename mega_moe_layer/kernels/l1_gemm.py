@@ -884,6 +884,7 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
     when BLOCK_M < row_end - row_start <= BLOCK_M + OVER_LIMIT (the expert's last full tile, its
     remainder within the plan's limit: `TilePlan.over`), also the pairs [row_start + BLOCK_M,
     min(row_start + BLOCK_M + OVER_M, row_end)) in the same K loop."""
+    tl.static_assert(OVER_M == 0 or (ACT_REBASED and W_KIND != "raw"), "rows past BLOCK_M: streamed FP8 mainloop only")
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     prow = tl.load(pair_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)

@@ -86,6 +86,7 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
     """One L2 work item (`_l2_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
     `expert` x N block `pid_n` (BLOCK_N columns of y) -> their destination rows; OVER_M > 0: the
     rows past BLOCK_M of an expert's last full tile too, as in `l1_gemm._l1_item`."""
+    tl.static_assert(OVER_M == 0 or (ACT_REBASED and W_KIND != "raw"), "rows past BLOCK_M: streamed FP8 mainloop only")
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     # NOTE: a pair without a destination (address 0) is only left out of the store, so that
