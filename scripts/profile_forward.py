@@ -29,15 +29,10 @@ def main():
                    help="for Nsight Compute: three plain forwards per T (no CUDA graph, no torch.profiler), e.g. "
                         "ncu -k regex:_l1_kernel --launch-skip 1 --launch-count 1 ... --ncu --tokens 4096")
     args = p.parse_args()
-    if args.no_stage_rebase:
-        from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.STAGE_REBASE = False
-    if args.no_pdl:
-        from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.USE_PDL = False
-    if args.over:
-        from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.USE_OVER = True
+    from mega_moe_layer import nvshmem_backend
+    nvshmem_backend.STAGE_REBASE = nvshmem_backend.STAGE_REBASE and not args.no_stage_rebase
+    nvshmem_backend.USE_PDL = nvshmem_backend.USE_PDL and not args.no_pdl
+    nvshmem_backend.USE_OVER = nvshmem_backend.USE_OVER or args.over
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
