@@ -115,6 +115,9 @@ STAGE_REBASE = True
 #: heights only. Off until it has run on a GPU: built and tested in the interpreter and compiled
 #: for sm_90a (docs/PERF.md, 2026-12-07, fourth session), but no device call of that session
 #: reached a machine. `bench.py --over` / `profile_forward.py --over` turn it on.
+#: Only with the bf16 combine: L2's FP8-combine prefill tile (128 rows x 8 warps) spills 112 bytes
+#: with the 16 rows past it (4-bit MXFP4; 4 bytes with FP8 block scales; ptxas, Triton 3.6,
+#: sm_90a), and L1 and L2 share one tile map.
 USE_OVER = False
 
 
@@ -305,6 +308,11 @@ class NvshmemForward(CompiledForwardMixin):
             self._count_plan[plan] = lc
         return lc
 
+    @property
+    def _use_over(self) -> bool:
+        """Tile plans with rows past block_m (`USE_OVER`): streamed FP8 mainloop, bf16 combine."""
+        return USE_OVER and self.h_rebased is not None and self.cfg.combine_format == "bf16"
+
     def _plan_T(self, T: int) -> Tuple:
         """(stage config, stage grid, tile plan) for a call of T tokens (cached per T)."""
         cfg = self.cfg
@@ -312,7 +320,7 @@ class NvshmemForward(CompiledForwardMixin):
                                    use_fp4=cfg.act_format == "fp4", whole_rows=self.stage_rebase)
         grid = (pcfg.num_topk_programs(cfg.max_tokens_per_rank) + pcfg.num_x_programs(T),)
         tiles = gemm_api.tile_plan_for(T, cfg.topk, cfg.num_experts, self.num_ranks,
-                                       over=USE_OVER and self.h_rebased is not None)
+                                       over=self._use_over)
         plan = (pcfg, grid, tiles)
         self._per_T[T] = plan
         return plan
