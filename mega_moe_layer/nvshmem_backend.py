@@ -491,7 +491,8 @@ class NvshmemForward(CompiledForwardMixin):
         if not (PREFETCH_K and self.pdl and op is not None and op.kind in ("mxfp4", "fp8_rebased")):
             return 0
         return min(PREFETCH_K, k) // 256 * 256
-(self, block_m: int, tail: bool, over: Tuple[int, int]):
+
+    def _bind_l2(self, block_m: int, tail: bool, over: Tuple[int, int]):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
         h, h_sf = ws.view("h"), ws.view("h_sf")
         return g.l2_grouped_gemm(h, h_sf if cfg.act_format != "bf16" else None, self.expert_offsets,
