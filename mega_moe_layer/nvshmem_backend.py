@@ -121,14 +121,6 @@ STAGE_REBASE = True
 USE_OVER = False
 
 
-#: With programmatic dependent launch, each L1 / L2 program first starts bringing the first
-#: PREFETCH_K K columns of its first work item's weight rows into L2, before it waits for the
-#: previous kernel (`l1_gemm._prefetch_first_weights`): the weights do not depend on it, so their
-#: first HBM round trip overlaps the previous kernel's tail (the fill before L1, L1's last tiles
-#: before L2). Streamed weight operands only; 0: off. Off until measured on a GPU
-#: (`bench.py --prefetch-k 1024`).
-PREFETCH_K = 0
-
 def _pdl_supported(arch: int) -> bool:
     if arch < 90:
         return False
@@ -482,15 +474,7 @@ class NvshmemForward(CompiledForwardMixin):
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
                           block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased,
-                          over_m=over[0], over_limit=over[1], prefetch_k=self._prefetch_k(self.w13_op, cfg.hidden),
-                          bind=True)
-
-    def _prefetch_k(self, op, k: int) -> int:
-        """`PREFETCH_K` for a GEMM over K with weight operand op: only under PDL (the pre-wait
-        window), with a streamed operand, at most K, rounded down to a multiple of 256."""
-        if not (PREFETCH_K and self.pdl and op is not None and op.kind in ("mxfp4", "fp8_rebased")):
-            return 0
-        return min(PREFETCH_K, k) // 256 * 256
+                          over_m=over[0], over_limit=over[1], bind=True)
 
     def _bind_l2(self, block_m: int, tail: bool, over: Tuple[int, int]):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2
@@ -501,8 +485,7 @@ class NvshmemForward(CompiledForwardMixin):
                           weight_format=cfg.weight_format,
                           act_format=cfg.act_format, combine_format=cfg.combine_format,
                           hidden=cfg.hidden, block_m=block_m, w2_operand=self.w2_op, h_rebased=self.h_rebased,
-                          over_m=over[0], over_limit=over[1],
-                          prefetch_k=self._prefetch_k(self.w2_op, cfg.intermediate), bind=True)
+                          over_m=over[0], over_limit=over[1], bind=True)
 
     # ------------------------------------------------------------------ kernels 2-8
     def _middle(self, plan: TilePlan) -> None:

@@ -373,9 +373,6 @@ def parse_args(argv=None):
     p.add_argument("--over", action="store_true",
                    help="GPU layer: tile plans with rows past block_m in an expert's last full tile "
                         "(`nvshmem_backend.USE_OVER` = True, off by default until measured)")
-    p.add_argument("--prefetch-k", type=int, default=None, metavar="K",
-                   help="GPU layer: L1 / L2 programs prefetch the first K columns of their first item's "
-                        "weights into L2 before waiting for the previous kernel (`nvshmem_backend.PREFETCH_K`)")
     p.add_argument("--single-height", action="store_true",
                    help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
                         "replaced by its single-height choice), to measure what the two-height plans gain")
@@ -439,9 +436,6 @@ def main(argv=None):
     if args.over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = True
-    if args.prefetch_k is not None:
-        from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.PREFETCH_K = args.prefetch_k
     local = init_dist()
     rank, R = dist.get_rank(), dist.get_world_size()
     dg = None

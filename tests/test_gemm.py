@@ -1150,47 +1150,6 @@ def test_gemms_compile_with_programmatic_dependent_launch():
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
 
 
-def test_weight_prefetch_before_the_wait():
-    """PREFETCH_K (`l1_gemm._prefetch_first_weights`, with PDL): the L1 / L2 decode kernels
-    issue bulk L2 prefetches of the first item's weight rows (and MXFP4 scale indices) before
-    `griddepcontrol.wait`, read nothing else before it but the tile map and its count, and still
-    compile to the e4m3 wgmma with no spills; PREFETCH_K 0 issues none."""
-    from mega_moe_layer.kernels import _compile
-
-    cases = [(k, pf, w, kind) for k in ("l1", "l2") for pf in (0, 1024)
-             for w, kind in (("mxfp4", "mxfp4"), ("fp8", "fp8_rebased"))]
-    jobs = []
-    for k, pf, w, kind in cases:
-        if k == "l1":
-            sig, ce, opts = l1_compile_args(w, "fp8", 90, 16, w_kind=kind, act_rebased=True)
-        else:
-            sig, ce, opts = l2_compile_args(w, "fp8", "bf16", 90, 16, w_kind=kind, act_rebased=True)
-        ce.update(PDL=True, PREFETCH_K=pf, E_LOCAL=256 if pf else 0)
-        jobs.append(_compile.CompileJob(_l1_kernel if k == "l1" else _l2_kernel, sig, ce, 90, **opts))
-    try:
-        ptx = _compile.compile_ptx_batch(jobs)
-    except _compile.CompileUnavailable as exc:
-        pytest.skip(str(exc))
-    for (k, pf, w, kind), p in zip(cases, ptx):
-        wait = p.find("griddepcontrol.wait")
-        pre = p[:wait]
-        n_pf = len(re.findall(r"cp\.async\.bulk\.prefetch\.L2\.global", p))
-        if pf == 0:
-            assert n_pf == 0, (k, kind)
-            continue
-        assert wait > 0 and n_pf >= 1 and n_pf == len(re.findall(r"cp\.async\.bulk\.prefetch", pre)), (k, kind)
-        # mxfp4: the fragment words and the scale indices; fp8: the E4M3 rows
-        assert len(re.findall(r"cp\.async\.bulk\.prefetch", pre)) >= (2 if kind == "mxfp4" else 1), (k, kind)
-        assert len(re.findall(r"ld\.global", pre)) <= 4, (k, kind, re.findall(r"ld\.global[\w.]*", pre))
-        wgmmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
-        assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
-        try:
-            usage = _compile.ptxas_usage(p, 90)
-        except _compile.CompileUnavailable as exc:
-            pytest.skip(str(exc))
-        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (k, kind, usage)
-
-
 def test_fp4_decoder_config_is_checked():
     cfg = gh.l1_gemm_config(16, 7168, 2048, "mxfp4", "fp8")
     assert cfg.fp4_decoder == "shift"                   # the GPU-verified decoder stays the default

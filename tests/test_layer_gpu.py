@@ -237,38 +237,6 @@ def test_repeated_calls_no_drift(env):
     assert torch.equal(y, y0), "200 back-to-back calls drifted"
 
 
-@pytest.mark.parametrize("wf,as_fp8", [("mxfp4", False), ("fp8", False)])
-def test_weight_prefetch_same_results(env, wf, as_fp8, monkeypatch):
-    """`nvshmem_backend.PREFETCH_K` (L1 / L2 prefetch their first item's weights into L2 before
-    waiting for the previous kernel): a hint only, so y is bitwise the same as without it, at a
-    decode and a prefill size, the decode call twice (the second replays its graph); one rank
-    launches it (under PDL), more ranks do not."""
-    from mega_moe_layer import nvshmem_backend
-    rank, R = env
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the streamed FP8 mainloop is Hopper's")
-    cfg = _streamed_cfg(R, wf, "fp8", "bf16", as_fp8)
-    ys = []
-    for pf in (0, 1024):
-        monkeypatch.setattr(nvshmem_backend, "PREFETCH_K", pf)
-        _LAYERS.pop(cfg, None)      # a layer bound with this setting
-        try:
-            m = _layer(cfg)
-            gpu = m._backend
-            on = gpu._prefetch_k(gpu.w13_op, cfg.hidden), gpu._prefetch_k(gpu.w2_op, cfg.intermediate)
-            assert on == ((pf, pf) if gpu.pdl else (0, 0)), on
-            out = []
-            for base, step, seed in ((3, 1, 71), (300, 7, 72), (3, 1, 71)):   # decode, prefill, decode again
-                y, _ = _run_and_check(cfg, rank, R, lambda r: base + step * r, seed=seed, mask_frac=0.1)
-                out.append(y.clone())
-            assert torch.equal(out[0], out[2]), "the same call twice"
-            ys.append(out)
-        finally:
-            _LAYERS.pop(cfg, None)
-    for a, b in zip(*ys):
-        assert torch.equal(a, b), "the prefetch changed y"
-
-
 #: Tile plans forced onto one call (`gemm_heuristics.TilePlan`): one height, and two heights with
 #: tails of each smaller height (E 8, K 4, T ~100, 10% of slots masked: ~45 +- 7 pairs per
 #: expert, so every two-height plan here gives most experts tail tiles); and plans whose last

@@ -45,7 +45,7 @@ from .gemm_heuristics import (GEMM_BLOCK_MS, GroupedGemmConfig, l1_gemm_config, 
                               uses_dot_scaled)
 from ._launch import Launcher
 from .gemm_operands import WeightOperand, e2m1_table, uses_fp8_mma
-from .sync import pdl_enter, prefetch_l2
+from .sync import pdl_enter
 
 __all__ = ["l1_grouped_gemm", "build_tile_map", "max_tiles"]
 
@@ -449,38 +449,6 @@ def _prefetch_item(work, total, num_tiles, tile_expert_ptr, tile_row_ptr, NUM_N:
     expert = tl.load(tile_expert_ptr + tile, mask=ok, other=0)
     row_start = tl.load(tile_row_ptr + tile, mask=ok, other=0)
     return expert, row_start, pid_n
-
-
-@triton.jit
-def _prefetch_first_weights(pid, num_tiles_ptr, max_tiles, tile_expert_ptr, w_ptr, aux_ptr,
-                            E_LOCAL: tl.constexpr, ROWS: tl.constexpr, K: tl.constexpr, W_KIND: tl.constexpr,
-                            BLOCK_N: tl.constexpr, STACK: tl.constexpr, SHIFT: tl.constexpr, NUM_N: tl.constexpr,
-                            GROUP_M: tl.constexpr, PREFETCH_K: tl.constexpr):
-    """Before `griddepcontrol.wait` (programmatic dependent launch): start bringing the first
-    PREFETCH_K columns of this program's first work item's weight rows (and their MXFP4 scale
-    indices) into L2, so its mainloop starts on L2 hits once the previous kernel has finished.
-
-    The weights do not depend on the previous kernel. The tile map does only through count+plan,
-    which has completed before any kernel after the fill starts; a stale or unwritten map (-1)
-    only changes which rows are prefetched: the expert is clamped to [0, E_LOCAL), so every
-    address stays inside the operand, and nothing here is used by the item itself (its metadata
-    is loaded again after the wait). Rows: BLOCK_N from pid_n * BLOCK_N, and with STACK 2 the
-    rows t >= BLOCK_N at t + SHIFT (L1's up rows, as `_frag_rows`); ROWS rows per expert."""
-    tl.static_assert(W_KIND == "mxfp4" or W_KIND == "fp8_rebased", "weight prefetch: streamed weight kinds only")
-    num_tiles = tl.maximum(tl.minimum(tl.load(num_tiles_ptr), max_tiles), 1)
-    work = tl.where(pid < num_tiles * NUM_N, pid, 0)
-    tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
-    expert = tl.load(tile_expert_ptr + tile)
-    e64 = tl.minimum(tl.maximum(expert, 0), E_LOCAL - 1).to(tl.int64)
-    t = tl.arange(0, STACK * BLOCK_N)
-    rows = e64 * ROWS + pid_n * BLOCK_N + tl.where(t < BLOCK_N, t, t + SHIFT).to(tl.int64)
-    if W_KIND == "mxfp4":
-        prefetch_l2((w_ptr + rows * (K // 2)).to(tl.int64), tl.full([STACK * BLOCK_N], PREFETCH_K // 2, tl.int32))
-        if (K // 32) % 16 == 0 and PREFETCH_K % 512 == 0:
-            prefetch_l2((aux_ptr + rows * (K // 32)).to(tl.int64),
-                        tl.full([STACK * BLOCK_N], PREFETCH_K // 32, tl.int32))
-    else:
-        prefetch_l2((w_ptr + rows * K).to(tl.int64), tl.full([STACK * BLOCK_N], PREFETCH_K, tl.int32))
 
 
 @triton.jit
@@ -1018,7 +986,6 @@ def _l1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
     PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
-    PREFETCH_K: tl.constexpr = 0, E_LOCAL: tl.constexpr = 0,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h
     (`_l1_item`; OVER_M / OVER_LIMIT: an expert's last full tile also computes up to OVER_M rows
@@ -1046,13 +1013,10 @@ def _l1_kernel(
       0x7C). It writes h columns 64..127 of rows 3..18 and bytes 2, 3 of each row's first scale
       word (groups 2, 3); item 1 writes bytes 0, 1.
     """
+    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
+        pdl_enter()
     NUM_N: tl.constexpr = INTER // BLOCK_N
     pid = tl.program_id(0)
-    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
-        if PREFETCH_K > 0:
-            _prefetch_first_weights(pid, num_tiles_ptr, max_tiles, tile_expert_ptr, w_ptr, w_sf_ptr, E_LOCAL,
-                                    2 * INTER, HIDDEN, W_KIND, BLOCK_N, 2, INTER - BLOCK_N, NUM_N, GROUP_M, PREFETCH_K)
-        pdl_enter()
     nprog = tl.num_programs(0)
     # NOTE: the count comes from the device; clamp it so a bad value never reads past the map.
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
@@ -1328,24 +1292,6 @@ def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: in
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
 
 
-def _check_prefetch(prefetch_k, k: int, w_kind: str, w_data, w_aux) -> int:
-    """prefetch_k of a launch (`_prefetch_first_weights`): 0 (off), or a positive multiple of 256
-    that is <= K with a streamed weight kind ("mxfp4" / "fp8_rebased") whose arrays are 16-byte
-    aligned (the bulk prefetch's requirement)."""
-    if isinstance(prefetch_k, bool) or not isinstance(prefetch_k, int):
-        raise TypeError(f"prefetch_k: expected an int, got {type(prefetch_k).__name__}")
-    if prefetch_k == 0:
-        return 0
-    if prefetch_k < 0 or prefetch_k % 256 != 0 or prefetch_k > k:
-        raise ValueError(f"prefetch_k: expected 0 or a positive multiple of 256 <= K (= {k}), got {prefetch_k}")
-    if w_kind not in ("mxfp4", "fp8_rebased"):
-        raise ValueError(f"prefetch_k: needs a streamed weight operand ('mxfp4' or 'fp8_rebased'), got kind {w_kind!r}")
-    for t, name in ((w_data, "weights"), (w_aux if w_kind == "mxfp4" else None, "scale indices")):
-        if t is not None and t.data_ptr() % 16 != 0:
-            raise ValueError(f"prefetch_k: the operand's {name} are not 16-byte aligned ({t.data_ptr():#x})")
-    return prefetch_k
-
-
 def _check_over(over_m, over_limit, block_m: int, streamed: bool, w_kind: str) -> None:
     """over_m / over_limit of a launch (`TilePlan.over` / `over_limit`): 0 / 0, or over_m 16 or 32
     with over_m <= over_limit < block_m, on the streamed FP8 mainloop only."""
@@ -1429,7 +1375,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
                     x_rebased: Optional[tuple] = None, over_m: int = 0, over_limit: int = 0,
-                    prefetch_k: int = 0, bind: bool = False) -> Optional[Launcher]:
+                    bind: bool = False) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1472,11 +1418,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             `over_limit`, `build_tile_map(over=)`): a tile with block_m < (its expert's row end - its
             first row) <= block_m + over_limit also computes the next min(over_m, ...) rows, as a
             second MMA on each K step's weight tile. Streamed FP8 mainloop only; 0 / 0: none.
-        prefetch_k: with programmatic dependent launch (`Launcher.enable_pdl`), each program
-            first starts bringing the first prefetch_k K columns of its first work item's weight
-            rows into L2, before it waits for the previous kernel (`_prefetch_first_weights`): a
-            positive multiple of 256 <= H with a streamed weight operand; 0 (default): none.
-            Without PDL it does nothing.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1591,7 +1532,6 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
             FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), OVER_M=over_m, OVER_LIMIT=over_limit,
-            PREFETCH_K=_check_prefetch(prefetch_k, hidden, w_kind, w_data, w_aux), E_LOCAL=num_experts if prefetch_k else 0,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)

@@ -22,11 +22,11 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
-                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_prefetch, _check_rebased,
+                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_rebased,
                       _check_tensor,
                       _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
                       _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
-                      _prefetch_first_weights, _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
+                      _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
                       sf_words_p2, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
                       _weight_tile_mx)
 
@@ -180,7 +180,6 @@ def _l2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
     PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
-    PREFETCH_K: tl.constexpr = 0, E_LOCAL: tl.constexpr = 0,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows
     (`_l2_item`; OVER_M / OVER_LIMIT as in `l1_gemm._l1_kernel`).
@@ -199,13 +198,10 @@ def _l2_kernel(
       Bytes 256..383 of each destination row get the E4M3 codes and byte 2 of its scale row the
       exponent 118 (word 0, little-endian byte 2); a pair whose address is 0 is skipped.
     """
+    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
+        pdl_enter()
     NUM_N: tl.constexpr = HIDDEN // BLOCK_N
     pid = tl.program_id(0)
-    if PDL:     # programmatic dependent launch (`sync.pdl_enter`)
-        if PREFETCH_K > 0:
-            _prefetch_first_weights(pid, num_tiles_ptr, max_tiles, tile_expert_ptr, w_ptr, w_sf_ptr, E_LOCAL,
-                                    HIDDEN, INTER, W_KIND, BLOCK_N, 1, 0, NUM_N, GROUP_M, PREFETCH_K)
-        pdl_enter()
     nprog = tl.num_programs(0)
     num_tiles = tl.minimum(tl.load(num_tiles_ptr), max_tiles)
     total = num_tiles * NUM_N
@@ -238,7 +234,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w2_operand: Optional[WeightOperand] = None,
                     h_rebased: Optional[tuple] = None, over_m: int = 0, over_limit: int = 0,
-                    prefetch_k: int = 0, bind: bool = False) -> Optional[Launcher]:
+                    bind: bool = False) -> Optional[Launcher]:
     """L2 of the routed pairs: y_p = bf16(h_p . w2[e]^T), stored at the address pair_dst[p].
 
     Args (P = pairs capacity, H = hidden, I = intermediate):
@@ -266,7 +262,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             (`rebase.rebase_act_rows` of h / h_sf after L1), read instead of h / h_sf: the streamed
             FP8 mainloop. Needs an FP8-mainloop w2_operand.
         over_m, over_limit: as in `l1_grouped_gemm` (the same tile map's).
-        prefetch_k: as in `l1_grouped_gemm` (a multiple of 256 <= I).
 
     Numerics: float32 accumulation of exact bf16 operands (FP8 weights: per-128-K partial products
     times the float32 block scale), y rounded to bf16 (RNE); FP8 combine: y quantised per 128
@@ -361,7 +356,6 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
             OVER_M=over_m, OVER_LIMIT=over_limit,
-            PREFETCH_K=_check_prefetch(prefetch_k, inter, w_kind, w_data, w_aux), E_LOCAL=num_experts if prefetch_k else 0,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
         )
     grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)

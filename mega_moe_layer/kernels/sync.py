@@ -46,15 +46,6 @@ def pdl_enter():
 
 
 @triton.jit
-def prefetch_l2(addr, nbytes):
-    """`cp.async.bulk.prefetch.L2`: start bringing `nbytes` bytes at each int64 address `addr` into
-    L2 (sm_90+). A hint: nothing waits for it and nothing is written; addresses 16-byte aligned,
-    nbytes a multiple of 16, both inside an allocation (the callers clamp them)."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [addr, nbytes],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _trap():
     tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
