@@ -112,13 +112,14 @@ STAGE_REBASE = True
 
 #: Tile plans whose last full tile of an expert computes up to 16 rows of its remainder
 #: (`gemm_heuristics.TilePlan.over`) where the GEMMs run the streamed FP8 mainloop: prefill
-#: heights only. Off until it has run on a GPU: built and tested in the interpreter and compiled
-#: for sm_90a (docs/PERF.md, 2026-12-07, fourth session), but no device call of that session
-#: reached a machine. `bench.py --over` / `profile_forward.py --over` turn it on.
+#: heights only (T = 4096 on 256 experts: `TilePlan(128, 16, 48, over=16)`, ~20 tail tiles
+#: instead of ~140, each of which streamed its expert's weights again). Measured on an H100
+#: (docs/PERF.md, 2026-12-07, fifth session, one call): T = 4096 6385.5 -> 5739.3 us (-10.1%),
+#: T = 1 / 128 / 512 unchanged (decode plans have no rows past). `bench.py --no-over` turns it off.
 #: Only with the bf16 combine: L2's FP8-combine prefill tile (128 rows x 8 warps) spills 112 bytes
 #: with the 16 rows past it (4-bit MXFP4; 4 bytes with FP8 block scales; ptxas, Triton 3.6,
 #: sm_90a), and L1 and L2 share one tile map.
-USE_OVER = False
+USE_OVER = True
 
 
 def _pdl_supported(arch: int) -> bool:

@@ -370,9 +370,9 @@ def parse_args(argv=None):
     p.add_argument("--no-pdl", action="store_true",
                    help="GPU layer: launch kernels 2-8 without programmatic dependent launch "
                         "(`nvshmem_backend.USE_PDL`), to measure what it gains")
-    p.add_argument("--over", action="store_true",
-                   help="GPU layer: tile plans with rows past block_m in an expert's last full tile "
-                        "(`nvshmem_backend.USE_OVER` = True, off by default until measured)")
+    p.add_argument("--no-over", action="store_true",
+                   help="GPU layer: no rows past block_m in an expert's last full tile "
+                        "(`nvshmem_backend.USE_OVER` = False), to measure what they gain")
     p.add_argument("--single-height", action="store_true",
                    help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
                         "replaced by its single-height choice), to measure what the two-height plans gain")
@@ -433,9 +433,9 @@ def main(argv=None):
     if args.no_pdl:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_PDL = False
-    if args.over:
+    if args.no_over:
         from mega_moe_layer import nvshmem_backend
-        nvshmem_backend.USE_OVER = True
+        nvshmem_backend.USE_OVER = False
     local = init_dist()
     rank, R = dist.get_rank(), dist.get_world_size()
     dg = None

@@ -4,7 +4,7 @@
 # PDL, no CUDA graph), speed-of-light, memory, warp-state, scheduler, occupancy and launch sections.
 # `profile_forward.py --ncu` runs three forwards per T; each has one L1 and one L2 per tile height.
 #
-#   OUT=/path TOKENS="128" [KERNELS="l1 l2"] [NCU_ARGS=--over] bash scripts/ncu_forward.sh
+#   OUT=/path TOKENS="128" [KERNELS="l1 l2"] [NCU_ARGS=--no-over] bash scripts/ncu_forward.sh
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1

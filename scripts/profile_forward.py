@@ -23,8 +23,8 @@ def main():
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     p.add_argument("--no-stage-rebase", action="store_true",
                    help="rebase FP8 x in a pass after the dispatch (`nvshmem_backend.STAGE_REBASE` = False)")
-    p.add_argument("--over", action="store_true",
-                   help="tile plans with rows past block_m (`nvshmem_backend.USE_OVER` = True)")
+    p.add_argument("--no-over", action="store_true",
+                   help="no tile plans with rows past block_m (`nvshmem_backend.USE_OVER` = False)")
     p.add_argument("--ncu", action="store_true",
                    help="for Nsight Compute: three plain forwards per T (no CUDA graph, no torch.profiler), e.g. "
                         "ncu -k regex:_l1_kernel --launch-skip 1 --launch-count 1 ... --ncu --tokens 4096")
@@ -32,7 +32,7 @@ def main():
     from mega_moe_layer import nvshmem_backend
     nvshmem_backend.STAGE_REBASE = nvshmem_backend.STAGE_REBASE and not args.no_stage_rebase
     nvshmem_backend.USE_PDL = nvshmem_backend.USE_PDL and not args.no_pdl
-    nvshmem_backend.USE_OVER = nvshmem_backend.USE_OVER or args.over
+    nvshmem_backend.USE_OVER = nvshmem_backend.USE_OVER and not args.no_over
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -47,6 +47,11 @@ POISON = 0x7F
 #: order differs from the reference's float64 (DESIGN), which moves a value across a rounding
 #: boundary of bf16 gate/up or of the h format in a small fraction of elements.
 H_BYTES_MIN_FRACTION = 0.99
+#: The same on the GPU's streamed FP8 mainloop with FP8 weights at K = 7168: Hopper's FP8 MMA keeps
+#: ~14 mantissa bits (truncating) while it sums each promoted step, so more values cross a rounding
+#: boundary. Measured 0.9874 (H100, 2026-12-07, `test_gemm_gpu.py::test_over_rows_dsv3[fp8]`;
+#: MXFP4 weights, whose products carry fewer bits, pass 0.99).
+H_BYTES_MIN_FRACTION_FP8_MMA = 0.98
 
 INTERPRETED = not isinstance(_l1_kernel, triton.runtime.jit.JITFunction)
 
@@ -246,9 +251,10 @@ def bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def check_l1(prob: GemmProblem, h, h_sf, what: str = "") -> Dict[str, float]:
-    """h rows of routed pairs vs the reference (dequantised rel-RMSE, fraction of equal bytes);
-    rows beyond the routed pairs untouched. Returns the metrics."""
+def check_l1(prob: GemmProblem, h, h_sf, what: str = "",
+             min_same: float = H_BYTES_MIN_FRACTION) -> Dict[str, float]:
+    """h rows of routed pairs vs the reference (dequantised rel-RMSE, fraction of equal bytes, at
+    least min_same); rows beyond the routed pairs untouched. Returns the metrics."""
     n = prob.num_routed
     _, hq, hsf = reference_h(prob)
     got = ref.dequantize_act(h[:n], None if h_sf is None else h_sf[:n], prob.act_format, 32)
@@ -256,8 +262,8 @@ def check_l1(prob: GemmProblem, h, h_sf, what: str = "") -> Dict[str, float]:
     err = assert_rel_rmse(got, want, TOLERANCES["gemm_rel_rmse"], f"{what} h")
     same = float((bytes_of(h[:n]) == bytes_of(hq)).float().mean())
     sf_same = 1.0 if h_sf is None else float((bytes_of(h_sf[:n]) == bytes_of(hsf)).float().mean())
-    assert same >= H_BYTES_MIN_FRACTION, f"{what}: only {same:.4f} of the h bytes equal the reference's"
-    assert sf_same >= H_BYTES_MIN_FRACTION, f"{what}: only {sf_same:.4f} of the h scale bytes equal the reference's"
+    assert same >= min_same, f"{what}: only {same:.4f} of the h bytes equal the reference's"
+    assert sf_same >= min_same, f"{what}: only {sf_same:.4f} of the h scale bytes equal the reference's"
     assert bool((bytes_of(h[n:]) == POISON).all()), f"{what}: h rows beyond the routed pairs were written"
     if h_sf is not None:
         assert bool((bytes_of(h_sf[n:]) == POISON).all()), f"{what}: h_sf rows beyond the routed pairs were written"
@@ -740,7 +746,23 @@ def over_rows_chain(hidden: int, inter: int, counts: Sequence[int], plan: gh.Til
     h, h_sf = h_buffers(prob, device)
     for q, kw in launches:
         run_l1_into(q, h, h_sf, x_rebased=(x8, x_e), **extra, **kw)
-    m1 = check_l1(prob, h, h_sf, f"over rows {wf}")
+    fp8_mma = torch.device(device).type == "cuda" and wf == "fp8"
+    m1 = check_l1(prob, h, h_sf, f"over rows {wf}", H_BYTES_MIN_FRACTION_FP8_MMA if fp8_mma else H_BYTES_MIN_FRACTION)
+    # The rows past block_m share their tile's weight tiles and promotion: no more of their h bytes
+    # differ from the reference than the other rows' (5 standard deviations of slack at T 4096's
+    # counts; a mis-indexed or unpromoted second MMA would be far worse).
+    n = prob.num_routed
+    over = torch.zeros(n, dtype=torch.bool)
+    for e, s0, _ in prob.segments():
+        k = gh.over_rows(counts[e], plan)
+        if k:
+            first = s0 + counts[e] // plan.block_m * plan.block_m
+            over[first:first + k] = True
+    same_rows = (bytes_of(h[:n]) == bytes_of(reference_h(prob)[1])).float().mean(dim=1).cpu()
+    if bool(over.any()):
+        f_over, f_rest = float(same_rows[over].mean()), float(same_rows[~over].mean())
+        assert f_over >= f_rest - 2e-3, f"over rows {wf}: {f_over:.4f} of their h bytes equal, the rest {f_rest:.4f}"
+        m1.update(h_bytes_equal_over=f_over, h_bytes_equal_rest=f_rest)
     h8 = torch.empty(P, inter, dtype=torch.float8_e4m3fn, device=device)
     h_e = torch.empty(P, **i32)
     rebase_act_rows(h, h_sf, h8, h_e, count, act_format="fp8", group=32)
