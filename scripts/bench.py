@@ -373,6 +373,9 @@ def parse_args(argv=None):
     p.add_argument("--no-over", action="store_true",
                    help="GPU layer: no rows past block_m in an expert's last full tile "
                         "(`nvshmem_backend.USE_OVER` = False), to measure what they gain")
+    p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
+                   help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
+                        "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
     p.add_argument("--single-height", action="store_true",
                    help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
                         "replaced by its single-height choice), to measure what the two-height plans gain")
@@ -433,6 +436,10 @@ def main(argv=None):
     if args.no_pdl:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_PDL = False
+    if args.over_m is not None:
+        from mega_moe_layer.kernels import gemm_heuristics
+        gemm_heuristics.OVER_COST = {args.over_m: gemm_heuristics.OVER_COST[16]}
+        gemm_heuristics.OVER_MS = (args.over_m,)
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
