@@ -31,6 +31,7 @@ number (--json, default under --out; rewritten after every row) and a log-log PN
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -379,7 +380,21 @@ def parse_args(argv=None):
     p.add_argument("--single-height", action="store_true",
                    help="GPU layer: one tile height per call (no tail tiles; `gemm_api.tile_plan_for` "
                         "replaced by its single-height choice), to measure what the two-height plans gain")
+    p.add_argument("--heuristic", action="append", default=[], metavar="NAME=VALUE",
+                   help="GPU layer: set `gemm_heuristics.NAME` (an existing constant) to the Python literal "
+                        "VALUE for this run, e.g. FP4_STREAM_DECODE_M32='(4, 3, 4, True)' (repeatable), "
+                        "to measure a tile config the defaults do not use")
     args = p.parse_args(argv)
+    from mega_moe_layer.kernels import gemm_heuristics
+    args.heuristic_values = {}
+    for item in args.heuristic:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isupper() or not hasattr(gemm_heuristics, name):
+            p.error(f"--heuristic: expected NAME=VALUE with NAME a gemm_heuristics constant, got {item!r}")
+        try:
+            args.heuristic_values[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            p.error(f"--heuristic: {name}: VALUE must be a Python literal, got {value!r}")
     if args.host_iters < 30:
         p.error("--host-iters must be >= 30")
     if min(args.tokens) < 0:
@@ -443,6 +458,10 @@ def main(argv=None):
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
+    for name, value in args.heuristic_values.items():
+        from mega_moe_layer.kernels import gemm_heuristics
+        log(f"# gemm_heuristics.{name} = {value!r} (was {getattr(gemm_heuristics, name)!r})")
+        setattr(gemm_heuristics, name, value)
     local = init_dist()
     rank, R = dist.get_rank(), dist.get_world_size()
     dg = None

@@ -320,7 +320,10 @@ FP4_STREAM_SWEEP_L1 = [(16, 32, 4, 3, 4, 256), (16, 32, 4, 4, 4, 256), (16, 64, 
                        # prefill with L1's K chained (no promotion): the MMA stays in flight across steps
                        (128, 32, 4, 3, 2, 128, gh._CHAIN), (128, 64, 8, 3, 1, 128, gh._CHAIN),
                        (128, 64, 8, 2, 1, 128, gh._CHAIN), (128, 64, 8, 3, 1, 128, 1), (128, 32, 4, 4, 2, 128, gh._CHAIN),
-                       (16, 32, 4, 2, 4, 512)]
+                       (16, 32, 4, 2, 4, 512),
+                       # registers capped (8th element: maxnreg) so more CTAs fit: 5 x 16 pairs (96, 16 bytes
+                       # spilled), 4 x 32 pairs (128, no spills; 151 uncapped: 3 CTAs)
+                       (16, 32, 4, 3, 5, 256, None, 96), (32, 32, 4, 3, 4, 256, None, 128)]
 FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 256), (16, 128, 4, 3, 3, 256), (16, 128, 8, 3, 2, 256),
                        (16, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 256), (32, 64, 4, 2, 4, 256),
                        (32, 64, 4, 3, 3, 256), (32, 64, 4, 4, 4, 128), (32, 64, 4, 3, 4, 128), (32, 128, 4, 3, 2, 256),
@@ -328,7 +331,10 @@ FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 256), (16, 128,
                        # decode: 128 weight rows per item at 4 CTAs (T = 1: 448 items in 528 slots, one each)
                        (16, 128, 4, 2, 4, 256), (16, 128, 4, 3, 4, 128), (16, 128, 4, 4, 4, 128),
                        # decode: 512 K per step (twice the bytes per round trip; 4 steps per item)
-                       (16, 64, 4, 2, 4, 512), (16, 64, 4, 3, 3, 512)]
+                       (16, 64, 4, 2, 4, 512), (16, 64, 4, 3, 3, 512),
+                       # registers capped (maxnreg; no spills, Triton 3.6): 5 / 6 x 16 pairs, 4 x 32 pairs
+                       (16, 64, 4, 3, 5, 256, None, 96), (16, 64, 4, 3, 6, 256, None, 80),
+                       (32, 64, 4, 3, 4, 256, None, 128)]
 
 
 def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
@@ -349,8 +355,10 @@ def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
         c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         var = dataclasses.replace(c1 if kern == "l1" else c2, block_n=bn, num_warps=warps, num_stages=stages,
                                   ctas_per_sm=ctas, block_k=bk)
-        if len(entry) > 6:      # an entry's own promotion (L1: gh._CHAIN = none inside K)
+        if len(entry) > 6 and entry[6] is not None:      # an entry's own promotion (L1: gh._CHAIN = none inside K)
             var = dataclasses.replace(var, promote_steps=entry[6])
+        if len(entry) > 7:      # a register cap (maxnreg)
+            var = dataclasses.replace(var, max_registers=entry[7])
         c1, c2 = (var, c2) if kern == "l1" else (c1, var)
         try:
             case.retile(bm)
@@ -373,7 +381,7 @@ def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
 
 def _cfg_txt(cfg) -> str:
     return (f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} c{cfg.ctas_per_sm} "
-            f"p{cfg.promote_steps}")
+            f"p{cfg.promote_steps}" + (f" r{cfg.max_registers}" if cfg.max_registers else ""))
 
 
 def sweep(case: Case, kern: str, base, iters: int, base_us: float):

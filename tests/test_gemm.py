@@ -480,6 +480,37 @@ def test_resident_ctas():
     assert _resident_grid(_l1_kernel, (99,), 4, torch.device("cpu"), (), {}) == (99,)
 
 
+def test_register_cap_fits_the_ctas():
+    """`register_cap`: the largest cap (a multiple of 8) at which the asked CTAs fit by registers,
+    as `resident_ctas` counts them; 8 more would not fit (unless at ptxas's 255 ceiling)."""
+    assert (gh.register_cap(4, 4), gh.register_cap(4, 5), gh.register_cap(4, 6), gh.register_cap(4, 3)) == \
+        (128, 96, 80, 168)
+    for warps in (1, 2, 4, 8):
+        for ctas in range(1, 9):
+            r = gh.register_cap(warps, ctas)
+            assert r % 8 == 0 and 24 <= r <= 248
+            assert gh.resident_ctas(r, warps, 0) >= min(ctas, 2048 // (32 * warps)), (warps, ctas, r)
+            if r < 248:
+                assert gh.resident_ctas(r + 8, warps, 0) < ctas, (warps, ctas, r)
+
+
+def test_max_registers_reaches_the_launch():
+    """A config's register cap is Triton's `maxnreg` launch option; none without one; bad caps
+    raise naming the field. A decode tuple with a 4th element True caps at `register_cap`."""
+    cfg = gh.l1_gemm_config(16, 7168, 2048, "mxfp4", "fp8", 90, fp8_mainloop=True, act_rebased=True,
+                            weight_kind="mxfp4")
+    assert "maxnreg" not in cfg.launch_options()
+    assert cfg.launch_options() == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    capped = dataclasses.replace(cfg, max_registers=128)
+    assert capped.launch_options()["maxnreg"] == 128
+    for bad in (100, 256, 16, True, 128.0):
+        with pytest.raises(ValueError, match="max_registers"):
+            dataclasses.replace(cfg, max_registers=bad)
+    c = gh._stream_config(32, 32, prefill=(4, 3, 2), decode=(4, 3, 4, True), promote=1, block_k=256)
+    assert (c.ctas_per_sm, c.max_registers) == (4, 128)
+    assert gh._stream_config(32, 32, prefill=(4, 3, 2), decode=(4, 3, 3), promote=1).max_registers is None
+
+
 def test_expected_tiles_matches_uniform_routing():
     """The Poisson estimate against the tiles of real uniform top-8 routing (bench.py's), CPU."""
     assert gh.expected_tiles(0, 16) == 0.0
@@ -944,7 +975,7 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
               WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
-    return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return sig, ce, dict(enable_fp_fusion=False, **cfg.launch_options())
 
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
@@ -971,7 +1002,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
               WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
-    return sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return sig, ce, dict(enable_fp_fusion=False, **cfg.launch_options())
 
 
 #: (kernel, weight, act, combine, arch, block_m[, W_KIND]) of every compile check. Decode tiles

@@ -234,16 +234,19 @@ def test_fp4_bf16_decoders_equal_on_gpu():
     assert torch.equal(torch.where(is_nan, inf, last), inf), "scale byte 255: +-inf for the nonzero codes"
 
 
+@pytest.mark.parametrize("over", [16, 32])
 @pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
-def test_over_rows_dsv3(wf):
+def test_over_rows_dsv3(wf, over, monkeypatch):
     """The prefill tiles with rows past block_m (`TilePlan.over`, the plan T 4096 gets: 128-row
     tiles, 16 rows past, 16-row tails up to 48) at DeepSeek-V3's expert shape, next to the tail
     launch: every pair's h and y against the reference (`test_gemm.over_rows_chain`). Counts: 138
     (10 past), 158 (16 past + a 14-row tail), 300 (2 full tiles, 16 past + 28 in tails), 20 (tails
-    only), 128 (none past), 0."""
+    only), 128 (none past), 0. over 32 (the kernels' second height of rows past, `OVER_MS`): 158
+    takes all 30 rows past, 300 takes 32 and leaves a 12-row tail."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the streamed FP8 mainloop is Hopper's")
-    plan = gh.TilePlan(128, 16, 48, 16)
+    monkeypatch.setattr(gh, "OVER_MS", tuple(sorted(set(gh.OVER_MS) | {over})))
+    plan = gh.TilePlan(128, 16, 48, over)
     _, _, _, metrics = over_rows_chain(7168, 2048, [138, 158, 300, 20, 128, 0], plan, wf, seed=31, device=DEV,
                                        num_sms=None)
     _report(f"over rows {wf}", metrics)

@@ -26,7 +26,7 @@ from typing import Optional
 
 __all__ = ["GroupedGemmConfig", "max_tiles", "gemm_block_m", "l1_gemm_config", "l2_gemm_config",
            "uses_dot_scaled", "GEMM_BLOCK_MS", "GEMM_BLOCK_K", "expected_tiles", "TILE_COST",
-           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_LAUNCH_COST", "resident_ctas"]
+           "TilePlan", "gemm_tile_plan", "split_counts", "TAIL_LAUNCH_COST", "resident_ctas", "register_cap"]
 
 #: Tile heights the kernels are built for (the MMA N side: multiples of 16 up to 128).
 GEMM_BLOCK_MS = (16, 32, 64, 128)
@@ -71,10 +71,25 @@ class GroupedGemmConfig:
     #: on the H200, from PRMT tables, fewer instructions but slower there: decode L1 80.4 vs 75.4 us
     #: at T 1, 606 vs 565 at T 128; prefill within +-4%). "shift" stays the default.
     fp4_decoder: str = "shift"
+    #: ptxas's register cap per thread (Triton's `maxnreg`), None: ptxas chooses. Set where the
+    #: kernel would otherwise take a few registers more than ctas_per_sm resident CTAs allow
+    #: (`register_cap`): e.g. the 4-bit decode tile at 32 pairs, 151 registers (3 CTAs of 4 warps)
+    #: uncapped, 126 and no spills at a cap of 128 (4 CTAs; Triton 3.6, sm_90a).
+    max_registers: Optional[int] = None
 
     def __post_init__(self):
         if self.fp4_decoder not in ("shift", "lut"):
             raise ValueError(f"fp4_decoder: expected 'shift' or 'lut', got {self.fp4_decoder!r}")
+        r = self.max_registers
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 24 <= r <= 255 or r % 8):
+            raise ValueError(f"max_registers: expected None or a multiple of 8 in [24, 255], got {r!r}")
+
+    def launch_options(self) -> dict:
+        """Triton launch options of this config (num_warps, num_stages, maxnreg when capped)."""
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_registers is not None:
+            opts["maxnreg"] = self.max_registers
+        return opts
 
     def promote_for(self, k: int) -> int:
         """PROMOTE for a reduction of k: the largest divisor of k / block_k <= promote_steps.
@@ -99,6 +114,16 @@ def resident_ctas(num_regs: int, num_warps: int, shared_bytes: int, regs_per_sm:
     by_smem = int(smem_per_sm) // (int(shared_bytes) + 1024)
     by_threads = int(max_threads_per_sm) // (32 * int(num_warps))
     return max(1, min(by_regs, by_smem, by_threads, 32))
+
+
+def register_cap(num_warps: int, ctas_per_sm: int, regs_per_sm: int = 65536) -> int:
+    """The most registers per thread (a multiple of 8, <= 255) at which `ctas_per_sm` CTAs of
+    `num_warps` warps fit an SM's register file (allocated per warp in units of 256, as
+    `resident_ctas` counts them). Examples: 4 warps x 4 CTAs -> 128; x 5 -> 96; x 3 -> 168."""
+    if num_warps < 1 or ctas_per_sm < 1:
+        raise ValueError(f"register_cap: expected num_warps, ctas_per_sm >= 1, got {num_warps}, {ctas_per_sm}")
+    per_warp = int(regs_per_sm) // (int(num_warps) * int(ctas_per_sm)) // 256 * 256
+    return min(255 // 8 * 8, per_warp // 32 // 8 * 8)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -388,10 +413,13 @@ FP4_STREAM_DECODE_BLOCK_K = 256
 
 def _stream_config(block_m: int, block_n: int, prefill: tuple, decode: tuple, promote: int,
                    block_k: int = GEMM_BLOCK_K) -> GroupedGemmConfig:
-    num_warps, num_stages, ctas = decode if block_m <= 32 else prefill
+    """prefill / decode: (num_warps, num_stages, ctas_per_sm[, capped]); capped (decode tuples):
+    cap the registers so that ctas_per_sm CTAs fit (`register_cap`)."""
+    num_warps, num_stages, ctas, *capped = decode if block_m <= 32 else prefill
     return GroupedGemmConfig(block_m=block_m, block_n=block_n, block_k=block_k if block_m <= 32 else GEMM_BLOCK_K,
                              group_m=8, num_warps=num_warps, num_stages=num_stages, ctas_per_sm=ctas,
-                             promote_steps=promote)
+                             promote_steps=promote,
+                             max_registers=register_cap(num_warps, ctas) if capped and capped[0] else None)
 
 
 def _fp4_block_k(k: int) -> int:

@@ -1532,7 +1532,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
             FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), OVER_M=over_m, OVER_LIMIT=over_limit,
-            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
+            enable_fp_fusion=False, **config.launch_options(),
         )
     grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)
     return _launch_or_bind(_l1_kernel, grid, device, bind, args, kwargs)

@@ -356,7 +356,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
             OVER_M=over_m, OVER_LIMIT=over_limit,
-            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
+            enable_fp_fusion=False, **config.launch_options(),
         )
     grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)
     return _launch_or_bind(_l2_kernel, grid, device, bind, args, kwargs)
