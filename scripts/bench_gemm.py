@@ -337,9 +337,10 @@ FP4_STREAM_SWEEP_L2 = [(16, 64, 4, 3, 4, 256), (16, 64, 4, 4, 4, 256), (16, 128,
                        (32, 64, 4, 3, 4, 256, None, 128)]
 
 
-def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
+def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None, capped_only: bool = False) -> None:
     """Time the STREAM_SWEEP configs of the case's regime on the streamed path (case.stream set),
-    each run through L1 + L2 and checked against the reference (error printed) first."""
+    each run through L1 + L2 and checked against the reference (error printed) first.
+    capped_only: only the entries with a register cap (their uncapped default is the case's own)."""
     H, I, wf, af = case.H, case.I, case.w13.format, case.act_format
     own = case.block_m
     kind = case.stream[0].kind
@@ -349,7 +350,7 @@ def stream_sweep(case: "Case", kern: str, iters: int, block_ms=None) -> None:
         entries = [e[:5] + (gh.GEMM_BLOCK_K,) + e[5:] for e in (STREAM_SWEEP_L1 if kern == "l1" else STREAM_SWEEP_L2)]
     for entry in entries:
         bm, bn, warps, stages, ctas, bk = entry[:6]
-        if (bm <= 32) != (own <= 32) or (block_ms and bm not in block_ms):
+        if (bm <= 32) != (own <= 32) or (block_ms and bm not in block_ms) or (capped_only and len(entry) < 8):
             continue
         c1 = gh.l1_gemm_config(bm, H, I, wf, af, fp8_mainloop=True, act_rebased=True, weight_kind=kind)
         c2 = gh.l2_gemm_config(bm, H, I, wf, af, "bf16", fp8_mainloop=True, act_rebased=True, weight_kind=kind)
@@ -451,6 +452,8 @@ def main() -> None:
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",
                    help="with --stream-sweep: only these tile heights' entries, e.g. 16")
+    p.add_argument("--stream-sweep-capped", action="store_true",
+                   help="with --stream-sweep: only the entries with a register cap (maxnreg)")
     p.add_argument("--stream-promotes", default="",
                    help="with --stream: also time promotion every N K steps, e.g. 1,2,4 (error reported)")
     p.add_argument("--block-ms", default="",
@@ -549,7 +552,8 @@ def main() -> None:
                                   f"{perr:.2e}", flush=True)
                         if args.stream_sweep:
                             stream_sweep(case, kern, args.iters,
-                                         [int(v) for v in args.stream_sweep_bms.split(",") if v])
+                                         [int(v) for v in args.stream_sweep_bms.split(",") if v],
+                                         capped_only=args.stream_sweep_capped)
                     finally:
                         case.stream = None
                         case.l1()

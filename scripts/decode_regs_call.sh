@@ -17,7 +17,7 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
 fi
 PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${SWEEP_S-230} python3 scripts/bench_gemm.py --out "$OUT/sweep_decode.json" \
     --cases ${SWEEP_CASES-u1:256,u128:256,u512:256} --formats mxfp4/fp8 --stream --stream-kinds mxfp4 --stream-sweep \
-    --stream-sweep-bms 16,32 --iters 30 > "$OUT/sweep_decode.log" 2>&1
+    --stream-sweep-bms 16,32 --stream-sweep-capped --iters 30 > "$OUT/sweep_decode.log" 2>&1
 echo "=== decode sweep"; grep -E "stream|streamed|case|u1|u128|u512" "$OUT/sweep_decode.log" | tail -n 60
 OUT="$OUT" ANCHOR= BASE_DIR=. BASE_ARGS="--over-m 32" BASE_TOKENS="${BASE_TOKENS-4096}" NEW_TOKENS="${NEW_TOKENS-512 4096}" \
     NEW2_TOKENS="${NEW2_TOKENS-512}" NEW2_ARGS="--heuristic FP4_STREAM_DECODE_M32=(4,3,4,True)" FP8_TOKENS= \
