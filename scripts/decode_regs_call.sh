@@ -15,7 +15,7 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
     build_pid=$!
 fi
-PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${SWEEP_S-130} python3 scripts/bench_gemm.py --out "$OUT/sweep_decode.json" \
+PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${SWEEP_S-110} python3 scripts/bench_gemm.py --out "$OUT/sweep_decode.json" \
     --cases ${SWEEP_CASES-u128:256,u512:256} --formats mxfp4/fp8 --stream --stream-kinds mxfp4 --stream-sweep \
     --stream-sweep-bms 16,32 --stream-sweep-capped --iters 30 > "$OUT/sweep_decode.log" 2>&1
 echo "=== decode sweep"; grep -E "stream|streamed" "$OUT/sweep_decode.log" | tail -n 40
@@ -23,5 +23,5 @@ echo "=== decode sweep"; grep -E "stream|streamed" "$OUT/sweep_decode.log" | tai
 OUT="$OUT" BASE_DIR=. BASE_ARGS="--over-m 32" BASE_TOKENS="${BASE_TOKENS-4096}" NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" \
     NEW2_TOKENS="${NEW2_TOKENS-512}" NEW2_ARGS="--heuristic FP4_STREAM_DECODE_M32=(4,3,4,True)" \
     NEW3_TOKENS="${NEW3_TOKENS-512}" NEW3_ARGS="--heuristic FP4_STREAM_DECODE_M32=(4,3,4,True) --single-height" FP8_TOKENS="${FP8_TOKENS-128}" \
-    timeout -k 5 ${AB_S-420} bash scripts/ab_bench.sh
+    timeout -k 5 ${AB_S-400} bash scripts/ab_bench.sh
 exit 0
