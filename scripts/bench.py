@@ -458,11 +458,11 @@ def main(argv=None):
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
+    local = init_dist()
     for name, value in args.heuristic_values.items():
         from mega_moe_layer.kernels import gemm_heuristics
         log(f"# gemm_heuristics.{name} = {value!r} (was {getattr(gemm_heuristics, name)!r})")
         setattr(gemm_heuristics, name, value)
-    local = init_dist()
     rank, R = dist.get_rank(), dist.get_world_size()
     dg = None
     if args.anchor == "deepgemm":   # fail before anything slow is built
