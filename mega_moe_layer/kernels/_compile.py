@@ -110,7 +110,10 @@ def compile_kernel(kernel_fn, signature: Mapping[str, str], constexprs: Optional
         if sig.get(p, "constexpr") == "constexpr":
             raise ValueError(f"divisible_by_16: {p!r} is not a runtime parameter of {kernel_fn.__name__}")
         attrs[(kernel_fn.arg_names.index(p),)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=kernel_fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    src_cls = triton.compiler.ASTSource
+    if getattr(kernel_fn, "is_gluon", lambda: False)():      # a `gluon.jit` kernel (Triton's Gluon dialect)
+        from triton.experimental.gluon._runtime import GluonASTSource as src_cls
+    src = src_cls(fn=kernel_fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options=dict(options))
 
 
@@ -166,7 +169,10 @@ def _compile_in_child(jobs: Sequence[CompileJob]) -> List[str]:
     for spec in specs:
         top = sys.modules[spec["module"].split(".")[0]]
         if getattr(top, "__file__", None):
-            roots.append(os.path.dirname(os.path.dirname(os.path.abspath(top.__file__))))
+            path = os.path.abspath(top.__file__)
+            # a package: the folder above it; a plain module (e.g. a script's): its own folder
+            is_pkg = os.path.basename(path) == "__init__.py"
+            roots.append(os.path.dirname(os.path.dirname(path)) if is_pkg else os.path.dirname(path))
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + [env.get("PYTHONPATH", "")]).keys()).strip(os.pathsep)
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = os.path.join(tmp, "jobs.json")

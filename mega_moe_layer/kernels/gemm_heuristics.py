@@ -294,6 +294,8 @@ TAIL_LAUNCH_COST = 16.0
 #: costs most. 16: Triton 3.6's sm_90a build (ptxas -v) of L1's 128-row 4-bit tile with a 16-row
 #: second MMA uses 255 registers (244 without) and no spills, L2's 252 (248); a 32-row second MMA
 #: spilled 24 bytes in a first version.
+#: 32 (the kernels take it; `bench.py --over-m 32`: 128-row tiles, no tail launches at T = 4096)
+#: measured no faster on an H100: 5729.1 vs 5721.1 us with 16 (docs/PERF.md, sixth session).
 OVER_MS = (16,)
 OVER_MIN_BLOCK_M = 64
 #: Expected extra cost (`TILE_COST` units) of a tile that computes `over` rows past block_m: its
@@ -404,7 +406,10 @@ _CHAIN = 1 << 20
 #: The layer's L1 / L2 (`bench_gemm.py --stream --stream-sweep`, same session): 8 pairs L1 43.9 /
 #: L2 32.2 us (128 K per step 52.9 / 33.5); at 32 pairs per tile the 3-stage tile of 32 x 256
 #: activations leaves room for 3 CTAs only (1024 pairs, 64 tiles: L1 356.4 us at 3 CTAs vs 401.9
-#: asking for 4; L2 226.7 vs 274.7): FP4_STREAM_DECODE_M32.
+#: asking for 4; L2 226.7 vs 274.7): FP4_STREAM_DECODE_M32. A 4th element True caps the registers
+#: so that many CTAs fit (`register_cap`): measured slower on an H100 (sixth session): 32 pairs
+#: at 4 CTAs (cap 128, no spills) T = 512 2527.3 vs 2463.1 us; 16 pairs at 5 CTAs (cap 96) L1 1514.3
+#: vs 1467.7 us, L2 746.4 vs 741.7 at T = 128; L2 at 6 (cap 80) 824.3.
 FP4_STREAM_DECODE_L1 = (4, 3, 4)
 FP4_STREAM_DECODE_L2 = (4, 3, 4)
 FP4_STREAM_DECODE_M32 = (4, 3, 3)
