@@ -125,6 +125,7 @@ def compile_args(mode: str, K: int = 7168, stages: int = 3):
 
 def main() -> None:
     import torch
+    from mega_moe_layer.kernels.gemm_heuristics import resident_ctas
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=4096)
@@ -146,10 +147,14 @@ def main() -> None:
         out = torch.empty(R, N, device="cuda", dtype=torch.float32)
 
         def run():
-            _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                                STAGES=args.stages, MODE=mode, num_warps=4)
-        run()
+            return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                                       STAGES=args.stages, MODE=mode, num_warps=4)
+        compiled = run()
         torch.cuda.synchronize()
+        if hasattr(compiled, "result"):          # an async-compile future
+            compiled = compiled.result()
+        regs, smem = getattr(compiled, "n_regs", 0), compiled.metadata.shared
+        per_sm = resident_ctas(regs, 4, smem) if regs else 0
         err = ((out.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(3):
@@ -163,7 +168,8 @@ def main() -> None:
             times.append(s.elapsed_time(e) * 1e3)
         us = statistics.median(times)
         outs[name] = out
-        print(f"  {name:8s} {us:9.1f} us  {2 * R * N * K / us / 1e6:7.1f} TFLOP/s  rel-err {err:.2e}", flush=True)
+        print(f"  {name:8s} {us:9.1f} us  {2 * R * N * K / us / 1e6:7.1f} TFLOP/s  rel-err {err:.2e}  "
+              f"({regs} registers, {smem} B shared: {per_sm} CTAs per SM)", flush=True)
     same = torch.equal(outs["sync"], outs["delayed"])
     print(f"  sync and delayed bitwise equal: {same}")
     if not same:
