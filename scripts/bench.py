@@ -459,8 +459,8 @@ def main(argv=None):
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
     local = init_dist()
+    from mega_moe_layer.kernels import gemm_heuristics
     for name, value in args.heuristic_values.items():
-        from mega_moe_layer.kernels import gemm_heuristics
         log(f"# gemm_heuristics.{name} = {value!r} (was {getattr(gemm_heuristics, name)!r})")
         setattr(gemm_heuristics, name, value)
     rank, R = dist.get_rank(), dist.get_world_size()

@@ -71,10 +71,11 @@ class GroupedGemmConfig:
     #: on the H200, from PRMT tables, fewer instructions but slower there: decode L1 80.4 vs 75.4 us
     #: at T 1, 606 vs 565 at T 128; prefill within +-4%). "shift" stays the default.
     fp4_decoder: str = "shift"
-    #: ptxas's register cap per thread (Triton's `maxnreg`), None: ptxas chooses. Set where the
-    #: kernel would otherwise take a few registers more than ctas_per_sm resident CTAs allow
-    #: (`register_cap`): e.g. the 4-bit decode tile at 32 pairs, 151 registers (3 CTAs of 4 warps)
-    #: uncapped, 126 and no spills at a cap of 128 (4 CTAs; Triton 3.6, sm_90a).
+    #: ptxas's register cap per thread (Triton's `maxnreg`), None (every default): ptxas chooses.
+    #: For sweeps of configs where a kernel takes a few registers more than ctas_per_sm resident
+    #: CTAs allow (`register_cap`): e.g. the 4-bit decode tile at 32 pairs, 151 registers (3 CTAs of
+    #: 4 warps) uncapped, 126 and no spills at a cap of 128 (4 CTAs; Triton 3.6, sm_90a) - measured
+    #: slower in the layer (FP4_STREAM_DECODE_M32).
     max_registers: Optional[int] = None
 
     def __post_init__(self):
