@@ -16,7 +16,7 @@ K 7168, three ways (MODE):
   2 "chained": one accumulator through K (no promotion: fastest, the truncating error).
 Modes 0 and 1 add the same partial sums in the same order: bitwise equal outputs (checked).
 
-    python scripts/probe_gluon_promote.py [--rows 4096 --tokens 4096 --k 7168 --iters 20]
+    python scripts/probe_gluon_promote.py [--rows 4096 --tokens 4096 --k 7168 --iters 20 --block-r 64|128]
 
 Built 2026-12-07 (sixth session) and compiled for sm_90a on the CPU (tests/test_probe_gluon.py);
 not yet run on a GPU.
@@ -40,7 +40,7 @@ try:
 except ImportError:            # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
-BLOCK_R, BLOCK_M, BLOCK_K = 64, 128, 128
+BLOCK_M, BLOCK_K = 128, 128
 MODES = {"sync": 0, "delayed": 1, "chained": 2}
 
 if HAVE_GLUON:
@@ -67,11 +67,12 @@ if HAVE_GLUON:
         """out[R, N_TOK] (float32) = W[R, K] . X[N_TOK, K]^T for one [BLOCK_R, BLOCK_M] tile per program."""
         row0 = gl.program_id(0) * BLOCK_R
         col0 = gl.program_id(1) * BLOCK_M
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        WARPS: gl.constexpr = BLOCK_R // 16          # one warpgroup per 64 weight rows
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
-                                            warps_per_cta=[4, 1], order=[1, 0])
+                                            warps_per_cta=[WARPS, 1], order=[1, 0])
         s_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float8e4nv)
         b_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], s_layout)
         NK: gl.constexpr = K // BLOCK_K
@@ -116,11 +117,12 @@ if HAVE_GLUON:
         gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
 
 
-def compile_args(mode: str, K: int = 7168, stages: int = 3):
-    """(signature, constexprs, options) of `_probe_kernel` for `_compile.compile_kernel`."""
+def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
+    """(signature, constexprs, options) of `_probe_kernel` for `_compile.compile_kernel`; block_r
+    weight rows per CTA: 64 (one warpgroup, L1's prefill tile) or 128 (two sharing the token tile)."""
     sig = dict(w_ptr="*fp8e4nv", x_ptr="*fp8e4nv", out_ptr="*fp32", N_TOK="i32")
-    ce = dict(K=K, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=stages, MODE=MODES[mode])
-    return sig, ce, dict(num_warps=4)
+    ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=stages, MODE=MODES[mode])
+    return sig, ce, dict(num_warps=block_r // 16)
 
 
 def main() -> None:
@@ -132,6 +134,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=7168)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--block-r", type=int, default=64, choices=(64, 128),
+                   help="weight rows per CTA: one warpgroup (64, L1's tile) or two sharing the token tile")
     args = p.parse_args()
     if not HAVE_GLUON:
         raise SystemExit("this Triton has no Gluon Hopper ops")
@@ -140,21 +144,22 @@ def main() -> None:
     w = (torch.randn(R, K, device="cuda", generator=g) * 4).to(torch.float8_e4m3fn)
     x = (torch.randn(N, K, device="cuda", generator=g) * 4).to(torch.float8_e4m3fn)
     ref = w.double() @ x.double().T
-    grid = (R // BLOCK_R, N // BLOCK_M)
+    block_r, warps = args.block_r, args.block_r // 16
+    grid = (R // block_r, N // BLOCK_M)
     outs = {}
-    print(f"{torch.cuda.get_device_name()}, R {R} x tokens {N} x K {K}, {args.stages} stages, 64 x 128 tiles")
+    print(f"{torch.cuda.get_device_name()}, R {R} x tokens {N} x K {K}, {args.stages} stages, {block_r} x 128 tiles")
     for name, mode in MODES.items():
         out = torch.empty(R, N, device="cuda", dtype=torch.float32)
 
         def run():
-            return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                                       STAGES=args.stages, MODE=mode, num_warps=4)
+            return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                                       STAGES=args.stages, MODE=mode, num_warps=warps)
         compiled = run()
         torch.cuda.synchronize()
         if hasattr(compiled, "result"):          # an async-compile future
             compiled = compiled.result()
         regs, smem = getattr(compiled, "n_regs", 0), compiled.metadata.shared
-        per_sm = resident_ctas(regs, 4, smem) if regs else 0
+        per_sm = resident_ctas(regs, warps, smem) if regs else 0
         err = ((out.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(3):

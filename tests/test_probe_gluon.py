@@ -16,28 +16,30 @@ pytestmark = pytest.mark.skipif(not pg.HAVE_GLUON, reason="this Triton has no Gl
 
 
 def test_probe_modes_compile_for_hopper():
+    """Every mode, with one warpgroup per CTA (64 weight rows) and with two (128)."""
     from mega_moe_layer.kernels import _compile
 
+    cases = [(mode, block_r) for block_r in (64, 128) for mode in pg.MODES]
     jobs = []
-    for mode in pg.MODES:
-        sig, ce, opts = pg.compile_args(mode)
+    for mode, block_r in cases:
+        sig, ce, opts = pg.compile_args(mode, block_r=block_r)
         jobs.append(_compile.CompileJob(pg._probe_kernel, sig, ce, 90, **opts))
     try:
-        ptx = dict(zip(pg.MODES, _compile.compile_ptx_batch(jobs)))
+        ptx = dict(zip(cases, _compile.compile_ptx_batch(jobs)))
     except _compile.CompileUnavailable as exc:
         pytest.skip(str(exc))
-    for mode, p in ptx.items():
+    for (mode, block_r), p in ptx.items():
         assert _compile.ptx_target(p) == "sm_90a"
         mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
-        assert mmas == {"wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"}, (mode, mmas)
+        assert mmas == {"wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"}, (mode, block_r, mmas)
         try:
             usage = _compile.ptxas_usage(p, 90)
         except _compile.CompileUnavailable as exc:
             pytest.skip(str(exc))
-        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (mode, usage)
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (mode, block_r, usage)
         waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", p)]
         if mode == "sync":
             assert waits and set(waits) == {0}, waits
         else:
             # one wait in the K loop that leaves this step's MMA in flight, one after it
-            assert waits == [1, 0], (mode, waits)
+            assert waits == [1, 0], (mode, block_r, waits)
