@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call for the next session (written 2026-12-07, sixth): DeepGEMM built in the
+# background while the Gluon promotion probe runs (`scripts/probe_gluon_promote.py`, one and two
+# warpgroups per CTA), then `ab_bench.sh` with the anchor: this tree at T = 1 / 128 / 512 / 4096 and
+# FP8 weights at T = 128. ~6-7 minutes on a warm H100 / H200. Logs under $OUT.
+#   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
+set -u -o pipefail
+OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+nvidia-smi -L
+build_pid=
+if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
+    (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
+    build_pid=$!
+fi
+for br in 64 128; do
+    PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${PROBE_S-90} python3 scripts/probe_gluon_promote.py --block-r $br \
+        > "$OUT/probe_$br.log" 2>&1
+    echo "=== probe, $br rows per CTA"; tail -n 6 "$OUT/probe_$br.log"
+done
+[ -n "$build_pid" ] && { wait "$build_pid"; tail -n 2 "$OUT/dg_build.log"; }
+OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS="${FP8_TOKENS-128}" \
+    timeout -k 5 ${AB_S-330} bash scripts/ab_bench.sh
+exit 0
