@@ -144,7 +144,9 @@ def compile_ptx_batch(jobs: Sequence[CompileJob]) -> List[str]:
     """PTX of several compilations; in interpreter mode all of them share one child process."""
     for job in jobs:  # validate here, in the caller's process, for clear errors
         _full_signature(job["kernel_fn"], job["signature"], job["constexprs"])
-    if all(_is_jit_function(job["kernel_fn"]) for job in jobs):
+    # NOTE: with TRITON_INTERPRET=1 in this process Triton's semantic layer is the interpreter's
+    # even for kernels that are still JIT functions (a `gluon.jit` kernel): compile in a child.
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and all(_is_jit_function(job["kernel_fn"]) for job in jobs):
         return [compile_kernel(j["kernel_fn"], j["signature"], j["constexprs"], j["arch"], j["divisible_by_16"],
                                **j["options"]).asm["ptx"] for j in jobs]
     return _compile_in_child(jobs)
