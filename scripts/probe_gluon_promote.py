@@ -24,7 +24,9 @@ not yet run on a GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 
 try:
     from triton.experimental import gluon
@@ -127,6 +129,7 @@ def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
 
 def main() -> None:
     import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from mega_moe_layer.kernels.gemm_heuristics import resident_ctas
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4096)
