@@ -34,6 +34,10 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                   warpgroup_mma_init, warpgroup_mma_wait)
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.6 names the TMA load `async_copy_global_to_shared`, later versions `async_load`
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     # Triton 3.6 names the cp.async copy `async_copy_global_to_shared`, later versions `async_load`
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # ... and the CTA barrier `thread_barrier`, later versions `barrier`
@@ -43,7 +47,7 @@ except ImportError:            # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
 BLOCK_M, BLOCK_K = 128, 128
-MODES = {"sync": 0, "delayed": 1, "chained": 2}
+MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3}
 
 if HAVE_GLUON:
     @gluon.jit
@@ -118,13 +122,96 @@ if HAVE_GLUON:
         c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
         gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
 
+    @gluon.jit
+    def _ws_loader(w_desc, x_desc, w_bufs, x_bufs, ready, empty, row0, col0, NK: gl.constexpr,
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, STAGE_BYTES: gl.constexpr):
+        """The producer warp: TMA loads of the weight and token tiles into the stages, one ahead of
+        the consumers by at most STAGES steps (`empty` released by the consumers, `ready` by TMA)."""
+        for k in range(NK):
+            s = k % STAGES
+            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), STAGE_BYTES)
+            _tma_load(w_desc, [row0, k * BLOCK_K], ready.index(s), w_bufs.index(s))
+            _tma_load(x_desc, [col0, k * BLOCK_K], ready.index(s), x_bufs.index(s))
+
+    @gluon.jit
+    def _ws_consumer(w_bufs, x_bufs, ready, empty, out_ptr, row0, col0, N_TOK, NK: gl.constexpr,
+                     BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """The MMA warpgroup(s): both operands from shared memory, step k's MMA in flight while step
+        k - 1's partial sum is promoted, then step k - 1's stage handed back to the loader."""
+        WARPS: gl.constexpr = BLOCK_R // 16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        zero = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        acc = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        prev = warpgroup_mma_init(zero)
+        for k in range(NK):
+            s = k % STAGES
+            mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+            tok = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+            acc = acc + warpgroup_mma_wait(1, deps=[prev])
+            if WARPS > 4:
+                _cta_barrier()                      # every warpgroup is done with step k - 1's stage
+            mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
+            prev = tok
+        acc = acc + warpgroup_mma_wait(0, deps=[prev])
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
+        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+
+    @gluon.jit
+    def _ws_kernel(w_desc, x_desc, out_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """MODE 3 "ws": warp-specialised, as DeepGEMM's SM90 kernels are (a TMA producer warp, MMA
+        consumer warpgroups that never wait on a CTA barrier for their operands)."""
+        row0 = gl.program_id(0) * BLOCK_R
+        col0 = gl.program_id(1) * BLOCK_M
+        NK: gl.constexpr = K // BLOCK_K
+        w_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_R, BLOCK_K], w_desc.layout)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        STAGE_BYTES: gl.constexpr = (BLOCK_R + BLOCK_M) * BLOCK_K
+        gl.warp_specialize([
+            (_ws_consumer, (w_bufs, x_bufs, ready, empty, out_ptr, row0, col0, N_TOK, NK, BLOCK_R, BLOCK_M,
+                            STAGES)),
+            (_ws_loader, (w_desc, x_desc, w_bufs, x_bufs, ready, empty, row0, col0, NK, BLOCK_K, STAGES,
+                          STAGE_BYTES)),
+        ], [1], [24])
+
+
+def _smem_layout(rows: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl.float8e4nv)
+
+
+def ws_descriptors(w, x, block_r: int):
+    """TMA descriptors of the weight [R, K] and token [N, K] tensors for `_ws_kernel`."""
+    return (TensorDescriptor.from_tensor(w, [block_r, BLOCK_K], _smem_layout(block_r)),
+            TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], _smem_layout(BLOCK_M)))
+
+
+# registers per thread for the whole CTA under warp specialisation (the loader's warpgroup takes
+# 24, the consumers the rest): 2 CTAs of 64 rows per SM, 1 of 128
+WS_MAXNREG = {64: 128, 128: 168}
+WS_STAGES = 4
+
 
 def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
-    """(signature, constexprs, options) of `_probe_kernel` for `_compile.compile_kernel`; block_r
+    """(kernel, signature, constexprs, options) of a mode for `_compile.compile_kernel`; block_r
     weight rows per CTA: 64 (one warpgroup, L1's prefill tile) or 128 (two sharing the token tile)."""
+    if mode == "ws":
+        def desc(rows):
+            return f"tensordesc<fp8e4nv[{rows}, {BLOCK_K}],{_smem_layout(rows)!r}>"
+        sig = dict(w_desc=desc(block_r), x_desc=desc(BLOCK_M), out_ptr="*fp32", N_TOK="i32")
+        ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES)
+        return _ws_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS_MAXNREG[block_r])
     sig = dict(w_ptr="*fp8e4nv", x_ptr="*fp8e4nv", out_ptr="*fp32", N_TOK="i32")
     ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=stages, MODE=MODES[mode])
-    return sig, ce, dict(num_warps=block_r // 16)
+    return _probe_kernel, sig, ce, dict(num_warps=block_r // 16)
 
 
 def main() -> None:
@@ -154,15 +241,23 @@ def main() -> None:
     for name, mode in MODES.items():
         out = torch.empty(R, N, device="cuda", dtype=torch.float32)
 
-        def run():
-            return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                                       STAGES=args.stages, MODE=mode, num_warps=warps)
+        if name == "ws":
+            w_desc, x_desc = ws_descriptors(w, x, block_r)
+
+            def run():
+                return _ws_kernel[grid](w_desc, x_desc, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                                        BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
+                                        maxnreg=WS_MAXNREG[block_r])
+        else:
+            def run():
+                return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                                           STAGES=args.stages, MODE=mode, num_warps=warps)
         compiled = run()
         torch.cuda.synchronize()
         if hasattr(compiled, "result"):          # an async-compile future
             compiled = compiled.result()
         regs, smem = getattr(compiled, "n_regs", 0), compiled.metadata.shared
-        per_sm = resident_ctas(regs, warps, smem) if regs else 0
+        per_sm = resident_ctas(regs, warps + 4 * (name == "ws"), smem) if regs else 0
         err = ((out.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(3):
@@ -178,8 +273,8 @@ def main() -> None:
         outs[name] = out
         print(f"  {name:8s} {us:9.1f} us  {2 * R * N * K / us / 1e6:7.1f} TFLOP/s  rel-err {err:.2e}  "
               f"({regs} registers, {smem} B shared: {per_sm} CTAs per SM)", flush=True)
-    same = torch.equal(outs["sync"], outs["delayed"])
-    print(f"  sync and delayed bitwise equal: {same}")
+    same = torch.equal(outs["sync"], outs["delayed"]) and torch.equal(outs["sync"], outs["ws"])
+    print(f"  sync, delayed and ws bitwise equal: {same}")
     if not same:
         raise SystemExit(1)
 
