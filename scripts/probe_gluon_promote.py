@@ -49,7 +49,7 @@ except ImportError:            # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
 BLOCK_M, BLOCK_K = 128, 128
-MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4}
+MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4, "ws4d": 5}
 
 if HAVE_GLUON:
     @gluon.jit
@@ -203,52 +203,70 @@ if HAVE_GLUON:
             constraints="=r,=r,r,r,r", args=[wd, tlo, thi], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
     @gluon.jit
-    def _ws4_loader(wq_desc, d_desc, x_desc, wq_bufs, d_bufs, x_bufs, ready, empty, row0, col0, NK: gl.constexpr,
-                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, STAGE_BYTES: gl.constexpr):
-        """The producer warp of "ws4": the step's 4-bit words [R, BLOCK_K / 8] (int32), the offset
-        indices of its groups [R, 16] (uint8, 4 used) and the token tile."""
-        for k in range(NK):
-            s = k % STAGES
-            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), STAGE_BYTES)
-            _tma_load(wq_desc, [row0, k * (BLOCK_K // 8)], ready.index(s), wq_bufs.index(s))
-            _tma_load(d_desc, [row0, k * (BLOCK_K // 32)], ready.index(s), d_bufs.index(s))
-            _tma_load(x_desc, [col0, k * BLOCK_K], ready.index(s), x_bufs.index(s))
+    def _d_offsets(d_ptr, row0, NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_K: gl.constexpr, ld: gl.constexpr):
+        """Pointers of a tile's offset indices at step 0, uint8 [BLOCK_R, BLOCK_K / 32] in layout ld.
+        (The indices come from global memory, one step ahead: a TMA box of them, uint8 [R, 16] or
+        [R, 32], stopped the kernel with an illegal instruction on an H100, seventh session.)"""
+        d_rows = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, ld))
+        d_cols = gl.arange(0, BLOCK_K // 32, layout=gl.SliceLayout(0, ld))
+        return d_ptr + (row0 + d_rows)[:, None].to(gl.int64) * (NK * (BLOCK_K // 32)) + d_cols[None, :]
 
     @gluon.jit
-    def _ws4_consumer(wq_bufs, d_bufs, x_bufs, a_bufs, ready, empty, out_ptr, row0, col0, N_TOK, NK: gl.constexpr,
-                      BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        """The MMA warpgroup(s) of "ws4": each step's words are decoded to E4M3 into one of two shared
-        buffers (the other still feeds step k - 1's MMA), then as "ws"."""
-        WARPS: gl.constexpr = BLOCK_R // 16
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 32])
+    def _decode_store(wq_smem, a_smem, d_cur, BLOCK_R: gl.constexpr, BLOCK_K: gl.constexpr, WARPS: gl.constexpr):
+        """One step's words [R, BLOCK_K / 8] (shared) and offset indices d_cur [R, BLOCK_K / 32] ->
+        E4M3 [R, BLOCK_K] in a_smem (natural K order: word j -> k 8 j .. 8 j + 7)."""
         # a thread holds one 32-group's 4 words (words [R, 4 groups, 4]) and that group's offset index
         l3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[8, 4, 1],
                                             warps_per_cta=[WARPS, 1, 1], order=[2, 1, 0])
         l2: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[8, 4],
                                             warps_per_cta=[WARPS, 1], order=[1, 0])
-        ld: gl.constexpr = gl.SliceLayout(2, l3)
         w_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        wd = gl.convert_layout(gl.reshape(wq_smem.load(l2), [BLOCK_R, BLOCK_K // 32, 4]), l3)
+        d3 = gl.expand_dims(d_cur, 2) + gl.zeros([BLOCK_R, BLOCK_K // 32, 4], gl.int32, layout=l3)
+        # E4M3 bytes of the magnitudes x 2**(6 - d) (normal for d <= 11): 0x60 + 8 (e - d)
+        lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d3 * 0x08080800, 0x7C787470 - d3 * 0x08080808)
+        if _NEW_REINTERPRET:
+            a_w = a_smem.reinterpret(gl.int32, [BLOCK_R, BLOCK_K // 4], w_layout)
+        else:
+            a_w = a_smem._reinterpret(gl.int32, [BLOCK_R, BLOCK_K // 4], w_layout)
+        a_w.store(gl.reshape(gl.join(lo, hi), [BLOCK_R, BLOCK_K // 4]))
+        fence_async_shared()
+
+    @gluon.jit
+    def _ws4_loader(wq_desc, x_desc, wq_bufs, x_bufs, ready, empty, row0, col0, NK: gl.constexpr,
+                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, STAGE_BYTES: gl.constexpr):
+        """The producer warp of "ws4": the step's 4-bit words [R, BLOCK_K / 8] (int32) and token tile."""
+        for k in range(NK):
+            s = k % STAGES
+            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), STAGE_BYTES)
+            _tma_load(wq_desc, [row0, k * (BLOCK_K // 8)], ready.index(s), wq_bufs.index(s))
+            _tma_load(x_desc, [col0, k * BLOCK_K], ready.index(s), x_bufs.index(s))
+
+    @gluon.jit
+    def _ws4_consumer(wq_bufs, x_bufs, a_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
+                      NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """The MMA warpgroup(s) of "ws4": each step's words are decoded to E4M3 into one of two shared
+        buffers (the other still feeds step k - 1's MMA), then as "ws"."""
+        WARPS: gl.constexpr = BLOCK_R // 16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        l3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[8, 4, 1],
+                                            warps_per_cta=[WARPS, 1, 1], order=[2, 1, 0])
+        d_ptrs = _d_offsets(d_ptr, row0, NK, BLOCK_R, BLOCK_K, gl.SliceLayout(2, l3))
         zero = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
         acc = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
         prev = warpgroup_mma_init(zero)
+        d_next = gl.load(d_ptrs).to(gl.int32)
         for k in range(NK):
             s = k % STAGES
+            d_cur = d_next
+            if k + 1 < NK:
+                d_next = gl.load(d_ptrs + (k + 1) * (BLOCK_K // 32)).to(gl.int32)
             mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-            wd = gl.convert_layout(gl.reshape(wq_bufs.index(s).load(l2), [BLOCK_R, BLOCK_K // 32, 4]), l3)
-            d = d_bufs.index(s).slice(0, BLOCK_K // 32, dim=1).load(ld).to(gl.int32)
-            d3 = gl.expand_dims(d, 2) + gl.zeros([BLOCK_R, BLOCK_K // 32, 4], gl.int32, layout=l3)
-            # E4M3 bytes of the magnitudes x 2**(6 - d) (normal for d <= 11): 0x60 + 8 (e - d)
-            lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d3 * 0x08080800, 0x7C787470 - d3 * 0x08080808)
             a_s = a_bufs.index(k % 2)
-            if _NEW_REINTERPRET:
-                a_w = a_s.reinterpret(gl.int32, [BLOCK_R, BLOCK_K // 4], w_layout)
-            else:
-                a_w = a_s._reinterpret(gl.int32, [BLOCK_R, BLOCK_K // 4], w_layout)
-            # word j of a row -> k 8 j .. 8 j + 3 (lo), 8 j + 4 .. 8 j + 7 (hi): natural K order
-            a_w.store(gl.reshape(gl.join(lo, hi), [BLOCK_R, BLOCK_K // 4]))
-            fence_async_shared()
+            _decode_store(wq_bufs.index(s), a_s, d_cur, BLOCK_R, BLOCK_K, WARPS)
             tok = warpgroup_mma(a_s, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
             acc = acc + warpgroup_mma_wait(1, deps=[prev])
             if WARPS > 4:
@@ -261,7 +279,7 @@ if HAVE_GLUON:
         gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
 
     @gluon.jit
-    def _ws4_kernel(wq_desc, d_desc, x_desc, out_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
+    def _ws4_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """MODE 4 "ws4": "ws" with 4-bit weights (the layer's MXFP4 words and per-group offset
         indices, decoded by the MMA warpgroups into shared memory), FP8 tokens."""
@@ -269,7 +287,6 @@ if HAVE_GLUON:
         col0 = gl.program_id(1) * BLOCK_M
         NK: gl.constexpr = K // BLOCK_K
         wq_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_R, BLOCK_K // 8], wq_desc.layout)
-        d_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_R, 16], d_desc.layout)
         x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_R, BLOCK_K], a_layout)
@@ -278,32 +295,130 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        STAGE_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2) + BLOCK_R * 16 + BLOCK_M * BLOCK_K
+        STAGE_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2) + BLOCK_M * BLOCK_K
         gl.warp_specialize([
-            (_ws4_consumer, (wq_bufs, d_bufs, x_bufs, a_bufs, ready, empty, out_ptr, row0, col0, N_TOK, NK,
+            (_ws4_consumer, (wq_bufs, x_bufs, a_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
                              BLOCK_R, BLOCK_M, BLOCK_K, STAGES)),
-            (_ws4_loader, (wq_desc, d_desc, x_desc, wq_bufs, d_bufs, x_bufs, ready, empty, row0, col0, NK,
-                           BLOCK_K, STAGES, STAGE_BYTES)),
+            (_ws4_loader, (wq_desc, x_desc, wq_bufs, x_bufs, ready, empty, row0, col0, NK, BLOCK_K, STAGES,
+                           STAGE_BYTES)),
         ], [1], [24])
+
+    @gluon.jit
+    def _ws4d_loader(wq_desc, x_desc, d_ptr, wq_bufs, x_bufs, a_bufs, w_ready, w_empty, x_ready, x_empty,
+                     a_ready, a_empty, row0, col0, NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_BYTES: gl.constexpr, X_BYTES: gl.constexpr):
+        """The producer warp of "ws4d": words and tokens on separate barriers (the words are freed by
+        the decoder, the tokens by the MMA)."""
+        for k in range(NK):
+            s = k % STAGES
+            ph = ((k // STAGES) & 1) ^ 1
+            mbarrier.wait(w_empty.index(s), ph)
+            mbarrier.expect(w_ready.index(s), W_BYTES)
+            _tma_load(wq_desc, [row0, k * (BLOCK_K // 8)], w_ready.index(s), wq_bufs.index(s))
+            mbarrier.wait(x_empty.index(s), ph)
+            mbarrier.expect(x_ready.index(s), X_BYTES)
+            _tma_load(x_desc, [col0, k * BLOCK_K], x_ready.index(s), x_bufs.index(s))
+
+    @gluon.jit
+    def _ws4d_decoder(wq_desc, x_desc, d_ptr, wq_bufs, x_bufs, a_bufs, w_ready, w_empty, x_ready, x_empty,
+                      a_ready, a_empty, row0, col0, NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_BYTES: gl.constexpr, X_BYTES: gl.constexpr):
+        """The decode warpgroup of "ws4d": words (shared) -> E4M3 (shared, two buffers), so the MMA
+        warpgroup only issues MMAs and promotes."""
+        l3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[8, 4, 1],
+                                            warps_per_cta=[4, 1, 1], order=[2, 1, 0])
+        d_ptrs = _d_offsets(d_ptr, row0, NK, BLOCK_R, BLOCK_K, gl.SliceLayout(2, l3))
+        d_next = gl.load(d_ptrs).to(gl.int32)
+        for k in range(NK):
+            s = k % STAGES
+            b = k % 2
+            d_cur = d_next
+            if k + 1 < NK:
+                d_next = gl.load(d_ptrs + (k + 1) * (BLOCK_K // 32)).to(gl.int32)
+            mbarrier.wait(w_ready.index(s), (k // STAGES) & 1)
+            mbarrier.wait(a_empty.index(b), ((k // 2) & 1) ^ 1)
+            _decode_store(wq_bufs.index(s), a_bufs.index(b), d_cur, BLOCK_R, BLOCK_K, 4)
+            _cta_barrier()                          # (this partition's warps) every store is done
+            mbarrier.arrive(w_empty.index(s))
+            mbarrier.arrive(a_ready.index(b))
+
+    @gluon.jit
+    def _ws4d_mma(x_bufs, a_bufs, x_ready, x_empty, a_ready, a_empty, out_ptr, row0, col0, N_TOK,
+                  NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """The MMA warpgroup(s) of "ws4d": both operands from shared memory, delayed promotion; step
+        k - 1's token stage and decoded buffer handed back once its MMA is done."""
+        WARPS: gl.constexpr = BLOCK_R // 16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        zero = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        acc = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        prev = warpgroup_mma_init(zero)
+        for k in range(NK):
+            s = k % STAGES
+            b = k % 2
+            mbarrier.wait(x_ready.index(s), (k // STAGES) & 1)
+            mbarrier.wait(a_ready.index(b), (k // 2) & 1)
+            tok = warpgroup_mma(a_bufs.index(b), x_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+            acc = acc + warpgroup_mma_wait(1, deps=[prev])
+            if WARPS > 4:
+                _cta_barrier()
+            mbarrier.arrive(x_empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
+            mbarrier.arrive(a_empty.index((k + 1) % 2), pred=k > 0)
+            prev = tok
+        acc = acc + warpgroup_mma_wait(0, deps=[prev])
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
+        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+
+    @gluon.jit
+    def _ws4d_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, DEC_REGS: gl.constexpr):
+        """MODE 5 "ws4d": "ws4" with the decode in its own warpgroup (a loader warp, a decode
+        warpgroup, the MMA warpgroup(s))."""
+        row0 = gl.program_id(0) * BLOCK_R
+        col0 = gl.program_id(1) * BLOCK_M
+        NK: gl.constexpr = K // BLOCK_K
+        wq_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_R, BLOCK_K // 8], wq_desc.layout)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_R, BLOCK_K], a_layout)
+        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        a_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(w_ready.index(i), count=1)
+            mbarrier.init(w_empty.index(i), count=1)
+            mbarrier.init(x_ready.index(i), count=1)
+            mbarrier.init(x_empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(a_ready.index(i), count=1)
+            mbarrier.init(a_empty.index(i), count=1)
+        W_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2)
+        X_BYTES: gl.constexpr = BLOCK_M * BLOCK_K
+        gl.warp_specialize([
+            (_ws4d_mma, (x_bufs, a_bufs, x_ready, x_empty, a_ready, a_empty, out_ptr, row0, col0, N_TOK, NK,
+                         BLOCK_R, BLOCK_M, STAGES)),
+            (_ws4d_loader, (wq_desc, x_desc, d_ptr, wq_bufs, x_bufs, a_bufs, w_ready, w_empty, x_ready, x_empty,
+                            a_ready, a_empty, row0, col0, NK, BLOCK_R, BLOCK_M, BLOCK_K, STAGES, W_BYTES, X_BYTES)),
+            (_ws4d_decoder, (wq_desc, x_desc, d_ptr, wq_bufs, x_bufs, a_bufs, w_ready, w_empty, x_ready, x_empty,
+                             a_ready, a_empty, row0, col0, NK, BLOCK_R, BLOCK_M, BLOCK_K, STAGES, W_BYTES,
+                             X_BYTES)),
+        ], [1, 4], [24, DEC_REGS])
 
 
 def _smem_layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl.float8e4nv)
 
 
-def _ws4_layouts(block_r: int):
-    """Shared layouts of the 4-bit word tile [R, BLOCK_K / 8] int32 and the offset-index tile
-    [R, 16] uint8 (TMA boxes of "ws4")."""
-    return (gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32),
-            gl.NVMMASharedLayout.get_default_for([block_r, 16], gl.uint8))
-
-
-def ws4_descriptors(wq, d, x, block_r: int):
-    """TMA descriptors of the words [R, K / 8] int32, the offset indices [R, K / 32] uint8 and the
-    tokens [N, K] for `_ws4_kernel`."""
-    lw, ldd = _ws4_layouts(block_r)
+def ws4_descriptors(wq, x, block_r: int):
+    """TMA descriptors of the 4-bit words [R, K / 8] int32 and the tokens [N, K] for `_ws4_kernel`
+    and `_ws4d_kernel`."""
+    lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
     return (TensorDescriptor.from_tensor(wq, [block_r, BLOCK_K // 8], lw),
-            TensorDescriptor.from_tensor(d, [block_r, 16], ldd),
             TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], _smem_layout(BLOCK_M)))
 
 
@@ -335,19 +450,24 @@ def ws_descriptors(w, x, block_r: int):
 # registers per thread for the whole CTA under warp specialisation (the loader's warpgroup takes
 # 24, the consumers the rest): 2 CTAs of 64 rows per SM, 1 of 128
 WS_MAXNREG = {64: 128, 128: 168}
+# "ws4d" adds a decode warpgroup: 12 warps per CTA (the loader's padded to a warpgroup)
+WS4D_MAXNREG = {64: 96, 128: 128}
+WS4D_DEC_REGS = {64: 56, 128: 80}
 WS_STAGES = 4
 
 
 def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
     """(kernel, signature, constexprs, options) of a mode for `_compile.compile_kernel`; block_r
     weight rows per CTA: 64 (one warpgroup, L1's prefill tile) or 128 (two sharing the token tile)."""
-    if mode == "ws4":
-        lw, ldd = _ws4_layouts(block_r)
+    if mode in ("ws4", "ws4d"):
+        lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
         sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>",
-                   d_desc=f"tensordesc<u8[{block_r}, 16],{ldd!r}>",
                    x_desc=f"tensordesc<fp8e4nv[{BLOCK_M}, {BLOCK_K}],{_smem_layout(BLOCK_M)!r}>",
-                   out_ptr="*fp32", N_TOK="i32")
+                   out_ptr="*fp32", d_ptr="*u8", N_TOK="i32")
         ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES)
+        if mode == "ws4d":
+            ce["DEC_REGS"] = WS4D_DEC_REGS[block_r]
+            return _ws4d_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS4D_MAXNREG[block_r])
         return _ws4_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS_MAXNREG[block_r])
     if mode == "ws":
         def desc(rows):
@@ -404,12 +524,18 @@ def main() -> None:
                 return _ws_kernel[grid](w_desc, x_desc, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
                                         BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
                                         maxnreg=WS_MAXNREG[block_r])
-        elif name == "ws4":
-            descs = ws4_descriptors(words, d, x, block_r)
-
-            def run():
-                return _ws4_kernel[grid](*descs, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                                         STAGES=WS_STAGES, num_warps=warps, maxnreg=WS_MAXNREG[block_r])
+        elif name in ("ws4", "ws4d"):
+            descs = ws4_descriptors(words, x, block_r)
+            if name == "ws4":
+                def run():
+                    return _ws4_kernel[grid](*descs, out, d, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                                             BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
+                                             maxnreg=WS_MAXNREG[block_r])
+            else:
+                def run():
+                    return _ws4d_kernel[grid](*descs, out, d, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                                              BLOCK_K=BLOCK_K, STAGES=WS_STAGES, DEC_REGS=WS4D_DEC_REGS[block_r],
+                                              num_warps=warps, maxnreg=WS4D_MAXNREG[block_r])
         else:
             def run():
                 return _probe_kernel[grid](w, x, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
@@ -423,7 +549,7 @@ def main() -> None:
         if hasattr(compiled, "result"):          # an async-compile future
             compiled = compiled.result()
         regs, smem = getattr(compiled, "n_regs", 0), compiled.metadata.shared
-        per_sm = resident_ctas(regs, warps + 4 * name.startswith("ws"), smem) if regs else 0
+        per_sm = resident_ctas(regs, warps + 4 * name.startswith("ws") + 4 * (name == "ws4d"), smem) if regs else 0
         err = ((out.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(3):
