@@ -1,25 +1,31 @@
-"""Probe: can a Hopper FP8 mainloop promote every K step and still keep the MMA busy?
+"""Probe: how fast can a Hopper FP8 mainloop run that promotes every K step?
 
 The layer's L1 promotes the FP8 MMA's partial sum to a float32 accumulator after every 128-K step
-(Hopper's FP8 MMA accumulates with ~14 mantissa bits, truncating: docs/PERF.md), and Triton 3.6
-then waits for every MMA before the add (`warp_group_dot_wait {pendings = 0}`), so the tensor pipe
-idles while each warpgroup promotes (Nsight Compute at T = 4096: 32% busy, `wait` the largest
-stall). Gluon (Triton's lower-level dialect, `triton.experimental.gluon`) exposes the asynchronous
-wgmma and its wait directly, which allows a *delayed* promotion: issue step k's MMA, then wait
-until only it is in flight and add step k - 1's partial sum while it runs.
+(Hopper's FP8 MMA accumulates with ~14 mantissa bits, truncating: docs/PERF.md). This script times
+one R-rows x 128-token tile per CTA (weights on the MMA's M side, tokens on its N side from shared
+memory, as L1's prefill tile), E4M3 x E4M3, K 7168, R 64 (one warpgroup) or 128 (two), in Gluon
+(Triton's lower-level dialect, `triton.experimental.gluon`), several ways (MODE):
+  0 "sync": cp.async stages and CTA barriers, every step's MMA waited for, then added (the
+    scheme of the layer's Triton L1);
+  1 "delayed": as sync, step k - 1's partial sum added while step k's MMA runs;
+  2 "chained": as sync, one accumulator through K (no promotion: the truncating error);
+  3 "ws": warp-specialised: a TMA producer warp and mbarriers, the MMA warpgroup(s) promote as
+    "delayed" and never wait on a CTA barrier for their operands;
+  4 "ws4": ws with 4-bit weights (random words in natural order, `_fp4_words_e4m3`, offset indices
+    0..11 loaded from global memory one step ahead) decoded by the MMA warpgroup into shared memory;
+  5 "ws4d": ws4 with the decode in a warpgroup of its own;
+  6 "ws4r": ws4 with the layer's fragment words (`gemm_operands.fragment_words`) decoded straight
+    into the MMA's register operand (64 rows only).
+Every mode multiplies the same values (the FP8 modes take the 4-bit words' E4M3 decode) and every
+promoted mode adds the same partial sums in the same order: outputs bitwise equal to sync's
+(checked; chained differs).
 
-This script times one 64 x 128 tile per CTA (one warpgroup: 64 weight rows on the MMA's M side
-from registers, 128 tokens on its N side from shared memory, as L1's prefill tile), E4M3 x E4M3,
-K 7168, three ways (MODE):
-  0 "sync": every step's MMA waited for, then added (what the layer's Triton L1 does);
-  1 "delayed": step k's MMA in flight while step k - 1's partial sum is added;
-  2 "chained": one accumulator through K (no promotion: fastest, the truncating error).
-Modes 0 and 1 add the same partial sums in the same order: bitwise equal outputs (checked).
+    python scripts/probe_gluon_promote.py [--rows 4096 --tokens 4096 --k 7168 --iters 20 --block-r 64|128
+                                           --modes sync,delayed,chained,ws,ws4,ws4d,ws4r]
 
-    python scripts/probe_gluon_promote.py [--rows 4096 --tokens 4096 --k 7168 --iters 20 --block-r 64|128]
-
-Built 2026-12-07 (sixth session) and compiled for sm_90a on the CPU (tests/test_probe_gluon.py);
-not yet run on a GPU.
+Measured on H100s in the seventh session (docs/PERF.md): ws 780-795 TFLOP/s against sync's 353-362,
+ws4 626-637, ws4d 440-551; ws4r built after the last call, not yet run. Compiled for sm_90a on the
+CPU by tests/test_probe_gluon.py.
 """
 from __future__ import annotations
 
@@ -49,9 +55,25 @@ except ImportError:            # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
 BLOCK_M, BLOCK_K = 128, 128
-MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4, "ws4d": 5}
+MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4, "ws4d": 5, "ws4r": 6}
 
 if HAVE_GLUON:
+    @gluon.jit
+    def _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr,
+                    mma: gl.constexpr):
+        """out[row0 + r, col0 + c] = acc (float32 [BLOCK_R, BLOCK_M] in the MMA layout)."""
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
+        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+
+    @gluon.jit
+    def _alloc_barriers(N: gl.constexpr):
+        """N mbarriers, each expecting one arrival per phase."""
+        bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(N):
+            mbarrier.init(bars.index(i), count=1)
+        return bars
+
     @gluon.jit
     def _load_a(w_ptr, row0, k0, K: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_K: gl.constexpr,
                 a_layout: gl.constexpr):
@@ -120,9 +142,7 @@ if HAVE_GLUON:
         elif MODE == 2:
             acc = warpgroup_mma_wait(0, deps=[acc])
         async_copy.wait_group(0)
-        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
-        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+        _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R, BLOCK_M, mma)
 
     @gluon.jit
     def _ws_loader(w_desc, x_desc, w_bufs, x_bufs, ready, empty, row0, col0, NK: gl.constexpr,
@@ -158,9 +178,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
             prev = tok
         acc = acc + warpgroup_mma_wait(0, deps=[prev])
-        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
-        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+        _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R, BLOCK_M, mma)
 
     @gluon.jit
     def _ws_kernel(w_desc, x_desc, out_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
@@ -172,11 +190,8 @@ if HAVE_GLUON:
         NK: gl.constexpr = K // BLOCK_K
         w_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_R, BLOCK_K], w_desc.layout)
         x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        ready = _alloc_barriers(STAGES)
+        empty = _alloc_barriers(STAGES)
         STAGE_BYTES: gl.constexpr = (BLOCK_R + BLOCK_M) * BLOCK_K
         gl.warp_specialize([
             (_ws_consumer, (w_bufs, x_bufs, ready, empty, out_ptr, row0, col0, N_TOK, NK, BLOCK_R, BLOCK_M,
@@ -274,9 +289,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
             prev = tok
         acc = acc + warpgroup_mma_wait(0, deps=[prev])
-        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
-        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+        _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R, BLOCK_M, mma)
 
     @gluon.jit
     def _ws4_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
@@ -290,11 +303,8 @@ if HAVE_GLUON:
         x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_R, BLOCK_K], a_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        ready = _alloc_barriers(STAGES)
+        empty = _alloc_barriers(STAGES)
         STAGE_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2) + BLOCK_M * BLOCK_K
         gl.warp_specialize([
             (_ws4_consumer, (wq_bufs, x_bufs, a_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
@@ -367,9 +377,7 @@ if HAVE_GLUON:
             mbarrier.arrive(a_empty.index((k + 1) % 2), pred=k > 0)
             prev = tok
         acc = acc + warpgroup_mma_wait(0, deps=[prev])
-        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, mma))
-        c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        gl.store(out_ptr + (row0 + r)[:, None].to(gl.int64) * N_TOK + (col0 + c)[None, :], acc)
+        _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R, BLOCK_M, mma)
 
     @gluon.jit
     def _ws4d_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
@@ -383,20 +391,12 @@ if HAVE_GLUON:
         x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_R, BLOCK_K], a_layout)
-        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        a_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(w_empty.index(i), count=1)
-            mbarrier.init(x_ready.index(i), count=1)
-            mbarrier.init(x_empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(a_ready.index(i), count=1)
-            mbarrier.init(a_empty.index(i), count=1)
+        w_ready = _alloc_barriers(STAGES)
+        w_empty = _alloc_barriers(STAGES)
+        x_ready = _alloc_barriers(STAGES)
+        x_empty = _alloc_barriers(STAGES)
+        a_ready = _alloc_barriers(2)
+        a_empty = _alloc_barriers(2)
         W_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2)
         X_BYTES: gl.constexpr = BLOCK_M * BLOCK_K
         gl.warp_specialize([
@@ -409,6 +409,73 @@ if HAVE_GLUON:
                              X_BYTES)),
         ], [1, 4], [24, DEC_REGS])
 
+    @gluon.jit
+    def _split_bytes(w):
+        """int32 [..] -> int8 [.., 4]: byte b of each word at index b."""
+        j = gl.join(gl.join(w.to(gl.int8), (w >> 8).to(gl.int8)), gl.join((w >> 16).to(gl.int8), (w >> 24).to(gl.int8)))
+        return gl.reshape(gl.permute(j, (0, 1, 3, 2)), [j.shape[0], j.shape[1], 4])
+
+    @gluon.jit
+    def _ws4r_consumer(wq_bufs, x_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
+                       NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr):
+        """The MMA warpgroup of "ws4r": the step's fragment words (`gemm_operands.fragment_words`:
+        word 4 c + g of a row holds k = 32 g + 4 c + (0..3, 16..19)) are read from shared memory in
+        the MMA register operand's layout (thread = lane 4 r + c, rows r and r + 8 of its warp's 16),
+        decoded, and fed to the MMA from registers: no shared-memory round trip of the E4M3 tile."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        # words [64, 16]: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3 bits); warps = row 16 w
+        wl: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_R, BLOCK_K // 8])
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, wl))
+        col = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, wl))
+        d_ptrs = d_ptr + (row0 + r)[:, None].to(gl.int64) * (NK * (BLOCK_K // 32)) + (col % 4)[None, :]
+        zero = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        acc = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
+        prev = warpgroup_mma_init(zero)
+        d_next = gl.load(d_ptrs).to(gl.int32)
+        for k in range(NK):
+            s = k % STAGES
+            d_cur = d_next
+            if k + 1 < NK:
+                d_next = gl.load(d_ptrs + (k + 1) * (BLOCK_K // 32)).to(gl.int32)
+            mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+            wd = wq_bufs.index(s).load(wl)
+            lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d_cur * 0x08080800, 0x7C787470 - d_cur * 0x08080808)
+            t = gl.join(_split_bytes(lo), _split_bytes(hi))                       # [R, 4 c + g, b, h]
+            t = gl.reshape(t, [BLOCK_R, 4, 4, 4, 2])                               # [R, c, g, b, h]
+            t = gl.reshape(gl.permute(t, (0, 2, 4, 1, 3)), [BLOCK_R, BLOCK_K])     # k = 32 g + 16 h + 4 c + b
+            a = gl.convert_layout(t.to(gl.float8e4nv, bitcast=True), a_layout, assert_trivial=True)
+            tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+            acc = acc + warpgroup_mma_wait(1, deps=[prev])
+            mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
+            prev = tok
+        acc = acc + warpgroup_mma_wait(0, deps=[prev])
+        _store_tile(out_ptr, acc, row0, col0, N_TOK, BLOCK_R, BLOCK_M, mma)
+
+    @gluon.jit
+    def _ws4r_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """MODE 6 "ws4r": "ws4" with the layer's fragment words decoded straight into the MMA's
+        register operand (64 rows, one warpgroup)."""
+        row0 = gl.program_id(0) * BLOCK_R
+        col0 = gl.program_id(1) * BLOCK_M
+        NK: gl.constexpr = K // BLOCK_K
+        wq_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_R, BLOCK_K // 8], wq_desc.layout)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ready = _alloc_barriers(STAGES)
+        empty = _alloc_barriers(STAGES)
+        STAGE_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2) + BLOCK_M * BLOCK_K
+        gl.warp_specialize([
+            (_ws4r_consumer, (wq_bufs, x_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
+                              BLOCK_R, BLOCK_M, BLOCK_K, STAGES)),
+            (_ws4_loader, (wq_desc, x_desc, wq_bufs, x_bufs, ready, empty, row0, col0, NK, BLOCK_K, STAGES,
+                           STAGE_BYTES)),
+        ], [1], [24])
+
 
 def _smem_layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl.float8e4nv)
@@ -420,6 +487,28 @@ def ws4_descriptors(wq, x, block_r: int):
     lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
     return (TensorDescriptor.from_tensor(wq, [block_r, BLOCK_K // 8], lw),
             TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], _smem_layout(BLOCK_M)))
+
+
+def pack_fp4_words(codes, fragment: bool):
+    """E2M1 codes [R, K] (int64, bit 3 the sign) -> int32 words [R, K / 8] in `_fp4_words_e4m3`'s
+    bit layout: natural order (word j: k 8 j .. 8 j + 3 in its low bytes, 8 j + 4 .. 8 j + 7 in its high)
+    or the layer's fragment order (`gemm_operands.fragment_words`: word 4 c + g of a 128-K step:
+    k = 32 g + 4 c + 0..3 low, + 16 .. 19 high)."""
+    import torch
+    R, K = codes.shape
+    j = torch.arange(K // 8, device=codes.device)
+    if fragment:
+        t, w = j // 16, j % 16
+        k_lo = 128 * t + 32 * (w % 4) + 4 * (w // 4)
+        k_hi = k_lo + 16
+    else:
+        k_lo, k_hi = 8 * j, 8 * j + 4
+    word = torch.zeros(R, K // 8, dtype=torch.int64, device=codes.device)
+    for i in range(4):
+        lo, hi = codes[:, k_lo + i], codes[:, k_hi + i]
+        word |= ((lo & 7) << (4 * i)) | (((lo >> 3) & 1) << (8 * i + 7))
+        word |= ((hi & 7) << (16 + 4 * i)) | (((hi >> 3) & 1) << (8 * i + 3))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def fp4_words_reference(words, d):
@@ -459,12 +548,16 @@ WS_STAGES = 4
 def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
     """(kernel, signature, constexprs, options) of a mode for `_compile.compile_kernel`; block_r
     weight rows per CTA: 64 (one warpgroup, L1's prefill tile) or 128 (two sharing the token tile)."""
-    if mode in ("ws4", "ws4d"):
+    if mode in ("ws4", "ws4d", "ws4r"):
         lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
         sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>",
                    x_desc=f"tensordesc<fp8e4nv[{BLOCK_M}, {BLOCK_K}],{_smem_layout(BLOCK_M)!r}>",
                    out_ptr="*fp32", d_ptr="*u8", N_TOK="i32")
         ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES)
+        if mode == "ws4r":
+            if block_r != 64:
+                raise ValueError("ws4r: one warpgroup, block_r 64")
+            return _ws4r_kernel, sig, ce, dict(num_warps=4, maxnreg=WS_MAXNREG[64])
         if mode == "ws4d":
             ce["DEC_REGS"] = WS4D_DEC_REGS[block_r]
             return _ws4d_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS4D_MAXNREG[block_r])
@@ -505,7 +598,10 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     # 4-bit weights (random words, offset indices 0..11) decoded to E4M3 for the FP8 modes, so every
     # mode multiplies the same values and sync / delayed / ws / ws4 must agree bitwise
-    words = torch.randint(-2**31, 2**31 - 1, (R, K // 8), device="cuda", generator=g, dtype=torch.int64).to(torch.int32)
+    codes = torch.randint(0, 16, (R, K), device="cuda", generator=g, dtype=torch.int64)
+    words = pack_fp4_words(codes, fragment=False)
+    words_frag = pack_fp4_words(codes, fragment=True)
+    del codes
     d = torch.randint(0, 12, (R, K // 32), device="cuda", generator=g, dtype=torch.int64).to(torch.uint8)
     w = fp4_words_reference(words, d)
     x = (torch.randn(N, K, device="cuda", generator=g) * 4).to(torch.float8_e4m3fn)
@@ -524,9 +620,14 @@ def main() -> None:
                 return _ws_kernel[grid](w_desc, x_desc, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
                                         BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
                                         maxnreg=WS_MAXNREG[block_r])
-        elif name in ("ws4", "ws4d"):
-            descs = ws4_descriptors(words, x, block_r)
-            if name == "ws4":
+        elif name in ("ws4", "ws4d", "ws4r"):
+            descs = ws4_descriptors(words_frag if name == "ws4r" else words, x, block_r)
+            if name == "ws4r":
+                def run():
+                    return _ws4r_kernel[grid](*descs, out, d, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                                              BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
+                                              maxnreg=WS_MAXNREG[block_r])
+            elif name == "ws4":
                 def run():
                     return _ws4_kernel[grid](*descs, out, d, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
                                              BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
