@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the next session (written 2026-12-07, seventh): DeepGEMM built in the
-# background while the Gluon probe runs (`scripts/probe_gluon_promote.py`: ws, ws4 and ws4r, the
-# 4-bit decode into the MMA's register operand, not yet run on a GPU; each group of modes in its own
-# process, so a mode that faults or hangs loses only its own figures), then `ab_bench.sh` with the
-# anchor: this tree at T = 1 / 128 / 512 / 4096 and FP8 weights at T = 128. ~6 minutes on a warm
+# background while the Gluon probe runs (`scripts/probe_gluon_promote.py`: ws, ws4, ws4r (the
+# 4-bit decode into the MMA's register operand) and ws4g (its token rows gathered), neither yet run
+# on a GPU; each group of modes in its own process, so a mode that faults or hangs loses only its
+# own figures), then `ab_bench.sh` with the anchor: this tree at T = 1 / 128 / 512 / 4096 and FP8 weights at T = 128. ~6 minutes on a warm
 # H100 / H200. Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
 set -u -o pipefail
@@ -17,7 +17,7 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     build_pid=$!
 fi
 # one process per group of modes: a warp-specialised mode that hangs loses only its own figures
-for spec in "64 ws,ws4" "64 ws4r" "128 ws"; do
+for spec in "64 ws,ws4" "64 ws4r" "64 ws4g" "128 ws"; do
     set -- $spec
     PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${PROBE_S-75} python3 scripts/probe_gluon_promote.py --block-r $1 \
         --modes $2 > "$OUT/probe_$1_${2//,/_}.log" 2>&1

@@ -15,16 +15,18 @@ memory, as L1's prefill tile), E4M3 x E4M3, K 7168, R 64 (one warpgroup) or 128 
     0..11 loaded from global memory one step ahead) decoded by the MMA warpgroup into shared memory;
   5 "ws4d": ws4 with the decode in a warpgroup of its own;
   6 "ws4r": ws4 with the layer's fragment words (`gemm_operands.fragment_words`) decoded straight
-    into the MMA's register operand (64 rows only).
+    into the MMA's register operand (64 rows only);
+  7 "ws4g": ws4r with the token rows gathered through a permutation by a producer warpgroup
+    (cp.async arriving on mbarriers), as L1 gathers each pair's pool row (64 rows only).
 Every mode multiplies the same values (the FP8 modes take the 4-bit words' E4M3 decode) and every
 promoted mode adds the same partial sums in the same order: outputs bitwise equal to sync's
 (checked; chained differs).
 
     python scripts/probe_gluon_promote.py [--rows 4096 --tokens 4096 --k 7168 --iters 20 --block-r 64|128
-                                           --modes sync,delayed,chained,ws,ws4,ws4d,ws4r]
+                                           --modes sync,delayed,chained,ws,ws4,ws4d,ws4r,ws4g]
 
 Measured on H100s in the seventh session (docs/PERF.md): ws 780-795 TFLOP/s against sync's 353-362,
-ws4 626-637, ws4d 440-551; ws4r built after the last call, not yet run. Compiled for sm_90a on the
+ws4 626-637, ws4d 440-551; ws4r and ws4g built after the last call, not yet run. Compiled for sm_90a on the
 CPU by tests/test_probe_gluon.py.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ except ImportError:            # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
 BLOCK_M, BLOCK_K = 128, 128
-MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4, "ws4d": 5, "ws4r": 6}
+MODES = {"sync": 0, "delayed": 1, "chained": 2, "ws": 3, "ws4": 4, "ws4d": 5, "ws4r": 6, "ws4g": 7}
 
 if HAVE_GLUON:
     @gluon.jit
@@ -416,9 +418,9 @@ if HAVE_GLUON:
         return gl.reshape(gl.permute(j, (0, 1, 3, 2)), [j.shape[0], j.shape[1], 4])
 
     @gluon.jit
-    def _ws4r_consumer(wq_bufs, x_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
+    def _ws4r_consumer(wq_bufs, x_bufs, ready, x_ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
                        NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-                       STAGES: gl.constexpr):
+                       STAGES: gl.constexpr, GATHER: gl.constexpr):
         """The MMA warpgroup of "ws4r": the step's fragment words (`gemm_operands.fragment_words`:
         word 4 c + g of a row holds k = 32 g + 4 c + (0..3, 16..19)) are read from shared memory in
         the MMA register operand's layout (thread = lane 4 r + c, rows r and r + 8 of its warp's 16),
@@ -432,17 +434,20 @@ if HAVE_GLUON:
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_R, BLOCK_K // 8])
         r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, wl))
         col = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, wl))
-        d_ptrs = d_ptr + (row0 + r)[:, None].to(gl.int64) * (NK * (BLOCK_K // 32)) + (col % 4)[None, :]
+        # int32 offsets (the pointer formed at each load): fewer live registers than int64 pointers
+        d_offs = (row0 + r)[:, None] * (NK * (BLOCK_K // 32)) + (col % 4)[None, :]
         zero = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
         acc = gl.zeros([BLOCK_R, BLOCK_M], gl.float32, layout=mma)
         prev = warpgroup_mma_init(zero)
-        d_next = gl.load(d_ptrs).to(gl.int32)
+        d_next = gl.load(d_ptr + d_offs).to(gl.int32)
         for k in range(NK):
             s = k % STAGES
             d_cur = d_next
             if k + 1 < NK:
-                d_next = gl.load(d_ptrs + (k + 1) * (BLOCK_K // 32)).to(gl.int32)
+                d_next = gl.load(d_ptr + (d_offs + (k + 1) * (BLOCK_K // 32))).to(gl.int32)
             mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+            if GATHER:                                  # the token rows: the gather warpgroup's copies
+                mbarrier.wait(x_ready.index(s), (k // STAGES) & 1)
             wd = wq_bufs.index(s).load(wl)
             lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d_cur * 0x08080800, 0x7C787470 - d_cur * 0x08080808)
             t = gl.join(_split_bytes(lo), _split_bytes(hi))                       # [R, 4 c + g, b, h]
@@ -470,11 +475,56 @@ if HAVE_GLUON:
         empty = _alloc_barriers(STAGES)
         STAGE_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2) + BLOCK_M * BLOCK_K
         gl.warp_specialize([
-            (_ws4r_consumer, (wq_bufs, x_bufs, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
-                              BLOCK_R, BLOCK_M, BLOCK_K, STAGES)),
+            (_ws4r_consumer, (wq_bufs, x_bufs, ready, ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
+                              BLOCK_R, BLOCK_M, BLOCK_K, STAGES, False)),
             (_ws4_loader, (wq_desc, x_desc, wq_bufs, x_bufs, ready, empty, row0, col0, NK, BLOCK_K, STAGES,
                            STAGE_BYTES)),
         ], [1], [24])
+
+    @gluon.jit
+    def _ws4g_loader(wq_desc, perm_ptr, x_ptr, wq_bufs, x_bufs, ready, x_ready, empty, row0, col0,
+                     NK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                     W_BYTES: gl.constexpr):
+        """The producer warpgroup of "ws4g": TMA for the words; cp.async for the tile's token rows,
+        gathered through `perm` (as L1 gathers each pair's pool row), each thread's copies arriving
+        on the stage's x_ready barrier when they land (`cp.async.mbarrier.arrive.noinc`)."""
+        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
+                                            warps_per_cta=[4, 1], order=[1, 0])
+        m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+        c = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ld))
+        rows = gl.load(perm_ptr + col0 + m).to(gl.int64)
+        x_rows = x_ptr + rows[:, None] * (NK * BLOCK_K) + c[None, :]
+        for k in range(NK):
+            s = k % STAGES
+            mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), W_BYTES)
+            _tma_load(wq_desc, [row0, k * (BLOCK_K // 8)], ready.index(s), wq_bufs.index(s))
+            _cp_async(x_bufs.index(s), x_rows + k * BLOCK_K)
+            async_copy.mbarrier_arrive(x_ready.index(s), increment_count=False)
+
+    @gluon.jit
+    def _ws4g_kernel(wq_desc, x_ptr, perm_ptr, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, LOAD_REGS: gl.constexpr):
+        """MODE 7 "ws4g": "ws4r" with the token rows gathered (`perm`) by a producer warpgroup with
+        cp.async, as the layer's L1 must (a pair's row is its token's pool row)."""
+        row0 = gl.program_id(0) * BLOCK_R
+        col0 = gl.program_id(1) * BLOCK_M
+        NK: gl.constexpr = K // BLOCK_K
+        wq_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_R, BLOCK_K // 8], wq_desc.layout)
+        x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], x_layout)
+        ready = _alloc_barriers(STAGES)
+        empty = _alloc_barriers(STAGES)
+        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(x_ready.index(i), count=128)          # one arrival per producer thread
+        W_BYTES: gl.constexpr = BLOCK_R * (BLOCK_K // 2)
+        gl.warp_specialize([
+            (_ws4r_consumer, (wq_bufs, x_bufs, ready, x_ready, empty, out_ptr, d_ptr, row0, col0, N_TOK, NK,
+                              BLOCK_R, BLOCK_M, BLOCK_K, STAGES, True)),
+            (_ws4g_loader, (wq_desc, perm_ptr, x_ptr, wq_bufs, x_bufs, ready, x_ready, empty, row0, col0, NK,
+                            BLOCK_M, BLOCK_K, STAGES, W_BYTES)),
+        ], [4], [LOAD_REGS])
 
 
 def _smem_layout(rows: int):
@@ -542,12 +592,22 @@ WS_MAXNREG = {64: 128, 128: 168}
 # "ws4d" adds a decode warpgroup: 12 warps per CTA (the loader's padded to a warpgroup)
 WS4D_MAXNREG = {64: 96, 128: 128}
 WS4D_DEC_REGS = {64: 56, 128: 80}
+# "ws4g": the gather warpgroup's registers (8 row pointers per thread)
+WS4G_LOAD_REGS = 24
 WS_STAGES = 4
 
 
 def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
     """(kernel, signature, constexprs, options) of a mode for `_compile.compile_kernel`; block_r
     weight rows per CTA: 64 (one warpgroup, L1's prefill tile) or 128 (two sharing the token tile)."""
+    if mode == "ws4g":
+        lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
+        sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>", x_ptr="*fp8e4nv", perm_ptr="*i32",
+                   out_ptr="*fp32", d_ptr="*u8", N_TOK="i32")
+        ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES, LOAD_REGS=WS4G_LOAD_REGS)
+        if block_r != 64:
+            raise ValueError("ws4g: one warpgroup, block_r 64")
+        return _ws4g_kernel, sig, ce, dict(num_warps=4, maxnreg=WS_MAXNREG[64])
     if mode in ("ws4", "ws4d", "ws4r"):
         lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
         sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>",
@@ -606,6 +666,7 @@ def main() -> None:
     w = fp4_words_reference(words, d)
     x = (torch.randn(N, K, device="cuda", generator=g) * 4).to(torch.float8_e4m3fn)
     ref = w.double() @ x.double().T
+    perm = torch.randperm(N, device="cuda", generator=g).to(torch.int32)      # ws4g's gathered token rows
     block_r, warps = args.block_r, args.block_r // 16
     grid = (R // block_r, N // BLOCK_M)
     outs = {}
@@ -620,6 +681,13 @@ def main() -> None:
                 return _ws_kernel[grid](w_desc, x_desc, out, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
                                         BLOCK_K=BLOCK_K, STAGES=WS_STAGES, num_warps=warps,
                                         maxnreg=WS_MAXNREG[block_r])
+        elif name == "ws4g":
+            wq_desc = ws4_descriptors(words_frag, x, block_r)[0]
+
+            def run():
+                return _ws4g_kernel[grid](wq_desc, x, perm, out, d, N, K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                                          BLOCK_K=BLOCK_K, STAGES=WS_STAGES, LOAD_REGS=WS4G_LOAD_REGS,
+                                          num_warps=warps, maxnreg=WS_MAXNREG[block_r])
         elif name in ("ws4", "ws4d", "ws4r"):
             descs = ws4_descriptors(words_frag if name == "ws4r" else words, x, block_r)
             if name == "ws4r":
@@ -651,7 +719,10 @@ def main() -> None:
             compiled = compiled.result()
         regs, smem = getattr(compiled, "n_regs", 0), compiled.metadata.shared
         per_sm = resident_ctas(regs, warps + 4 * name.startswith("ws") + 4 * (name == "ws4d"), smem) if regs else 0
-        err = ((out.double() - ref).norm() / ref.norm()).item()
+        result = out
+        if name == "ws4g":                      # column j is token perm[j]: back to token order
+            result = torch.empty_like(out).index_copy_(1, perm.long(), out)
+        err = ((result.double() - ref).norm() / ref.norm()).item()
         times = []
         for _ in range(3):
             run()
@@ -663,8 +734,8 @@ def main() -> None:
             e.synchronize()
             times.append(s.elapsed_time(e) * 1e3)
         us = statistics.median(times)
-        outs[name] = out
-        same = "" if name in ("sync", "chained") else f"  bitwise = sync: {torch.equal(outs['sync'], out)}"
+        outs[name] = result
+        same = "" if name in ("sync", "chained") else f"  bitwise = sync: {torch.equal(outs['sync'], result)}"
         print(f"  {name:8s} {us:9.1f} us  {2 * R * N * K / us / 1e6:7.1f} TFLOP/s  rel-err {err:.2e}  "
               f"({regs} registers, {smem} B shared: {per_sm} CTAs per SM){same}", flush=True)
     bad = [n for n in outs if n not in ("sync", "chained") and not torch.equal(outs["sync"], outs[n])]
