@@ -374,6 +374,9 @@ def parse_args(argv=None):
     p.add_argument("--no-over", action="store_true",
                    help="GPU layer: no rows past block_m in an expert's last full tile "
                         "(`nvshmem_backend.USE_OVER` = False), to measure what they gain")
+    p.add_argument("--gluon-l1", action="store_true",
+                   help="GPU layer: L1's prefill launches on the warp-specialised Gluon kernel "
+                        "(`kernels.l1_gluon.ENABLED`; not yet run on a GPU when written)")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -458,6 +461,11 @@ def main(argv=None):
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
+    if args.gluon_l1:
+        from mega_moe_layer.kernels import l1_gluon
+        if not l1_gluon.HAVE_GLUON:
+            p.error("--gluon-l1: this Triton has no Gluon Hopper ops")
+        l1_gluon.ENABLED = True
     local = init_dist()
     from mega_moe_layer.kernels import gemm_heuristics
     for name, value in args.heuristic_values.items():

@@ -11,7 +11,7 @@ memory, as L1's prefill tile), E4M3 x E4M3, K 7168, R 64 (one warpgroup) or 128 
   2 "chained": as sync, one accumulator through K (no promotion: the truncating error);
   3 "ws": warp-specialised: a TMA producer warp and mbarriers, the MMA warpgroup(s) promote as
     "delayed" and never wait on a CTA barrier for their operands;
-  4 "ws4": ws with 4-bit weights (random words in natural order, `_fp4_words_e4m3`, offset indices
+  4 "ws4": ws with 4-bit weights (random words in natural order, `l1_gemm._fp4_word_asm`, offset indices
     0..11 loaded from global memory one step ahead) decoded by the MMA warpgroup into shared memory;
   5 "ws4d": ws4 with the decode in a warpgroup of its own;
   6 "ws4r": ws4 with the layer's fragment words (`gemm_operands.fragment_words`) decoded straight
@@ -36,6 +36,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mega_moe_layer.kernels.l1_gemm import _fp4_word_asm  # noqa: E402  (the layer's 4-bit decode)
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -48,6 +51,7 @@ try:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     # ... and a shared-memory view of another dtype `_reinterpret`, later versions `reinterpret`
     _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+    from mega_moe_layer.kernels.l1_gluon import _split_bytes  # noqa: E402  (int32 -> its 4 bytes)
     # Triton 3.6 names the cp.async copy `async_copy_global_to_shared`, later versions `async_load`
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # ... and the CTA barrier `thread_barrier`, later versions `barrier`
@@ -203,23 +207,6 @@ if HAVE_GLUON:
         ], [1], [24])
 
     @gluon.jit
-    def _fp4_words_e4m3(wd, tlo, thi):
-        """8 E2M1 codes per int32 word -> (lo, hi) int32 of 4 E4M3 bytes each, the layer's 7-instruction
-        decode (`l1_gemm._fp4_word_asm`: PRMT lookups in the group's 8-byte table, signs merged)."""
-        return gl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 s, s16, m0, m1, w4;
-            and.b32 s, $2, 0x77777777;
-            shr.u32 s16, s, 16;
-            prmt.b32 m0, $3, $4, s;
-            prmt.b32 m1, $3, $4, s16;
-            shl.b32 w4, $2, 4;
-            lop3.b32 $0, m0, $2, 0x80808080, 0xF8;
-            lop3.b32 $1, m1, w4, 0x80808080, 0xF8;
-            }""",
-            constraints="=r,=r,r,r,r", args=[wd, tlo, thi], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
-
-    @gluon.jit
     def _d_offsets(d_ptr, row0, NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_K: gl.constexpr, ld: gl.constexpr):
         """Pointers of a tile's offset indices at step 0, uint8 [BLOCK_R, BLOCK_K / 32] in layout ld.
         (The indices come from global memory, one step ahead: a TMA box of them, uint8 [R, 16] or
@@ -241,7 +228,7 @@ if HAVE_GLUON:
         wd = gl.convert_layout(gl.reshape(wq_smem.load(l2), [BLOCK_R, BLOCK_K // 32, 4]), l3)
         d3 = gl.expand_dims(d_cur, 2) + gl.zeros([BLOCK_R, BLOCK_K // 32, 4], gl.int32, layout=l3)
         # E4M3 bytes of the magnitudes x 2**(6 - d) (normal for d <= 11): 0x60 + 8 (e - d)
-        lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d3 * 0x08080800, 0x7C787470 - d3 * 0x08080808)
+        lo, hi = _fp4_word_asm(wd, 0x6C686000 - d3 * 0x08080800, 0x7C787470 - d3 * 0x08080808)
         if _NEW_REINTERPRET:
             a_w = a_smem.reinterpret(gl.int32, [BLOCK_R, BLOCK_K // 4], w_layout)
         else:
@@ -412,12 +399,6 @@ if HAVE_GLUON:
         ], [1, 4], [24, DEC_REGS])
 
     @gluon.jit
-    def _split_bytes(w):
-        """int32 [..] -> int8 [.., 4]: byte b of each word at index b."""
-        j = gl.join(gl.join(w.to(gl.int8), (w >> 8).to(gl.int8)), gl.join((w >> 16).to(gl.int8), (w >> 24).to(gl.int8)))
-        return gl.reshape(gl.permute(j, (0, 1, 3, 2)), [j.shape[0], j.shape[1], 4])
-
-    @gluon.jit
     def _ws4r_consumer(wq_bufs, x_bufs, ready, x_ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
                        NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                        STAGES: gl.constexpr, GATHER: gl.constexpr):
@@ -449,7 +430,7 @@ if HAVE_GLUON:
             if GATHER:                                  # the token rows: the gather warpgroup's copies
                 mbarrier.wait(x_ready.index(s), (k // STAGES) & 1)
             wd = wq_bufs.index(s).load(wl)
-            lo, hi = _fp4_words_e4m3(wd, 0x6C686000 - d_cur * 0x08080800, 0x7C787470 - d_cur * 0x08080808)
+            lo, hi = _fp4_word_asm(wd, 0x6C686000 - d_cur * 0x08080800, 0x7C787470 - d_cur * 0x08080808)
             t = gl.join(_split_bytes(lo), _split_bytes(hi))                       # [R, 4 c + g, b, h]
             t = gl.reshape(t, [BLOCK_R, 4, 4, 4, 2])                               # [R, c, g, b, h]
             t = gl.reshape(gl.permute(t, (0, 2, 4, 1, 3)), [BLOCK_R, BLOCK_K])     # k = 32 g + 16 h + 4 c + b
@@ -540,7 +521,7 @@ def ws4_descriptors(wq, x, block_r: int):
 
 
 def pack_fp4_words(codes, fragment: bool):
-    """E2M1 codes [R, K] (int64, bit 3 the sign) -> int32 words [R, K / 8] in `_fp4_words_e4m3`'s
+    """E2M1 codes [R, K] (int64, bit 3 the sign) -> int32 words [R, K / 8] in `l1_gemm._fp4_word_asm`'s
     bit layout: natural order (word j: k 8 j .. 8 j + 3 in its low bytes, 8 j + 4 .. 8 j + 7 in its high)
     or the layer's fragment order (`gemm_operands.fragment_words`: word 4 c + g of a 128-K step:
     k = 32 g + 4 c + 0..3 low, + 16 .. 19 high)."""
@@ -565,7 +546,7 @@ def fp4_words_reference(words, d):
     """The E4M3 weights [R, K] that "ws4" decodes from words [R, K / 8] (int32) and offset indices
     d [R, K / 32] (uint8, <= 11): word j holds k = 8 j .. 8 j + 7; its low 4 bytes from the
     magnitudes at bits 4 i (sign bit 8 i + 7), its high 4 from bits 16 + 4 i (sign 8 i + 3); magnitude
-    m -> E2M1(m) x 2**(6 - d) (`_fp4_words_e4m3`)."""
+    m -> E2M1(m) x 2**(6 - d) (`l1_gemm._fp4_word_asm`)."""
     import torch
     w = words.to(torch.int64) & 0xFFFFFFFF
     dd = d.to(torch.int64).repeat_interleave(4, dim=1)                          # per word
@@ -635,7 +616,6 @@ def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
 
 def main() -> None:
     import torch
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from mega_moe_layer.kernels.gemm_heuristics import resident_ctas
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4096)

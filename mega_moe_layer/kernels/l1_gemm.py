@@ -843,6 +843,14 @@ def _apply_row_factors(acc, e_row, w_row_ptr, w_idx, ACT_FORMAT: tl.constexpr, W
 
 
 @triton.jit
+def _swiglu_h(gate, up, weight):
+    """DESIGN step 4 in float32: silu(gate) * up * weight, the operations of `_l1_epilogue`'s line
+    (kept inline there: calling this from it changed the Triton kernel's SASS) for the Gluon L1
+    (`l1_gluon`), whose h must equal the Triton kernel's."""
+    return gate * tl.sigmoid(gate) * up * weight
+
+
+@triton.jit
 def _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
                  INTER: tl.constexpr, ACT_FORMAT: tl.constexpr, HAS_CLAMP: tl.constexpr, W_KIND: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -1520,6 +1528,16 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     h_view = h_out.view(torch.int16) if act_format == "bf16" else h_out.view(torch.int8)
     h_sf_view = None if h_sf_out is None else h_sf_out.view(torch.uint8)
     x_src, x_sf_src = (pool_x, pool_x_sf) if x_rebased is None else x_rebased
+    from . import l1_gluon
+    if l1_gluon.ENABLED and device.type == "cuda" and l1_gluon.applies(
+            w_kind, act_format, x_rebased is not None, config.block_m, config.block_n, config.block_k, over_m,
+            fp4_table(w13_operand, False), arch):
+        # the warp-specialised Gluon kernel (off by default: built, not yet run on a GPU)
+        kernel, grid, args, kwargs = l1_gluon.l1_gluon_launch(
+            x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles,
+            w_kind, w_data, w_aux, w_row, h_out, h_sf_out, hidden=hidden, inter=inter, clamp=activation_clamp,
+            over_m=over_m, over_limit=over_limit, group_m=config.group_m, num_sms=num_sms, max_tiles=n_tiles)
+        return _launch_or_bind(kernel, grid, device, bind, args, kwargs)
     args, kwargs = _call_args(
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,
             num_tiles, w_data, w_aux, w_row, tab, h_view, h_sf_view, n_tiles,

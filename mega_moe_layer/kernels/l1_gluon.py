@@ -1,0 +1,367 @@
+"""L1's prefill tiles on Hopper as a warp-specialised Gluon kernel.
+
+Built 2026-12-07 (seventh session) and compiled for sm_90a on the CPU (tests/test_l1_gluon.py);
+NOT yet run on a GPU, so off unless `ENABLED` is set (`scripts/bench.py --gluon-l1`) and checked
+there first against the Triton kernel (`tests/test_gemm_gpu.py::test_gluon_l1_matches_triton`).
+
+Why (docs/PERF.md, seventh session): the Triton L1 runs a promoted FP8 mainloop whose warps wait
+for every MMA and meet a CTA barrier at every K step (tensor pipe ~32% busy at T = 4096). The same
+tile warp-specialised in Gluon (`scripts/probe_gluon_promote.py`) ran 780-795 TFLOP/s on an H100
+against 353-362 for the unspecialised scheme; this kernel is that pattern with L1's operands.
+
+Scope (`applies`): the streamed FP8 mainloop's main launch: x rebased to E4M3 where it landed
+(`x_rebased`), weights "mxfp4" (fragment words decoded into the MMA's register operand; offset
+indices d <= 11, the "imad" table) or "fp8_rebased" (E4M3 rows, the MMA reads them from shared
+memory), 128 pairs per tile plus `over_m` (0 or 16) rows past it, 32 columns of gate and of up per
+item (64 stacked rows: one warpgroup), 128 K per step, FP8 h.
+
+Partitions (per CTA, two CTAs per SM):
+- a producer warpgroup (4 warps, few registers): per K step the two TMA boxes of the weight rows
+  (gate rows, up rows) and the tile's 128 (+ 16) token rows gathered by cp.async (a pair's row is
+  its token's pool row), each thread's copies arriving on the stage's barrier as they land;
+- the MMA warpgroup: waits for a stage, decodes the words (mxfp4), issues step k's MMA(s), adds step
+  k - 1's partial sum to the float32 accumulator while they run, hands step k - 1's stage back;
+  after the last step, the epilogue of `l1_gemm._l1_epilogue` (row factors, bf16, clamp, SwiGLU x
+  weight, requantise per 32), gate and up rows exchanged through shared memory.
+Both partitions walk the same persistent sequence of (tile, N block) items as `l1_gemm._l1_kernel`.
+
+Numerics: the same partial sums as `l1_gemm._fp8_mainloop` with PROMOTE 1 (one 128-K MMA from
+zero per step), added in the same order into float32, and the same epilogue helpers: h and its
+scales must equal the Triton kernel's (up to the sign of zero sums).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .l1_gemm import (_e4m3_code, _exp2_neg_ue8m0, _exp2_ue8m0, _fp4_word_asm, _round_bf16, _swiglu_h,
+                      _tile_coords, _ue8m0_exponent)
+from .sync import pdl_enter
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.6 names: `async_copy_global_to_shared` (cp.async and TMA), `thread_barrier`; later
+    # versions `async_load`, `barrier`
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    HAVE_GLUON = True
+except ImportError:          # a Triton without Gluon's Hopper ops
+    HAVE_GLUON = False
+
+__all__ = ["ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch"]
+
+#: Use this kernel for L1's main launch where it `applies` (off: not yet run on a GPU).
+ENABLED = False
+
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 32, 128
+#: K-step stages per weight kind (two CTAs per SM: shared memory per CTA <= ~110 KB).
+STAGES = {"mxfp4": 4, "fp8_rebased": 3}
+#: Registers per thread for the whole CTA (8 warps, two CTAs per SM) and for the producer.
+MAXNREG, LOAD_REGS = 128, 32
+
+
+def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, block_n: int, block_k: int,
+            over_m: int, fp4_table: str, arch: int) -> bool:
+    """Whether a launch is one this kernel covers (see the module docstring)."""
+    return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and w_kind in STAGES
+            and block_m == BLOCK_M and block_n == BLOCK_N and block_k == BLOCK_K and over_m in (0, 16)
+            and (w_kind != "mxfp4" or fp4_table == "imad"))
+
+
+if HAVE_GLUON:
+    _BM, _BN, _BK = gl.constexpr(BLOCK_M), gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)
+
+    @gluon.jit
+    def _item(work, num_tiles, offsets_ptr, tile_expert_ptr, tile_row_ptr, NUM_N: gl.constexpr,
+              GROUP_M: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+        """(expert, first pair row, row end, N block, has_over) of work item `work` (`_l1_kernel`'s
+        order and its rows-past-block_m rule)."""
+        tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
+        expert = gl.load(tile_expert_ptr + tile)
+        row_start = gl.load(tile_row_ptr + tile)
+        row_end = gl.load(offsets_ptr + expert + 1)
+        rem = row_end - row_start
+        has_over = (OVER_M > 0) & (rem > _BM) & (rem <= _BM + OVER_LIMIT)
+        return expert, row_start, row_end, pid_n, has_over
+
+    @gluon.jit
+    def _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                  w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                  HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
+                  W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+        """The producer warpgroup: weight boxes by TMA, token rows by cp.async (see the module doc)."""
+        NUM_N: gl.constexpr = INTER // _BN
+        NK: gl.constexpr = HIDDEN // _BK
+        OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0])
+        c = gl.arange(0, _BK, layout=gl.SliceLayout(0, ld))
+        num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        it = 0
+        for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
+            expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
+                                                                 tile_row_ptr, NUM_N, GROUP_M, OVER_M, OVER_LIMIT)
+            rows = row_start + gl.arange(0, _BM, layout=gl.SliceLayout(1, ld))
+            ok = rows < row_end
+            prow = gl.load(pair_rows_ptr + rows, mask=ok, other=0).to(gl.int64)
+            x_rows = x_ptr + prow[:, None] * HIDDEN + c[None, :]
+            x_mask = ok[:, None] & (c < _BK)[None, :]
+            orows = row_start + _BM + gl.arange(0, OM, layout=gl.SliceLayout(1, ld))
+            o_ok = (orows < row_end) & has_over
+            oprow = gl.load(pair_rows_ptr + orows, mask=o_ok, other=0).to(gl.int64)
+            o_rows = x_ptr + oprow[:, None] * HIDDEN + c[None, :]
+            o_mask = o_ok[:, None] & (c < _BK)[None, :]
+            w_row = expert * (2 * INTER) + pid_n * _BN
+            for k in range(NK):
+                s = it % STAGES_
+                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+                # the MMA warpgroup read the stage's words with ordinary loads; the TMA below
+                # writes through the async proxy
+                fence_async_shared()
+                mbarrier.expect(w_ready.index(s), W_BYTES)
+                w_s = w_bufs.index(s)
+                _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
+                _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
+                # rows past the pairs read nothing and land as zeros (as the Triton kernel's masked loads)
+                _cp_async(x_bufs.index(s), x_rows + k * _BK, mask=x_mask)
+                if OVER_M > 0:
+                    _cp_async(o_bufs.index(s), o_rows + k * _BK, mask=o_mask)
+                async_copy.mbarrier_arrive(x_ready.index(s), increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _split_bytes(w):
+        """int32 [A, B] -> int8 [A, B, 4]: byte b of each word at index b."""
+        j = gl.join(gl.join(w.to(gl.int8), (w >> 8).to(gl.int8)), gl.join((w >> 16).to(gl.int8), (w >> 24).to(gl.int8)))
+        return gl.reshape(gl.permute(j, (0, 1, 3, 2)), [j.shape[0], j.shape[1], 4])
+
+    @gluon.jit
+    def _decode_a(w_smem, d, a_layout: gl.constexpr, wl: gl.constexpr):
+        """A step's fragment words [64, 16] (shared) and offset indices d [64, 16] (per word, int32)
+        -> E4M3 [64, 128] in the MMA's register-operand layout (natural K order)."""
+        wd = w_smem.load(wl)
+        # E4M3 bytes of the magnitudes x 2**(6 - d) while normal (d <= 11): 0x60 + 8 (e - d)
+        lo, hi = _fp4_word_asm(wd, 0x6C686000 - d * 0x08080800, 0x7C787470 - d * 0x08080808)
+        t = gl.join(_split_bytes(lo), _split_bytes(hi))                             # [64, 4 c + g, b, h]
+        t = gl.reshape(t, [2 * _BN, 4, 4, 4, 2])                                 # [64, c, g, b, h]
+        t = gl.reshape(gl.permute(t, (0, 2, 4, 1, 3)), [2 * _BN, _BK])       # k = 32 g + 16 h + 4 c + b
+        return gl.convert_layout(t.to(gl.float8e4nv, bitcast=True), a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _epilogue(acc, mma: gl.constexpr, ROWS: gl.constexpr, row0, row_end, ok_all, expert, pid_n,
+                  x_exp_ptr, pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi,
+                  INTER: gl.constexpr, HAS_CLAMP: gl.constexpr):
+        """`l1_gemm._l1_epilogue` for the [64 stacked rows, ROWS pairs] accumulator of pairs
+        row0 .. row0 + ROWS - 1 (those below row_end, when ok_all): row factors, bf16, then gate and
+        up through shared memory (`epi`, bf16 [64, 128]) into per-pair columns, clamp, SwiGLU x
+        weight, E4M3 per 32 with its UE8M0 byte."""
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
+        row_ok = (rows < row_end) & ok_all
+        prow = gl.load(pair_rows_ptr + rows, mask=row_ok, other=0)
+        e_row = gl.load(x_exp_ptr + prow, mask=row_ok, other=0)
+        a_f = _exp2_ue8m0(gl.maximum(e_row, 1))
+        r = gl.arange(0, 2 * _BN, layout=gl.SliceLayout(1, mma))
+        n_rows = expert.to(gl.int64) * (2 * INTER) + gl.where(r < _BN, r, r - _BN + INTER) + pid_n * _BN
+        w_f = gl.load(w_row_ptr + n_rows)
+        g = _round_bf16(acc * w_f[:, None] * a_f[None, :])
+        TPW1: gl.constexpr = 32 if ROWS >= 32 else ROWS
+        el: gl.constexpr = gl.BlockedLayout(size_per_thread=[_BN * TPW1 // 32, 1],
+                                            threads_per_warp=[32 // TPW1, TPW1], warps_per_cta=[1, 4], order=[0, 1])
+        e_s = epi.slice(0, ROWS, dim=1)
+        _barrier()                  # (this warpgroup) the previous item's reads of `epi` are done
+        e_s.store(g.to(gl.bfloat16))
+        _barrier()
+        gate = e_s.slice(0, _BN, dim=0).load(el).to(gl.float32)
+        up = e_s.slice(_BN, _BN, dim=0).load(el).to(gl.float32)
+        if HAS_CLAMP:
+            gate = gl.minimum(gate, clamp)
+            up = gl.minimum(gl.maximum(up, -clamp), clamp)
+        cols = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, el))
+        col_ok = (cols < row_end) & ok_all
+        weight = gl.load(pair_w_ptr + cols, mask=col_ok, other=0.0)
+        h = _swiglu_h(gate, up, weight[None, :])                                     # [32 n, ROWS]
+        e = _ue8m0_exponent(gl.max(gl.abs(h), axis=0), False)
+        code = _e4m3_code(h * _exp2_neg_ue8m0(e)[None, :])
+        n = gl.arange(0, _BN, layout=gl.SliceLayout(1, el))
+        cols64 = cols.to(gl.int64)
+        gl.store(h_ptr + cols64[None, :] * INTER + (pid_n * _BN + n)[:, None], code.to(gl.int8),
+                 mask=col_ok[None, :])
+        gl.store(h_sf_ptr + cols64 * (INTER // 32) + pid_n, e.to(gl.uint8), mask=col_ok)
+
+    @gluon.jit
+    def _mma_partition(x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                       num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
+                       w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
+                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
+                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr,
+                       OVER_LIMIT: gl.constexpr):
+        """The MMA warpgroup (see the module doc)."""
+        NUM_N: gl.constexpr = INTER // _BN
+        NK: gl.constexpr = HIDDEN // _BK
+        OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        R: gl.constexpr = 2 * _BN
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, _BM, 32])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, OM, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        # fragment words [64, 16]: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3
+        # bits); warps = row 16 w (the MMA register operand's thread = lane 4 r + c)
+        wl: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[R, _BK // 8])
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, wl))
+        g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8     # a word's group byte
+        zero = gl.zeros([R, _BM], gl.float32, layout=mma)
+        zero_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
+        num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        it = 0
+        for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
+            expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
+                                                                 tile_row_ptr, NUM_N, GROUP_M, OVER_M, OVER_LIMIT)
+            # the weight rows' offset indices (a step's 4 bytes = one int32 per row), one step ahead
+            n_rows = gl.where(r < _BN, r, r - _BN + INTER) + pid_n * _BN
+            d_base = aux_ptr + expert.to(gl.int64) * (2 * INTER * (HIDDEN // 128))
+            d_offs = n_rows * (HIDDEN // 128)
+            d_next = gl.zeros([R], gl.int32, layout=gl.SliceLayout(1, wl))
+            if W_KIND == "mxfp4":
+                d_next = gl.load(d_base + d_offs)
+            acc = gl.zeros([R, _BM], gl.float32, layout=mma)
+            acc_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
+            for k in range(NK):
+                s = it % STAGES_
+                ph = (it // STAGES_) & 1
+                d_cur = d_next
+                if W_KIND == "mxfp4":
+                    if k + 1 < NK:
+                        d_next = gl.load(d_base + (d_offs + (k + 1)))
+                mbarrier.wait(w_ready.index(s), ph)
+                mbarrier.wait(x_ready.index(s), ph)
+                # cp.async writes through the generic proxy, the MMA reads through the async one
+                fence_async_shared()
+                if W_KIND == "mxfp4":
+                    a = _decode_a(w_bufs.index(s), (d_cur[:, None] >> g8[None, :]) & 0xFF, a_layout, wl)
+                else:
+                    a = w_bufs.index(s)
+                # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
+                # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
+                # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
+                tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                if OVER_M > 0:
+                    if has_over:
+                        tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
+                                              is_async=True)
+                        part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
+                        acc = acc + part
+                        acc_o = acc_o + part_o
+                    else:
+                        acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                else:
+                    acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                mbarrier.arrive(empty.index(s))
+                it += 1
+            _epilogue(acc, mma, _BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
+                      pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
+            if OVER_M > 0:
+                if has_over:
+                    _epilogue(acc_o, mma_o, OM, row_start + _BM, row_end, True, expert, pid_n, x_exp_ptr,
+                              pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
+
+    @gluon.jit(do_not_specialize=["max_tiles", "clamp"])
+    def _l1_ws_kernel(x_ptr, x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                      num_tiles_ptr, w_desc, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, max_tiles, clamp,
+                      HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
+                      STAGES_: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr,
+                      OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PDL: gl.constexpr = False):
+        """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
+        x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
+        ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
+        aux_ptr: the uint8 [E, 2I, H / 32] offset indices as int32 [E, 2I, H / 128] ("mxfp4"); h_ptr: int8 [P, I] E4M3;
+        h_sf_ptr: uint8 [P, I / 32]; the other arguments as `l1_gemm._l1_kernel`'s."""
+        if PDL:
+            pdl_enter()
+        KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
+        W_BYTES: gl.constexpr = 2 * _BN * _BK // (2 if W_KIND == "mxfp4" else 1)
+        OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES_, 2 * _BN, KW], w_desc.layout)
+        x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, _BM, _BK], x_layout)
+        o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, OM, _BK], x_layout)
+        epi_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        epi = gl.allocate_shared_memory(gl.bfloat16, [2 * _BN, _BM], epi_layout)
+        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
+        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES_):
+            mbarrier.init(w_ready.index(i), count=1)
+            mbarrier.init(x_ready.index(i), count=128)     # one cp.async arrival per producer thread
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                              num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
+                              w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
+                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, OVER_M, OVER_LIMIT)),
+            (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                         w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                         HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, OVER_M, OVER_LIMIT)),
+        ], [4], [LOAD_REGS_])
+
+
+def weight_descriptor(w_kind: str, w_data: torch.Tensor, hidden: int):
+    """The TMA descriptor of the weight rows for `_l1_ws_kernel`: "mxfp4" fragment words (int8
+    [E, 2I, H / 2] viewed as int32 [E 2I, H / 8]), "fp8_rebased" E4M3 [E, 2I, H] as [E 2I, H]; boxes
+    of 32 rows x one 128-K step."""
+    rows = w_data.shape[0] * w_data.shape[1]
+    if w_kind == "mxfp4":
+        t, block, dtype = w_data.reshape(rows, hidden // 2).view(torch.int32), [BLOCK_N, BLOCK_K // 8], gl.int32
+    else:
+        t, block, dtype = w_data.reshape(rows, hidden), [BLOCK_N, BLOCK_K], gl.float8e4nv
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def descriptor_signature(w_kind: str) -> str:
+    """The Triton type string of `weight_descriptor`'s result (compile-only checks)."""
+    if w_kind == "mxfp4":
+        block, dtype, name = [BLOCK_N, BLOCK_K // 8], gl.int32, "i32"
+    else:
+        block, dtype, name = [BLOCK_N, BLOCK_K], gl.float8e4nv, "fp8e4nv"
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return f"tensordesc<{name}[{block[0]}, {block[1]}],{layout!r}>"
+
+
+def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, over_m: int = 16,
+                 over_limit: int = 32, group_m: int = 8):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
+    sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
+               tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
+               aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
+    ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=STAGES[w_kind], GROUP_M=group_m,
+              OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS)
+    return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=MAXNREG, enable_fp_fusion=False)
+
+
+def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor,
+                    expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
+                    num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
+                    w_row: torch.Tensor, h_out: torch.Tensor, h_sf_out: torch.Tensor, *, hidden: int, inter: int,
+                    clamp: Optional[float], over_m: int, over_limit: int, group_m: int, num_sms: int,
+                    max_tiles: int):
+    """Launch `_l1_ws_kernel` on arguments `l1_gemm.l1_grouped_gemm` has validated (it calls this
+    where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    w_desc = weight_descriptor(w_kind, w_data, hidden)
+    total = max_tiles * (inter // BLOCK_N)
+    grid = (max(1, min(total, 2 * num_sms)),)
+    args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
+            (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8), h_sf_out.view(torch.uint8),
+            max_tiles, float(clamp) if clamp is not None else 0.0)
+    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=STAGES[w_kind],
+                  GROUP_M=group_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, num_warps=4,
+                  maxnreg=MAXNREG, enable_fp_fusion=False)       # as the Triton kernel: no FMA contraction
+    return _l1_ws_kernel, grid, args, kwargs
