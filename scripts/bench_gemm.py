@@ -225,6 +225,33 @@ class Case:
         return worst
 
 
+def gluon_l1_us(case: "Case", name: str, iters: int, stream_us: dict) -> None:
+    """The streamed L1 on the warp-specialised Gluon kernel (`kernels.l1_gluon`) beside the Triton
+    one just timed: h (values; a zero sum may differ in sign) and scale bytes compared with the
+    Triton kernel's first, then timed; stream_us[name + " gluon"] = (us, None, equal)."""
+    from mega_moe_layer.kernels import l1_gluon
+    case.rebase_x()
+    case.l1()
+    torch.cuda.synchronize()
+    h_t, sf_t = case.h.clone(), case.h_sf.clone()
+    l1_gluon.ENABLED = True
+    try:
+        case.h.zero_()
+        case.h_sf.zero_()
+        case.l1()
+        torch.cuda.synchronize()
+        n = case.P
+        same = bool(torch.equal(case.h_sf[:n], sf_t[:n])
+                    and ((case.h[:n].view(torch.uint8) == h_t[:n].view(torch.uint8))
+                         | (case.h[:n].float() == h_t[:n].float())).all())
+        us = gpu_time_us(case.l1, iters)
+    finally:
+        l1_gluon.ENABLED = False
+    stream_us[f"{name} gluon"] = (us, None, same)
+    print(f"    l1 streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
+          f"h equal to the Triton kernel's: {same}", flush=True)
+
+
 def decoder_us(case: "Case", kern: str, iters: int, decoder: str) -> float:
     """GPU time of `kern` with another E2M1 decoder of the bf16 mainloop ("lut":
     `GroupedGemmConfig.fp4_decoder`), after checking that L1's h and L2's y equal the default
@@ -448,6 +475,9 @@ def main() -> None:
                    help="FP8 weights with their block scales times 1.3 (not powers of two: the 'fp8_block' operand)")
     p.add_argument("--stream-kinds", default="mxfp4,fp4_as_fp8",
                    help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
+    p.add_argument("--gluon-l1", action="store_true",
+                   help="with --stream: also time L1 on the warp-specialised Gluon kernel (`kernels.l1_gluon`, "
+                        "prefill tiles only), its h compared with the Triton kernel's first")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",
@@ -532,6 +562,8 @@ def main() -> None:
                         run = case.l1 if kern == "l1" else case.l2
                         rb = case.rebase_x if kern == "l1" else case.rebase_h
                         stream_us[name] = (gpu_time_us(run, args.iters), gpu_time_us(rb, args.iters), serr)
+                        if args.gluon_l1 and kern == "l1":
+                            gluon_l1_us(case, name, args.iters, stream_us)
                         for prom in (int(v) for v in args.stream_promotes.split(",") if v):
                             # the other kernel at its default; this one promoting every `prom` steps
                             cfg_of = gh.l1_gemm_config if kern == "l1" else gh.l2_gemm_config
