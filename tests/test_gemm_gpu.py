@@ -282,6 +282,9 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
     x_e = torch.empty(prob.pool_x.shape[0], **i32)
     rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, prob.expert_offsets[-1:], act_format="fp8", group=32,
                     rows=prob.pair_rows)
+    taken = []                       # the Gluon launches (else the test would compare Triton with itself)
+    launch = l1_gluon.l1_gluon_launch
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
     outs = []
     for enabled in (False, True):
         monkeypatch.setattr(l1_gluon, "ENABLED", enabled)
@@ -289,6 +292,7 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
         run_l1_into(mp, h, h_sf, x_rebased=(x8, x_e), over_m=plan.over, over_limit=plan.over_limit)
         torch.cuda.synchronize()
         outs.append((h, h_sf))
+    assert taken == [1], "the Gluon kernel was not taken for the main launch"
     (h_t, sf_t), (h_g, sf_g) = outs
     assert torch.equal(bytes_of(sf_g), bytes_of(sf_t)), "h scale bytes differ from the Triton kernel's"
     same_bytes = bytes_of(h_g) == bytes_of(h_t)
@@ -298,4 +302,5 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
     _report(f"gluon l1 {wf} clamp {clamp}", {"h_bytes_equal": float(same_bytes.float().mean())})
     monkeypatch.setattr(l1_gluon, "ENABLED", True)
     _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=41, device=DEV, num_sms=None)
+    assert len(taken) == 2, "the Gluon kernel was not taken in the chain"
     _report(f"gluon l1 chain {wf}", metrics)
