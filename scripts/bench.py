@@ -375,8 +375,8 @@ def parse_args(argv=None):
                    help="GPU layer: no rows past block_m in an expert's last full tile "
                         "(`nvshmem_backend.USE_OVER` = False), to measure what they gain")
     p.add_argument("--gluon-l1", action="store_true",
-                   help="GPU layer: L1's prefill launches on the warp-specialised Gluon kernel "
-                        "(`kernels.l1_gluon.ENABLED`; not yet run on a GPU when written)")
+                   help="GPU layer: L1's launches (128-, 32- and 16-row tiles) on the warp-specialised Gluon "
+                        "kernel (`kernels.l1_gluon.ENABLED`; not yet run on a GPU when written)")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")

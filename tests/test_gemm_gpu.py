@@ -24,8 +24,9 @@ from mega_moe_layer.kernels.l1_gemm import (_fp4_pairs_bf16_asm, _fp4_pairs_bf16
                                             l1_grouped_gemm)
 from utils import TOLERANCES, assert_rel_rmse
 from mega_moe_layer.kernels.rebase import rebase_act_rows
-from test_gemm import (COMBOS, POISON, bytes_of, check_l1, check_l2, h_buffers, make_destinations, make_problem,
-                       over_rows_chain, reference_h, reference_y, run_l1, run_l1_into, run_l2)
+from test_gemm import (COMBOS, H_BYTES_MIN_FRACTION, H_BYTES_MIN_FRACTION_FP8_MMA, POISON, bytes_of, check_l1,
+                       check_l2, h_buffers, make_destinations, make_problem, over_rows_chain, reference_h,
+                       reference_y, run_l1, run_l1_into, run_l2)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -253,54 +254,86 @@ def test_over_rows_dsv3(wf, over, monkeypatch):
     _report(f"over rows {wf}", metrics)
 
 
-@pytest.mark.parametrize("clamp", [None, 7.0])
-@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
-def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
-    """The warp-specialised Gluon L1 (`kernels.l1_gluon`, off by default) against the Triton kernel
-    on L1's main prefill launch at DeepSeek-V3's expert shape, 128-row tiles with 16 rows past them
-    (counts 138, 158, 300, 20, 128, 0 as `test_over_rows_dsv3`): the same partial sums added in the
-    same order and the same epilogue, so h must be the same values (a sum of exactly zero may differ
-    in sign) and its scale bytes the same; the rows the launch does not own stay poisoned in both.
-    Then the whole L1 -> L2 chain with it against the DESIGN reference (`over_rows_chain`)."""
+def _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **run_kw):
+    """Run L1 into fresh poisoned buffers with the Triton kernel, then with the Gluon one
+    (`l1_gluon.ENABLED`); assert the Gluon kernel was taken, the scale bytes equal and every h entry
+    equal (as bytes, or as values: a zero sum may differ in sign). Returns the Gluon (h, h_sf) and
+    the fraction of equal h bytes."""
     from mega_moe_layer.kernels import l1_gluon
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon L1 is Hopper's")
-    if not l1_gluon.HAVE_GLUON:
-        pytest.skip("this Triton has no Gluon Hopper ops")
-    plan = gh.TilePlan(128, 16, 48, 16)
-    counts = [138, 158, 300, 20, 128, 0]
-    prob = make_problem(7168, 2048, counts, wf, "fp8", block_m=128, seed=37, fp8_mainloop=True, device=DEV,
-                        clamp=clamp)
-    P, E = prob.num_pairs, len(counts)
-    i32 = dict(dtype=torch.int32, device=DEV)
-    mt = gh.max_tiles(P, E, 16)
-    main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
-    tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
-    build_tile_map(prob.expert_offsets, 128, mt, *main, tail_block_m=16, tail_max=48, tail_out=tail, over=16)
-    mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
-    x8 = torch.empty(prob.pool_x.shape[0], 7168, dtype=torch.float8_e4m3fn, device=DEV)
-    x_e = torch.empty(prob.pool_x.shape[0], **i32)
-    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, prob.expert_offsets[-1:], act_format="fp8", group=32,
-                    rows=prob.pair_rows)
-    taken = []                       # the Gluon launches (else the test would compare Triton with itself)
+    taken = []
     launch = l1_gluon.l1_gluon_launch
     monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
     outs = []
     for enabled in (False, True):
         monkeypatch.setattr(l1_gluon, "ENABLED", enabled)
         h, h_sf = h_buffers(prob, DEV)
-        run_l1_into(mp, h, h_sf, x_rebased=(x8, x_e), over_m=plan.over, over_limit=plan.over_limit)
+        run_l1_into(prob, h, h_sf, x_rebased=x_rebased, **run_kw)
         torch.cuda.synchronize()
         outs.append((h, h_sf))
-    assert taken == [1], "the Gluon kernel was not taken for the main launch"
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", launch)
+    assert taken == [1], "the Gluon kernel was not taken"
     (h_t, sf_t), (h_g, sf_g) = outs
     assert torch.equal(bytes_of(sf_g), bytes_of(sf_t)), "h scale bytes differ from the Triton kernel's"
     same_bytes = bytes_of(h_g) == bytes_of(h_t)
-    same_values = h_g.float() == h_t.float()          # +0 == -0; the poison's NaN bytes compare as bytes
-    assert bool((same_bytes | same_values).all()), \
-        f"h differs from the Triton kernel's at {int((~(same_bytes | same_values)).sum())} entries"
-    _report(f"gluon l1 {wf} clamp {clamp}", {"h_bytes_equal": float(same_bytes.float().mean())})
+    same = same_bytes | (h_g.float() == h_t.float())          # +0 == -0; the poison's NaN bytes as bytes
+    assert bool(same.all()), f"h differs from the Triton kernel's at {int((~same).sum())} entries"
+    return h_g, sf_g, float(same_bytes.float().mean())
+
+
+def _gluon_problem(counts, wf, block_m, seed, clamp=None):
+    """A DeepSeek-V3-shaped L1 problem on the GPU and its x rebased (`rebase_act_rows`), or a skip
+    where the Gluon L1 cannot run."""
+    from mega_moe_layer.kernels import l1_gluon
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon L1 is Hopper's")
+    if not l1_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon Hopper ops")
+    prob = make_problem(7168, 2048, counts, wf, "fp8", block_m=block_m, seed=seed, fp8_mainloop=True, device=DEV,
+                        clamp=clamp)
+    x8 = torch.empty(prob.pool_x.shape[0], 7168, dtype=torch.float8_e4m3fn, device=DEV)
+    x_e = torch.empty(prob.pool_x.shape[0], dtype=torch.int32, device=DEV)
+    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, prob.expert_offsets[-1:], act_format="fp8", group=32,
+                    rows=prob.pair_rows)
+    return prob, (x8, x_e)
+
+
+@pytest.mark.parametrize("clamp", [None, 7.0])
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
+    """The warp-specialised Gluon L1 (`kernels.l1_gluon`, off by default) against the Triton kernel
+    on L1's main prefill launch at DeepSeek-V3's expert shape, 128-row tiles with 16 rows past them
+    (counts 138, 158, 300, 20, 128, 0 as `test_over_rows_dsv3`): the same partial sums added in the
+    same order and the same epilogue, so h must be the same values and its scale bytes the same
+    (`_gluon_l1_against_triton`); the rows the launch does not own stay poisoned in both. Then the
+    whole L1 -> L2 chain with it against the DESIGN reference (`over_rows_chain`)."""
+    from mega_moe_layer.kernels import l1_gluon
+    plan = gh.TilePlan(128, 16, 48, 16)
+    counts = [138, 158, 300, 20, 128, 0]
+    prob, x_rebased = _gluon_problem(counts, wf, 128, 37, clamp)
+    mt = gh.max_tiles(prob.num_pairs, len(counts), 16)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    build_tile_map(prob.expert_offsets, 128, mt, *main, tail_block_m=16, tail_max=48, tail_out=tail, over=16)
+    mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
+    _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, over_m=plan.over, over_limit=plan.over_limit)
+    _report(f"gluon l1 {wf} clamp {clamp}", {"h_bytes_equal": same})
+    taken = []
+    launch = l1_gluon.l1_gluon_launch
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
     monkeypatch.setattr(l1_gluon, "ENABLED", True)
     _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=41, device=DEV, num_sms=None)
-    assert len(taken) == 2, "the Gluon kernel was not taken in the chain"
+    assert taken == [1], "the Gluon kernel was not taken in the chain"
     _report(f"gluon l1 chain {wf}", metrics)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
+    """The Gluon L1 at the decode tile heights (four CTAs per SM, deeper stages: `launch_plan`)
+    against the Triton kernel, as `test_gluon_l1_matches_triton`: one tile map of `block_m` rows
+    over counts 1, 9, 16, 17, 40, 0, 3 (partial and full tiles); then h against the reference."""
+    prob, x_rebased = _gluon_problem([1, 9, 16, 17, 40, 0, 3], wf, block_m, 43)
+    h, h_sf, _ = _gluon_l1_against_triton(prob, x_rebased, monkeypatch)
+    check_l1(prob, h, h_sf, f"gluon l1 decode {wf} {block_m}",
+             H_BYTES_MIN_FRACTION_FP8_MMA if wf == "fp8" else H_BYTES_MIN_FRACTION)

@@ -12,25 +12,25 @@ pytestmark = pytest.mark.skipif(not l1_gluon.HAVE_GLUON, reason="this Triton has
 
 @pytest.mark.parametrize("w_kind", ["mxfp4", "fp8_rebased"])
 def test_l1_gluon_compiles_for_hopper(w_kind):
-    """DeepSeek-V3's L1 (H 7168, I 2048), with and without rows past block_m and the clamp: E4M3
-    wgmma of 64 x 128 (and 64 x 16 for the rows past), the weights from registers for 4-bit words
+    """DeepSeek-V3's L1 (H 7168, I 2048), prefill tiles with and without rows past block_m and the
+    clamp, decode tiles of 32 and 16 pairs: E4M3 wgmma of 64 x block_m (and 64 x 16 for the rows past), the weights from registers for 4-bit words
     (their decode's layout conversion is asserted trivial when the kernel compiles) and from shared
     memory for FP8 ones, TMA for the weight boxes, cp.async for the gathered token rows arriving on
     mbarriers, registers reallocated between the partitions, and (almost) no spills."""
-    cases = [(over, clamp) for over in (16, 0) for clamp in (False, True)]
+    cases = [(128, over, clamp) for over in (16, 0) for clamp in (False, True)] + [(32, 0, False), (16, 0, True)]
     jobs = []
-    for over, clamp in cases:
-        kernel, sig, ce, opts = l1_gluon.compile_args(w_kind, 7168, 2048, has_clamp=clamp, over_m=over)
+    for bm, over, clamp in cases:
+        kernel, sig, ce, opts = l1_gluon.compile_args(w_kind, 7168, 2048, has_clamp=clamp, block_m=bm, over_m=over)
         jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
     try:
         ptxs = _compile.compile_ptx_batch(jobs)
     except _compile.CompileUnavailable as exc:
         pytest.skip(str(exc))
-    for (over, clamp), p in zip(cases, ptxs):
-        what = (w_kind, over, clamp)
+    for (bm, over, clamp), p in zip(cases, ptxs):
+        what = (w_kind, bm, over, clamp)
         assert _compile.ptx_target(p) == "sm_90a"
         mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
-        want = {"wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"}
+        want = {f"wgmma.mma_async.sync.aligned.m64n{bm}k32.f32.e4m3.e4m3"}
         if over:
             want.add("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3")
         assert mmas == want, (what, mmas)
@@ -45,43 +45,45 @@ def test_l1_gluon_compiles_for_hopper(w_kind):
             usage = _compile.ptxas_usage(p, 90)
         except _compile.CompileUnavailable as exc:
             pytest.skip(str(exc))
-        # ptxas (Triton 3.6 and 3.9): 4 bytes spilled with rows past block_m, none without
+        # ptxas (Triton 3.6 and 3.9): 4 bytes spilled with rows past block_m
         assert usage["spill_stores"] <= 8 and usage["spill_loads"] <= 8, (what, usage)
 
 
 def test_l1_gluon_applies():
-    """Only the streamed FP8 mainloop's prefill tiles on sm_90 with FP8 h: 128 x (32 + 32) tiles,
-    128 K per step, 0 or 16 rows past block_m, 4-bit tables of the "imad" kind."""
-    ok = dict(w_kind="mxfp4", act_format="fp8", streamed=True, block_m=128, block_n=32, block_k=128, over_m=16,
-              fp4_table="imad", arch=90)
+    """Only the streamed FP8 mainloop on sm_90 with FP8 h: tiles of 128, 32 or 16 pairs, 0 or 16 rows
+    past block_m at prefill (none at decode), 4-bit tables of the "imad" kind."""
+    ok = dict(w_kind="mxfp4", act_format="fp8", streamed=True, block_m=128, over_m=16, fp4_table="imad", arch=90)
     assert l1_gluon.applies(**ok)
     assert l1_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "over_m": 0})
-    for change in (dict(w_kind="fp8_block"), dict(act_format="fp4"), dict(streamed=False), dict(block_m=16),
-                   dict(block_n=64), dict(block_k=256), dict(over_m=32), dict(fp4_table="f16"), dict(arch=100)):
+    assert l1_gluon.applies(**{**ok, "block_m": 16, "over_m": 0})
+    for change in (dict(w_kind="fp8_block"), dict(act_format="fp4"), dict(streamed=False), dict(block_m=64),
+                   dict(block_m=16), dict(over_m=32), dict(fp4_table="f16"), dict(arch=100)):
         assert not l1_gluon.applies(**{**ok, **change}), change
     assert l1_gluon.ENABLED is False, "the Gluon L1 stays off until it has run on a GPU"
 
 
-def test_l1_gluon_two_ctas_per_sm():
-    """Its shared memory (stages, the gate / up exchange buffer, barriers) leaves room for the two
-    CTAs per SM its design counts on (Hopper: 228 KB per SM, 1 KB reserved per CTA). Compiled in a
-    child process: this session's TRITON_INTERPRET would make the compile an interpreter's."""
+def test_l1_gluon_resident_ctas():
+    """Its shared memory (stages, the gate / up exchange buffer, barriers) leaves room for the CTAs
+    per SM its launch plan counts on (`launch_plan`: two at prefill, four at decode; Hopper: 228 KB
+    per SM, 1 KB reserved per CTA), at every tile height and weight kind. Compiled in a child
+    process: this session's TRITON_INTERPRET would make the compile an interpreter's."""
     import json
     import os
     import subprocess
     import sys
 
     code = ("import json; from mega_moe_layer.kernels import l1_gluon as L, _compile\n"
-            "out = {}\n"
+            "out = []\n"
             "for kind in ('mxfp4', 'fp8_rebased'):\n"
-            "    k, sig, ce, opts = L.compile_args(kind, 7168, 2048, over_m=16)\n"
-            "    out[kind] = _compile.compile_kernel(k, sig, ce, 90, **opts).metadata.shared\n"
+            "    for bm, over in ((128, 16), (128, 0), (32, 0), (16, 0)):\n"
+            "        k, sig, ce, opts = L.compile_args(kind, 7168, 2048, block_m=bm, over_m=over)\n"
+            "        ck = _compile.compile_kernel(k, sig, ce, 90, **opts)\n"
+            "        out.append([kind, bm, over, ck.metadata.shared, L.launch_plan(kind, bm, over)[2]])\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 and "CompileUnavailable" in proc.stderr:
         pytest.skip(proc.stderr[-500:])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    for kind, nbytes in shared.items():
-        assert 2 * (nbytes + 1024) <= 233472, (kind, nbytes)
+    for kind, bm, over, nbytes, ctas in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert ctas * (nbytes + 1024) <= 233472, (kind, bm, over, nbytes, ctas)

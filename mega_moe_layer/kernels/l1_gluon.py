@@ -9,11 +9,12 @@ for every MMA and meet a CTA barrier at every K step (tensor pipe ~32% busy at T
 tile warp-specialised in Gluon (`scripts/probe_gluon_promote.py`) ran 780-795 TFLOP/s on an H100
 against 353-362 for the unspecialised scheme; this kernel is that pattern with L1's operands.
 
-Scope (`applies`): the streamed FP8 mainloop's main launch: x rebased to E4M3 where it landed
-(`x_rebased`), weights "mxfp4" (fragment words decoded into the MMA's register operand; offset
-indices d <= 11, the "imad" table) or "fp8_rebased" (E4M3 rows, the MMA reads them from shared
-memory), 128 pairs per tile plus `over_m` (0 or 16) rows past it, 32 columns of gate and of up per
-item (64 stacked rows: one warpgroup), 128 K per step, FP8 h.
+Scope (`applies`): the streamed FP8 mainloop: x rebased to E4M3 where it landed (`x_rebased`),
+weights "mxfp4" (fragment words decoded into the MMA's register operand; offset indices d <= 11,
+the "imad" table) or "fp8_rebased" (E4M3 rows, the MMA reads them from shared memory), FP8 h; tile
+maps of 128 pairs (prefill, plus `over_m` 0 or 16 rows past them; two CTAs per SM) or of 32 / 16
+(decode: four CTAs per SM, up to 8 stages of 4-bit words in flight per CTA); 32 columns of gate and
+of up per item (64 stacked rows: one warpgroup), 128 K per step (`launch_plan`).
 
 Partitions (per CTA, two CTAs per SM):
 - a producer warpgroup (4 warps, few registers): per K step the two TMA boxes of the weight rows
@@ -60,27 +61,43 @@ __all__ = ["ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch"]
 #: Use this kernel for L1's main launch where it `applies` (off: not yet run on a GPU).
 ENABLED = False
 
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 32, 128
-#: K-step stages per weight kind (two CTAs per SM: shared memory per CTA <= ~110 KB).
-STAGES = {"mxfp4": 4, "fp8_rebased": 3}
-#: Registers per thread for the whole CTA (8 warps, two CTAs per SM) and for the producer.
-MAXNREG, LOAD_REGS = 128, 32
+BLOCK_N, BLOCK_K = 32, 128
+#: Tile heights (pairs per tile) it takes: the prefill tiles and the decode ones.
+BLOCK_MS = (16, 32, 128)
+#: Registers per thread of the producer warpgroup.
+LOAD_REGS = 32
+_SMEM_PER_SM, _SMEM_RESERVED = 233472, 1024
 
 
-def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, block_n: int, block_k: int,
-            over_m: int, fp4_table: str, arch: int) -> bool:
-    """Whether a launch is one this kernel covers (see the module docstring)."""
-    return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and w_kind in STAGES
-            and block_m == BLOCK_M and block_n == BLOCK_N and block_k == BLOCK_K and over_m in (0, 16)
+def launch_plan(w_kind: str, block_m: int, over_m: int) -> tuple:
+    """(stages, maxnreg, CTAs per SM) of a launch: two CTAs per SM at prefill (a 64 x 128 float32
+    accumulator per MMA warpgroup), four at decode; the registers of 8 warps per CTA shared out at
+    that residency, and as many K-step stages (<= 8) as the shared memory leaves room for."""
+    ctas = 2 if block_m == 128 else 4
+    maxnreg = 65536 // (ctas * 8 * 32) // 8 * 8
+    stage = 2 * BLOCK_N * BLOCK_K // (2 if w_kind == "mxfp4" else 1) + (block_m + over_m) * BLOCK_K
+    # the gate / up exchange, the barriers, and the one stage of rows past block_m allocated unused
+    fixed = _SMEM_RESERVED + 2 * BLOCK_N * block_m * 2 + 512 + (16 * BLOCK_K if over_m == 0 else 0)
+    stages = min(8, (_SMEM_PER_SM // ctas - fixed) // stage)
+    return stages, maxnreg, ctas
+
+
+def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, over_m: int, fp4_table: str,
+            arch: int) -> bool:
+    """Whether a launch is one this kernel covers (see the module docstring): the tile map's height
+    and rows past it matter; the Triton config's block_n / block_k do not (this kernel's items are
+    32 columns of gate and up, 128 K per step, at every height)."""
+    return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and w_kind in ("mxfp4", "fp8_rebased")
+            and block_m in BLOCK_MS and over_m in ((0, 16) if block_m == 128 else (0,))
             and (w_kind != "mxfp4" or fp4_table == "imad"))
 
 
 if HAVE_GLUON:
-    _BM, _BN, _BK = gl.constexpr(BLOCK_M), gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)
+    _BN, _BK = gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)
 
     @gluon.jit
     def _item(work, num_tiles, offsets_ptr, tile_expert_ptr, tile_row_ptr, NUM_N: gl.constexpr,
-              GROUP_M: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+              GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
         """(expert, first pair row, row end, N block, has_over) of work item `work` (`_l1_kernel`'s
         order and its rows-past-block_m rule)."""
         tile, pid_n = _tile_coords(work, num_tiles, NUM_N, GROUP_M)
@@ -88,14 +105,15 @@ if HAVE_GLUON:
         row_start = gl.load(tile_row_ptr + tile)
         row_end = gl.load(offsets_ptr + expert + 1)
         rem = row_end - row_start
-        has_over = (OVER_M > 0) & (rem > _BM) & (rem <= _BM + OVER_LIMIT)
+        has_over = (OVER_M > 0) & (rem > BM) & (rem <= BM + OVER_LIMIT)
         return expert, row_start, row_end, pid_n, has_over
 
     @gluon.jit
     def _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                   w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                   HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
-                  W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+                  W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
+                  OVER_LIMIT: gl.constexpr):
         """The producer warpgroup: weight boxes by TMA, token rows by cp.async (see the module doc)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
@@ -107,13 +125,13 @@ if HAVE_GLUON:
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
-                                                                 tile_row_ptr, NUM_N, GROUP_M, OVER_M, OVER_LIMIT)
-            rows = row_start + gl.arange(0, _BM, layout=gl.SliceLayout(1, ld))
+                                                                 tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
+            rows = row_start + gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
             ok = rows < row_end
             prow = gl.load(pair_rows_ptr + rows, mask=ok, other=0).to(gl.int64)
             x_rows = x_ptr + prow[:, None] * HIDDEN + c[None, :]
             x_mask = ok[:, None] & (c < _BK)[None, :]
-            orows = row_start + _BM + gl.arange(0, OM, layout=gl.SliceLayout(1, ld))
+            orows = row_start + BM + gl.arange(0, OM, layout=gl.SliceLayout(1, ld))
             o_ok = (orows < row_end) & has_over
             oprow = gl.load(pair_rows_ptr + orows, mask=o_ok, other=0).to(gl.int64)
             o_rows = x_ptr + oprow[:, None] * HIDDEN + c[None, :]
@@ -200,7 +218,7 @@ if HAVE_GLUON:
                        num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                        w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
-                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr,
+                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                        OVER_LIMIT: gl.constexpr):
         """The MMA warpgroup (see the module doc)."""
         NUM_N: gl.constexpr = INTER // _BN
@@ -208,7 +226,7 @@ if HAVE_GLUON:
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
         R: gl.constexpr = 2 * _BN
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, _BM, 32])
+                                                      instr_shape=[16, BM, 32])
         mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, OM, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -219,13 +237,13 @@ if HAVE_GLUON:
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[R, _BK // 8])
         r = gl.arange(0, R, layout=gl.SliceLayout(1, wl))
         g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8     # a word's group byte
-        zero = gl.zeros([R, _BM], gl.float32, layout=mma)
+        zero = gl.zeros([R, BM], gl.float32, layout=mma)
         zero_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
-                                                                 tile_row_ptr, NUM_N, GROUP_M, OVER_M, OVER_LIMIT)
+                                                                 tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
             # the weight rows' offset indices (a step's 4 bytes = one int32 per row), one step ahead
             n_rows = gl.where(r < _BN, r, r - _BN + INTER) + pid_n * _BN
             d_base = aux_ptr + expert.to(gl.int64) * (2 * INTER * (HIDDEN // 128))
@@ -233,7 +251,7 @@ if HAVE_GLUON:
             d_next = gl.zeros([R], gl.int32, layout=gl.SliceLayout(1, wl))
             if W_KIND == "mxfp4":
                 d_next = gl.load(d_base + d_offs)
-            acc = gl.zeros([R, _BM], gl.float32, layout=mma)
+            acc = gl.zeros([R, BM], gl.float32, layout=mma)
             acc_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
             for k in range(NK):
                 s = it % STAGES_
@@ -267,18 +285,18 @@ if HAVE_GLUON:
                     acc = acc + warpgroup_mma_wait(0, deps=[tok])
                 mbarrier.arrive(empty.index(s))
                 it += 1
-            _epilogue(acc, mma, _BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
+            _epilogue(acc, mma, BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
                       pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
             if OVER_M > 0:
                 if has_over:
-                    _epilogue(acc_o, mma_o, OM, row_start + _BM, row_end, True, expert, pid_n, x_exp_ptr,
+                    _epilogue(acc_o, mma_o, OM, row_start + BM, row_end, True, expert, pid_n, x_exp_ptr,
                               pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
 
     @gluon.jit(do_not_specialize=["max_tiles", "clamp"])
     def _l1_ws_kernel(x_ptr, x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                       num_tiles_ptr, w_desc, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, max_tiles, clamp,
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
-                      STAGES_: gl.constexpr, GROUP_M: gl.constexpr, OVER_M: gl.constexpr,
+                      STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PDL: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
@@ -292,10 +310,13 @@ if HAVE_GLUON:
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES_, 2 * _BN, KW], w_desc.layout)
         x_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, _BM, _BK], x_layout)
-        o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, OM, _BK], x_layout)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, BM, _BK], x_layout)
+        if OVER_M > 0:
+            o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, OM, _BK], x_layout)
+        else:                       # unused
+            o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [1, 16, _BK], x_layout)
         epi_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        epi = gl.allocate_shared_memory(gl.bfloat16, [2 * _BN, _BM], epi_layout)
+        epi = gl.allocate_shared_memory(gl.bfloat16, [2 * _BN, BM], epi_layout)
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
         x_ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
@@ -307,10 +328,10 @@ if HAVE_GLUON:
             (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
-                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, OVER_M, OVER_LIMIT)),
+                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT)),
             (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                          w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
-                         HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, OVER_M, OVER_LIMIT)),
+                         HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
         ], [4], [LOAD_REGS_])
 
 
@@ -336,32 +357,34 @@ def descriptor_signature(w_kind: str) -> str:
     return f"tensordesc<{name}[{block[0]}, {block[1]}],{layout!r}>"
 
 
-def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, over_m: int = 16,
-                 over_limit: int = 32, group_m: int = 8):
+def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
+                 over_m: int = 16, over_limit: int = 32, group_m: int = 8):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
+    stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
-    ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=STAGES[w_kind], GROUP_M=group_m,
-              OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS)
-    return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=MAXNREG, enable_fp_fusion=False)
+    ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
+              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS)
+    return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
 def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor,
                     expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
                     num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
                     w_row: torch.Tensor, h_out: torch.Tensor, h_sf_out: torch.Tensor, *, hidden: int, inter: int,
-                    clamp: Optional[float], over_m: int, over_limit: int, group_m: int, num_sms: int,
+                    clamp: Optional[float], block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
                     max_tiles: int):
     """Launch `_l1_ws_kernel` on arguments `l1_gemm.l1_grouped_gemm` has validated (it calls this
     where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     w_desc = weight_descriptor(w_kind, w_data, hidden)
     total = max_tiles * (inter // BLOCK_N)
-    grid = (max(1, min(total, 2 * num_sms)),)
+    grid = (max(1, min(total, ctas * num_sms)),)
     args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
-            (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8), h_sf_out.view(torch.uint8),
-            max_tiles, float(clamp) if clamp is not None else 0.0)
-    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=STAGES[w_kind],
-                  GROUP_M=group_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, num_warps=4,
-                  maxnreg=MAXNREG, enable_fp_fusion=False)       # as the Triton kernel: no FMA contraction
+            (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8),
+            h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0)
+    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
+                  GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
+                  num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs
