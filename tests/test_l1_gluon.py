@@ -20,7 +20,10 @@ def test_l1_gluon_compiles_for_hopper(w_kind):
     cases = [(128, over, clamp) for over in (16, 0) for clamp in (False, True)] + [(32, 0, False), (16, 0, True)]
     jobs = []
     for bm, over, clamp in cases:
-        kernel, sig, ce, opts = l1_gluon.compile_args(w_kind, 7168, 2048, has_clamp=clamp, block_m=bm, over_m=over)
+        # the Triton kernel's 4-bit decode tiles promote every 256 K, as this one must then
+        promote_k = 256 if (w_kind == "mxfp4" and bm <= 32) else 128
+        kernel, sig, ce, opts = l1_gluon.compile_args(w_kind, 7168, 2048, has_clamp=clamp, block_m=bm, over_m=over,
+                                                      promote_k=promote_k)
         jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
     try:
         ptxs = _compile.compile_ptx_batch(jobs)
@@ -51,13 +54,16 @@ def test_l1_gluon_compiles_for_hopper(w_kind):
 
 def test_l1_gluon_applies():
     """Only the streamed FP8 mainloop on sm_90 with FP8 h: tiles of 128, 32 or 16 pairs, 0 or 16 rows
-    past block_m at prefill (none at decode), 4-bit tables of the "imad" kind."""
+    past block_m at prefill (none at decode), 4-bit tables of the "imad" kind, promotion every 128 K
+    or every 256 K (not with rows past block_m)."""
     ok = dict(w_kind="mxfp4", act_format="fp8", streamed=True, block_m=128, over_m=16, fp4_table="imad", arch=90)
     assert l1_gluon.applies(**ok)
     assert l1_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "over_m": 0})
     assert l1_gluon.applies(**{**ok, "block_m": 16, "over_m": 0})
+    assert l1_gluon.applies(**{**ok, "block_m": 16, "over_m": 0, "promote_k": 256})
     for change in (dict(w_kind="fp8_block"), dict(act_format="fp4"), dict(streamed=False), dict(block_m=64),
-                   dict(block_m=16), dict(over_m=32), dict(fp4_table="f16"), dict(arch=100)):
+                   dict(block_m=16), dict(over_m=32), dict(fp4_table="f16"), dict(arch=100), dict(promote_k=256),
+                   dict(promote_k=512)):
         assert not l1_gluon.applies(**{**ok, **change}), change
     assert l1_gluon.ENABLED is False, "the Gluon L1 stays off until it has run on a GPU"
 

@@ -83,13 +83,16 @@ def launch_plan(w_kind: str, block_m: int, over_m: int) -> tuple:
 
 
 def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, over_m: int, fp4_table: str,
-            arch: int) -> bool:
+            arch: int, promote_k: int = BLOCK_K) -> bool:
     """Whether a launch is one this kernel covers (see the module docstring): the tile map's height
-    and rows past it matter; the Triton config's block_n / block_k do not (this kernel's items are
-    32 columns of gate and up, 128 K per step, at every height)."""
+    and rows past it matter, and the K the Triton kernel promotes after (promote_k: 128, or 256 for its
+    4-bit decode tiles; this kernel chains two 128-K steps then, so that the partial sums are the
+    same); its block_n / block_k do not (this kernel's items are 32 columns of gate and up, 128 K per
+    step, at every height)."""
     return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and w_kind in ("mxfp4", "fp8_rebased")
             and block_m in BLOCK_MS and over_m in ((0, 16) if block_m == 128 else (0,))
-            and (w_kind != "mxfp4" or fp4_table == "imad"))
+            and (w_kind != "mxfp4" or fp4_table == "imad") and promote_k in (BLOCK_K, 2 * BLOCK_K)
+            and (promote_k == BLOCK_K or over_m == 0))
 
 
 if HAVE_GLUON:
@@ -214,12 +217,34 @@ if HAVE_GLUON:
         gl.store(h_sf_ptr + cols64 * (INTER // 32) + pid_n, e.to(gl.uint8), mask=col_ok)
 
     @gluon.jit
+    def _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK: gl.constexpr,
+                      STAGES_: gl.constexpr, W_KIND: gl.constexpr, a_layout: gl.constexpr, wl: gl.constexpr):
+        """Step k's weight operand once its stage has landed: (operand, stage, the next step's offset
+        indices, loaded here one step ahead). "mxfp4": the words decoded into the MMA's register
+        operand; "fp8_rebased": the stage's shared-memory tile."""
+        s = it % STAGES_
+        ph = (it // STAGES_) & 1
+        d_cur = d_next
+        if W_KIND == "mxfp4":
+            if k + 1 < NK:
+                d_next = gl.load(d_base + (d_offs + (k + 1)))
+        mbarrier.wait(w_ready.index(s), ph)
+        mbarrier.wait(x_ready.index(s), ph)
+        # cp.async writes through the generic proxy, the MMA reads through the async one
+        fence_async_shared()
+        if W_KIND == "mxfp4":
+            a = _decode_a(w_bufs.index(s), (d_cur[:, None] >> g8[None, :]) & 0xFF, a_layout, wl)
+        else:
+            a = w_bufs.index(s)
+        return a, s, d_next
+
+    @gluon.jit
     def _mma_partition(x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                        num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                        w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                        STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                       OVER_LIMIT: gl.constexpr):
+                       OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr):
         """The MMA warpgroup (see the module doc)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
@@ -253,38 +278,44 @@ if HAVE_GLUON:
                 d_next = gl.load(d_base + d_offs)
             acc = gl.zeros([R, BM], gl.float32, layout=mma)
             acc_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
-            for k in range(NK):
-                s = it % STAGES_
-                ph = (it // STAGES_) & 1
-                d_cur = d_next
-                if W_KIND == "mxfp4":
-                    if k + 1 < NK:
-                        d_next = gl.load(d_base + (d_offs + (k + 1)))
-                mbarrier.wait(w_ready.index(s), ph)
-                mbarrier.wait(x_ready.index(s), ph)
-                # cp.async writes through the generic proxy, the MMA reads through the async one
-                fence_async_shared()
-                if W_KIND == "mxfp4":
-                    a = _decode_a(w_bufs.index(s), (d_cur[:, None] >> g8[None, :]) & 0xFF, a_layout, wl)
-                else:
-                    a = w_bufs.index(s)
-                # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
-                # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
-                # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
-                tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                if OVER_M > 0:
-                    if has_over:
-                        tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
-                                              is_async=True)
-                        part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
-                        acc = acc + part
-                        acc_o = acc_o + part_o
+            if PROMOTE_STEPS == 1:
+                for k in range(NK):
+                    a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK,
+                                                 STAGES_, W_KIND, a_layout, wl)
+                    # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
+                    # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
+                    # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
+                    tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    if OVER_M > 0:
+                        if has_over:
+                            tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
+                                                  is_async=True)
+                            part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
+                            acc = acc + part
+                            acc_o = acc_o + part_o
+                        else:
+                            acc = acc + warpgroup_mma_wait(0, deps=[tok])
                     else:
                         acc = acc + warpgroup_mma_wait(0, deps=[tok])
-                else:
-                    acc = acc + warpgroup_mma_wait(0, deps=[tok])
-                mbarrier.arrive(empty.index(s))
-                it += 1
+                    mbarrier.arrive(empty.index(s))
+                    it += 1
+            else:
+                # the Triton kernel's 4-bit decode tiles take 256 K per step and promote after each:
+                # two 128-K MMAs chained into one partial sum, then added (the same sums)
+                for k2 in range(NK // 2):
+                    for j in gl.static_range(2):
+                        a, s, d_next = _step_operand(it, 2 * k2 + j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
+                                                     x_ready, NK, STAGES_, W_KIND, a_layout, wl)
+                        if j == 0:
+                            tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                                is_async=True)
+                        else:
+                            tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), part, use_acc=True,
+                                                is_async=True)
+                        part = warpgroup_mma_wait(0, deps=[tok])
+                        mbarrier.arrive(empty.index(s))
+                        it += 1
+                    acc = acc + part
             _epilogue(acc, mma, BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
                       pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
             if OVER_M > 0:
@@ -297,7 +328,8 @@ if HAVE_GLUON:
                       num_tiles_ptr, w_desc, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, max_tiles, clamp,
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                      OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PDL: gl.constexpr = False):
+                      OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
+                      PDL: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -328,7 +360,8 @@ if HAVE_GLUON:
             (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
-                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT)),
+                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
+                              PROMOTE_STEPS)),
             (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                          w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                          HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
@@ -358,14 +391,14 @@ def descriptor_signature(w_kind: str) -> str:
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
-                 over_m: int = 16, over_limit: int = 32, group_m: int = 8):
+                 over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
-              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS)
+              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K)
     return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
@@ -374,7 +407,7 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
                     num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
                     w_row: torch.Tensor, h_out: torch.Tensor, h_sf_out: torch.Tensor, *, hidden: int, inter: int,
                     clamp: Optional[float], block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
-                    max_tiles: int):
+                    max_tiles: int, promote_k: int = BLOCK_K):
     """Launch `_l1_ws_kernel` on arguments `l1_gemm.l1_grouped_gemm` has validated (it calls this
     where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
@@ -386,5 +419,5 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
             h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0)
     kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
                   GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
-                  num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
+                  PROMOTE_STEPS=promote_k // BLOCK_K, num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs
