@@ -93,3 +93,14 @@ def test_l1_gluon_resident_ctas():
     assert proc.returncode == 0, proc.stderr[-2000:]
     for kind, bm, over, nbytes, ctas in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert ctas * (nbytes + 1024) <= 233472, (kind, bm, over, nbytes, ctas)
+
+
+def test_l1_gluon_weight_descriptor_needs_contiguous_weights():
+    """The TMA descriptor addresses the weight tensor itself: a non-contiguous one (whose reshape
+    would be a temporary copy) is refused with an error naming it."""
+    import torch
+
+    w = torch.zeros(2, 128, 256, dtype=torch.int8)
+    assert list(l1_gluon.weight_descriptor("mxfp4", w, 512).shape) == [256, 64]      # [E 2I, H / 8] int32
+    with pytest.raises(ValueError, match="w_data: expected the contiguous"):
+        l1_gluon.weight_descriptor("mxfp4", w.transpose(1, 2).contiguous().transpose(1, 2), 512)

@@ -372,6 +372,9 @@ def weight_descriptor(w_kind: str, w_data: torch.Tensor, hidden: int):
     """The TMA descriptor of the weight rows for `_l1_ws_kernel`: "mxfp4" fragment words (int8
     [E, 2I, H / 2] viewed as int32 [E 2I, H / 8]), "fp8_rebased" E4M3 [E, 2I, H] as [E 2I, H]; boxes
     of 32 rows x one 128-K step."""
+    if not w_data.is_contiguous():
+        # a reshaped copy would leave the descriptor pointing at a temporary
+        raise ValueError("w_data: expected the contiguous weight operand (gemm_operands.prepare_weight_operand)")
     rows = w_data.shape[0] * w_data.shape[1]
     if w_kind == "mxfp4":
         t, block, dtype = w_data.reshape(rows, hidden // 2).view(torch.int32), [BLOCK_N, BLOCK_K // 8], gl.int32
