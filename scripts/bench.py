@@ -377,6 +377,9 @@ def parse_args(argv=None):
     p.add_argument("--gluon-l1", action="store_true",
                    help="GPU layer: L1's launches (128-, 32- and 16-row tiles) on the warp-specialised Gluon "
                         "kernel (`kernels.l1_gluon.ENABLED`; not yet run on a GPU when written)")
+    p.add_argument("--gluon-l2", action="store_true",
+                   help="GPU layer: L2's launches (bf16 combine) on the warp-specialised Gluon kernel "
+                        "(`kernels.l2_gluon.ENABLED`; not yet run on a GPU when written)")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -466,6 +469,11 @@ def main(argv=None):
         if not l1_gluon.HAVE_GLUON:
             p.error("--gluon-l1: this Triton has no Gluon Hopper ops")
         l1_gluon.ENABLED = True
+    if args.gluon_l2:
+        from mega_moe_layer.kernels import l2_gluon
+        if not l2_gluon.HAVE_GLUON:
+            p.error("--gluon-l2: this Triton has no Gluon Hopper ops")
+        l2_gluon.ENABLED = True
     local = init_dist()
     from mega_moe_layer.kernels import gemm_heuristics
     for name, value in args.heuristic_values.items():

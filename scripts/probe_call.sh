@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call for the next session (written 2026-12-07, seventh): the Gluon L1
-# (`kernels/l1_gluon.py`, built and compiled on the CPU, never run) first: its GPU tests against the
-# Triton L1 (prefill and decode tile heights) while DeepGEMM builds in the background; if they pass,
-# the two L1 kernels alone at 32768 and 1024 uniform pairs (`bench_gemm.py --gluon-l1`: h compared,
-# then timed); then `ab_bench.sh`: this tree with the anchor at T = 4096 / 128 / 1, with
-# `--gluon-l1` at the same T (if the tests passed), and FP8 weights with the anchor at 4096 (plus
-# `--gluon-l1`). ~9 minutes on a warm H100 / H200 (run it with the full 600 s). Logs under $OUT.
+# One device call for the next session (written 2026-12-07, seventh): the Gluon L1 and L2
+# (`kernels/l1_gluon.py`, `l2_gluon.py`, built and compiled on the CPU, never run) first: their GPU
+# tests against the Triton kernels (prefill and decode tile heights) while DeepGEMM builds in the
+# background; if they pass, the two L1 kernels alone at 32768 and 1024 uniform pairs
+# (`bench_gemm.py --gluon-l1`: h compared, then timed); then `ab_bench.sh`: this tree with the
+# anchor at T = 4096 / 128 / 1, with the Gluon kernels whose tests passed (`--gluon-l1`,
+# `--gluon-l2`) at the same T, and FP8 weights with the anchor at 4096 (plus those kernels). ~9
+# minutes on a warm H100 / H200 (run it with the full 600 s; every step is bounded). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
 # The Gluon probe's unmeasured modes (ws4r, ws4g) are left out; run
 #   python scripts/probe_gluon_promote.py --modes ws,ws4r,ws4g
@@ -20,19 +21,25 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
     build_pid=$!
 fi
-PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${TEST_S-240} python3 -m pytest -q -p no:cacheprovider -m "not multigpu" \
-    tests/test_gemm_gpu.py -k "gluon_l1" > "$OUT/gluon_test.log" 2>&1
-test_rc=$?
-echo "=== Gluon L1 GPU tests (rc $test_rc)"; grep -E "passed|failed|Error|assert" "$OUT/gluon_test.log" | tail -n 8
+gl_args=""
+for k in l1 l2; do         # timing a kernel that computes something else would mean nothing
+    PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${TEST_S-140} python3 -m pytest -q -p no:cacheprovider -m "not multigpu" \
+        tests/test_gemm_gpu.py -k "gluon_$k" > "$OUT/gluon_${k}_test.log" 2>&1
+    rc=$?
+    echo "=== Gluon $k GPU tests (rc $rc)"; grep -E "passed|failed|Error|assert" "$OUT/gluon_${k}_test.log" | tail -n 6
+    [ "$rc" = 0 ] && gl_args="$gl_args --gluon-$k"
+done
 new2=()
-if [ "$test_rc" = 0 ]; then      # timing a kernel that computes something else would mean nothing
-    new2=(NEW2_ARGS="--gluon-l1" NEW2_TOKENS="${NEW2_TOKENS-4096 128 1}" NEW3_ARGS="--gluon-l1 --weight-format fp8"
+if [ -n "$gl_args" ]; then
+    new2=(NEW2_ARGS="$gl_args" NEW2_TOKENS="${NEW2_TOKENS-4096 128 1}" NEW3_ARGS="$gl_args --weight-format fp8"
           NEW3_TOKENS="${NEW3_TOKENS-4096}")
+fi
+if [[ "$gl_args" == *gluon-l1* ]]; then
     PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${BG_S-100} python3 scripts/bench_gemm.py --out "$OUT/bg.json" \
         --cases u4096:256,u128:256 --stream --stream-kinds mxfp4 --gluon-l1 --iters 20 > "$OUT/bg.log" 2>&1
     echo "=== bench_gemm (rc $?)"; grep -E "streamed|Gluon" "$OUT/bg.log" | head -n 8
 fi
 [ -n "$build_pid" ] && { wait "$build_pid"; tail -n 2 "$OUT/dg_build.log"; }
 env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 128 1}" FP8_TOKENS="${FP8_TOKENS-4096}" "${new2[@]}" \
-    timeout -k 5 ${AB_S-290} bash scripts/ab_bench.sh
+    timeout -k 5 ${AB_S-250} bash scripts/ab_bench.sh
 exit 0

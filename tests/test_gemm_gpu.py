@@ -297,6 +297,19 @@ def _gluon_problem(counts, wf, block_m, seed, clamp=None):
     return prob, (x8, x_e)
 
 
+def _prefill_main_map(prob, counts):
+    """`prob` with the main tile map of the T = 4096 plan (128-row tiles, 16 rows past them, 16-row
+    tails up to 48 in a map not returned) and the launch keywords of its rows past block_m."""
+    plan = gh.TilePlan(128, 16, 48, 16)
+    mt = gh.max_tiles(prob.num_pairs, len(counts), 16)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
+    build_tile_map(prob.expert_offsets, 128, mt, *main, tail_block_m=16, tail_max=48, tail_out=tail, over=16)
+    mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
+    return mp, plan, dict(over_m=plan.over, over_limit=plan.over_limit)
+
+
 @pytest.mark.parametrize("clamp", [None, 7.0])
 @pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
 def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
@@ -307,16 +320,10 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
     (`_gluon_l1_against_triton`); the rows the launch does not own stay poisoned in both. Then the
     whole L1 -> L2 chain with it against the DESIGN reference (`over_rows_chain`)."""
     from mega_moe_layer.kernels import l1_gluon
-    plan = gh.TilePlan(128, 16, 48, 16)
     counts = [138, 158, 300, 20, 128, 0]
     prob, x_rebased = _gluon_problem(counts, wf, 128, 37, clamp)
-    mt = gh.max_tiles(prob.num_pairs, len(counts), 16)
-    i32 = dict(dtype=torch.int32, device=DEV)
-    main = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
-    tail = (torch.empty(mt, **i32), torch.empty(mt, **i32), torch.empty(1, **i32))
-    build_tile_map(prob.expert_offsets, 128, mt, *main, tail_block_m=16, tail_max=48, tail_out=tail, over=16)
-    mp = dataclasses.replace(prob, tile_expert=main[0], tile_row_start=main[1], num_tiles=main[2])
-    _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, over_m=plan.over, over_limit=plan.over_limit)
+    mp, plan, kw = _prefill_main_map(prob, counts)
+    _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, **kw)
     _report(f"gluon l1 {wf} clamp {clamp}", {"h_bytes_equal": same})
     taken = []
     launch = l1_gluon.l1_gluon_launch
@@ -337,3 +344,51 @@ def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
     h, h_sf, _ = _gluon_l1_against_triton(prob, x_rebased, monkeypatch)
     check_l1(prob, h, h_sf, f"gluon l1 decode {wf} {block_m}",
              H_BYTES_MIN_FRACTION_FP8_MMA if wf == "fp8" else H_BYTES_MIN_FRACTION)
+
+
+@pytest.mark.parametrize("block_m", [128, 16])
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
+    """The warp-specialised Gluon L2 (`kernels.l2_gluon`, off by default) against the Triton kernel
+    on the same rebased h (the Triton L1's) into destinations at scattered addresses, some pairs
+    without one: the same chained sums, so y must be the same values (bytes, or values for a zero
+    sum's sign) and every other destination byte untouched in both. 128-row tiles with 16 rows past
+    them (`test_gluon_l1_matches_triton`'s counts), then the whole chain with both Gluon kernels
+    against the reference; 16-row tiles against the reference directly."""
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    counts = [138, 158, 300, 20, 128, 0] if block_m == 128 else [1, 9, 16, 17, 40, 0, 3]
+    prob, x_rebased = _gluon_problem(counts, wf, block_m, 47)
+    kw = {}
+    if block_m == 128:
+        prob, plan, kw = _prefill_main_map(prob, counts)
+    h, h_sf = h_buffers(prob, DEV)
+    h.view(torch.uint8).zero_()              # rows of the tail tiles (not run here): zeros, not poison
+    h_sf.zero_()
+    run_l1_into(prob, h, h_sf, x_rebased=x_rebased, **kw)
+    n = prob.num_routed
+    h8 = torch.empty(prob.num_pairs, 2048, dtype=torch.float8_e4m3fn, device=DEV)
+    h_e = torch.empty(prob.num_pairs, dtype=torch.int32, device=DEV)
+    rebase_act_rows(h, h_sf, h8, h_e, prob.expert_offsets[-1:], act_format="fp8", group=32)
+    taken = []
+    launch = l2_gluon.l2_gluon_launch
+    monkeypatch.setattr(l2_gluon, "l2_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
+    dests = []
+    for enabled in (False, True):
+        monkeypatch.setattr(l2_gluon, "ENABLED", enabled)
+        dest = make_destinations(prob, "bf16", skip=(2, n - 1))
+        run_l2(prob, h, h_sf, "bf16", dest, h_rebased=(h8, h_e), **kw)
+        torch.cuda.synchronize()
+        dests.append(dest)
+    assert taken == [1], "the Gluon kernel was not taken"
+    y_t, y_g = dests[0].out, dests[1].out
+    same_bytes = bytes_of(y_g) == bytes_of(y_t)
+    same = same_bytes.view(-1, 2).all(dim=1).view(y_g.shape) | (y_g.float() == y_t.float())
+    assert bool(same.all()), f"y differs from the Triton kernel's at {int((~same).sum())} entries"
+    _report(f"gluon l2 {wf} {block_m}", {"y_bytes_equal": float(same_bytes.float().mean())})
+    if block_m == 16:
+        check_l2(prob, dests[1], "bf16", reference_y(prob), f"gluon l2 {wf} {block_m}")
+    else:
+        monkeypatch.setattr(l1_gluon, "ENABLED", True)
+        _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=53, device=DEV, num_sms=None)
+        assert len(taken) == 3, "the Gluon L2 was not taken in the chain (main and tail launches)"
+        _report(f"gluon l1 + l2 chain {wf}", metrics)

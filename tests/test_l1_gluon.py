@@ -6,6 +6,9 @@ import re
 import pytest
 
 from mega_moe_layer.kernels import _compile, l1_gluon
+from utils import assert_resident_ctas
+
+CASES = [(128, 16), (128, 0), (32, 0), (16, 0)]
 
 pytestmark = pytest.mark.skipif(not l1_gluon.HAVE_GLUON, reason="this Triton has no Gluon Hopper ops")
 
@@ -70,29 +73,10 @@ def test_l1_gluon_applies():
 
 def test_l1_gluon_resident_ctas():
     """Its shared memory (stages, the gate / up exchange buffer, barriers) leaves room for the CTAs
-    per SM its launch plan counts on (`launch_plan`: two at prefill, four at decode; Hopper: 228 KB
-    per SM, 1 KB reserved per CTA), at every tile height and weight kind. Compiled in a child
-    process: this session's TRITON_INTERPRET would make the compile an interpreter's."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = ("import json; from mega_moe_layer.kernels import l1_gluon as L, _compile\n"
-            "out = []\n"
-            "for kind in ('mxfp4', 'fp8_rebased'):\n"
-            "    for bm, over in ((128, 16), (128, 0), (32, 0), (16, 0)):\n"
-            "        k, sig, ce, opts = L.compile_args(kind, 7168, 2048, block_m=bm, over_m=over)\n"
-            "        ck = _compile.compile_kernel(k, sig, ce, 90, **opts)\n"
-            "        out.append([kind, bm, over, ck.metadata.shared, L.launch_plan(kind, bm, over)[2]])\n"
-            "print(json.dumps(out))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and "CompileUnavailable" in proc.stderr:
-        pytest.skip(proc.stderr[-500:])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for kind, bm, over, nbytes, ctas in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert ctas * (nbytes + 1024) <= 233472, (kind, bm, over, nbytes, ctas)
+    per SM its launch plan counts on (`launch_plan`: two at prefill, four at decode), at every tile
+    height and weight kind."""
+    assert_resident_ctas("mega_moe_layer.kernels.l1_gluon",
+                         [(k, bm, over) for k in ("mxfp4", "fp8_rebased") for bm, over in CASES])
 
 
 def test_l1_gluon_weight_descriptor_needs_contiguous_weights():

@@ -217,3 +217,32 @@ def covered_once(offsets, main, tail, over: int, over_limit: int) -> bool:
                 return False
             cover[lo:min(lo + rows, end)] += 1
     return bool((cover == 1).all())
+
+
+def assert_resident_ctas(module: str, cases) -> None:
+    """A Gluon kernel module's shared memory per CTA leaves room for the CTAs per SM of its launch
+    plan (`l1_gluon.launch_plan`; Hopper: 228 KB per SM, 1 KB reserved per CTA): `module`'s
+    `compile_args(kind, 7168, 2048, block_m=, over_m=)` for each (kind, block_m, over_m) in cases,
+    compiled in a child process (a session's TRITON_INTERPRET would make it an interpreter's).
+    Skips where no compiler is available."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    code = ("import json, importlib; from mega_moe_layer.kernels import l1_gluon, _compile\n"
+            f"m = importlib.import_module({module!r})\n"
+            "out = []\n"
+            f"for kind, bm, over in {list(cases)!r}:\n"
+            "    k, sig, ce, opts = m.compile_args(kind, 7168, 2048, block_m=bm, over_m=over)\n"
+            "    ck = _compile.compile_kernel(k, sig, ce, 90, **opts)\n"
+            "    out.append([kind, bm, over, ck.metadata.shared, l1_gluon.launch_plan(kind, bm, over)[2]])\n"
+            "print(json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "CompileUnavailable" in proc.stderr:
+        pytest.skip(proc.stderr[-500:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for kind, bm, over, nbytes, ctas in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert ctas * (nbytes + 1024) <= 233472, (module, kind, bm, over, nbytes, ctas)

@@ -97,6 +97,17 @@ def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, over_m: 
 
 if HAVE_GLUON:
     _BN, _BK = gl.constexpr(BLOCK_N), gl.constexpr(BLOCK_K)
+    #: One step's fragment words of 64 weight rows, [64, 16] int32, in the MMA register operand's
+    #: thread order: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3 bits); warps = row
+    #: 16 w (the operand's thread = lane 4 r + c; `_decode_a`)
+    _WORDS_LAYOUT = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[2 * BLOCK_N, BLOCK_K // 8]))
+
+    @gluon.constexpr_function
+    def _mma_layout(n):
+        """The accumulator layout of one warpgroup's 64 x n MMA."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
 
     @gluon.jit
     def _item(work, num_tiles, offsets_ptr, tile_expert_ptr, tile_row_ptr, NUM_N: gl.constexpr,
@@ -250,16 +261,10 @@ if HAVE_GLUON:
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
         R: gl.constexpr = 2 * _BN
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BM, 32])
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, OM, 32])
+        mma: gl.constexpr = _mma_layout(BM)
+        mma_o: gl.constexpr = _mma_layout(OM)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        # fragment words [64, 16]: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3
-        # bits); warps = row 16 w (the MMA register operand's thread = lane 4 r + c)
-        wl: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[R, _BK // 8])
+        wl: gl.constexpr = _WORDS_LAYOUT
         r = gl.arange(0, R, layout=gl.SliceLayout(1, wl))
         g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8     # a word's group byte
         zero = gl.zeros([R, BM], gl.float32, layout=mma)
@@ -368,28 +373,32 @@ if HAVE_GLUON:
         ], [4], [LOAD_REGS_])
 
 
-def weight_descriptor(w_kind: str, w_data: torch.Tensor, hidden: int):
-    """The TMA descriptor of the weight rows for `_l1_ws_kernel`: "mxfp4" fragment words (int8
-    [E, 2I, H / 2] viewed as int32 [E 2I, H / 8]), "fp8_rebased" E4M3 [E, 2I, H] as [E 2I, H]; boxes
-    of 32 rows x one 128-K step."""
+def weight_descriptor(w_kind: str, w_data: torch.Tensor, k: int, box_rows: int = BLOCK_N):
+    """The TMA descriptor of a weight's rows ([E, N, K] as [E N, K]): "mxfp4" fragment words (int8
+    [E, N, K / 2] viewed as int32 [E N, K / 8]), "fp8_rebased" E4M3; boxes of `box_rows` rows x one
+    128-K step (L1: 32 gate or up rows; L2, `l2_gluon`: 64 rows of w2)."""
     if not w_data.is_contiguous():
         # a reshaped copy would leave the descriptor pointing at a temporary
         raise ValueError("w_data: expected the contiguous weight operand (gemm_operands.prepare_weight_operand)")
     rows = w_data.shape[0] * w_data.shape[1]
     if w_kind == "mxfp4":
-        t, block, dtype = w_data.reshape(rows, hidden // 2).view(torch.int32), [BLOCK_N, BLOCK_K // 8], gl.int32
+        t, block, dtype = w_data.reshape(rows, k // 2).view(torch.int32), [box_rows, BLOCK_K // 8], gl.int32
     else:
-        t, block, dtype = w_data.reshape(rows, hidden), [BLOCK_N, BLOCK_K], gl.float8e4nv
+        t, block, dtype = w_data.reshape(rows, k), [box_rows, BLOCK_K], gl.float8e4nv
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-def descriptor_signature(w_kind: str) -> str:
+def descriptor_signature(w_kind: str, box_rows: int = BLOCK_N) -> str:
     """The Triton type string of `weight_descriptor`'s result (compile-only checks)."""
     if w_kind == "mxfp4":
-        block, dtype, name = [BLOCK_N, BLOCK_K // 8], gl.int32, "i32"
+        block, dtype, name = [box_rows, BLOCK_K // 8], gl.int32, "i32"
     else:
-        block, dtype, name = [BLOCK_N, BLOCK_K], gl.float8e4nv, "fp8e4nv"
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+        block, dtype, name = [box_rows, BLOCK_K], gl.float8e4nv, "fp8e4nv"
+    return tensordesc_signature(name, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def tensordesc_signature(name: str, block, layout) -> str:
+    """Triton's type string of a Gluon TMA descriptor argument."""
     return f"tensordesc<{name}[{block[0]}, {block[1]}],{layout!r}>"
 
 

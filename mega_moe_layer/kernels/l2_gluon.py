@@ -1,0 +1,274 @@
+"""L2 on Hopper as a warp-specialised Gluon kernel, the counterpart of `l1_gluon`.
+
+Built 2026-12-07 (seventh session) and compiled for sm_90a on the CPU (tests/test_l1_gluon.py);
+NOT yet run on a GPU, so off unless `ENABLED` is set (`scripts/bench.py --gluon-l2`) and checked
+there first against the Triton kernel (`tests/test_gemm_gpu.py -k gluon_l2`).
+
+Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_rebased`), weights
+"mxfp4" (fragment words decoded into the MMA's register operand, "imad" tables) or "fp8_rebased",
+bf16 combine (the FP8 combine's 128-column groups span two of this kernel's items: not covered),
+tile maps of 128 pairs (plus 0 or 16 rows past) or of 32 / 16. Items are 64 rows of w2 (64
+columns of y) x the tile's pairs; K = I in 128-K steps, chained through all of K as the Triton
+kernel does (`gemm_heuristics`: L2 does not promote), so each step's MMA stays in flight while the
+next one's operand is decoded.
+
+Partitions (per CTA; `l1_gluon.launch_plan` residency: two CTAs per SM at prefill, four at decode):
+- a producer warp: TMA for the step's 64 weight rows and the tile's h rows (pair-ordered: one box,
+  no gather; rows past the pairs are other experts' or zero-filled, and their outputs are not
+  stored) and the 16 rows past block_m when the plan has them;
+- the MMA warpgroup: the L1 kernel's step (`l1_gluon._step_operand`), then the epilogue of
+  `l2_gemm._l2_epilogue` for bf16: row factors, bf16, each pair's 64 values stored to its
+  destination row (absolute addresses; 0 = no destination) as 16-byte vectors after an exchange
+  through shared memory.
+The same chained sums and the same rounding as the Triton kernel: y must equal its (up to the sign
+of zero sums).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .l1_gemm import _exp2_ue8m0, _round_bf16
+from .l1_gluon import BLOCK_K, BLOCK_MS, HAVE_GLUON, launch_plan, tensordesc_signature, weight_descriptor
+from .sync import pdl_enter
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from .l1_gluon import _WORDS_LAYOUT, _barrier, _item, _mma_layout, _step_operand, _tma_load
+
+__all__ = ["ENABLED", "applies", "l2_gluon_launch"]
+
+#: Use this kernel for L2's launches where it `applies` (off: not yet run on a GPU).
+ENABLED = False
+
+#: Rows of w2 (columns of y) per item: one warpgroup's 64-row MMA.
+BLOCK_N = 64
+
+
+def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, block_m: int, over_m: int,
+            fp4_table: str, arch: int, chained: bool) -> bool:
+    """Whether a launch is one this kernel covers (see the module docstring); chained: the Triton
+    kernel's mainloop runs all of K without promotion (what this kernel reproduces)."""
+    return (HAVE_GLUON and arch == 90 and streamed and chained and act_format == "fp8" and combine_format == "bf16"
+            and w_kind in ("mxfp4", "fp8_rebased") and block_m in BLOCK_MS
+            and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad"))
+
+
+if HAVE_GLUON:
+    _BK = gl.constexpr(BLOCK_K)
+    _BN2 = gl.constexpr(BLOCK_N)
+
+    @gluon.jit
+    def _l2_producer(w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                     w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN: gl.constexpr, INTER: gl.constexpr,
+                     KW: gl.constexpr, STAGES_: gl.constexpr, STAGE_BYTES: gl.constexpr, GROUP_M: gl.constexpr,
+                     BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+        """The producer warp: the step's weight rows, h rows and (OVER_M) the rows past block_m,
+        all by TMA on one barrier per stage."""
+        NUM_N: gl.constexpr = HIDDEN // _BN2
+        NK: gl.constexpr = INTER // _BK
+        num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        it = 0
+        for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
+            expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
+                                                                 tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
+            w_row = expert * HIDDEN + pid_n * _BN2
+            for k in range(NK):
+                s = it % STAGES_
+                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), STAGE_BYTES)
+                _tma_load(w_desc, [w_row, k * KW], ready.index(s), w_bufs.index(s))
+                _tma_load(h_desc, [row_start, k * _BK], ready.index(s), x_bufs.index(s))
+                if OVER_M > 0:
+                    _tma_load(o_desc, [row_start + BM, k * _BK], ready.index(s), o_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _l2_store(acc, mma: gl.constexpr, ROWS: gl.constexpr, row0, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
+                  dst_ptr, epi, HIDDEN: gl.constexpr):
+        """`l2_gemm._l2_epilogue` (bf16 combine) for the [64 rows of w2, ROWS pairs] accumulator of
+        pairs row0 .. row0 + ROWS - 1 below row_end: row factors, bf16, then through shared memory
+        (`epi`) into per-pair vectors of 8 columns, stored to each pair's destination row."""
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
+        row_ok = rows < row_end
+        e_row = gl.load(h_exp_ptr + rows, mask=row_ok, other=0)
+        a_f = _exp2_ue8m0(gl.maximum(e_row, 1))
+        n = pid_n * _BN2 + gl.arange(0, _BN2, layout=gl.SliceLayout(1, mma))
+        w_f = gl.load(w_row_ptr + expert.to(gl.int64) * HIDDEN + n)
+        y = _round_bf16(acc * w_f[:, None] * a_f[None, :])
+        TPW1: gl.constexpr = 4 if ROWS >= 4 else ROWS
+        el: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[32 // TPW1, TPW1],
+                                            warps_per_cta=[1, 4], order=[0, 1])
+        e_s = epi.slice(0, ROWS, dim=1)
+        _barrier()                  # (this warpgroup) the previous item's reads of `epi` are done
+        e_s.store(y.to(gl.bfloat16))
+        _barrier()
+        yb = e_s.load(el)
+        cols = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, el))
+        col_ok = cols < row_end
+        dst = gl.load(dst_ptr + cols, mask=col_ok, other=0)
+        st_ok = col_ok & (dst != 0)
+        nn = pid_n * _BN2 + gl.arange(0, _BN2, layout=gl.SliceLayout(1, el))
+        # as `l2_gemm._addr_rows`: anchor + (address - anchor) elements from a 16-byte aligned kernel
+        # argument, so the stores are 16-byte vectors (a pointer cast from an int would not be)
+        base = dst_ptr.to(gl.pointer_type(gl.int16), bitcast=True)
+        delta = gl.multiple_of(dst - dst_ptr.to(gl.int64), 16) // 2
+        out = base + delta[None, :] + nn[:, None]
+        gl.store(out, yb.to(gl.int16, bitcast=True), mask=st_ok[None, :])
+
+    @gluon.jit
+    def _l2_mma_partition(h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles, aux_ptr,
+                          w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
+                          HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
+                          GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
+                          OVER_LIMIT: gl.constexpr):
+        """The MMA warpgroup: all of K chained into one accumulator, step k's MMA in flight while
+        step k + 1's operand is decoded; step k - 1's stage handed back once only step k's MMA is
+        left."""
+        NUM_N: gl.constexpr = HIDDEN // _BN2
+        NK: gl.constexpr = INTER // _BK
+        OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        mma: gl.constexpr = _mma_layout(BM)
+        mma_o: gl.constexpr = _mma_layout(OM)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        wl: gl.constexpr = _WORDS_LAYOUT
+        r = gl.arange(0, _BN2, layout=gl.SliceLayout(1, wl))
+        g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8
+        zero = gl.zeros([_BN2, BM], gl.float32, layout=mma)
+        zero_o = gl.zeros([_BN2, OM], gl.float32, layout=mma_o)
+        num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        it = 0
+        for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
+            expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
+                                                                 tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
+            d_base = aux_ptr + expert.to(gl.int64) * (HIDDEN * (INTER // 128))
+            d_offs = (pid_n * _BN2 + r) * (INTER // 128)
+            d_next = gl.zeros([_BN2], gl.int32, layout=gl.SliceLayout(1, wl))
+            if W_KIND == "mxfp4":
+                d_next = gl.load(d_base + d_offs)
+            acc = zero
+            acc_o = zero_o
+            for k in range(NK):
+                a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK, STAGES_,
+                                             W_KIND, a_layout, wl)
+                # (zero-initialised accumulators chained from the first step, as the Triton kernel's
+                # `tl.dot(w, h, acc)`)
+                tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                if OVER_M > 0:
+                    if has_over:
+                        tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), acc_o, is_async=True)
+                        acc, acc_o = warpgroup_mma_wait(2, deps=[tok, tok_o])
+                    else:
+                        acc = warpgroup_mma_wait(1, deps=[tok])
+                else:
+                    acc = warpgroup_mma_wait(1, deps=[tok])
+                # all but step k's MMA(s) are done: step k - 1's stage is free
+                mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_), pred=k > 0)
+                it += 1
+            if OVER_M > 0:
+                if has_over:
+                    acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
+                else:
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+            else:
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
+            _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
+                      w_row_ptr, dst_ptr, epi, HIDDEN)
+            if OVER_M > 0:
+                if has_over:
+                    _l2_store(acc_o, mma_o, OM, row_start + BM, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
+                              dst_ptr, epi, HIDDEN)
+
+    @gluon.jit(do_not_specialize=["max_tiles"])
+    def _l2_ws_kernel(h_desc, o_desc, h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, w_desc,
+                      aux_ptr, w_row_ptr, dst_ptr, max_tiles,
+                      HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
+                      GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
+                      PDL: gl.constexpr = False):
+        """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
+        [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
+        w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
+        as int32 [E, H, I / 128] ("mxfp4"); w_row_ptr: float32 [E, H]; dst_ptr: int64 [P] pair
+        destination addresses (bf16 rows of H, 0 = none); the rest as `l2_gemm._l2_kernel`'s."""
+        if PDL:
+            pdl_enter()
+        KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
+        OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        STAGE_BYTES: gl.constexpr = (_BN2 * _BK // (2 if W_KIND == "mxfp4" else 1) + BM * _BK
+                                     + (OM * _BK if OVER_M > 0 else 0))
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES_, _BN2, KW], w_desc.layout)
+        x_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, BM, _BK], h_desc.layout)
+        if OVER_M > 0:
+            o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES_, OM, _BK], o_desc.layout)
+        else:                       # unused
+            o_bufs = gl.allocate_shared_memory(gl.float8e4nv, [1, 16, _BK], o_desc.layout)
+        epi_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        epi = gl.allocate_shared_memory(gl.bfloat16, [_BN2, BM], epi_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES_):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                                 aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
+                                 HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT)),
+            (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
+                            max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
+                            GROUP_M, BM, OVER_M, OVER_LIMIT)),
+        ], [1], [24])
+
+
+def _h_layout(rows: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl.float8e4nv)
+
+
+def _plan(w_kind: str, block_m: int, over_m: int) -> tuple:
+    """(stages, maxnreg, CTAs per SM): `l1_gluon.launch_plan`'s residency; L2's stage holds 64
+    weight rows (twice L1's per-box rows, as many bytes as its two boxes)."""
+    return launch_plan(w_kind, block_m, over_m)
+
+
+def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
+                 group_m: int = 8):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
+    stages, maxnreg, _ = _plan(w_kind, block_m, over_m)
+    sig = dict(h_desc=tensordesc_signature("fp8e4nv", [block_m, BLOCK_K], _h_layout(block_m)),
+               o_desc=tensordesc_signature("fp8e4nv", [16, BLOCK_K], _h_layout(16)),
+               h_exp_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
+               num_tiles_ptr="*i32", w_desc=_w_signature(w_kind), aux_ptr="*i32", w_row_ptr="*fp32",
+               dst_ptr="*i64", max_tiles="i32")
+    ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
+              OVER_M=over_m, OVER_LIMIT=over_limit)
+    return _l2_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
+
+
+def _w_signature(w_kind: str) -> str:
+    from .l1_gluon import descriptor_signature
+    return descriptor_signature(w_kind, BLOCK_N)
+
+
+def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
+                    tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor,
+                    w_aux: Optional[torch.Tensor], w_row: torch.Tensor, pair_dst: torch.Tensor, *, hidden: int,
+                    inter: int, block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
+                    max_tiles: int):
+    """Launch `_l2_ws_kernel` on arguments `l2_gemm.l2_grouped_gemm` has validated (it calls this
+    where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    from .l1_gluon import TensorDescriptor
+    stages, maxnreg, ctas = _plan(w_kind, block_m, over_m)
+    h_desc = TensorDescriptor.from_tensor(h8, [block_m, BLOCK_K], _h_layout(block_m))
+    o_desc = TensorDescriptor.from_tensor(h8, [16, BLOCK_K], _h_layout(16))
+    w_desc = weight_descriptor(w_kind, w_data, inter, BLOCK_N)
+    total = max_tiles * (hidden // BLOCK_N)
+    grid = (max(1, min(total, ctas * num_sms)),)
+    args = (h_desc, o_desc, h_exp, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
+            (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, pair_dst, max_tiles)
+    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
+                  OVER_M=over_m, OVER_LIMIT=over_limit, num_warps=4, maxnreg=maxnreg,
+                  enable_fp_fusion=False)      # as the Triton kernel: no FMA contraction
+    return _l2_ws_kernel, grid, args, kwargs

@@ -1,0 +1,66 @@
+"""The warp-specialised Gluon L2 (`kernels/l2_gluon.py`) on the CPU: it builds for sm_90a with the
+structure it exists for, the CTAs per SM it plans for fit, and `l2_grouped_gemm` takes it only
+where it applies. What it computes needs a GPU (`tests/test_gemm_gpu.py -k gluon_l2`)."""
+import re
+
+import pytest
+
+from mega_moe_layer.kernels import _compile, l1_gluon, l2_gluon
+from utils import assert_resident_ctas
+
+pytestmark = pytest.mark.skipif(not l1_gluon.HAVE_GLUON, reason="this Triton has no Gluon Hopper ops")
+
+CASES = [(128, 16), (128, 0), (32, 0), (16, 0)]
+
+
+@pytest.mark.parametrize("w_kind", ["mxfp4", "fp8_rebased"])
+def test_l2_gluon_compiles_for_hopper(w_kind):
+    """DeepSeek-V3's L2 (H 7168, I 2048) at every tile height: E4M3 wgmma of 64 x block_m (and 64 x
+    16 for the rows past block_m), the weights from registers for 4-bit words and from shared memory
+    for FP8 ones, TMA for weights and h (no cp.async: h is pair-ordered), the chained MMA left in
+    flight across K steps (`wgmma.wait_group 1` in the loop), 16-byte stores of y, no spills."""
+    jobs = []
+    for bm, over in CASES:
+        kernel, sig, ce, opts = l2_gluon.compile_args(w_kind, 7168, 2048, block_m=bm, over_m=over)
+        jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
+    try:
+        ptxs = _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    for (bm, over), p in zip(CASES, ptxs):
+        what = (w_kind, bm, over)
+        mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
+        want = {f"wgmma.mma_async.sync.aligned.m64n{bm}k32.f32.e4m3.e4m3"}
+        if over:
+            want.add("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3")
+        assert mmas == want, (what, mmas)
+        a_operand = re.search(r"wgmma\.mma_async[\w.:]+\s*\{[^}]*\},\s*(\S+)", p).group(1)
+        assert a_operand.startswith("{") == (w_kind == "mxfp4"), (what, a_operand)
+        assert "cp.async.bulk.tensor.2d.shared::" in p and not re.search(r"cp\.async\.c[ag]\.shared", p), what
+        waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", p)]
+        assert 1 in waits or 2 in waits, (what, waits)                 # the chain stays in flight
+        assert "st.global.v4.b32" in p, what                           # y rows as 16-byte vectors
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
+
+
+def test_l2_gluon_resident_ctas():
+    """Shared memory per CTA leaves room for the CTAs per SM of its plan (`l1_gluon.launch_plan`)."""
+    assert_resident_ctas("mega_moe_layer.kernels.l2_gluon",
+                         [(k, bm, over) for k in ("mxfp4", "fp8_rebased") for bm, over in CASES])
+
+
+def test_l2_gluon_applies():
+    """Only the chained streamed FP8 mainloop on sm_90 with FP8 h and the bf16 combine."""
+    ok = dict(w_kind="mxfp4", act_format="fp8", combine_format="bf16", streamed=True, block_m=128, over_m=16,
+              fp4_table="imad", arch=90, chained=True)
+    assert l2_gluon.applies(**ok)
+    assert l2_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "block_m": 16, "over_m": 0})
+    for change in (dict(combine_format="fp8"), dict(chained=False), dict(act_format="fp4"), dict(streamed=False),
+                   dict(block_m=64), dict(block_m=16), dict(fp4_table="f16"), dict(arch=100),
+                   dict(w_kind="fp8_block")):
+        assert not l2_gluon.applies(**{**ok, **change}), change
+    assert l2_gluon.ENABLED is False, "the Gluon L2 stays off until it has run on a GPU"
