@@ -225,38 +225,50 @@ class Case:
         return worst
 
 
-def gluon_l1_us(case: "Case", name: str, iters: int, stream_us: dict) -> None:
-    """The streamed L1 on the warp-specialised Gluon kernel (`kernels.l1_gluon`) beside the Triton
-    one just timed: h (values; a zero sum may differ in sign) and scale bytes compared with the
-    Triton kernel's first, then timed; stream_us[name + " gluon"] = (us, None, equal)."""
-    from mega_moe_layer.kernels import l1_gluon
+def _same_values(t: torch.Tensor, w: torch.Tensor) -> bool:
+    """Every element equal as bits, or (floating point) as a value: a zero sum may differ in sign."""
+    if not t.is_floating_point():
+        return bool(torch.equal(t, w))
+    iv = torch.int8 if t.element_size() == 1 else torch.int16
+    return bool(((t.view(iv) == w.view(iv)) | (t.float() == w.float())).all())
+
+
+def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) -> None:
+    """The streamed L1 or L2 on its warp-specialised Gluon kernel (`kernels.l1_gluon` /
+    `l2_gluon`) beside the Triton one just timed: its output (L1: h values, a zero sum may differ
+    in sign, and scale bytes; L2: y values) compared with the Triton kernel's first, then timed;
+    stream_us[name + " gluon"] = (us, None, equal)."""
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    mod = l1_gluon if kern == "l1" else l2_gluon
+    launch_name = "l1_gluon_launch" if kern == "l1" else "l2_gluon_launch"
+    run = case.l1 if kern == "l1" else case.l2
+    outs = (case.h, case.h_sf) if kern == "l1" else (case.out,)
     case.rebase_x()
     case.l1()
+    case.rebase_h()
+    case.l2()
     torch.cuda.synchronize()
-    h_t, sf_t = case.h.clone(), case.h_sf.clone()
+    want = [t.clone() for t in outs]
     taken = []
-    launch = l1_gluon.l1_gluon_launch
-    l1_gluon.l1_gluon_launch = lambda *a, **k: taken.append(1) or launch(*a, **k)
-    l1_gluon.ENABLED = True
+    launch = getattr(mod, launch_name)
+    setattr(mod, launch_name, lambda *a, **k: taken.append(1) or launch(*a, **k))
+    mod.ENABLED = True
     try:
-        case.h.zero_()
-        case.h_sf.zero_()
-        case.l1()
+        for t in outs:
+            t.zero_()
+        run()
         torch.cuda.synchronize()
         if not taken:
-            print(f"    l1 streamed ({name}): the Gluon kernel does not apply to this launch", flush=True)
+            print(f"    {kern} streamed ({name}): the Gluon kernel does not apply to this launch", flush=True)
             return
-        n = case.P
-        same = bool(torch.equal(case.h_sf[:n], sf_t[:n])
-                    and ((case.h[:n].view(torch.uint8) == h_t[:n].view(torch.uint8))
-                         | (case.h[:n].float() == h_t[:n].float())).all())
-        us = gpu_time_us(case.l1, iters)
+        same = all(_same_values(t, w) for t, w in zip(outs, want))
+        us = gpu_time_us(run, iters)
     finally:
-        l1_gluon.ENABLED = False
-        l1_gluon.l1_gluon_launch = launch
+        mod.ENABLED = False
+        setattr(mod, launch_name, launch)
     stream_us[f"{name} gluon"] = (us, None, same)
-    print(f"    l1 streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
-          f"h equal to the Triton kernel's: {same}", flush=True)
+    print(f"    {kern} streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
+          f"output equal to the Triton kernel's: {same}", flush=True)
 
 
 def decoder_us(case: "Case", kern: str, iters: int, decoder: str) -> float:
@@ -482,9 +494,9 @@ def main() -> None:
                    help="FP8 weights with their block scales times 1.3 (not powers of two: the 'fp8_block' operand)")
     p.add_argument("--stream-kinds", default="mxfp4,fp4_as_fp8",
                    help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
-    p.add_argument("--gluon-l1", action="store_true",
-                   help="with --stream: also time L1 on the warp-specialised Gluon kernel (`kernels.l1_gluon`, "
-                        "prefill tiles only), its h compared with the Triton kernel's first")
+    p.add_argument("--gluon", action="store_true",
+                   help="with --stream: also time L1 / L2 on the warp-specialised Gluon kernels (`kernels.l1_gluon`, "
+                        "`l2_gluon`), their output compared with the Triton kernels' first")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",
@@ -569,8 +581,8 @@ def main() -> None:
                         run = case.l1 if kern == "l1" else case.l2
                         rb = case.rebase_x if kern == "l1" else case.rebase_h
                         stream_us[name] = (gpu_time_us(run, args.iters), gpu_time_us(rb, args.iters), serr)
-                        if args.gluon_l1 and kern == "l1":
-                            gluon_l1_us(case, name, args.iters, stream_us)
+                        if args.gluon:
+                            gluon_us(case, kern, name, args.iters, stream_us)
                         for prom in (int(v) for v in args.stream_promotes.split(",") if v):
                             # the other kernel at its default; this one promoting every `prom` steps
                             cfg_of = gh.l1_gemm_config if kern == "l1" else gh.l2_gemm_config

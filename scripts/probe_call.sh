@@ -2,8 +2,8 @@
 # One device call for the next session (written 2026-12-07, seventh): the Gluon L1 and L2
 # (`kernels/l1_gluon.py`, `l2_gluon.py`, built and compiled on the CPU, never run) first: their GPU
 # tests against the Triton kernels (prefill and decode tile heights) while DeepGEMM builds in the
-# background; if they pass, the two L1 kernels alone at 32768 and 1024 uniform pairs
-# (`bench_gemm.py --gluon-l1`: h compared, then timed); then `ab_bench.sh`: this tree with the
+# background; if they pass, the Triton and Gluon kernels alone at 32768 and 1024 uniform pairs
+# (`bench_gemm.py --gluon`: outputs compared, then timed); then `ab_bench.sh`: this tree with the
 # anchor at T = 4096 / 128 / 1, with the Gluon kernels whose tests passed (`--gluon-l1`,
 # `--gluon-l2`) at the same T, and FP8 weights with the anchor at 4096 (plus those kernels). ~9
 # minutes on a warm H100 / H200 (run it with the full 600 s; every step is bounded). Logs under $OUT.
@@ -38,9 +38,9 @@ if [ -n "$gl_args" ]; then
     new2=(NEW2_ARGS="$gl_args" NEW2_TOKENS="${NEW2_TOKENS-4096 128 1}" NEW3_ARGS="$gl_args --weight-format fp8"
           NEW3_TOKENS="${NEW3_TOKENS-4096}")
 fi
-if [[ "$gl_args" == *gluon-l1* ]]; then
+if [ -n "$gl_args" ]; then
     PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${BG_S-90} python3 scripts/bench_gemm.py --out "$OUT/bg.json" \
-        --cases u4096:256,u128:256 --stream --stream-kinds mxfp4 --gluon-l1 --iters 20 > "$OUT/bg.log" 2>&1
+        --cases u4096:256,u128:256 --stream --stream-kinds mxfp4 --gluon --iters 20 > "$OUT/bg.log" 2>&1
     echo "=== bench_gemm (rc $?)"; grep -E "streamed|Gluon" "$OUT/bg.log" | head -n 8
 fi
 [ -n "$build_pid" ] && { wait "$build_pid"; tail -n 2 "$OUT/dg_build.log"; }
