@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mega_moe_layer.kernels import _compile, l1_gluon
-from utils import assert_resident_ctas
+from utils import assert_gluon_mma, assert_resident_ctas, gluon_kernel_ptx
 
 CASES = [(128, 16), (128, 0), (32, 0), (16, 0)]
 
@@ -21,27 +21,14 @@ def test_l1_gluon_compiles_for_hopper(w_kind):
     memory for FP8 ones, TMA for the weight boxes, cp.async for the gathered token rows arriving on
     mbarriers, registers reallocated between the partitions, and (almost) no spills."""
     cases = [(128, over, clamp) for over in (16, 0) for clamp in (False, True)] + [(32, 0, False), (16, 0, True)]
-    jobs = []
-    for bm, over, clamp in cases:
-        # the Triton kernel's 4-bit decode tiles promote every 256 K, as this one must then
-        promote_k = 256 if (w_kind == "mxfp4" and bm <= 32) else 128
-        kernel, sig, ce, opts = l1_gluon.compile_args(w_kind, 7168, 2048, has_clamp=clamp, block_m=bm, over_m=over,
-                                                      promote_k=promote_k)
-        jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
-    try:
-        ptxs = _compile.compile_ptx_batch(jobs)
-    except _compile.CompileUnavailable as exc:
-        pytest.skip(str(exc))
+    # (the Triton kernel's 4-bit decode tiles promote every 256 K, as this one must then)
+    ptxs = gluon_kernel_ptx(l1_gluon, [((w_kind, 7168, 2048), dict(
+        has_clamp=clamp, block_m=bm, over_m=over, promote_k=256 if (w_kind == "mxfp4" and bm <= 32) else 128))
+        for bm, over, clamp in cases])
     for (bm, over, clamp), p in zip(cases, ptxs):
         what = (w_kind, bm, over, clamp)
         assert _compile.ptx_target(p) == "sm_90a"
-        mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
-        want = {f"wgmma.mma_async.sync.aligned.m64n{bm}k32.f32.e4m3.e4m3"}
-        if over:
-            want.add("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3")
-        assert mmas == want, (what, mmas)
-        a_operand = re.search(r"wgmma\.mma_async[\w.:]+\s*\{[^}]*\},\s*(\S+)", p).group(1)
-        assert a_operand.startswith("{") == (w_kind == "mxfp4"), (what, a_operand)
+        assert_gluon_mma(p, bm, over, w_kind == "mxfp4", what)
         assert "cp.async.bulk.tensor.2d.shared::" in p, what                  # the weight boxes
         assert re.search(r"cp\.async\.c[ag]\.shared", p) and "cp.async.mbarrier.arrive.noinc" in p, what
         assert "setmaxnreg" in p and "mbarrier.try_wait.parity" in p, what

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mega_moe_layer.kernels import _compile, l1_gluon, l2_gluon
-from utils import assert_resident_ctas
+from utils import assert_gluon_mma, assert_resident_ctas, gluon_kernel_ptx
 
 pytestmark = pytest.mark.skipif(not l1_gluon.HAVE_GLUON, reason="this Triton has no Gluon Hopper ops")
 
@@ -19,23 +19,10 @@ def test_l2_gluon_compiles_for_hopper(w_kind):
     16 for the rows past block_m), the weights from registers for 4-bit words and from shared memory
     for FP8 ones, TMA for weights and h (no cp.async: h is pair-ordered), the chained MMA left in
     flight across K steps (`wgmma.wait_group 1` in the loop), 16-byte stores of y, no spills."""
-    jobs = []
-    for bm, over in CASES:
-        kernel, sig, ce, opts = l2_gluon.compile_args(w_kind, 7168, 2048, block_m=bm, over_m=over)
-        jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
-    try:
-        ptxs = _compile.compile_ptx_batch(jobs)
-    except _compile.CompileUnavailable as exc:
-        pytest.skip(str(exc))
+    ptxs = gluon_kernel_ptx(l2_gluon, [((w_kind, 7168, 2048), dict(block_m=bm, over_m=over)) for bm, over in CASES])
     for (bm, over), p in zip(CASES, ptxs):
         what = (w_kind, bm, over)
-        mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", p))
-        want = {f"wgmma.mma_async.sync.aligned.m64n{bm}k32.f32.e4m3.e4m3"}
-        if over:
-            want.add("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3")
-        assert mmas == want, (what, mmas)
-        a_operand = re.search(r"wgmma\.mma_async[\w.:]+\s*\{[^}]*\},\s*(\S+)", p).group(1)
-        assert a_operand.startswith("{") == (w_kind == "mxfp4"), (what, a_operand)
+        assert_gluon_mma(p, bm, over, w_kind == "mxfp4", what)
         assert "cp.async.bulk.tensor.2d.shared::" in p and not re.search(r"cp\.async\.c[ag]\.shared", p), what
         waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", p)]
         assert 1 in waits or 2 in waits, (what, waits)                 # the chain stays in flight

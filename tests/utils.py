@@ -246,3 +246,34 @@ def assert_resident_ctas(module: str, cases) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     for kind, bm, over, nbytes, ctas in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert ctas * (nbytes + 1024) <= 233472, (module, kind, bm, over, nbytes, ctas)
+
+
+def gluon_kernel_ptx(module, calls):
+    """PTX of a Gluon kernel module's `compile_args(*args, **kwargs)` for each (args, kwargs) in
+    calls (sm_90a, one batch); skips where no compiler is available."""
+    import pytest
+
+    from mega_moe_layer.kernels import _compile
+
+    jobs = []
+    for args, kwargs in calls:
+        kernel, sig, ce, opts = module.compile_args(*args, **kwargs)
+        jobs.append(_compile.CompileJob(kernel, sig, ce, 90, **opts))
+    try:
+        return _compile.compile_ptx_batch(jobs)
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def assert_gluon_mma(ptx: str, block_m: int, over_m: int, weights_in_registers: bool, what) -> None:
+    """The Gluon L1 / L2 MMAs in `ptx`: E4M3 wgmma of 64 x block_m (and 64 x 16 for rows past
+    block_m), the weight operand from registers (4-bit words decoded there) or from shared memory."""
+    import re
+
+    mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", ptx))
+    want = {f"wgmma.mma_async.sync.aligned.m64n{block_m}k32.f32.e4m3.e4m3"}
+    if over_m:
+        want.add("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3")
+    assert mmas == want, (what, mmas)
+    a_operand = re.search(r"wgmma\.mma_async[\w.:]+\s*\{[^}]*\},\s*(\S+)", ptx).group(1)
+    assert a_operand.startswith("{") == weights_in_registers, (what, a_operand)

@@ -30,14 +30,15 @@ from typing import Optional
 import torch
 
 from .l1_gemm import _exp2_ue8m0, _round_bf16
-from .l1_gluon import BLOCK_K, BLOCK_MS, HAVE_GLUON, launch_plan, tensordesc_signature, weight_descriptor
+from .l1_gluon import (BLOCK_K, BLOCK_MS, HAVE_GLUON, descriptor_signature, launch_plan, tensordesc_signature,
+                       weight_descriptor)
 from .sync import pdl_enter
 
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from .l1_gluon import _WORDS_LAYOUT, _barrier, _item, _mma_layout, _step_operand, _tma_load
+    from .l1_gluon import _WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _step_operand, _tma_load
 
 __all__ = ["ENABLED", "applies", "l2_gluon_launch"]
 
@@ -227,29 +228,19 @@ def _h_layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl.float8e4nv)
 
 
-def _plan(w_kind: str, block_m: int, over_m: int) -> tuple:
-    """(stages, maxnreg, CTAs per SM): `l1_gluon.launch_plan`'s residency; L2's stage holds 64
-    weight rows (twice L1's per-box rows, as many bytes as its two boxes)."""
-    return launch_plan(w_kind, block_m, over_m)
-
-
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
                  group_m: int = 8):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
-    stages, maxnreg, _ = _plan(w_kind, block_m, over_m)
+    # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
+    stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(h_desc=tensordesc_signature("fp8e4nv", [block_m, BLOCK_K], _h_layout(block_m)),
                o_desc=tensordesc_signature("fp8e4nv", [16, BLOCK_K], _h_layout(16)),
                h_exp_ptr="*i32", offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
-               num_tiles_ptr="*i32", w_desc=_w_signature(w_kind), aux_ptr="*i32", w_row_ptr="*fp32",
+               num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind, BLOCK_N), aux_ptr="*i32", w_row_ptr="*fp32",
                dst_ptr="*i64", max_tiles="i32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
               OVER_M=over_m, OVER_LIMIT=over_limit)
     return _l2_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
-
-
-def _w_signature(w_kind: str) -> str:
-    from .l1_gluon import descriptor_signature
-    return descriptor_signature(w_kind, BLOCK_N)
 
 
 def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
@@ -259,8 +250,7 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
                     max_tiles: int):
     """Launch `_l2_ws_kernel` on arguments `l2_gemm.l2_grouped_gemm` has validated (it calls this
     where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
-    from .l1_gluon import TensorDescriptor
-    stages, maxnreg, ctas = _plan(w_kind, block_m, over_m)
+    stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     h_desc = TensorDescriptor.from_tensor(h8, [block_m, BLOCK_K], _h_layout(block_m))
     o_desc = TensorDescriptor.from_tensor(h8, [16, BLOCK_K], _h_layout(16))
     w_desc = weight_descriptor(w_kind, w_data, inter, BLOCK_N)
