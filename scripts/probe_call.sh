@@ -21,9 +21,10 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
     build_pid=$!
 fi
-# one pytest process for both (the Triton kernels they compare against compile once); a kernel is
-# timed below only if every one of its tests passed
-PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${TEST_S-280} python3 -m pytest -q -rA -p no:cacheprovider \
+# one pytest process for both (the Triton kernels they compare against compile once; -v: each
+# result is in the log as it comes, should the call run out of device time); a kernel is timed
+# below only if every one of its tests passed
+PYTHONPATH=/tmp/site:$PWD timeout -k 5 ${TEST_S-280} python3 -m pytest -v -rA -p no:cacheprovider \
     -m "not multigpu" tests/test_gemm_gpu.py -k "gluon_l1 or gluon_l2" > "$OUT/gluon_test.log" 2>&1
 echo "=== Gluon L1 / L2 GPU tests (rc $?)"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/gluon_test.log" | tail -n 12
 gl_args=""
