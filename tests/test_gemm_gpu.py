@@ -254,6 +254,13 @@ def test_over_rows_dsv3(wf, over, monkeypatch):
     _report(f"over rows {wf}", metrics)
 
 
+def _calls(monkeypatch, module, name):
+    """A list that gets one entry per call of `module.name` (wrapped for the test's duration)."""
+    calls, fn = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+    return calls
+
+
 def _mismatch(got, want, same):
     """A failure message's account of where `got` differs from `want` (`same`: the entries that
     agree): how many, which rows and columns (first few, and their residues mod 128 / 32, the
@@ -281,9 +288,7 @@ def _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **run_kw):
     equal (as bytes, or as values: a zero sum may differ in sign). Returns the Gluon (h, h_sf) and
     the fraction of equal h bytes."""
     from mega_moe_layer.kernels import l1_gluon
-    taken = []
-    launch = l1_gluon.l1_gluon_launch
-    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
+    taken = _calls(monkeypatch, l1_gluon, "l1_gluon_launch")
     outs = []
     for enabled in (False, True):
         monkeypatch.setattr(l1_gluon, "ENABLED", enabled)
@@ -291,7 +296,6 @@ def _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **run_kw):
         run_l1_into(prob, h, h_sf, x_rebased=x_rebased, **run_kw)
         torch.cuda.synchronize()
         outs.append((h, h_sf))
-    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", launch)
     assert taken == [1], "the Gluon kernel was not taken"
     (h_t, sf_t), (h_g, sf_g) = outs
     same_bytes = bytes_of(h_g) == bytes_of(h_t)
@@ -349,9 +353,7 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
     mp, plan, kw = _prefill_main_map(prob, counts)
     _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, **kw)
     _report(f"gluon l1 {wf} clamp {clamp}", {"h_bytes_equal": same})
-    taken = []
-    launch = l1_gluon.l1_gluon_launch
-    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
+    taken = _calls(monkeypatch, l1_gluon, "l1_gluon_launch")
     monkeypatch.setattr(l1_gluon, "ENABLED", True)
     _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=41, device=DEV, num_sms=None)
     assert taken == [1], "the Gluon kernel was not taken in the chain"
@@ -391,9 +393,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     h8 = torch.empty(prob.num_pairs, 2048, dtype=torch.float8_e4m3fn, device=DEV)
     h_e = torch.empty(prob.num_pairs, dtype=torch.int32, device=DEV)
     rebase_act_rows(h, h_sf, h8, h_e, prob.expert_offsets[-1:], act_format="fp8", group=32)
-    taken = []
-    launch = l2_gluon.l2_gluon_launch
-    monkeypatch.setattr(l2_gluon, "l2_gluon_launch", lambda *a, **k: taken.append(1) or launch(*a, **k))
+    taken = _calls(monkeypatch, l2_gluon, "l2_gluon_launch")
     dests = []
     for enabled in (False, True):
         monkeypatch.setattr(l2_gluon, "ENABLED", enabled)
