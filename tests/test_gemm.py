@@ -1116,6 +1116,8 @@ def test_compiles(compiled, case):
             assert wgmmas and all(m.endswith(".e4m3.e4m3") for m in wgmmas), wgmmas
         else:
             assert all(".bf16" in m for m in wgmmas), wgmmas
+        # no register of an unfinished wgmma touched (its accumulator, its register A operand)
+        assert _compile.wgmma_register_hazards(ptx) == [], _compile.wgmma_register_hazards(ptx)[:4]
         if len(case) > 7 and kind not in ("fp8_block", "mxfp4") and kern == "l2":
             # Streamed and chained (L2; L1 promotes after every step by default, and so does L2 on
             # 4-bit MXFP4): the MMA stays in flight across K steps (a wait that leaves one group

@@ -267,7 +267,8 @@ def gluon_kernel_ptx(module, calls):
 
 def assert_gluon_mma(ptx: str, block_m: int, over_m: int, weights_in_registers: bool, what) -> None:
     """The Gluon L1 / L2 MMAs in `ptx`: E4M3 wgmma of 64 x block_m (and 64 x 16 for rows past
-    block_m), the weight operand from registers (4-bit words decoded there) or from shared memory."""
+    block_m), the weight operand from registers (4-bit words decoded there) or from shared memory,
+    and no register of an MMA touched before a wait retires it."""
     import re
 
     mmas = set(re.findall(r"wgmma\.mma_async[\w.:]+", ptx))
@@ -277,3 +278,8 @@ def assert_gluon_mma(ptx: str, block_m: int, over_m: int, weights_in_registers: 
     assert mmas == want, (what, mmas)
     a_operand = re.search(r"wgmma\.mma_async[\w.:]+\s*\{[^}]*\},\s*(\S+)", ptx).group(1)
     assert a_operand.startswith("{") == weights_in_registers, (what, a_operand)
+    from mega_moe_layer.kernels import _compile
+
+    # no register of an unfinished wgmma touched (PTX: undefined; ptxas does not repair a register
+    # A operand redefined while its MMA runs)
+    assert _compile.wgmma_register_hazards(ptx) == [], (what, _compile.wgmma_register_hazards(ptx)[:4])

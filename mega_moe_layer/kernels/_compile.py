@@ -23,7 +23,7 @@ import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = ["compile_ptx", "compile_ptx_batch", "compile_kernel", "ptxas_usage", "CompileUnavailable",
-           "ptx_target", "ptx_entries", "CompileJob"]
+           "ptx_target", "ptx_entries", "CompileJob", "wgmma_register_hazards"]
 
 
 class CompileUnavailable(RuntimeError):
@@ -216,6 +216,104 @@ def ptx_target(ptx: str) -> str:
 def ptx_entries(ptx: str) -> list:
     """Names of the `.entry` (kernel) functions of a PTX module."""
     return re.findall(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(", ptx)
+
+
+_REG = re.compile(r"%[a-z]+\d+")
+
+
+def _ptx_blocks(ptx: str):
+    """The instructions of a single-kernel PTX module as basic blocks: (blocks, successors), each
+    block a list of (line number, instruction text). Labels inside inline-assembly braces are
+    scoped to their braces (the same name recurs in every `mbarrier.try_wait` loop)."""
+    insts, labels, depth, scopes, fresh = [], {}, 0, [], 0
+    for no, raw in enumerate(ptx.splitlines(), 1):
+        line = raw.split("//", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith(".entry") or line.startswith(".visible") or line.startswith(".func"):
+            insts, labels, depth, scopes = [], {}, 0, []          # one kernel per module: start over
+            continue
+        if line == "{":                      # a scope (the kernel's body, an inline-assembly block)
+            depth += 1
+            fresh += 1
+            scopes.append(fresh)
+            continue
+        if line == "}":
+            depth -= 1
+            scopes.pop()
+            continue
+        m = re.match(r"^([$\w]+):\s*(.*)$", line)
+        if m:
+            labels[(scopes[-1] if depth > 1 else 0, m.group(1))] = len(insts)
+            line = m.group(2)
+        for stmt in (x.strip() for x in line.split(";")):
+            if stmt and not stmt.startswith("."):                 # not .reg / .loc / .maxnreg ...
+                insts.append((no, stmt, tuple(scopes[1:])))
+    starts = {0} | set(labels.values())
+    for i, (_, stmt, _) in enumerate(insts):
+        if re.match(r"^(@!?%?\w+\s+)?(bra|ret|exit)\b", stmt):
+            starts.add(i + 1)
+    order = sorted(s for s in starts if s < len(insts))
+    index = {s: b for b, s in enumerate(order)}
+    blocks, succ = [], []
+    for b, s in enumerate(order):
+        end = order[b + 1] if b + 1 < len(order) else len(insts)
+        blocks.append([(no, stmt) for no, stmt, _ in insts[s:end]])
+        no, last, sc = insts[end - 1]
+        m = re.match(r"^(@!?%?\w+\s+)?(bra(?:\.uni)?)\s+([$\w]+)$", last)
+        nxt = [index[end]] if end in index else []
+        if m:
+            key = next(((x, m.group(3)) for x in list(reversed(sc)) + [0] if (x, m.group(3)) in labels), None)
+            if key is None:
+                raise ValueError(f"ptx line {no}: branch to an unknown label {m.group(3)!r}")
+            target = [index[labels[key]]]
+            succ.append(target + (nxt if m.group(1) else []))
+        elif re.match(r"^(@!?%?\w+\s+)?(ret|exit)\b", last):
+            succ.append(nxt if re.match(r"^@", last) else [])
+        else:
+            succ.append(nxt)
+    return blocks, succ
+
+
+def wgmma_register_hazards(ptx: str, max_states: int = 64) -> List[str]:
+    """Where `ptx` touches a register of an unfinished `wgmma.mma_async`: PTX leaves it undefined to
+    access the accumulator or the register A operand of a wgmma before a `wgmma.wait_group` that
+    retires its group (other wgmmas of the chain excepted), and ptxas does not repair it: a register
+    A operand redefined for the next K step while the last step's MMA runs is overwritten under it.
+
+    A data-flow pass over the basic blocks: the state is the committed groups still pending (their
+    registers, oldest first) and the open group; `commit_group` closes the open group,
+    `wait_group N` keeps the N newest. Paths are not told apart (a branch taken on one iteration
+    and not the next is a path too), so a report may name an infeasible path. Returns one line per
+    hazard ("line N: instruction ... touches %r... of an unfinished wgmma"), empty when none."""
+    blocks, succ = _ptx_blocks(ptx)
+    found: Dict[int, str] = {}
+    seen = [set() for _ in blocks]
+    work = [(0, ((), frozenset()))] if blocks else []
+    while work:
+        b, state = work.pop()
+        if state in seen[b] or len(seen[b]) >= max_states:
+            continue
+        seen[b].add(state)
+        groups, open_ = state
+        for no, stmt in blocks[b]:
+            body = re.sub(r"^@!?%?\w+\s+", "", stmt)
+            if body.startswith("wgmma.mma_async"):
+                lists = re.findall(r"\{([^}]*)\}", body)
+                open_ = open_ | frozenset(r for lst in lists[:2] for r in _REG.findall(lst))
+            elif body.startswith("wgmma.commit_group"):
+                groups, open_ = groups + (open_,), frozenset()
+            elif body.startswith("wgmma.wait_group"):
+                n = int(re.search(r"(\d+)\s*$", body).group(1))
+                groups = groups[len(groups) - n:] if n < len(groups) else groups
+            elif groups or open_:
+                pending = open_.union(*groups)
+                hit = sorted(set(_REG.findall(body)) & pending)
+                if hit and no not in found:
+                    found[no] = f"line {no}: {body} touches {', '.join(hit[:4])} of an unfinished wgmma"
+        for s in succ[b]:
+            work.append((s, (groups, open_)))
+    return [found[k] for k in sorted(found)]
 
 
 def ptxas_usage(ptx: str, arch: int) -> Dict[str, int]:

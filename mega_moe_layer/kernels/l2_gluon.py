@@ -9,8 +9,10 @@ Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_reb
 bf16 combine (the FP8 combine's 128-column groups span two of this kernel's items: not covered),
 tile maps of 128 pairs (plus 0 or 16 rows past) or of 32 / 16. Items are 64 rows of w2 (64
 columns of y) x the tile's pairs; K = I in 128-K steps, chained through all of K as the Triton
-kernel does (`gemm_heuristics`: L2 does not promote), so each step's MMA stays in flight while the
-next one's operand is decoded.
+kernel does (`gemm_heuristics`: L2 does not promote). With FP8 weights (both operands in shared
+memory) each step's MMA stays in flight while the next step waits for its stage; with 4-bit words
+each step's MMA is waited for before the next decode, which rewrites the registers it reads (the
+other CTAs on the SM keep the tensor pipe busy meanwhile, as in L1).
 
 Partitions (per CTA; `l1_gluon.launch_plan` residency: two CTAs per SM at prefill, four at decode):
 - a producer warp: TMA for the step's 64 weight rows and the tile's h rows (pair-ordered: one box,
@@ -126,12 +128,17 @@ if HAVE_GLUON:
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                           OVER_LIMIT: gl.constexpr):
-        """The MMA warpgroup: all of K chained into one accumulator, step k's MMA in flight while
-        step k + 1's operand is decoded; step k - 1's stage handed back once only step k's MMA is
-        left."""
+        """The MMA warpgroup: all of K chained into one accumulator; a stage handed back once its
+        MMA is done (FP8 weights: step k - 1's once only step k's MMA is left in flight; 4-bit
+        words: each step's own, waited for before the next decode)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
+        # K steps whose MMAs stay in flight past the step: 1 when both operands are in shared
+        # memory; 0 for 4-bit words decoded into registers, since the next step's decode rewrites
+        # the registers an unfinished wgmma reads (undefined in PTX, and ptxas does not repair it:
+        # `_compile.wgmma_register_hazards`)
+        LEFT: gl.constexpr = 0 if W_KIND == "mxfp4" else 1
         mma: gl.constexpr = _mma_layout(BM)
         mma_o: gl.constexpr = _mma_layout(OM)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -161,22 +168,23 @@ if HAVE_GLUON:
                 if OVER_M > 0:
                     if has_over:
                         tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), acc_o, is_async=True)
-                        acc, acc_o = warpgroup_mma_wait(2, deps=[tok, tok_o])
+                        acc, acc_o = warpgroup_mma_wait(LEFT * 2, deps=[tok, tok_o])
                     else:
-                        acc = warpgroup_mma_wait(1, deps=[tok])
+                        acc = warpgroup_mma_wait(LEFT, deps=[tok])
                 else:
-                    acc = warpgroup_mma_wait(1, deps=[tok])
-                # all but step k's MMA(s) are done: step k - 1's stage is free
-                mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_), pred=k > 0)
+                    acc = warpgroup_mma_wait(LEFT, deps=[tok])
+                # all but the last LEFT steps' MMAs are done: that step's stage is free
+                mbarrier.arrive(empty.index((it + STAGES_ - LEFT) % STAGES_), pred=k >= LEFT)
                 it += 1
-            if OVER_M > 0:
-                if has_over:
-                    acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
+            if LEFT > 0:
+                if OVER_M > 0:
+                    if has_over:
+                        acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
+                    else:
+                        acc = warpgroup_mma_wait(0, deps=[acc])
                 else:
                     acc = warpgroup_mma_wait(0, deps=[acc])
-            else:
-                acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
+                mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
             _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
                       w_row_ptr, dst_ptr, epi, HIDDEN)
             if OVER_M > 0:
