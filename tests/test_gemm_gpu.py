@@ -375,8 +375,9 @@ def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
 def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     """The warp-specialised Gluon L2 (`kernels.l2_gluon`, off by default) against the Triton kernel
     on the same rebased h (the Triton L1's) into destinations at scattered addresses, some pairs
-    without one: the same chained sums, so y must be the same values (bytes, or values for a zero
-    sum's sign) and every other destination byte untouched in both. 128-row tiles with 16 rows past
+    without one: the same sums (chained, or promoted as the Triton L2 is on 4-bit weights), so y must
+    be the same values (bytes, or values for a zero sum's sign) and every other destination byte
+    untouched in both. 128-row tiles with 16 rows past
     them (`test_gluon_l1_matches_triton`'s counts), then the whole chain with both Gluon kernels
     against the reference; 16-row tiles against the reference directly."""
     from mega_moe_layer.kernels import l1_gluon, l2_gluon

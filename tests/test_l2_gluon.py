@@ -18,10 +18,14 @@ def test_l2_gluon_compiles_for_hopper(w_kind):
     """DeepSeek-V3's L2 (H 7168, I 2048) at every tile height: E4M3 wgmma of 64 x block_m (and 64 x
     16 for the rows past block_m), the weights from registers for 4-bit words and from shared memory
     for FP8 ones, TMA for weights and h (no cp.async: h is pair-ordered), the chained MMA left in
-    flight across K steps for FP8 weights (`wgmma.wait_group 1` in the loop) and waited for at every
-    step for 4-bit ones (the next decode rewrites its register operand), 16-byte stores of y, no
-    spills."""
-    ptxs = gluon_kernel_ptx(l2_gluon, [((w_kind, 7168, 2048), dict(block_m=bm, over_m=over)) for bm, over in CASES])
+    flight across K steps for FP8 weights (`wgmma.wait_group 1` in the loop) and each step's MMA
+    waited for with 4-bit ones (promoted as the Triton kernel; the next decode rewrites the register
+    operand), 16-byte stores of y, no spills."""
+    # summed as the Triton L2 sums (`test_gluon_kernels_cover_the_layers_launches`): 4-bit weights
+    # promoted every 256 K at the decode heights and every 128 K at prefill, FP8 weights chained
+    ptxs = gluon_kernel_ptx(l2_gluon, [((w_kind, 7168, 2048), dict(
+        block_m=bm, over_m=over, promote_k=(256 if bm <= 32 else 128) if w_kind == "mxfp4" else 2048))
+        for bm, over in CASES])
     for (bm, over), p in zip(CASES, ptxs):
         what = (w_kind, bm, over)
         assert_gluon_mma(p, bm, over, w_kind == "mxfp4", what)
@@ -46,13 +50,37 @@ def test_l2_gluon_resident_ctas():
 
 
 def test_l2_gluon_applies():
-    """Only the chained streamed FP8 mainloop on sm_90 with FP8 h and the bf16 combine."""
+    """Only the streamed FP8 mainloop on sm_90 with FP8 h and the bf16 combine, summing K as the
+    Triton kernel does: chained through all of K, or promoted every 128 K, or every 256 K without
+    rows past block_m."""
     ok = dict(w_kind="mxfp4", act_format="fp8", combine_format="bf16", streamed=True, block_m=128, over_m=16,
-              fp4_table="imad", arch=90, chained=True)
+              fp4_table="imad", arch=90, promote_k=128, inter=2048)
     assert l2_gluon.applies(**ok)
+    assert l2_gluon.applies(**{**ok, "promote_k": 2048})
     assert l2_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "block_m": 16, "over_m": 0})
-    for change in (dict(combine_format="fp8"), dict(chained=False), dict(act_format="fp4"), dict(streamed=False),
-                   dict(block_m=64), dict(block_m=16), dict(fp4_table="f16"), dict(arch=100),
+    assert l2_gluon.applies(**{**ok, "block_m": 16, "over_m": 0, "promote_k": 256})
+    for change in (dict(combine_format="fp8"), dict(promote_k=256), dict(promote_k=512), dict(act_format="fp4"),
+                   dict(streamed=False), dict(block_m=64), dict(block_m=16), dict(fp4_table="f16"), dict(arch=100),
                    dict(w_kind="fp8_block")):
         assert not l2_gluon.applies(**{**ok, **change}), change
+    assert [l2_gluon.promote_steps(k, 2048) for k in (128, 256, 2048, 4096)] == [1, 2, 0, 0]
     assert l2_gluon.ENABLED is False, "the Gluon L2 stays off until it has run on a GPU"
+
+
+@pytest.mark.parametrize("w_kind", ["mxfp4", "fp8_rebased"])
+def test_gluon_kernels_cover_the_layers_launches(w_kind):
+    """At DeepSeek-V3's shape the configs `gemm_heuristics` gives the layer's L1 and L2 launches
+    (the Gluon kernels' tile heights; 16 rows past the 128-row tiles) are ones both kernels take:
+    the Triton L2 promotes every step on 4-bit weights and chains all of K on FP8 ones, and the
+    Gluon kernels follow it either way."""
+    from mega_moe_layer.kernels import gemm_heuristics as gh
+
+    wf = "mxfp4" if w_kind == "mxfp4" else "fp8"
+    for bm in l1_gluon.BLOCK_MS:
+        over = gh.OVER_MS[0] if bm == 128 else 0
+        c1 = gh.l1_gemm_config(bm, 7168, 2048, wf, "fp8", 90, fp8_mainloop=True, act_rebased=True, weight_kind=w_kind)
+        c2 = gh.l2_gemm_config(bm, 7168, 2048, wf, "fp8", "bf16", 90, fp8_mainloop=True, act_rebased=True,
+                               weight_kind=w_kind)
+        assert l1_gluon.applies(w_kind, "fp8", True, bm, over, "imad", 90, c1.block_k * c1.promote_for(7168)), bm
+        assert l2_gluon.applies(w_kind, "fp8", "bf16", True, bm, over, "imad", 90, c2.block_k * c2.promote_for(2048),
+                                2048), bm

@@ -250,6 +250,56 @@ if HAVE_GLUON:
         return a, s, d_next
 
     @gluon.jit
+    def _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs, w_ready, x_ready,
+                           empty, zero, zero_o, NK: gl.constexpr, STAGES_: gl.constexpr, W_KIND: gl.constexpr,
+                           OVER_M: gl.constexpr, PROMOTE_STEPS: gl.constexpr, a_layout: gl.constexpr,
+                           wl: gl.constexpr):
+        """One item's K loop promoted as `l1_gemm._fp8_mainloop` does (PROMOTE 1 of BLOCK_K 128 or
+        256): every PROMOTE_STEPS 128-K steps an MMA chain from zero, waited for and added to the
+        float32 accumulator (and the rows past block_m's, `has_over`); each stage handed back once
+        its MMA is done, before the next step's decode rewrites the register operand. Returns
+        (acc, acc_o, it)."""
+        acc = zero
+        acc_o = zero_o
+        if PROMOTE_STEPS == 1:
+            for k in range(NK):
+                a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK,
+                                             STAGES_, W_KIND, a_layout, wl)
+                # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
+                # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
+                # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
+                tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                if OVER_M > 0:
+                    if has_over:
+                        tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
+                                              is_async=True)
+                        part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
+                        acc = acc + part
+                        acc_o = acc_o + part_o
+                    else:
+                        acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                else:
+                    acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                mbarrier.arrive(empty.index(s))
+                it += 1
+        else:
+            # the Triton kernel's 4-bit decode tiles take 256 K per step and promote after each:
+            # two 128-K MMAs chained into one partial sum, then added (the same sums)
+            for k2 in range(NK // 2):
+                for j in gl.static_range(2):
+                    a, s, d_next = _step_operand(it, 2 * k2 + j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
+                                                 x_ready, NK, STAGES_, W_KIND, a_layout, wl)
+                    if j == 0:
+                        tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    else:
+                        tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), part, use_acc=True, is_async=True)
+                    part = warpgroup_mma_wait(0, deps=[tok])
+                    mbarrier.arrive(empty.index(s))
+                    it += 1
+                acc = acc + part
+        return acc, acc_o, it
+
+    @gluon.jit
     def _mma_partition(x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                        num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                        w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
@@ -281,46 +331,9 @@ if HAVE_GLUON:
             d_next = gl.zeros([R], gl.int32, layout=gl.SliceLayout(1, wl))
             if W_KIND == "mxfp4":
                 d_next = gl.load(d_base + d_offs)
-            acc = gl.zeros([R, BM], gl.float32, layout=mma)
-            acc_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
-            if PROMOTE_STEPS == 1:
-                for k in range(NK):
-                    a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK,
-                                                 STAGES_, W_KIND, a_layout, wl)
-                    # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
-                    # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
-                    # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
-                    tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                    if OVER_M > 0:
-                        if has_over:
-                            tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
-                                                  is_async=True)
-                            part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
-                            acc = acc + part
-                            acc_o = acc_o + part_o
-                        else:
-                            acc = acc + warpgroup_mma_wait(0, deps=[tok])
-                    else:
-                        acc = acc + warpgroup_mma_wait(0, deps=[tok])
-                    mbarrier.arrive(empty.index(s))
-                    it += 1
-            else:
-                # the Triton kernel's 4-bit decode tiles take 256 K per step and promote after each:
-                # two 128-K MMAs chained into one partial sum, then added (the same sums)
-                for k2 in range(NK // 2):
-                    for j in gl.static_range(2):
-                        a, s, d_next = _step_operand(it, 2 * k2 + j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
-                                                     x_ready, NK, STAGES_, W_KIND, a_layout, wl)
-                        if j == 0:
-                            tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                                                is_async=True)
-                        else:
-                            tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), part, use_acc=True,
-                                                is_async=True)
-                        part = warpgroup_mma_wait(0, deps=[tok])
-                        mbarrier.arrive(empty.index(s))
-                        it += 1
-                    acc = acc + part
+            acc, acc_o, it = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs,
+                                                w_ready, x_ready, empty, zero, zero_o, NK, STAGES_, W_KIND, OVER_M,
+                                                PROMOTE_STEPS, a_layout, wl)
             _epilogue(acc, mma, BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
                       pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
             if OVER_M > 0:

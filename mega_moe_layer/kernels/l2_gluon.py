@@ -8,11 +8,12 @@ Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_reb
 "mxfp4" (fragment words decoded into the MMA's register operand, "imad" tables) or "fp8_rebased",
 bf16 combine (the FP8 combine's 128-column groups span two of this kernel's items: not covered),
 tile maps of 128 pairs (plus 0 or 16 rows past) or of 32 / 16. Items are 64 rows of w2 (64
-columns of y) x the tile's pairs; K = I in 128-K steps, chained through all of K as the Triton
-kernel does (`gemm_heuristics`: L2 does not promote). With FP8 weights (both operands in shared
-memory) each step's MMA stays in flight while the next step waits for its stage; with 4-bit words
-each step's MMA is waited for before the next decode, which rewrites the registers it reads (the
-other CTAs on the SM keep the tensor pipe busy meanwhile, as in L1).
+columns of y) x the tile's pairs; K = I in 128-K steps, summed as the Triton kernel sums
+(`gemm_heuristics`): with FP8 weights chained through all of K, each step's MMA in flight while
+the next step waits for its stage (both operands in shared memory); with 4-bit words promoted
+every 128 K (prefill) or 256 K (decode) as L1 is (`l1_gluon._promoted_mainloop`), each step's MMA
+waited for before the next decode rewrites the registers it reads (the other CTAs on the SM keep
+the tensor pipe busy meanwhile).
 
 Partitions (per CTA; `l1_gluon.launch_plan` residency: two CTAs per SM at prefill, four at decode):
 - a producer warp: TMA for the step's 64 weight rows and the tile's h rows (pair-ordered: one box,
@@ -22,8 +23,8 @@ Partitions (per CTA; `l1_gluon.launch_plan` residency: two CTAs per SM at prefil
   `l2_gemm._l2_epilogue` for bf16: row factors, bf16, each pair's 64 values stored to its
   destination row (absolute addresses; 0 = no destination) as 16-byte vectors after an exchange
   through shared memory.
-The same chained sums and the same rounding as the Triton kernel: y must equal its (up to the sign
-of zero sums).
+The same sums and the same rounding as the Triton kernel: y must equal its (up to the sign of
+zero sums).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from .l1_gluon import _WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _step_operand, _tma_load
+    from .l1_gluon import (_WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _promoted_mainloop,
+                           _step_operand, _tma_load)
 
 __all__ = ["ENABLED", "applies", "l2_gluon_launch"]
 
@@ -52,12 +54,21 @@ BLOCK_N = 64
 
 
 def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, block_m: int, over_m: int,
-            fp4_table: str, arch: int, chained: bool) -> bool:
-    """Whether a launch is one this kernel covers (see the module docstring); chained: the Triton
-    kernel's mainloop runs all of K without promotion (what this kernel reproduces)."""
-    return (HAVE_GLUON and arch == 90 and streamed and chained and act_format == "fp8" and combine_format == "bf16"
+            fp4_table: str, arch: int, promote_k: int, inter: int) -> bool:
+    """Whether a launch is one this kernel covers (see the module docstring). promote_k: the K the
+    Triton kernel promotes after (block_k x PROMOTE; >= inter: all of K chained, as it does for FP8
+    weights); this kernel sums the same way: chained, or promoted every 128 K, or every 256 K
+    (two 128-K MMAs chained; not with rows past block_m), as `l1_gluon.applies`."""
+    chained = promote_k >= inter
+    return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and combine_format == "bf16"
             and w_kind in ("mxfp4", "fp8_rebased") and block_m in BLOCK_MS
-            and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad"))
+            and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad")
+            and (chained or (promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
+
+
+def promote_steps(promote_k: int, inter: int) -> int:
+    """The kernel's PROMOTE_STEPS for the Triton kernel's promote_k: 0 (chained) or 128-K steps."""
+    return 0 if promote_k >= inter else promote_k // BLOCK_K
 
 
 if HAVE_GLUON:
@@ -127,10 +138,11 @@ if HAVE_GLUON:
                           w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                          OVER_LIMIT: gl.constexpr):
-        """The MMA warpgroup: all of K chained into one accumulator; a stage handed back once its
-        MMA is done (FP8 weights: step k - 1's once only step k's MMA is left in flight; 4-bit
-        words: each step's own, waited for before the next decode)."""
+                          OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr):
+        """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
+        into one accumulator (FP8 weights; step k - 1's stage handed back once only step k's MMA is
+        left in flight); else promoted every PROMOTE_STEPS 128-K steps (4-bit weights,
+        `l1_gluon._promoted_mainloop`)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -157,34 +169,40 @@ if HAVE_GLUON:
             d_next = gl.zeros([_BN2], gl.int32, layout=gl.SliceLayout(1, wl))
             if W_KIND == "mxfp4":
                 d_next = gl.load(d_base + d_offs)
-            acc = zero
-            acc_o = zero_o
-            for k in range(NK):
-                a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK, STAGES_,
-                                             W_KIND, a_layout, wl)
-                # (zero-initialised accumulators chained from the first step, as the Triton kernel's
-                # `tl.dot(w, h, acc)`)
-                tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                if OVER_M > 0:
-                    if has_over:
-                        tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), acc_o, is_async=True)
-                        acc, acc_o = warpgroup_mma_wait(LEFT * 2, deps=[tok, tok_o])
+            if PROMOTE_STEPS > 0:
+                # promoted as the Triton L2 is on 4-bit weights (each step's MMA waited for)
+                acc, acc_o, it = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs,
+                                                    ready, ready, empty, zero, zero_o, NK, STAGES_, W_KIND, OVER_M,
+                                                    PROMOTE_STEPS, a_layout, wl)
+            else:
+                acc = zero
+                acc_o = zero_o
+                for k in range(NK):
+                    a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK, STAGES_,
+                                                 W_KIND, a_layout, wl)
+                    # (zero-initialised accumulators chained from the first step, as the Triton kernel's
+                    # `tl.dot(w, h, acc)`)
+                    tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    if OVER_M > 0:
+                        if has_over:
+                            tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), acc_o, is_async=True)
+                            acc, acc_o = warpgroup_mma_wait(LEFT * 2, deps=[tok, tok_o])
+                        else:
+                            acc = warpgroup_mma_wait(LEFT, deps=[tok])
                     else:
                         acc = warpgroup_mma_wait(LEFT, deps=[tok])
-                else:
-                    acc = warpgroup_mma_wait(LEFT, deps=[tok])
-                # all but the last LEFT steps' MMAs are done: that step's stage is free
-                mbarrier.arrive(empty.index((it + STAGES_ - LEFT) % STAGES_), pred=k >= LEFT)
-                it += 1
-            if LEFT > 0:
-                if OVER_M > 0:
-                    if has_over:
-                        acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
+                    # all but the last LEFT steps' MMAs are done: that step's stage is free
+                    mbarrier.arrive(empty.index((it + STAGES_ - LEFT) % STAGES_), pred=k >= LEFT)
+                    it += 1
+                if LEFT > 0:
+                    if OVER_M > 0:
+                        if has_over:
+                            acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
+                        else:
+                            acc = warpgroup_mma_wait(0, deps=[acc])
                     else:
                         acc = warpgroup_mma_wait(0, deps=[acc])
-                else:
-                    acc = warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
+                    mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
             _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
                       w_row_ptr, dst_ptr, epi, HIDDEN)
             if OVER_M > 0:
@@ -197,7 +215,7 @@ if HAVE_GLUON:
                       aux_ptr, w_row_ptr, dst_ptr, max_tiles,
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                       GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
-                      PDL: gl.constexpr = False):
+                      PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False):
         """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
         [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
         w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
@@ -225,7 +243,7 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                                  aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
-                                 HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT)),
+                                 HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS)),
             (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
                             max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
                             GROUP_M, BM, OVER_M, OVER_LIMIT)),
@@ -237,7 +255,7 @@ def _h_layout(rows: int):
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
-                 group_m: int = 8):
+                 group_m: int = 8, promote_k: Optional[int] = None):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
@@ -247,7 +265,7 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
                num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind, BLOCK_N), aux_ptr="*i32", w_row_ptr="*fp32",
                dst_ptr="*i64", max_tiles="i32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
-              OVER_M=over_m, OVER_LIMIT=over_limit)
+              OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter))
     return _l2_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
@@ -255,9 +273,9 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
                     tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor,
                     w_aux: Optional[torch.Tensor], w_row: torch.Tensor, pair_dst: torch.Tensor, *, hidden: int,
                     inter: int, block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
-                    max_tiles: int):
+                    max_tiles: int, promote_k: int):
     """Launch `_l2_ws_kernel` on arguments `l2_gemm.l2_grouped_gemm` has validated (it calls this
-    where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    where `applies`; promote_k as there); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     h_desc = TensorDescriptor.from_tensor(h8, [block_m, BLOCK_K], _h_layout(block_m))
     o_desc = TensorDescriptor.from_tensor(h8, [16, BLOCK_K], _h_layout(16))
@@ -267,6 +285,7 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
     args = (h_desc, o_desc, h_exp, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, pair_dst, max_tiles)
     kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
-                  OVER_M=over_m, OVER_LIMIT=over_limit, num_warps=4, maxnreg=maxnreg,
+                  OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4,
+                  maxnreg=maxnreg,
                   enable_fp_fusion=False)      # as the Triton kernel: no FMA contraction
     return _l2_ws_kernel, grid, args, kwargs
