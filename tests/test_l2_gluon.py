@@ -51,15 +51,16 @@ def test_l2_gluon_resident_ctas():
 
 def test_l2_gluon_applies():
     """Only the streamed FP8 mainloop on sm_90 with FP8 h and the bf16 combine, summing K as the
-    Triton kernel does: chained through all of K, or promoted every 128 K, or every 256 K without
-    rows past block_m."""
+    Triton kernel does: chained through all of K (FP8 weights only), or promoted every 128 K, or
+    every 256 K without rows past block_m."""
     ok = dict(w_kind="mxfp4", act_format="fp8", combine_format="bf16", streamed=True, block_m=128, over_m=16,
               fp4_table="imad", arch=90, promote_k=128, inter=2048)
     assert l2_gluon.applies(**ok)
-    assert l2_gluon.applies(**{**ok, "promote_k": 2048})
+    assert l2_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "promote_k": 2048})
     assert l2_gluon.applies(**{**ok, "w_kind": "fp8_rebased", "block_m": 16, "over_m": 0})
     assert l2_gluon.applies(**{**ok, "block_m": 16, "over_m": 0, "promote_k": 256})
-    for change in (dict(combine_format="fp8"), dict(promote_k=256), dict(promote_k=512), dict(act_format="fp4"),
+    for change in (dict(combine_format="fp8"), dict(promote_k=256), dict(promote_k=512), dict(promote_k=2048),
+                   dict(act_format="fp4"),
                    dict(streamed=False), dict(block_m=64), dict(block_m=16), dict(fp4_table="f16"), dict(arch=100),
                    dict(w_kind="fp8_block")):
         assert not l2_gluon.applies(**{**ok, **change}), change

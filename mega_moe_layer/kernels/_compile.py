@@ -225,26 +225,24 @@ def _ptx_blocks(ptx: str):
     """The instructions of a single-kernel PTX module as basic blocks: (blocks, successors), each
     block a list of (line number, instruction text). Labels inside inline-assembly braces are
     scoped to their braces (the same name recurs in every `mbarrier.try_wait` loop)."""
-    insts, labels, depth, scopes, fresh = [], {}, 0, [], 0
+    insts, labels, scopes, fresh = [], {}, [], 0
     for no, raw in enumerate(ptx.splitlines(), 1):
         line = raw.split("//", 1)[0].strip()
         if not line:
             continue
         if line.startswith(".entry") or line.startswith(".visible") or line.startswith(".func"):
-            insts, labels, depth, scopes = [], {}, 0, []          # one kernel per module: start over
+            insts, labels, scopes = [], {}, []                      # one kernel per module: start over
             continue
         if line == "{":                      # a scope (the kernel's body, an inline-assembly block)
-            depth += 1
             fresh += 1
             scopes.append(fresh)
             continue
         if line == "}":
-            depth -= 1
             scopes.pop()
             continue
         m = re.match(r"^([$\w]+):\s*(.*)$", line)
         if m:
-            labels[(scopes[-1] if depth > 1 else 0, m.group(1))] = len(insts)
+            labels[(scopes[-1] if len(scopes) > 1 else 0, m.group(1))] = len(insts)
             line = m.group(2)
         for stmt in (x.strip() for x in line.split(";")):
             if stmt and not stmt.startswith("."):                 # not .reg / .loc / .maxnreg ...

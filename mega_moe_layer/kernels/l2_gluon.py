@@ -57,13 +57,15 @@ def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, b
             fp4_table: str, arch: int, promote_k: int, inter: int) -> bool:
     """Whether a launch is one this kernel covers (see the module docstring). promote_k: the K the
     Triton kernel promotes after (block_k x PROMOTE; >= inter: all of K chained, as it does for FP8
-    weights); this kernel sums the same way: chained, or promoted every 128 K, or every 256 K
-    (two 128-K MMAs chained; not with rows past block_m), as `l1_gluon.applies`."""
+    weights); this kernel sums the same way: chained (FP8 weights only: the MMA stays in flight
+    across steps, which a register operand decoded per step cannot), or promoted every 128 K, or
+    every 256 K (two 128-K MMAs chained; not with rows past block_m), as `l1_gluon.applies`."""
     chained = promote_k >= inter
     return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and combine_format == "bf16"
             and w_kind in ("mxfp4", "fp8_rebased") and block_m in BLOCK_MS
             and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad")
-            and (chained or (promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
+            and ((chained and w_kind == "fp8_rebased")
+                 or (not chained and promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
 
 
 def promote_steps(promote_k: int, inter: int) -> int:
@@ -140,17 +142,13 @@ if HAVE_GLUON:
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                           OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr):
         """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
-        into one accumulator (FP8 weights; step k - 1's stage handed back once only step k's MMA is
-        left in flight); else promoted every PROMOTE_STEPS 128-K steps (4-bit weights,
-        `l1_gluon._promoted_mainloop`)."""
+        into one accumulator (FP8 weights, both operands in shared memory; step k - 1's stage handed
+        back once only step k's MMA is left in flight); else promoted every PROMOTE_STEPS 128-K
+        steps (4-bit weights, `l1_gluon._promoted_mainloop`: each step's MMA waited for before the
+        next decode rewrites its register operand, `_compile.wgmma_register_hazards`)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
-        # K steps whose MMAs stay in flight past the step: 1 when both operands are in shared
-        # memory; 0 for 4-bit words decoded into registers, since the next step's decode rewrites
-        # the registers an unfinished wgmma reads (undefined in PTX, and ptxas does not repair it:
-        # `_compile.wgmma_register_hazards`)
-        LEFT: gl.constexpr = 0 if W_KIND == "mxfp4" else 1
         mma: gl.constexpr = _mma_layout(BM)
         mma_o: gl.constexpr = _mma_layout(OM)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -186,23 +184,22 @@ if HAVE_GLUON:
                     if OVER_M > 0:
                         if has_over:
                             tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), acc_o, is_async=True)
-                            acc, acc_o = warpgroup_mma_wait(LEFT * 2, deps=[tok, tok_o])
+                            acc, acc_o = warpgroup_mma_wait(2, deps=[tok, tok_o])
                         else:
-                            acc = warpgroup_mma_wait(LEFT, deps=[tok])
+                            acc = warpgroup_mma_wait(1, deps=[tok])
                     else:
-                        acc = warpgroup_mma_wait(LEFT, deps=[tok])
-                    # all but the last LEFT steps' MMAs are done: that step's stage is free
-                    mbarrier.arrive(empty.index((it + STAGES_ - LEFT) % STAGES_), pred=k >= LEFT)
+                        acc = warpgroup_mma_wait(1, deps=[tok])
+                    # all but step k's MMA(s) are done: step k - 1's stage is free
+                    mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_), pred=k > 0)
                     it += 1
-                if LEFT > 0:
-                    if OVER_M > 0:
-                        if has_over:
-                            acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
-                        else:
-                            acc = warpgroup_mma_wait(0, deps=[acc])
+                if OVER_M > 0:
+                    if has_over:
+                        acc, acc_o = warpgroup_mma_wait(0, deps=[acc, acc_o])
                     else:
                         acc = warpgroup_mma_wait(0, deps=[acc])
-                    mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
+                else:
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
             _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
                       w_row_ptr, dst_ptr, epi, HIDDEN)
             if OVER_M > 0:
