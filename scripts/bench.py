@@ -374,12 +374,13 @@ def parse_args(argv=None):
     p.add_argument("--no-over", action="store_true",
                    help="GPU layer: no rows past block_m in an expert's last full tile "
                         "(`nvshmem_backend.USE_OVER` = False), to measure what they gain")
-    p.add_argument("--gluon-l1", action="store_true",
-                   help="GPU layer: L1's launches (128-, 32- and 16-row tiles) on the warp-specialised Gluon "
-                        "kernel (`kernels.l1_gluon.ENABLED`; not yet run on a GPU when written)")
-    p.add_argument("--gluon-l2", action="store_true",
+    p.add_argument("--gluon-l1", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="GPU layer: L1's launches on the warp-specialised Gluon kernel (`kernels.l1_gluon.ENABLED`): "
+                        "auto (default) at the tile heights where it measured faster, on (the bare flag) at "
+                        "every height it covers, off never")
+    p.add_argument("--gluon-l2", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="GPU layer: L2's launches (bf16 combine) on the warp-specialised Gluon kernel "
-                        "(`kernels.l2_gluon.ENABLED`; not yet run on a GPU when written)")
+                        "(`kernels.l2_gluon.ENABLED`): auto / on / off as --gluon-l1")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -464,16 +465,12 @@ def main(argv=None):
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
-    if args.gluon_l1:
-        from mega_moe_layer.kernels import l1_gluon
-        if not l1_gluon.HAVE_GLUON:
-            p.error("--gluon-l1: this Triton has no Gluon Hopper ops")
-        l1_gluon.ENABLED = True
-    if args.gluon_l2:
-        from mega_moe_layer.kernels import l2_gluon
-        if not l2_gluon.HAVE_GLUON:
-            p.error("--gluon-l2: this Triton has no Gluon Hopper ops")
-        l2_gluon.ENABLED = True
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value == "on" and not l1_gluon.HAVE_GLUON:
+            p.error(f"{flag}: this Triton has no Gluon Hopper ops")
+        mod.ENABLED = {"auto": None, "on": True, "off": False}[value]
     local = init_dist()
     from mega_moe_layer.kernels import gemm_heuristics
     for name, value in args.heuristic_values.items():

@@ -264,7 +264,7 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
         same = all(_same_values(t, w) for t, w in zip(outs, want))
         us = gpu_time_us(run, iters)
     finally:
-        mod.ENABLED = False
+        mod.ENABLED = False            # (the Triton kernels: `main`)
         setattr(mod, launch_name, launch)
     stream_us[f"{name} gluon"] = (us, None, same)
     print(f"    {kern} streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
@@ -512,6 +512,10 @@ def main() -> None:
                    help="MXFP4 weights, bf16 mainloop: also time the 'lut' decoder (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    # the kernels timed are the Triton ones (each launch's config as the layer's); --gluon times the
+    # Gluon kernels beside them, never in their place (`gluon_us`)
+    l1_gluon.ENABLED = l2_gluon.ENABLED = False
     if args.iters < 20:
         raise SystemExit("--iters: use at least 20 runs for a stable median")
     if not torch.cuda.is_available():

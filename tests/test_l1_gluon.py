@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from mega_moe_layer.kernels import _compile, l1_gluon
+from mega_moe_layer.kernels import _compile, l1_gluon, l2_gluon
 from utils import assert_gluon_mma, assert_resident_ctas, gluon_kernel_ptx
 
 CASES = [(128, 16), (128, 0), (32, 0), (16, 0)]
@@ -55,7 +55,20 @@ def test_l1_gluon_applies():
                    dict(block_m=16), dict(over_m=32), dict(fp4_table="f16"), dict(arch=100), dict(promote_k=256),
                    dict(promote_k=512)):
         assert not l1_gluon.applies(**{**ok, **change}), change
-    assert l1_gluon.ENABLED is False, "the Gluon L1 stays off until it has run on a GPU"
+
+
+def test_gluon_defaults_are_the_measured_heights(monkeypatch):
+    """By default (`ENABLED` None) each Gluon kernel is taken only at the tile heights where it ran
+    faster than the Triton kernel on the GPU (docs/PERF.md, tenth session): L1 at the 128-row
+    prefill tiles, L2 at the 16- / 32-row decode tiles; ENABLED True / False force it on / off at
+    every height (`scripts/bench.py --gluon-l1 on|off`)."""
+    assert l1_gluon.ENABLED is None and l2_gluon.ENABLED is None
+    assert [l1_gluon.wanted(bm) for bm in (16, 32, 64, 128)] == [False, False, False, True]
+    assert [l2_gluon.wanted(bm) for bm in (16, 32, 64, 128)] == [True, True, False, False]
+    for mod in (l1_gluon, l2_gluon):
+        for forced in (True, False):
+            monkeypatch.setattr(mod, "ENABLED", forced)
+            assert [mod.wanted(bm) for bm in (16, 32, 64, 128)] == [forced] * 4
 
 
 def test_l1_gluon_resident_ctas():

@@ -1,8 +1,8 @@
 """L1's prefill tiles on Hopper as a warp-specialised Gluon kernel.
 
-Built 2026-12-07 (seventh session) and compiled for sm_90a on the CPU (tests/test_l1_gluon.py);
-NOT yet run on a GPU, so off unless `ENABLED` is set (`scripts/bench.py --gluon-l1`) and checked
-there first against the Triton kernel (`tests/test_gemm_gpu.py::test_gluon_l1_matches_triton`).
+Built 2026-12-07 (seventh session); first run on an H100 in the tenth: h equal to the Triton
+kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l1`), faster at the 128-row prefill
+tiles only, so taken there by default (`wanted`, `ENABLED`).
 
 Why (docs/PERF.md, seventh session): the Triton L1 runs a promoted FP8 mainloop whose warps wait
 for every MMA and meet a CTA barrier at every K step (tensor pipe ~32% busy at T = 4096). The same
@@ -56,10 +56,21 @@ try:
 except ImportError:          # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
-__all__ = ["ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch"]
+__all__ = ["DEFAULT_HEIGHTS", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch", "wanted"]
 
-#: Use this kernel for L1's main launch where it `applies` (off: not yet run on a GPU).
-ENABLED = False
+#: Whether L1's launches take this kernel (where it `applies`): None (default) at the tile heights
+#: where it measured faster than the Triton kernel (`DEFAULT_HEIGHTS`), True at every height, False
+#: never (`scripts/bench.py --gluon-l1 on|off|auto`).
+ENABLED: Optional[bool] = None
+#: Tile heights it is taken at by default: the prefill tiles (docs/PERF.md, tenth session, H100,
+#: 32768 uniform pairs: 3963 us against the Triton kernel's 4191; at the 16-row decode tiles, 1024
+#: pairs, it was slower: 1466.5 against 1428.6).
+DEFAULT_HEIGHTS = (128,)
+
+
+def wanted(block_m: int) -> bool:
+    """Whether a launch of tile height block_m takes this kernel where it `applies` (`ENABLED`)."""
+    return block_m in DEFAULT_HEIGHTS if ENABLED is None else bool(ENABLED)
 
 BLOCK_N, BLOCK_K = 32, 128
 #: Tile heights (pairs per tile) it takes: the prefill tiles and the decode ones.

@@ -347,10 +347,10 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     h_src, h_sf_src = (h, h_sf) if h_rebased is None else h_rebased
     from . import l2_gluon
     promote_k = config.promote_for(inter) * config.block_k
-    if l2_gluon.ENABLED and device.type == "cuda" and l2_gluon.applies(
+    if l2_gluon.wanted(config.block_m) and device.type == "cuda" and l2_gluon.applies(
             w_kind, act_format, combine_format, h_rebased is not None, config.block_m, over_m,
             fp4_table(w2_operand, False), arch, promote_k, inter):
-        # the warp-specialised Gluon kernel (off by default: built, not yet run on a GPU)
+        # the warp-specialised Gluon kernel (`l2_gluon.wanted`: by default where it measured faster)
         kernel, grid, args, kwargs = l2_gluon.l2_gluon_launch(
             h_src, h_sf_src, expert_offsets, tile_expert, tile_row_start, num_tiles, w_kind, w_data, w_aux, w_row,
             pair_dst, hidden=hidden, inter=inter, block_m=config.block_m, over_m=over_m, over_limit=over_limit,

@@ -1,8 +1,8 @@
 """L2 on Hopper as a warp-specialised Gluon kernel, the counterpart of `l1_gluon`.
 
-Built 2026-12-07 (seventh session) and compiled for sm_90a on the CPU (tests/test_l1_gluon.py);
-NOT yet run on a GPU, so off unless `ENABLED` is set (`scripts/bench.py --gluon-l2`) and checked
-there first against the Triton kernel (`tests/test_gemm_gpu.py -k gluon_l2`).
+Built 2026-12-07 (seventh session); first run on an H100 in the tenth: y equal to the Triton
+kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l2`), faster at the 16- / 32-row
+decode tiles only, so taken there by default (`wanted`, `ENABLED`).
 
 Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_rebased`), weights
 "mxfp4" (fragment words decoded into the MMA's register operand, "imad" tables) or "fp8_rebased",
@@ -44,10 +44,21 @@ if HAVE_GLUON:
     from .l1_gluon import (_WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _promoted_mainloop,
                            _step_operand, _tma_load)
 
-__all__ = ["ENABLED", "applies", "l2_gluon_launch"]
+__all__ = ["DEFAULT_HEIGHTS", "ENABLED", "applies", "l2_gluon_launch", "wanted"]
 
-#: Use this kernel for L2's launches where it `applies` (off: not yet run on a GPU).
-ENABLED = False
+#: Whether L2's launches take this kernel (where it `applies`): None (default) at the tile heights
+#: where it measured faster than the Triton kernel (`DEFAULT_HEIGHTS`), True at every height, False
+#: never (`scripts/bench.py --gluon-l2 on|off|auto`).
+ENABLED: Optional[bool] = None
+#: Tile heights it is taken at by default: the decode tiles (docs/PERF.md, tenth session, H100,
+#: 1024 uniform pairs: 711.0 us against the Triton kernel's 727.6; at the 128-row prefill tiles,
+#: 32768 pairs, it was slower: 2320.2 against 2142.0).
+DEFAULT_HEIGHTS = (16, 32)
+
+
+def wanted(block_m: int) -> bool:
+    """Whether a launch of tile height block_m takes this kernel where it `applies` (`ENABLED`)."""
+    return block_m in DEFAULT_HEIGHTS if ENABLED is None else bool(ENABLED)
 
 #: Rows of w2 (columns of y) per item: one warpgroup's 64-row MMA.
 BLOCK_N = 64
