@@ -26,7 +26,7 @@ timeout -k 5 ${TEST_S-90} "${PYT[@]}" tests/test_gemm_gpu.py -k gluon_l1 > "$OUT
 echo "=== Gluon L1 GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gluon_test.log" | tail -n 8
 timeout -k 5 ${LAYER_S-170} "${PYT[@]}" tests/test_layer_gpu.py > "$OUT/layer_test.log" 2>&1
 echo "=== layer GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/layer_test.log" | tail -n 8
-timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256,u128:256 --stream \
+timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases "${BG_CASES-u4096:256,u128:256}" --stream \
     --stream-kinds mxfp4,fp4_as_fp8 --gluon --iters 20 > "$OUT/bg.log" 2>&1
 echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8" "$OUT/bg.log" | head -n 16
 wait
