@@ -88,3 +88,24 @@ def test_l1_gluon_weight_descriptor_needs_contiguous_weights():
     assert list(l1_gluon.weight_descriptor("mxfp4", w, 512).shape) == [256, 64]      # [E 2I, H / 8] int32
     with pytest.raises(ValueError, match="w_data: expected the contiguous"):
         l1_gluon.weight_descriptor("mxfp4", w.transpose(1, 2).contiguous().transpose(1, 2), 512)
+
+
+def test_gluon_kernels_wait_for_the_previous_kernel_under_pdl():
+    """The layer launches kernels 2-8 with programmatic dependent launch (`Launcher.enable_pdl`
+    binds PDL=True on every kernel that takes it, the Gluon ones included): each Gluon kernel must
+    then wait for its predecessor (`griddepcontrol.wait`) before its first read of global memory,
+    or it could read x / h before they are written."""
+    from mega_moe_layer.kernels import l2_gluon
+
+    for mod, kw in ((l1_gluon, dict(promote_k=128)), (l2_gluon, dict(promote_k=128))):
+        ptx, = gluon_kernel_ptx(mod, [(("mxfp4", 7168, 2048), dict(kw, pdl=True))])
+        body = ptx[ptx.index(".entry"):]
+        wait = body.find("griddepcontrol.wait")
+        reads = [i for i in (body.find("ld.global"), body.find("cp.async"), body.find("cp.async.bulk.tensor"))
+                 if i >= 0]
+        assert 0 <= wait < min(reads), (mod.__name__, wait, reads)
+        assert "griddepcontrol.launch_dependents" in body
+        # without PDL the instructions are absent (they are no-ops in a plain launch, but the
+        # kernel as compiled for the tests' other checks has no PDL)
+        plain, = gluon_kernel_ptx(mod, [(("mxfp4", 7168, 2048), kw)])
+        assert "griddepcontrol" not in plain

@@ -427,14 +427,17 @@ def tensordesc_signature(name: str, block, layout) -> str:
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
-                 over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K):
-    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
+                 over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
+                 pdl: bool = False):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
+    layer's launches bind it (`_launch.Launcher.enable_pdl`)."""
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
-              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K)
+              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
+              PDL=pdl)
     return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 

@@ -263,8 +263,9 @@ def _h_layout(rows: int):
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
-                 group_m: int = 8, promote_k: Optional[int] = None):
-    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests)."""
+                 group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as
+    `l1_gluon.compile_args`."""
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(h_desc=tensordesc_signature("fp8e4nv", [block_m, BLOCK_K], _h_layout(block_m)),
@@ -273,7 +274,7 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
                num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind, BLOCK_N), aux_ptr="*i32", w_row_ptr="*fp32",
                dst_ptr="*i64", max_tiles="i32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
-              OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter))
+              OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter), PDL=pdl)
     return _l2_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
