@@ -341,7 +341,7 @@ def _prefill_main_map(prob, counts):
 # DeepSeek-V3's shape on a machine whose cache starts empty)
 @pytest.mark.parametrize("wf, clamp", [("mxfp4", None), ("mxfp4", 7.0), ("fp8", None)])
 def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
-    """The warp-specialised Gluon L1 (`kernels.l1_gluon`, off by default) against the Triton kernel
+    """The warp-specialised Gluon L1 (`kernels.l1_gluon`) against the Triton kernel
     on L1's main prefill launch at DeepSeek-V3's expert shape, 128-row tiles with 16 rows past them
     (counts 138, 158, 300, 20, 128, 0 as `test_over_rows_dsv3`): the same partial sums added in the
     same order and the same epilogue, so h must be the same values and its scale bytes the same
@@ -373,15 +373,16 @@ def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
              H_BYTES_MIN_FRACTION_FP8_MMA if wf == "fp8" else H_BYTES_MIN_FRACTION)
 
 
-@pytest.mark.parametrize("wf, block_m", [("mxfp4", 128), ("mxfp4", 16), ("fp8", 128)])
+@pytest.mark.parametrize("wf, block_m", [("mxfp4", 128), ("mxfp4", 16), ("mxfp4", 32), ("fp8", 128)])
 def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
-    """The warp-specialised Gluon L2 (`kernels.l2_gluon`, off by default) against the Triton kernel
+    """The warp-specialised Gluon L2 (`kernels.l2_gluon`) against the Triton kernel
     on the same rebased h (the Triton L1's) into destinations at scattered addresses, some pairs
     without one: the same sums (chained, or promoted as the Triton L2 is on 4-bit weights), so y must
     be the same values (bytes, or values for a zero sum's sign) and every other destination byte
     untouched in both. 128-row tiles with 16 rows past
     them (`test_gluon_l1_matches_triton`'s counts), then the whole chain with both Gluon kernels
-    against the reference; 16-row tiles against the reference directly."""
+    against the reference; 16- and 32-row tiles (its default heights, `l2_gluon.wanted`) against the
+    reference directly."""
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     counts = [138, 158, 300, 20, 128, 0] if block_m == 128 else [1, 9, 16, 17, 40, 0, 3]
     prob, x_rebased = _gluon_problem(counts, wf, block_m, 47)
@@ -410,7 +411,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     same = same_bytes.view(-1, 2).all(dim=1).view(y_g.shape) | (y_g.float() == y_t.float())
     assert bool(same.all()), f"y differs from the Triton kernel's: {_mismatch(y_g, y_t, same)}"
     _report(f"gluon l2 {wf} {block_m}", {"y_bytes_equal": float(same_bytes.float().mean())})
-    if block_m == 16:
+    if block_m != 128:
         check_l2(prob, dests[1], "bf16", reference_y(prob), f"gluon l2 {wf} {block_m}")
     else:
         monkeypatch.setattr(l1_gluon, "ENABLED", True)
