@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The shortest useful device call after the Gluon kernels became defaults (tenth session, ~200 s on a
 # warm H100 / H200): the Gluon gates at the heights they are taken by default (L1 prefill 128 + 16
-# rows past, and the chain; L2 at 16 and 32 rows), the one-GPU layer tests (which now take them),
-# then the layer at T = 4096 and 1 with the defaults and with both Gluon kernels off (no anchor).
+# rows past, and the chain; L2 at 16 rows) and L2's untested 32 rows, the one-GPU layer tests (which
+# now take them), then the layer at T = 4096 and 1 with the defaults and with both Gluon kernels off
+# (no anchor: ab_bench.sh / probe_call.sh for that).
 #   OUT=... bash scripts/lean_call.sh           (carry .whl)
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (tenth session, after the Gluon kernels' first run): the Gluon kernels are now taken
 # by default where they measured faster (`l1_gluon.wanted`: L1 at 128-row tiles; `l2_gluon.wanted`:
-# L2 at 16 / 32). Checks that default, then times it:
+# L2 at 16). Checks that default, then times it:
 #   1. the Gluon L1 gates (`-k gluon_l1`), then the one-GPU layer tests (`test_layer_gpu.py`), which
 #      now run through the Gluon kernels, while DeepGEMM builds in the background;
 #   2. the Triton and Gluon kernels alone at 32768 and 1024 uniform pairs, 4-bit and 8-bit weight

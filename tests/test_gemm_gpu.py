@@ -381,8 +381,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     be the same values (bytes, or values for a zero sum's sign) and every other destination byte
     untouched in both. 128-row tiles with 16 rows past
     them (`test_gluon_l1_matches_triton`'s counts), then the whole chain with both Gluon kernels
-    against the reference; 16- and 32-row tiles (its default heights, `l2_gluon.wanted`) against the
-    reference directly."""
+    against the reference; 16- and 32-row tiles against the reference directly."""
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     counts = [138, 158, 300, 20, 128, 0] if block_m == 128 else [1, 9, 16, 17, 40, 0, 3]
     prob, x_rebased = _gluon_problem(counts, wf, block_m, 47)

@@ -63,8 +63,9 @@ __all__ = ["DEFAULT_HEIGHTS", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_laun
 #: never (`scripts/bench.py --gluon-l1 on|off|auto`).
 ENABLED: Optional[bool] = None
 #: Tile heights it is taken at by default: the prefill tiles (docs/PERF.md, tenth session, H100,
-#: 32768 uniform pairs: 3963 us against the Triton kernel's 4191; at the 16-row decode tiles, 1024
-#: pairs, it was slower: 1466.5 against 1428.6).
+#: 32768 uniform pairs: 3963.2 us against the Triton kernel's 4191.1; at the 16-row decode tiles,
+#: 1024 pairs, it was slower: 1466.5 against 1428.6). Its effect on the whole layer at T = 4096
+#: is not yet measured (`scripts/lean_call.sh`).
 DEFAULT_HEIGHTS = (128,)
 
 

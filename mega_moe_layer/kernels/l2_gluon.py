@@ -1,7 +1,7 @@
 """L2 on Hopper as a warp-specialised Gluon kernel, the counterpart of `l1_gluon`.
 
 Built 2026-12-07 (seventh session); first run on an H100 in the tenth: y equal to the Triton
-kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l2`), faster at the 16- / 32-row
+kernel's at 128 (+ 16) and 16 rows (`tests/test_gemm_gpu.py -k gluon_l2`), faster at the 16-row
 decode tiles only, so taken there by default (`wanted`, `ENABLED`).
 
 Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_rebased`), weights
@@ -50,10 +50,12 @@ __all__ = ["DEFAULT_HEIGHTS", "ENABLED", "applies", "l2_gluon_launch", "wanted"]
 #: where it measured faster than the Triton kernel (`DEFAULT_HEIGHTS`), True at every height, False
 #: never (`scripts/bench.py --gluon-l2 on|off|auto`).
 ENABLED: Optional[bool] = None
-#: Tile heights it is taken at by default: the decode tiles (docs/PERF.md, tenth session, H100,
-#: 1024 uniform pairs: 711.0 us against the Triton kernel's 727.6; at the 128-row prefill tiles,
-#: 32768 pairs, it was slower: 2320.2 against 2142.0).
-DEFAULT_HEIGHTS = (16, 32)
+#: Tile heights it is taken at by default: the 16-row decode tiles (docs/PERF.md, tenth session,
+#: H100, 1024 uniform pairs: 711.0 us against the Triton kernel's 727.6; the layer at T = 1 / 128
+#: 112.5 / 2207.3 us against 116.7 / 2222.3). At the 128-row prefill tiles (32768 pairs) it was
+#: slower: 2320.2 against 2142.0. The 32-row tiles are not taken: never timed (their GPU gate,
+#: `test_gluon_l2_matches_triton[mxfp4-32]`, was written after the last call).
+DEFAULT_HEIGHTS = (16,)
 
 
 def wanted(block_m: int) -> bool:
