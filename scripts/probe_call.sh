@@ -2,10 +2,10 @@
 # One device call (tenth session, after the Gluon kernels' first run): the Gluon kernels are now taken
 # by default where they measured faster (`l1_gluon.wanted`: L1 at 128-row tiles; `l2_gluon.wanted`:
 # L2 at 16). Checks that default, then times it:
-#   1. the Gluon L1 gates (`-k gluon_l1`), then the one-GPU layer tests (`test_layer_gpu.py`), which
-#      now run through the Gluon kernels, while DeepGEMM builds in the background;
-#   2. the Triton and Gluon kernels alone at 32768 and 1024 uniform pairs, 4-bit and 8-bit weight
-#      operands (`bench_gemm.py --gluon`: outputs compared, then timed);
+#   1. the Gluon L1 gates (`-k gluon_l1`) and the L2's at 32 rows, then the one-GPU layer tests
+#      (`test_layer_gpu.py`), which now run through the Gluon kernels, while DeepGEMM builds;
+#   2. the Triton and Gluon kernels alone at 32768, 1024 and 8 uniform pairs (T = 4096, 128, 1),
+#      4-bit and 8-bit weight operands (`bench_gemm.py --gluon`: outputs compared, then timed);
 #   3. `ab_bench.sh`: the layer (default) with the anchor at T = 4096 / 128 / 1 and with both Gluon
 #      kernels off (`--gluon-l1 off --gluon-l2 off`) at the same T; FP8 weights likewise at 4096 / 128;
 #   4. the Gluon probe's register-decode and gather modes (`probe_gluon_promote.py --modes
@@ -23,11 +23,12 @@ if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
 PYT=(python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu")
-timeout -k 5 ${TEST_S-90} "${PYT[@]}" tests/test_gemm_gpu.py -k gluon_l1 > "$OUT/gluon_test.log" 2>&1
-echo "=== Gluon L1 GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gluon_test.log" | tail -n 8
+timeout -k 5 ${TEST_S-90} "${PYT[@]}" tests/test_gemm_gpu.py \
+    -k "gluon_l1 or (gluon_l2_matches_triton and mxfp4-32)" > "$OUT/gluon_test.log" 2>&1
+echo "=== Gluon GPU gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gluon_test.log" | tail -n 8
 timeout -k 5 ${LAYER_S-170} "${PYT[@]}" tests/test_layer_gpu.py > "$OUT/layer_test.log" 2>&1
 echo "=== layer GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/layer_test.log" | tail -n 8
-[ -n "${BG_CASES-x}" ] && timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases "${BG_CASES-u4096:256,u128:256}" --stream \
+[ -n "${BG_CASES-x}" ] && timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases "${BG_CASES-u4096:256,u128:256,u1:256}" --stream \
     --stream-kinds mxfp4,fp4_as_fp8 --gluon --iters 20 > "$OUT/bg.log" 2>&1
 echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8" "$OUT/bg.log" | head -n 16
 wait
