@@ -109,3 +109,15 @@ def test_gluon_kernels_wait_for_the_previous_kernel_under_pdl():
         # kernel as compiled for the tests' other checks has no PDL)
         plain, = gluon_kernel_ptx(mod, [(("mxfp4", 7168, 2048), kw)])
         assert "griddepcontrol" not in plain
+
+
+@pytest.mark.parametrize("version, ok", [("3.6.0", True), ("3.9.1", True), ("4.0.0", True), ("3.5.1", False),
+                                         ("3.2.0", False), ("3.10.0+git1234", True)])
+def test_gluon_kernels_need_triton_3_6(monkeypatch, version, ok):
+    """The Gluon kernels are taken by default, and Gluon's API changed between releases: they are
+    used only from Triton 3.6 on (the releases they were built and checked with), so an older
+    Triton that the package allows (>= 3.2) keeps the Triton kernels instead of failing to compile."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert l1_gluon._triton_at_least(3, 6) is ok

@@ -40,6 +40,15 @@ from .l1_gemm import (_e4m3_code, _exp2_neg_ue8m0, _exp2_ue8m0, _fp4_word_asm, _
                       _tile_coords, _ue8m0_exponent)
 from .sync import pdl_enter
 
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    import re
+
+    import triton
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -52,8 +61,11 @@ try:
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    HAVE_GLUON = True
-except ImportError:          # a Triton without Gluon's Hopper ops
+    # Gluon's API changed from release to release (`warp_specialize`'s arguments among others): take
+    # these kernels only on the releases they were built and checked with (3.6 on the GPU, 3.6 and
+    # 3.9 compiled on the CPU) and later ones; an older Triton keeps the Triton kernels
+    HAVE_GLUON = _triton_at_least(3, 6)
+except (ImportError, AttributeError):          # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
 __all__ = ["DEFAULT_HEIGHTS", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch", "wanted"]
