@@ -57,37 +57,20 @@ def test_l1_gluon_applies():
         assert not l1_gluon.applies(**{**ok, **change}), change
 
 
-def test_gluon_defaults_are_the_measured_heights(monkeypatch):
-    """By default (`ENABLED` None) each Gluon kernel is taken only at the tile heights where it ran
-    faster than the Triton kernel on the GPU (docs/PERF.md, tenth session): L1 at the 128-row
-    prefill tiles, L2 at the 16-row decode tiles; ENABLED True / False force it on / off at
-    every height (`scripts/bench.py --gluon-l1 on|off`)."""
+def test_gluon_defaults_are_the_measured_launches(monkeypatch):
+    """By default (`ENABLED` None) each Gluon kernel is taken only at the launches (weight kind,
+    tile height) where it ran faster than the Triton kernel on the GPU (docs/PERF.md, tenth
+    session): L1 with 4-bit weights at the 128-row prefill tiles, L2 with 4-bit weights at the
+    16-row decode tiles; ENABLED True / False force it on / off everywhere (`scripts/bench.py
+    --gluon-l1 on|off`)."""
     assert l1_gluon.ENABLED is None and l2_gluon.ENABLED is None
-    assert [l1_gluon.wanted(bm) for bm in (16, 32, 64, 128)] == [False, False, False, True]
-    assert [l2_gluon.wanted(bm) for bm in (16, 32, 64, 128)] == [True, False, False, False]
+    launches = [(k, bm) for k in ("mxfp4", "fp8_rebased") for bm in (16, 32, 64, 128)]
+    assert [kb for kb in launches if l1_gluon.wanted(*kb)] == [("mxfp4", 128)]
+    assert [kb for kb in launches if l2_gluon.wanted(*kb)] == [("mxfp4", 16)]
     for mod in (l1_gluon, l2_gluon):
         for forced in (True, False):
             monkeypatch.setattr(mod, "ENABLED", forced)
-            assert [mod.wanted(bm) for bm in (16, 32, 64, 128)] == [forced] * 4
-
-
-def test_l1_gluon_resident_ctas():
-    """Its shared memory (stages, the gate / up exchange buffer, barriers) leaves room for the CTAs
-    per SM its launch plan counts on (`launch_plan`: two at prefill, four at decode), at every tile
-    height and weight kind."""
-    assert_resident_ctas("mega_moe_layer.kernels.l1_gluon",
-                         [(k, bm, over) for k in ("mxfp4", "fp8_rebased") for bm, over in CASES])
-
-
-def test_l1_gluon_weight_descriptor_needs_contiguous_weights():
-    """The TMA descriptor addresses the weight tensor itself: a non-contiguous one (whose reshape
-    would be a temporary copy) is refused with an error naming it."""
-    import torch
-
-    w = torch.zeros(2, 128, 256, dtype=torch.int8)
-    assert list(l1_gluon.weight_descriptor("mxfp4", w, 512).shape) == [256, 64]      # [E 2I, H / 8] int32
-    with pytest.raises(ValueError, match="w_data: expected the contiguous"):
-        l1_gluon.weight_descriptor("mxfp4", w.transpose(1, 2).contiguous().transpose(1, 2), 512)
+            assert [mod.wanted(*kb) for kb in launches] == [forced] * len(launches)
 
 
 def test_gluon_kernels_wait_for_the_previous_kernel_under_pdl():

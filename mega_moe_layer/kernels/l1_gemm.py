@@ -1530,7 +1530,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
     x_src, x_sf_src = (pool_x, pool_x_sf) if x_rebased is None else x_rebased
     from . import l1_gluon
     promote_k = config.block_k * config.promote_for(hidden)
-    if l1_gluon.wanted(config.block_m) and device.type == "cuda" and l1_gluon.applies(
+    if l1_gluon.wanted(w_kind, config.block_m) and device.type == "cuda" and l1_gluon.applies(
             w_kind, act_format, x_rebased is not None, config.block_m, over_m, fp4_table(w13_operand, False), arch,
             promote_k):
         # the warp-specialised Gluon kernel (`l1_gluon.wanted`: by default where it measured faster)

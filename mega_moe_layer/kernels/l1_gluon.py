@@ -2,7 +2,7 @@
 
 Built 2026-12-07 (seventh session); first run on an H100 in the tenth: h equal to the Triton
 kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l1`), faster at the 128-row prefill
-tiles only, so taken there by default (`wanted`, `ENABLED`).
+tiles with 4-bit weights (the only ones timed there), so taken there by default (`wanted`, `ENABLED`).
 
 Why (docs/PERF.md, seventh session): the Triton L1 runs a promoted FP8 mainloop whose warps wait
 for every MMA and meet a CTA barrier at every K step (tensor pipe ~32% busy at T = 4096). The same
@@ -68,22 +68,23 @@ try:
 except (ImportError, AttributeError):          # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
-__all__ = ["DEFAULT_HEIGHTS", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch", "wanted"]
+__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch", "wanted"]
 
-#: Whether L1's launches take this kernel (where it `applies`): None (default) at the tile heights
-#: where it measured faster than the Triton kernel (`DEFAULT_HEIGHTS`), True at every height, False
+#: Whether L1's launches take this kernel (where it `applies`): None (default) at the launches
+#: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
 #: never (`scripts/bench.py --gluon-l1 on|off|auto`).
 ENABLED: Optional[bool] = None
-#: Tile heights it is taken at by default: the prefill tiles (docs/PERF.md, tenth session, H100,
-#: 32768 uniform pairs: 3963.2 us against the Triton kernel's 4191.1; at the 16-row decode tiles,
-#: 1024 pairs, it was slower: 1466.5 against 1428.6). Its effect on the whole layer at T = 4096
-#: is not yet measured (`scripts/lean_call.sh`).
-DEFAULT_HEIGHTS = (128,)
+#: (weight kind, tile height) of the launches it is taken at by default: 4-bit weights at the
+#: prefill tiles (docs/PERF.md, tenth session, H100, 32768 uniform pairs: 3963.2 us against the
+#: Triton kernel's 4191.1; at the 16-row decode tiles, 1024 pairs, it was slower: 1466.5 against
+#: 1428.6). FP8 weights ("fp8_rebased") were checked but never timed on it. Its effect on the whole
+#: layer at T = 4096 is not yet measured (`scripts/probe_call.sh`).
+DEFAULT_LAUNCHES = (("mxfp4", 128),)
 
 
-def wanted(block_m: int) -> bool:
-    """Whether a launch of tile height block_m takes this kernel where it `applies` (`ENABLED`)."""
-    return block_m in DEFAULT_HEIGHTS if ENABLED is None else bool(ENABLED)
+def wanted(w_kind: str, block_m: int) -> bool:
+    """Whether a launch (weight kind, tile height) takes this kernel where it `applies` (`ENABLED`)."""
+    return (w_kind, block_m) in DEFAULT_LAUNCHES if ENABLED is None else bool(ENABLED)
 
 BLOCK_N, BLOCK_K = 32, 128
 #: Tile heights (pairs per tile) it takes: the prefill tiles and the decode ones.

@@ -347,7 +347,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
     h_src, h_sf_src = (h, h_sf) if h_rebased is None else h_rebased
     from . import l2_gluon
     promote_k = config.promote_for(inter) * config.block_k
-    if l2_gluon.wanted(config.block_m) and device.type == "cuda" and l2_gluon.applies(
+    if l2_gluon.wanted(w_kind, config.block_m) and device.type == "cuda" and l2_gluon.applies(
             w_kind, act_format, combine_format, h_rebased is not None, config.block_m, over_m,
             fp4_table(w2_operand, False), arch, promote_k, inter):
         # the warp-specialised Gluon kernel (`l2_gluon.wanted`: by default where it measured faster)

@@ -2,7 +2,7 @@
 
 Built 2026-12-07 (seventh session); first run on an H100 in the tenth: y equal to the Triton
 kernel's at 128 (+ 16) and 16 rows (`tests/test_gemm_gpu.py -k gluon_l2`), faster at the 16-row
-decode tiles only, so taken there by default (`wanted`, `ENABLED`).
+decode tiles with 4-bit weights only, so taken there by default (`wanted`, `ENABLED`).
 
 Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_rebased`), weights
 "mxfp4" (fragment words decoded into the MMA's register operand, "imad" tables) or "fp8_rebased",
@@ -44,23 +44,25 @@ if HAVE_GLUON:
     from .l1_gluon import (_WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _promoted_mainloop,
                            _step_operand, _tma_load)
 
-__all__ = ["DEFAULT_HEIGHTS", "ENABLED", "applies", "l2_gluon_launch", "wanted"]
+__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "applies", "l2_gluon_launch", "wanted"]
 
-#: Whether L2's launches take this kernel (where it `applies`): None (default) at the tile heights
-#: where it measured faster than the Triton kernel (`DEFAULT_HEIGHTS`), True at every height, False
+#: Whether L2's launches take this kernel (where it `applies`): None (default) at the launches
+#: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
 #: never (`scripts/bench.py --gluon-l2 on|off|auto`).
 ENABLED: Optional[bool] = None
-#: Tile heights it is taken at by default: the 16-row decode tiles (docs/PERF.md, tenth session,
-#: H100, 1024 uniform pairs: 711.0 us against the Triton kernel's 727.6; the layer at T = 1 / 128
-#: 112.5 / 2207.3 us against 116.7 / 2222.3). At the 128-row prefill tiles (32768 pairs) it was
-#: slower: 2320.2 against 2142.0. The 32-row tiles are not taken: never timed (their GPU gate,
-#: `test_gluon_l2_matches_triton[mxfp4-32]`, was written after the last call).
-DEFAULT_HEIGHTS = (16,)
+#: (weight kind, tile height) of the launches it is taken at by default: 4-bit weights at the
+#: 16-row decode tiles (docs/PERF.md, tenth session, H100, 1024 uniform pairs: 711.0 us against the
+#: Triton kernel's 727.6; the layer at T = 1 / 128 112.5 / 2207.3 us against 116.7 / 2222.3). At
+#: the 128-row prefill tiles (32768 pairs) it was slower: 2320.2 against 2142.0 (and the layer with
+#: FP8 weights at T = 4096: 5948.0 against 5682.4). The 32-row tiles are not taken: never timed
+#: (their GPU gate, `test_gluon_l2_matches_triton[mxfp4-32]`, was written after the last call);
+#: nor FP8 weights at decode.
+DEFAULT_LAUNCHES = (("mxfp4", 16),)
 
 
-def wanted(block_m: int) -> bool:
-    """Whether a launch of tile height block_m takes this kernel where it `applies` (`ENABLED`)."""
-    return block_m in DEFAULT_HEIGHTS if ENABLED is None else bool(ENABLED)
+def wanted(w_kind: str, block_m: int) -> bool:
+    """Whether a launch (weight kind, tile height) takes this kernel where it `applies` (`ENABLED`)."""
+    return (w_kind, block_m) in DEFAULT_LAUNCHES if ENABLED is None else bool(ENABLED)
 
 #: Rows of w2 (columns of y) per item: one warpgroup's 64-row MMA.
 BLOCK_N = 64
