@@ -57,6 +57,25 @@ def test_l1_gluon_applies():
         assert not l1_gluon.applies(**{**ok, **change}), change
 
 
+def test_l1_gluon_resident_ctas():
+    """Its shared memory (stages, the gate / up exchange buffer, barriers) leaves room for the CTAs
+    per SM its launch plan counts on (`launch_plan`: two at prefill, four at decode), at every tile
+    height and weight kind."""
+    assert_resident_ctas("mega_moe_layer.kernels.l1_gluon",
+                         [(k, bm, over) for k in ("mxfp4", "fp8_rebased") for bm, over in CASES])
+
+
+def test_l1_gluon_weight_descriptor_needs_contiguous_weights():
+    """The TMA descriptor addresses the weight tensor itself: a non-contiguous one (whose reshape
+    would be a temporary copy) is refused with an error naming it."""
+    import torch
+
+    w = torch.zeros(2, 128, 256, dtype=torch.int8)
+    assert list(l1_gluon.weight_descriptor("mxfp4", w, 512).shape) == [256, 64]      # [E 2I, H / 8] int32
+    with pytest.raises(ValueError, match="w_data: expected the contiguous"):
+        l1_gluon.weight_descriptor("mxfp4", w.transpose(1, 2).contiguous().transpose(1, 2), 512)
+
+
 def test_gluon_defaults_are_the_measured_launches(monkeypatch):
     """By default (`ENABLED` None) each Gluon kernel is taken only at the launches (weight kind,
     tile height) where it ran faster than the Triton kernel on the GPU (docs/PERF.md, tenth
