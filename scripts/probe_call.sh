@@ -12,14 +12,17 @@
 #      ws,ws4,ws4r,ws4g`), which say what holds the 4-bit L1 below the probe's FP8 rate.
 # ~8 minutes on a warm H100 / H200 (every step bounded). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
-# Shorter: BG_CASES= (no kernel timings), PROBE_S=0 (no probe), NEW_TOKENS / FP8_TOKENS (the layer's T).
+# Shorter: BG_CASES= (no kernel timings), PROBE_S=0 (no probe), NEW_TOKENS / FP8_TOKENS (the layer's T;
+# FP8_TOKENS= skips FP8 weights), ANCHOR= (no DeepGEMM). The shortest useful call (~200 s: the gates,
+# the layer tests, the layer with the Gluon kernels auto / off at T = 4096 and 1):
+#   OUT=... BG_CASES= PROBE_S=0 NEW_TOKENS="4096 1" FP8_TOKENS= ANCHOR= LAYER_S=80 bash scripts/probe_call.sh
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 nvidia-smi -L
 export PYTHONPATH=/tmp/site:$PWD
-if [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
+if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
 PYT=(python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu")
