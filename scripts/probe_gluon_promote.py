@@ -15,9 +15,10 @@ memory, as L1's prefill tile), E4M3 x E4M3, K 7168, R 64 (one warpgroup) or 128 
     0..11 loaded from global memory one step ahead) decoded by the MMA warpgroup into shared memory;
   5 "ws4d": ws4 with the decode in a warpgroup of its own;
   6 "ws4r": ws4 with the layer's fragment words (`gemm_operands.fragment_words`) decoded straight
-    into the MMA's register operand (64 rows only);
+    into the MMA's register operand (128 rows: two warpgroups sharing the token tile);
   7 "ws4g": ws4r with the token rows gathered through a permutation by a producer warpgroup
-    (cp.async arriving on mbarriers), as L1 gathers each pair's pool row (64 rows only).
+    (cp.async arriving on mbarriers), as L1 gathers each pair's pool row (128 rows: the gathered
+    tile feeds two warpgroups, half the gather per MMA).
 Every mode multiplies the same values (the FP8 modes take the 4-bit words' E4M3 decode) and every
 promoted mode adds the same partial sums in the same order: outputs bitwise equal to sync's
 (checked; chained differs).
@@ -398,6 +399,15 @@ if HAVE_GLUON:
                              X_BYTES)),
         ], [1, 4], [24, DEC_REGS])
 
+    @gluon.constexpr_function
+    def _words_layout(block_r, block_k):
+        """The fragment words of block_r rows, [block_r, block_k / 8] int32, in the MMA register
+        operand's thread order (warp w holds rows 16 w .. 16 w + 15)."""
+        warp_bases = [[16 << i, 0] for i in range((block_r // 16).bit_length() - 1)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            warp_bases=warp_bases, block_bases=[], shape=[block_r, block_k // 8])
+
     @gluon.jit
     def _ws4r_consumer(wq_bufs, x_bufs, ready, x_ready, empty, out_ptr, d_ptr, row0, col0, N_TOK,
                        NK: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
@@ -405,14 +415,14 @@ if HAVE_GLUON:
         """The MMA warpgroup of "ws4r": the step's fragment words (`gemm_operands.fragment_words`:
         word 4 c + g of a row holds k = 32 g + 4 c + (0..3, 16..19)) are read from shared memory in
         the MMA register operand's layout (thread = lane 4 r + c, rows r and r + 8 of its warp's 16),
-        decoded, and fed to the MMA from registers: no shared-memory round trip of the E4M3 tile."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        decoded, and fed to the MMA from registers: no shared-memory round trip of the E4M3 tile.
+        BLOCK_R 128: two warpgroups, each its 64 rows, sharing the stage's token tile."""
+        WARPS: gl.constexpr = BLOCK_R // 16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        # words [64, 16]: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3 bits); warps = row 16 w
-        wl: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_R, BLOCK_K // 8])
+        # words [R, 16]: registers = g (2 bits), row + 8; lanes = c (2 bits), row (3 bits); warps = row 16 w
+        wl: gl.constexpr = _words_layout(BLOCK_R, BLOCK_K)
         r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, wl))
         col = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, wl))
         # int32 offsets (the pointer formed at each load): fewer live registers than int64 pointers
@@ -437,6 +447,8 @@ if HAVE_GLUON:
             a = gl.convert_layout(t.to(gl.float8e4nv, bitcast=True), a_layout, assert_trivial=True)
             tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
             acc = acc + warpgroup_mma_wait(1, deps=[prev])
+            if WARPS > 4:
+                _cta_barrier()                      # every warpgroup is done with step k - 1's stage
             mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
             prev = tok
         acc = acc + warpgroup_mma_wait(0, deps=[prev])
@@ -446,7 +458,7 @@ if HAVE_GLUON:
     def _ws4r_kernel(wq_desc, x_desc, out_ptr, d_ptr, N_TOK, K: gl.constexpr, BLOCK_R: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """MODE 6 "ws4r": "ws4" with the layer's fragment words decoded straight into the MMA's
-        register operand (64 rows, one warpgroup)."""
+        register operand (one warpgroup per 64 rows)."""
         row0 = gl.program_id(0) * BLOCK_R
         col0 = gl.program_id(1) * BLOCK_M
         NK: gl.constexpr = K // BLOCK_K
@@ -586,9 +598,7 @@ def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
         sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>", x_ptr="*fp8e4nv", perm_ptr="*i32",
                    out_ptr="*fp32", d_ptr="*u8", N_TOK="i32")
         ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES, LOAD_REGS=WS4G_LOAD_REGS)
-        if block_r != 64:
-            raise ValueError("ws4g: one warpgroup, block_r 64")
-        return _ws4g_kernel, sig, ce, dict(num_warps=4, maxnreg=WS_MAXNREG[64])
+        return _ws4g_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS_MAXNREG[block_r])
     if mode in ("ws4", "ws4d", "ws4r"):
         lw = gl.NVMMASharedLayout.get_default_for([block_r, BLOCK_K // 8], gl.int32)
         sig = dict(wq_desc=f"tensordesc<i32[{block_r}, {BLOCK_K // 8}],{lw!r}>",
@@ -596,9 +606,7 @@ def compile_args(mode: str, K: int = 7168, stages: int = 3, block_r: int = 64):
                    out_ptr="*fp32", d_ptr="*u8", N_TOK="i32")
         ce = dict(K=K, BLOCK_R=block_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=WS_STAGES)
         if mode == "ws4r":
-            if block_r != 64:
-                raise ValueError("ws4r: one warpgroup, block_r 64")
-            return _ws4r_kernel, sig, ce, dict(num_warps=4, maxnreg=WS_MAXNREG[64])
+            return _ws4r_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS_MAXNREG[block_r])
         if mode == "ws4d":
             ce["DEC_REGS"] = WS4D_DEC_REGS[block_r]
             return _ws4d_kernel, sig, ce, dict(num_warps=block_r // 16, maxnreg=WS4D_MAXNREG[block_r])
