@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
-# One device call (eleventh session): what the tenth's call left open.
-#   1. the one-GPU layer tests that its 170 s did not reach (`test_layer_gpu.py` past the format
-#      sweeps: hidden 640, group 128 + clamp, idle ranks, skew, masks, repeats, graphs), each under
-#      pytest-timeout, while DeepGEMM builds;
-#   2. the Gluon probe with one MMA warpgroup per CTA (64 weight rows) and with two sharing the token
-#      tile (128): `ws` (TMA both), `ws4r` (4-bit words decoded into registers), `ws4g` (ws4r with
-#      the token rows gathered by cp.async, as L1 must): does sharing the gathered tile between two
-#      warpgroups recover what the gather costs?
-#   3. `ab_bench.sh`: MXFP4 (defaults) with the anchor at T = 4096 / 128 / 1; FP8 weights with both
-#      Gluon kernels on, with the anchor, and at their defaults (Triton kernels), same T.
-# ~7 minutes on a warm H100 / H200 (every step bounded). Logs under $OUT.
+# One device call (eleventh session, second): after the fixes of the first two calls.
+#   1. the layer tests the fast-path int bug broke (a layer's first call with no tokens bound y's
+#      address 0 as a 32-bit int: every later call raised OverflowError), the new regression test,
+#      FP8 weights through the Gluon kernels at 16-row tiles (now their default), graph replay, and
+#      `test_launch.py`, while DeepGEMM builds;
+#   2. `ab_bench.sh`: MXFP4 and FP8 weights (defaults) with the anchor at T = 4096 / 128 / 1; FP8
+#      with L1 back on the Triton kernel (`--gluon-l1 off`) and with both off, at T = 128 / 1.
+# ~5 minutes on a warm H100 / H200 (every step bounded). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
-# Shorter: PROBE_S=0 (no probe), NEW_TOKENS / FP8_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
+# Shorter: NEW_TOKENS / FP8_TOKENS / DEC_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -21,20 +18,18 @@ export PYTHONPATH=/tmp/site:$PWD
 if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
-PYT=(python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout "${TEST_TIMEOUT-90}")
-timeout -k 5 ${LAYER_S-200} "${PYT[@]}" tests/test_layer_gpu.py \
-    -k "${LAYER_K-not formats_vs_reference and not streamed_fp8_path and not staged_rebase}" > "$OUT/layer_test.log" 2>&1
-echo "=== layer GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/layer_test.log" | tail -n 12
-if [ "${PROBE_S-70}" != 0 ]; then
-    for br in 64 128; do
-        timeout -k 5 ${PROBE_S-70} python3 scripts/probe_gluon_promote.py --modes ws,ws4r,ws4g --block-r $br --iters 20 \
-            > "$OUT/probe$br.log" 2>&1
-        echo "=== probe, $br weight rows per CTA (rc $?)"; tail -n 5 "$OUT/probe$br.log"
-    done
-fi
+L=tests/test_layer_gpu.py
+timeout -k 5 ${TEST_S-150} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 90 \
+    $L::test_first_call_with_no_tokens $L::test_skewed_to_other_rank_and_full_capacity $L::test_masked_slots \
+    $L::test_repeated_calls_no_drift $L::test_two_layers_share_workspace "$L::test_formats_vs_reference[fp8-fp8-bf16]" \
+    "$L::test_streamed_fp8_path_vs_reference[fp8-fp8-bf16-False]" $L::test_cuda_graph_replay \
+    tests/test_launch.py > "$OUT/layer_test.log" 2>&1
+echo "=== GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/layer_test.log" | tail -n 12
 wait
 tail -n 1 "$OUT/dg_build.log" 2>/dev/null
+DEC="${DEC_TOKENS-128 1}"
 env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 128 1}" FP8_TOKENS="${FP8_TOKENS-4096 128 1}" \
-    FP8_ARGS="--gluon-l1 on --gluon-l2 on" NEW3_ARGS="--weight-format fp8" NEW3_TOKENS="${FP8_TOKENS-4096 128 1}" \
-    timeout -k 5 ${AB_S-240} bash scripts/ab_bench.sh
+    NEW2_ARGS="--weight-format fp8 --gluon-l1 off" NEW2_TOKENS="$DEC" \
+    NEW3_ARGS="--weight-format fp8 --gluon-l1 off --gluon-l2 off" NEW3_TOKENS="$DEC" \
+    timeout -k 5 ${AB_S-280} bash scripts/ab_bench.sh
 exit 0

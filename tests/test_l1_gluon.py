@@ -78,14 +78,14 @@ def test_l1_gluon_weight_descriptor_needs_contiguous_weights():
 
 def test_gluon_defaults_are_the_measured_launches(monkeypatch):
     """By default (`ENABLED` None) each Gluon kernel is taken only at the launches (weight kind,
-    tile height) where it ran faster than the Triton kernel on the GPU (docs/PERF.md, tenth
-    session): L1 with 4-bit weights at the 128-row prefill tiles, L2 with 4-bit weights at the
-    16-row decode tiles; ENABLED True / False force it on / off everywhere (`scripts/bench.py
-    --gluon-l1 on|off`)."""
+    tile height) where it ran faster than the Triton kernel on the GPU (docs/PERF.md, tenth and
+    eleventh sessions): L1 with 4-bit weights at the 128-row prefill tiles, L2 with 4-bit weights
+    at the 16-row decode tiles, both with FP8 weights at the 16-row decode tiles; ENABLED True /
+    False force it on / off everywhere (`scripts/bench.py --gluon-l1 on|off`)."""
     assert l1_gluon.ENABLED is None and l2_gluon.ENABLED is None
     launches = [(k, bm) for k in ("mxfp4", "fp8_rebased") for bm in (16, 32, 64, 128)]
-    assert [kb for kb in launches if l1_gluon.wanted(*kb)] == [("mxfp4", 128)]
-    assert [kb for kb in launches if l2_gluon.wanted(*kb)] == [("mxfp4", 16)]
+    assert [kb for kb in launches if l1_gluon.wanted(*kb)] == [("mxfp4", 128), ("fp8_rebased", 16)]
+    assert [kb for kb in launches if l2_gluon.wanted(*kb)] == [("mxfp4", 16), ("fp8_rebased", 16)]
     for mod in (l1_gluon, l2_gluon):
         for forced in (True, False):
             monkeypatch.setattr(mod, "ENABLED", forced)

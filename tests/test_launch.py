@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mega_moe_layer.kernels._launch import Launcher, fast_path_supported
+from mega_moe_layer.kernels._launch import Launcher, _int_type, fast_path_supported
 from mega_moe_layer.kernels.sync import pdl_enter
 
 
@@ -66,6 +66,55 @@ def test_plain_path_on_cpu_and_rebinding():
         launch.setter("nope")
     with pytest.raises(ValueError):
         Launcher(_axpb_kernel, (), ())
+
+
+def _scale_fn(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
+    pass
+
+
+def test_int_type_is_tritons():
+    """`_int_type` gives an int the type Triton's specialisation gives it (i32 / i64 / u64)."""
+    try:
+        from triton.runtime.jit import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        pytest.skip(f"Triton {triton.__version__}: no native_specialize_impl")
+    for v in (0, 1, 7, 2 ** 31 - 1, 2 ** 31, -2 ** 31, -2 ** 31 - 1, 0x7F3C_D599_4BF0, 2 ** 63 - 1, 2 ** 63):
+        assert _int_type(v) == native_specialize_impl(BaseBackend, v, False, False, True)[0], v
+
+
+def test_int_rebinding_keeps_the_compiled_type():
+    """A `do_not_specialize` int is rewritten in the fast path only within its Triton type: a launch
+    compiled with 0 there (i32) and then given an address (i64) is rebuilt, never handed a value
+    its C launcher rejects (OverflowError: the layer's pre-dispatch, first called with no tokens,
+    had y's address 0). Checked on a JIT function's bound launch, the fast path as `_build_fast`
+    leaves it (no launch: CPU)."""
+    kernel = triton.runtime.jit.JITFunction(_scale_fn, do_not_specialize=["scale"])
+    x, y = _case(dev="cpu")
+
+    def bound(scale):
+        launch = Launcher(kernel, (1,), (x, y, x.numel(), scale), dict(BLOCK=128))
+        values = [x.data_ptr(), y.data_ptr(), x.numel(), scale, 128]
+        launch._fast = (None, None, None, 1, 1, 1, None, None, values)
+        return launch, values
+
+    launch, values = bound(0)
+    launch.set("scale", 7)                       # i32 -> i32: in place
+    assert launch.is_fast and values[3] == 7
+    launch.set("scale", 0x7F3C_D599_4BF0)        # i32 -> i64: rebuilt by the next launch
+    assert not launch.is_fast and launch.args[3] == 0x7F3C_D599_4BF0
+    launch, values = bound(0)
+    update = launch.setter("y_ptr", "scale")
+    update(y, 9)
+    assert launch.is_fast and values[3] == 9
+    update(y, 1 << 40)
+    assert not launch.is_fast and launch.args[3] == 1 << 40
+    launch, values = bound(1 << 40)              # i64 -> i64: in place
+    update = launch.setter("scale")
+    update(1 << 41)
+    assert launch.is_fast and values[3] == 1 << 41
+    update(3)
+    assert not launch.is_fast
 
 
 @pytest.mark.gpu

@@ -212,6 +212,22 @@ def test_idle_ranks(env):
     _run_and_check(cfg, rank, R, lambda r: 0, seed=4)                          # all idle
 
 
+def test_first_call_with_no_tokens(env):
+    """A layer whose first call holds no tokens on any rank, then full ones: the bound launches
+    built by that first call (y's address 0 then) must take the later calls' values (this broke
+    every call after it once: a fast-path int compiled as i32 handed an address)."""
+    rank, R = env
+    cfg = _cfg(R)
+    saved = _LAYERS.pop(cfg, None)
+    try:
+        _run_and_check(cfg, rank, R, lambda r: 0, seed=40)
+        _run_and_check(cfg, rank, R, lambda r: cfg.max_tokens_per_rank, seed=41)
+        _run_and_check(cfg, rank, R, lambda r: 7 + r, seed=42)
+    finally:
+        if saved is not None:
+            _LAYERS[cfg] = saved
+
+
 def test_skewed_to_other_rank_and_full_capacity(env):
     rank, R = env
     cfg = _cfg(R)

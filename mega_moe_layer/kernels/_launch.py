@@ -56,6 +56,14 @@ def fast_path_supported() -> bool:
     return _JIT is not None and _triton_version() in _FAST_VERSIONS and _runtime_knobs() is not None
 
 
+def _int_type(v: int) -> str:
+    """The type Triton gives an int argument, even a `do_not_specialize` one (its
+    `specialize_impl`): i32 when it fits, else i64 (u64 past it). A bound int may be rewritten in
+    place only with one of the same type: a launch compiled for i32 cannot take an address (the C
+    launcher raises OverflowError), as one whose first call saw 0 for it would otherwise be given."""
+    return "i32" if -2 ** 31 <= v < 2 ** 31 else ("i64" if v < 2 ** 63 else "u64")
+
+
 def _no_hooks(rt) -> bool:
     """True when no launch enter/exit hook is installed (an installed hook needs the metadata that
     only `JITFunction.run` builds: take the ordinary path then)."""
@@ -165,7 +173,8 @@ class Launcher:
         """Replace the bound argument `name` (a kernel parameter).
 
         Cheap (the fast path stays) for a tensor of the same dtype whose data pointer has the same
-        16-byte alignment, and for a scalar parameter declared `do_not_specialize`; anything else
+        16-byte alignment, and for an int parameter declared `do_not_specialize` whose Triton type
+        (i32 / i64, `_int_type`) stays the same; anything else
         may change the compiled specialisation, so the next launch takes the ordinary path (which
         finds or compiles the right kernel) and rebuilds the fast path from it. Setting the value
         already bound (the same tensor object, an equal scalar) does nothing.
@@ -192,7 +201,7 @@ class Launcher:
             if value.dtype == old.dtype and (p & 15 == 0) == (q & 15 == 0):
                 f[8][i] = p
                 return
-        elif name in self._dns and type(value) is int and type(old) is int:
+        elif name in self._dns and type(value) is int and type(old) is int and _int_type(value) == _int_type(old):
             f[8][i] = value
             return
         self._fast = None
@@ -200,7 +209,7 @@ class Launcher:
     def setter(self, *names: str):
         """A function `update(*values)` that `set`s the arguments `names` (in this order) at the
         least host cost: a tensor whose dtype and 16-byte alignment class equal the bound one's,
-        or a `do_not_specialize` int, is written straight into the fast path; anything else goes
+        or a `do_not_specialize` int of the bound one's type, is written straight into the fast path; anything else goes
         through `set`. For the few arguments a caller changes on every launch."""
         idx = [self._index[n] for n in names]
         if any(i >= len(self.args) for i in idx):
@@ -217,7 +226,7 @@ class Launcher:
                     continue
                 if f is not None:
                     if type(v) is int:
-                        if d and type(old) is int:
+                        if d and type(old) is int and _int_type(v) == _int_type(old):
                             args[i] = v
                             f[8][i] = v
                             continue

@@ -1,8 +1,9 @@
 """L1's prefill tiles on Hopper as a warp-specialised Gluon kernel.
 
 Built 2026-12-07 (seventh session); first run on an H100 in the tenth: h equal to the Triton
-kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l1`), faster at the 128-row prefill
-tiles with 4-bit weights (the only ones timed there), so taken there by default (`wanted`, `ENABLED`).
+kernel's at every tile height (`tests/test_gemm_gpu.py -k gluon_l1`); taken by default where it
+measured faster (`DEFAULT_LAUNCHES`: 4-bit weights at the 128-row prefill tiles, FP8 weights at the
+16-row decode tiles; `wanted`, `ENABLED`).
 
 Why (docs/PERF.md, seventh session): the Triton L1 runs a promoted FP8 mainloop whose warps wait
 for every MMA and meet a CTA barrier at every K step (tensor pipe ~32% busy at T = 4096). The same
@@ -74,12 +75,14 @@ __all__ = ["DEFAULT_LAUNCHES", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_lau
 #: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
 #: never (`scripts/bench.py --gluon-l1 on|off|auto`).
 ENABLED: Optional[bool] = None
-#: (weight kind, tile height) of the launches it is taken at by default: 4-bit weights at the
-#: prefill tiles (docs/PERF.md, tenth session, H100, 32768 uniform pairs: 3963.2 us against the
-#: Triton kernel's 4191.1; at the 16-row decode tiles, 1024 pairs, it was slower: 1466.5 against
-#: 1428.6). FP8 weights ("fp8_rebased") were checked but never timed on it. Its effect on the whole
-#: layer at T = 4096 is not yet measured (`scripts/probe_call.sh`).
-DEFAULT_LAUNCHES = (("mxfp4", 128),)
+#: (weight kind, tile height) of the launches it is taken at by default (docs/PERF.md, H100s):
+#: - 4-bit weights at the prefill tiles: 32768 uniform pairs 3963.2 us against the Triton kernel's
+#:   4191.1 (tenth session); the layer at T = 4096 5388.5 us against 5745.0 with both Gluon kernels
+#:   off (eleventh). At the 16-row decode tiles, 1024 pairs, it was slower: 1466.5 against 1428.6.
+#: - FP8 weights ("fp8_rebased") at the 16-row decode tiles, with L2's: the layer at T = 128 / 1
+#:   3747.1 / 158.9 us against 3866.4 / 161.4 on the Triton kernels (eleventh session; with them at
+#:   every tile height T = 4096 was slower, 5879.6 against 5689.5).
+DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
 
 
 def wanted(w_kind: str, block_m: int) -> bool:

@@ -1,8 +1,9 @@
 """L2 on Hopper as a warp-specialised Gluon kernel, the counterpart of `l1_gluon`.
 
 Built 2026-12-07 (seventh session); first run on an H100 in the tenth: y equal to the Triton
-kernel's at 128 (+ 16) and 16 rows (`tests/test_gemm_gpu.py -k gluon_l2`), faster at the 16-row
-decode tiles with 4-bit weights only, so taken there by default (`wanted`, `ENABLED`).
+kernel's at 128 (+ 16) and 16 rows (`tests/test_gemm_gpu.py -k gluon_l2`); taken by default where
+it measured faster (`DEFAULT_LAUNCHES`: the 16-row decode tiles, 4-bit and FP8 weights; `wanted`,
+`ENABLED`).
 
 Scope (`applies`): the streamed FP8 mainloop (h rebased to E4M3 after L1, `h_rebased`), weights
 "mxfp4" (fragment words decoded into the MMA's register operand, "imad" tables) or "fp8_rebased",
@@ -50,14 +51,15 @@ __all__ = ["DEFAULT_LAUNCHES", "ENABLED", "applies", "l2_gluon_launch", "wanted"
 #: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
 #: never (`scripts/bench.py --gluon-l2 on|off|auto`).
 ENABLED: Optional[bool] = None
-#: (weight kind, tile height) of the launches it is taken at by default: 4-bit weights at the
-#: 16-row decode tiles (docs/PERF.md, tenth session, H100, 1024 uniform pairs: 711.0 us against the
-#: Triton kernel's 727.6; the layer at T = 1 / 128 112.5 / 2207.3 us against 116.7 / 2222.3). At
-#: the 128-row prefill tiles (32768 pairs) it was slower: 2320.2 against 2142.0 (and the layer with
-#: FP8 weights at T = 4096: 5948.0 against 5682.4). The 32-row tiles are not taken: never timed
-#: (their GPU gate, `test_gluon_l2_matches_triton[mxfp4-32]`, was written after the last call);
-#: nor FP8 weights at decode.
-DEFAULT_LAUNCHES = (("mxfp4", 16),)
+#: (weight kind, tile height) of the launches it is taken at by default (docs/PERF.md, H100s):
+#: - 4-bit weights at the 16-row decode tiles: 1024 uniform pairs 711.0 us against the Triton
+#:   kernel's 727.6; the layer at T = 1 / 128 112.5 / 2207.3 us against 116.7 / 2222.3 (tenth
+#:   session). At the 128-row prefill tiles (32768 pairs) it was slower: 2320.2 against 2142.0.
+#: - FP8 weights ("fp8_rebased") at the 16-row decode tiles, with L1's: the layer at T = 128 / 1
+#:   3747.1 / 158.9 us against 3866.4 / 161.4 on the Triton kernels (eleventh session; with them at
+#:   every tile height T = 4096 was slower, 5879.6 against 5689.5).
+#: The 32-row tiles are not taken: never timed.
+DEFAULT_LAUNCHES = (("mxfp4", 16), ("fp8_rebased", 16))
 
 
 def wanted(w_kind: str, block_m: int) -> bool:
