@@ -121,6 +121,14 @@ STAGE_REBASE = True
 #: sm_90a), and L1 and L2 share one tile map.
 USE_OVER = True
 
+#: Copy the rebased x into pair order after the dispatch (`rebase.order_pair_rows`, over the
+#: pairs) so that L1's 128-row tiles on the Gluon kernel load each tile's token rows as one TMA box
+#: instead of gathering them row by row (`l1_grouped_gemm(x_pairs=)`). The probe priced the gather
+#: at 9-17% of the mainloop (docs/PERF.md, eleventh session); the copy costs a pass over the pairs'
+#: rows and a [P, H] E4M3 scratch (P = pairs capacity: 235 MB at T_max 4096, top-8, H 7168 on one
+#: GPU; R times that with R ranks). Off until measured in the layer (`bench.py --pair-x`).
+PAIR_ORDER_X = False
+
 
 def _pdl_supported(arch: int) -> bool:
     if arch < 90:
@@ -211,6 +219,7 @@ class NvshmemForward(CompiledForwardMixin):
         self.rebase_report = None
         #: the streamed FP8 path (cfg.hopper_fp8_mainloop): rebased x / h buffers and their passes
         self.x_rebased = self.h_rebased = None
+        self.x_pairs = self._order_x = None     # x in pair order (`PAIR_ORDER_X`)
         self._rebase_x = self._rebase_h = None
         #: bound GEMM launches per (tile height, which map: False main / True tail)
         self._l1_launch: Dict[Tuple[int, bool], Optional[Launcher]] = {}
@@ -408,6 +417,7 @@ class NvshmemForward(CompiledForwardMixin):
         self._fill = self._bind_fill()
         if not on:
             self.x_rebased = self.h_rebased = self._rebase_x = self._rebase_h = None
+            self.x_pairs = self._order_x = None
             return
         from .kernels.rebase import rebase_act_rows
         npool, P = ws.view("recv_x").shape[0], self.max_pairs
@@ -433,6 +443,13 @@ class NvshmemForward(CompiledForwardMixin):
                                                          num_sms=self.num_sms, bind=True))
         self._rebase_h = self._chain(rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
                                          act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True))
+        self.x_pairs = self._order_x = None
+        if PAIR_ORDER_X:
+            from .kernels.rebase import order_pair_rows
+            # NOTE: per-forward contents shared by every layer of the same shapes, as rebased h
+            self.x_pairs = wsmod.shared_scratch("pair_x", (P, cfg.hidden), f8, dev)
+            self._order_x = self._chain(order_pair_rows(self.x_rebased[0], ws.view("pair_rows"), count, self.x_pairs,
+                                                        num_sms=self.num_sms, bind=True))
 
     def reset_graphs(self) -> None:
         """Drop the captured kernels 2-8 (they are recaptured when next used)."""
@@ -452,6 +469,8 @@ class NvshmemForward(CompiledForwardMixin):
         if launch is False:
             launch = self._l1_launch[key] = self._chain(self._bind_l1(block_m, tail, over))
         if launch is not None:
+            if launch.kwargs.get("PAIR_X"):          # it reads x in pair order: copy it so first
+                self._order_x()
             launch()
 
     def _run_l2(self, block_m: int, tail: bool = False, over: Tuple[int, int] = (0, 0)) -> None:
@@ -475,7 +494,8 @@ class NvshmemForward(CompiledForwardMixin):
                           weight_format=cfg.weight_format, act_format=cfg.act_format,
                           act_group_size=cfg.act_group_size, activation_clamp=cfg.activation_clamp,
                           block_m=block_m, w13_operand=self.w13_op, x_rebased=self.x_rebased,
-                          over_m=over[0], over_limit=over[1], bind=True)
+                          over_m=over[0], over_limit=over[1], bind=True,
+                          x_pairs=self.x_pairs if not tail else None)
 
     def _bind_l2(self, block_m: int, tail: bool, over: Tuple[int, int]):
         cfg, ws, g, w2 = self.cfg, self.ws, gemm_api, self.w2

@@ -381,6 +381,9 @@ def parse_args(argv=None):
     p.add_argument("--gluon-l2", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="GPU layer: L2's launches (bf16 combine) on the warp-specialised Gluon kernel "
                         "(`kernels.l2_gluon.ENABLED`): auto / on / off as --gluon-l1")
+    p.add_argument("--pair-x", action="store_true",
+                   help="GPU layer: copy the rebased x into pair order for L1's 128-row tiles on the Gluon kernel "
+                        "(`nvshmem_backend.PAIR_ORDER_X`: one TMA box per tile instead of a row gather), to measure it")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -465,6 +468,9 @@ def main(argv=None):
     if args.no_over:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.USE_OVER = False
+    if args.pair_x:
+        from mega_moe_layer import nvshmem_backend
+        nvshmem_backend.PAIR_ORDER_X = True
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
         value = getattr(args, flag[2:].replace("-", "_"))

@@ -120,6 +120,7 @@ class Case:
         self.w2_fp8 = prepare_weight_operand(w2.format, w2.data, w2.scale, arch=arch, act_format=act_format)
         self.use_fp8 = False
         self.stream = None     # (w13 operand, w2 operand, x_rebased, h_rebased): the streamed FP8 path
+        self.x_pairs = None    # the rebased x in pair order (`pairs_us`), else None
         gen = torch.Generator(device=DEV).manual_seed(seed)
         x = torch.randn(P, H, generator=gen, device=DEV).to(torch.bfloat16)
         self.pool_x, self.pool_x_sf = ref.quantize_act(x, act_format, 32)
@@ -186,7 +187,7 @@ class Case:
                             self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
                             self.h, self.h_sf, weight_format=self.w13.format, act_format=self.act_format,
                             act_group_size=32, activation_clamp=None, block_m=self.block_m, config=config,
-                            w13_operand=self.stream[0], x_rebased=self.stream[2])
+                            w13_operand=self.stream[0], x_rebased=self.stream[2], x_pairs=self.x_pairs)
             return
         l1_grouped_gemm(self.pool_x, self.pool_x_sf, self.pair_rows, self.pair_weights, self.offsets,
                         self.tile_expert, self.tile_row_start, self.num_tiles, self.w13.data, self.w13.scale,
@@ -269,6 +270,44 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
     stream_us[f"{name} gluon"] = (us, None, same)
     print(f"    {kern} streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
           f"output equal to the Triton kernel's: {same}", flush=True)
+    if kern == "l1" and case.block_m == 128:
+        pairs_us(case, name, iters, want, stream_us)
+
+
+def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
+    """The Gluon L1 at 128-row tiles reading the token rows in pair order (`l1_grouped_gemm(x_pairs=)`,
+    one TMA box per tile and step) against its gather: h compared with the Triton kernel's (`want`),
+    then the L1 and the copy into pair order (`rebase.order_pair_rows`) timed;
+    stream_us[name + " gluon pairs"] = (L1 us, copy us, equal)."""
+    from mega_moe_layer.kernels import l1_gluon
+    from mega_moe_layer.kernels.rebase import order_pair_rows
+    xp = torch.empty(case.pair_rows.numel(), case.H, dtype=torch.float8_e4m3fn, device=DEV)
+
+    def order():
+        order_pair_rows(case.stream[2][0], case.pair_rows, case.offsets[-1:], xp)
+    order()
+    taken = []
+    boxes = l1_gluon.pair_x_descriptors
+    l1_gluon.pair_x_descriptors = lambda *a, **k: taken.append(1) or boxes(*a, **k)
+    l1_gluon.ENABLED, case.x_pairs = True, xp
+    try:
+        case.h.zero_()
+        case.h_sf.zero_()
+        case.l1()
+        torch.cuda.synchronize()
+        same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
+        us = gpu_time_us(case.l1, iters)
+        copy_us = gpu_time_us(order, iters)
+    finally:
+        l1_gluon.ENABLED, case.x_pairs = False, None
+        l1_gluon.pair_x_descriptors = boxes
+    if not taken:
+        print(f"    l1 streamed ({name}): the pair-ordered rows were not taken", flush=True)
+        return
+    stream_us[f"{name} gluon pairs"] = (us, copy_us, same)
+    print(f"    l1 streamed ({name}) on the Gluon kernel, token rows in pair order: {us:.1f} us + the copy "
+          f"{copy_us:.1f} us, against {stream_us[name + ' gluon'][0]:.1f} gathered; output equal to the Triton "
+          f"kernel's: {same}", flush=True)
 
 
 def decoder_us(case: "Case", kern: str, iters: int, decoder: str) -> float:
@@ -496,7 +535,8 @@ def main() -> None:
                    help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
     p.add_argument("--gluon", action="store_true",
                    help="with --stream: also time L1 / L2 on the warp-specialised Gluon kernels (`kernels.l1_gluon`, "
-                        "`l2_gluon`), their output compared with the Triton kernels' first")
+                        "`l2_gluon`), their output compared with the Triton kernels' first; at 128-row tiles also "
+                        "L1 with the token rows in pair order (one TMA box per tile) and the copy that orders them")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",

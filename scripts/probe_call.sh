@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One device call (eleventh session, second): after the fixes of the first two calls.
-#   1. the layer tests the fast-path int bug broke (a layer's first call with no tokens bound y's
-#      address 0 as a 32-bit int: every later call raised OverflowError), the new regression test,
-#      FP8 weights through the Gluon kernels at 16-row tiles (now their default), graph replay, and
-#      `test_launch.py`, while DeepGEMM builds;
-#   2. `ab_bench.sh`: MXFP4 and FP8 weights (defaults) with the anchor at T = 4096 / 128 / 1; FP8
-#      with L1 back on the Triton kernel (`--gluon-l1 off`) and with both off, at T = 128 / 1.
-# ~5 minutes on a warm H100 / H200 (every step bounded). Logs under $OUT.
+# The next device call (written in the eleventh session, after its last call): the pair-ordered
+# token rows for the Gluon L1's prefill tiles (`rebase.order_pair_rows`, `l1_grouped_gemm(x_pairs=)`,
+# `nvshmem_backend.PAIR_ORDER_X`), built and compiled on the CPU, never run:
+#   1. gates: the copy bitwise (`test_order_pair_rows_bitwise_gpu`), the Gluon L1 with the rows in
+#      pair order equal to the Triton kernel's bit for bit (`test_gluon_l1_pair_ordered_x_matches_triton`),
+#      the layer with `PAIR_ORDER_X` against the reference (`test_layer_gpu.py::test_pair_ordered_x`),
+#      while DeepGEMM builds;
+#   2. the kernels alone at 32768 uniform pairs (T = 4096): the Gluon L1 gathering vs reading pair
+#      order, and the copy (`bench_gemm.py --gluon`);
+#   3. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 128 / 1, then `--pair-x` at 4096.
+# ~6 minutes on a warm H100 / H200 (every step bounded). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
-# Shorter: NEW_TOKENS / FP8_TOKENS / DEC_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
+# Shorter: BG_S=0 (no kernel timings), NEW_TOKENS / PAIR_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -18,18 +21,17 @@ export PYTHONPATH=/tmp/site:$PWD
 if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
-L=tests/test_layer_gpu.py
-timeout -k 5 ${TEST_S-150} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 90 \
-    $L::test_first_call_with_no_tokens $L::test_skewed_to_other_rank_and_full_capacity $L::test_masked_slots \
-    $L::test_repeated_calls_no_drift $L::test_two_layers_share_workspace "$L::test_formats_vs_reference[fp8-fp8-bf16]" \
-    "$L::test_streamed_fp8_path_vs_reference[fp8-fp8-bf16-False]" $L::test_cuda_graph_replay \
-    tests/test_launch.py > "$OUT/layer_test.log" 2>&1
-echo "=== GPU tests (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/layer_test.log" | tail -n 12
+timeout -k 5 ${TEST_S-170} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
+    tests/test_fp8_operands.py tests/test_gemm_gpu.py -k "pair_ordered or order_pair_rows_bitwise_gpu" \
+    tests/test_layer_gpu.py > "$OUT/gates.log" 2>&1
+echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
+if [ "${BG_S-150}" != 0 ]; then
+    timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256 --stream \
+        --stream-kinds mxfp4 --gluon --iters 20 > "$OUT/bg.log" 2>&1
+    echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8" "$OUT/bg.log" | head -n 8
+fi
 wait
 tail -n 1 "$OUT/dg_build.log" 2>/dev/null
-DEC="${DEC_TOKENS-128 1}"
-env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 128 1}" FP8_TOKENS="${FP8_TOKENS-4096 128 1}" \
-    NEW2_ARGS="--weight-format fp8 --gluon-l1 off" NEW2_TOKENS="$DEC" \
-    NEW3_ARGS="--weight-format fp8 --gluon-l1 off --gluon-l2 off" NEW3_TOKENS="$DEC" \
-    timeout -k 5 ${AB_S-280} bash scripts/ab_bench.sh
+env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 128 1}" FP8_TOKENS= \
+    NEW2_ARGS="--pair-x" NEW2_TOKENS="${PAIR_TOKENS-4096}" timeout -k 5 ${AB_S-200} bash scripts/ab_bench.sh
 exit 0

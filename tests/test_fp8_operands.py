@@ -319,3 +319,52 @@ def test_rebase_act_rows_rejects_bad_arguments():
         rebase_act_rows(q, sf, dst, e[:3], count, act_format="fp8", group=32)
     with pytest.raises(ValueError, match="count: expected an int32 tensor"):
         rebase_act_rows(q, sf, dst, e, count.long(), act_format="fp8", group=32)
+
+
+# =================================================================================================
+# order_pair_rows: the rebased x copied into pair order (one TMA box per L1 prefill tile)
+# =================================================================================================
+def _check_order_pair_rows(device):
+    from mega_moe_layer.kernels.rebase import order_pair_rows
+    gen = torch.Generator().manual_seed(8)
+    n, k = 19, 1040                       # K not a multiple of the widest word block: a narrower one
+    src = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    rows = torch.tensor([3, 3, 18, 0, 7, 11, 3, 5, 2, 9, 1], dtype=torch.int32)      # a token in several pairs
+    count = torch.tensor([9], dtype=torch.int32)                                     # pairs 9, 10 not copied
+    dst = torch.full((rows.numel(), k), 0xA5, dtype=torch.uint8)
+    d = dst.to(device)
+    order_pair_rows(src.to(device).view(torch.float8_e4m3fn), rows.to(device), count.to(device),
+                    d.view(torch.float8_e4m3fn))
+    got = d.cpu()
+    assert torch.equal(got[:9], src[rows[:9].long()]), "pair rows differ from their pool rows"
+    assert bool((got[9:] == 0xA5).all()), "rows beyond the count written"
+
+
+def test_order_pair_rows_bitwise():
+    """dst[i] = src[rows[i]] byte for byte for i below the device count; nothing past it (the
+    interpreter copies integers faithfully)."""
+    _check_order_pair_rows(_device_and_fast()[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_order_pair_rows_bitwise_gpu():
+    _check_order_pair_rows("cuda")
+
+
+def test_order_pair_rows_rejects_bad_arguments():
+    from mega_moe_layer.kernels.rebase import order_pair_rows
+    src = torch.zeros(4, 512, dtype=torch.float8_e4m3fn)
+    rows = torch.zeros(6, dtype=torch.int32)
+    dst = torch.zeros(6, 512, dtype=torch.float8_e4m3fn)
+    count = torch.tensor([6], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"dst: expected shape \[6, 512\]"):
+        order_pair_rows(src, rows, count, dst[:5])
+    with pytest.raises(TypeError, match="src: expected dtype torch.float8_e4m3fn"):
+        order_pair_rows(src.view(torch.uint8), rows, count, dst)
+    with pytest.raises(TypeError, match="rows: expected dtype torch.int32"):
+        order_pair_rows(src, rows.long(), count, dst)
+    with pytest.raises(ValueError, match="count: expected an int32 tensor"):
+        order_pair_rows(src, rows, count.long(), dst)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        order_pair_rows(src[:, :40], rows, count, dst[:, :40])

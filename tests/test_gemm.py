@@ -849,6 +849,14 @@ def test_streamed_path_rejects_bad_arguments():
         run_l1(prob, w13_operand=op, x_rebased=(x8, x_e[:-1]))
     with pytest.raises(TypeError, match=r"x_rebased\[0\]: expected dtype"):
         run_l1(prob, w13_operand=op, x_rebased=(x8.view(torch.uint8), x_e))
+    # the pair-ordered copy of x_rebased (`order_pair_rows`): [P, H] E4M3, only beside x_rebased
+    xp = torch.zeros(prob.num_pairs, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="x_pairs: the pair-ordered rows are x_rebased's"):
+        run_l1(prob, w13_operand=op, x_pairs=xp)
+    with pytest.raises(ValueError, match=r"x_pairs: expected shape \[%d, 256\]" % prob.num_pairs):
+        run_l1(prob, w13_operand=op, x_rebased=(x8, x_e), x_pairs=xp[:-1])
+    with pytest.raises(TypeError, match="x_pairs: expected dtype"):
+        run_l1(prob, w13_operand=op, x_rebased=(x8, x_e), x_pairs=xp.view(torch.uint8))
     # The loaded weight may be left out only where the operand holds everything.
     with pytest.raises(ValueError, match="w13_data: None needs an FP8-mainloop w13_operand"):
         run_l1(prob, w13=(None, None), w13_operand=None)

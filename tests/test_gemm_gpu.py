@@ -362,6 +362,28 @@ def test_gluon_l1_matches_triton(wf, clamp, monkeypatch):
     _report(f"gluon l1 chain {wf}", metrics)
 
 
+@pytest.mark.parametrize("wf", ["mxfp4", "fp8"])
+def test_gluon_l1_pair_ordered_x_matches_triton(wf, monkeypatch):
+    """The Gluon L1 reading each 128-row tile's token rows as one TMA box from x rebased in pair
+    order (`rebase.order_pair_rows`, `l1_grouped_gemm(x_pairs=)`: the kernel's PAIR_X) instead of
+    gathering them: the same operand values, so h must equal the Triton kernel's bit for bit
+    (`test_gluon_l1_matches_triton`'s problem and map, 16 rows past the tiles; the rows past an
+    expert's pairs inside a box hold the next expert's rows here, never stored)."""
+    from mega_moe_layer.kernels import l1_gluon
+    from mega_moe_layer.kernels.rebase import order_pair_rows
+    counts = [138, 158, 300, 20, 128, 0]
+    prob, x_rebased = _gluon_problem(counts, wf, 128, 59)
+    mp, plan, kw = _prefill_main_map(prob, counts)
+    xp = torch.empty(mp.pair_rows.numel(), 7168, dtype=torch.float8_e4m3fn, device=DEV)
+    order_pair_rows(x_rebased[0], mp.pair_rows, mp.expert_offsets[-1:], xp)
+    n = mp.num_routed
+    assert torch.equal(xp[:n].view(torch.uint8), x_rebased[0][mp.pair_rows[:n].long()].view(torch.uint8))
+    boxes = _calls(monkeypatch, l1_gluon, "pair_x_descriptors")
+    _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, x_pairs=xp, **kw)
+    assert boxes == [1], "the Gluon kernel did not take the pair-ordered rows"
+    _report(f"gluon l1 pair-ordered x {wf}", {"h_bytes_equal": same})
+
+
 @pytest.mark.parametrize("wf, block_m", [("mxfp4", 16), ("mxfp4", 32), ("fp8", 16)])
 def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
     """The Gluon L1 at the decode tile heights (four CTAs per SM, deeper stages: `launch_plan`)

@@ -42,6 +42,41 @@ def test_l1_gluon_compiles_for_hopper(w_kind):
         assert usage["spill_stores"] <= 8 and usage["spill_loads"] <= 8, (what, usage)
 
 
+@pytest.mark.parametrize("w_kind", ["mxfp4", "fp8_rebased"])
+def test_l1_gluon_pair_ordered_x_compiles_for_hopper(w_kind):
+    """PAIR_X (`l1_grouped_gemm(x_pairs=)`): the token rows come by TMA, one box per tile and step
+    (and one for the rows past block_m), from a single producer warp: no cp.async gather and no
+    cp.async barrier arrivals left, the same MMAs, no spills."""
+    cases = [16, 0]
+    ptxs = gluon_kernel_ptx(l1_gluon, [((w_kind, 7168, 2048), dict(block_m=128, over_m=over, pair_x=True))
+                                       for over in cases])
+    for over, p in zip(cases, ptxs):
+        what = (w_kind, over)
+        assert_gluon_mma(p, 128, over, w_kind == "mxfp4", what)
+        # the weight's gate and up boxes, the token box, the rows past block_m's box
+        assert p.count("cp.async.bulk.tensor.2d.shared::") == 3 + (over > 0), what
+        assert not re.search(r"cp\.async\.c[ag]\.shared", p) and "cp.async.mbarrier.arrive" not in p, what
+        assert "setmaxnreg" in p and "mbarrier.try_wait.parity" in p, what
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
+
+
+def test_l1_gluon_pair_ordered_x_only_at_prefill_tiles():
+    """The pair-ordered boxes are BM rows of one expert's consecutive pairs: the 128-row tiles
+    only (the decode tiles gather)."""
+    import torch
+
+    x = torch.zeros(64, 256, dtype=torch.int8)
+    w = torch.zeros(2, 64, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="x_pairs: the pair-ordered token rows are for the 128-row tiles"):
+        l1_gluon.l1_gluon_launch(x, x, x, x, x, x, x, x, "mxfp4", w, None, x, x, x, hidden=256, inter=32,
+                                 clamp=None, block_m=16, over_m=0, over_limit=0, group_m=8, num_sms=4, max_tiles=4,
+                                 x_pairs=x.view(torch.float8_e4m3fn))
+
+
 def test_l1_gluon_applies():
     """Only the streamed FP8 mainloop on sm_90 with FP8 h: tiles of 128, 32 or 16 pairs, 0 or 16 rows
     past block_m at prefill (none at decode), 4-bit tables of the "imad" kind, promotion every 128 K

@@ -291,6 +291,39 @@ def test_two_height_tile_plans(env, wf, af, cf, as_fp8):
     gpu._per_T.clear()
 
 
+def test_pair_ordered_x(env, monkeypatch):
+    """`nvshmem_backend.PAIR_ORDER_X`: the rebased x copied into pair order before L1, whose 128-row
+    tiles on the Gluon kernel then load each tile's token rows as one TMA box: y within the
+    tolerance of the reference (a 128-row plan with 16 rows past the tiles and 16-row tails, both
+    calls of it: direct, then the graph), the launch took the pair-ordered rows."""
+    rank, R = env
+    from mega_moe_layer import nvshmem_backend as nb
+    from mega_moe_layer.kernels import l1_gluon
+    from mega_moe_layer.kernels.gemm_api import TilePlan
+    if torch.cuda.get_device_capability()[0] != 9 or not l1_gluon.HAVE_GLUON:
+        pytest.skip("the Gluon L1 is Hopper's (Triton >= 3.6)")
+    monkeypatch.setattr(nb, "PAIR_ORDER_X", True)
+    monkeypatch.setattr(l1_gluon, "ENABLED", True)
+    cfg = _streamed_cfg(R, "mxfp4", "fp8", "bf16", False)
+    saved = _LAYERS.pop(cfg, None)
+    try:
+        gpu = _layer(cfg)._backend
+        assert gpu.x_pairs is not None and gpu.x_pairs.shape == (gpu.max_pairs, cfg.hidden)
+        plan = TilePlan(128, 16, 48, 16)
+        for t in {100 + 3 * r for r in range(R)}:
+            pcfg, grid, _ = gpu._plan_T(t)
+            gpu._per_T[t] = (pcfg, grid, plan)
+        for call in range(2):
+            _run_and_check(cfg, rank, R, lambda r: 100 + 3 * r, seed=70 + call, mask_frac=0.1)
+        assert [k for k, v in gpu._l1_launch.items() if v is not None and v.kwargs.get("PAIR_X")] == \
+            [(128, False, (16, plan.over_limit))], "the 128-row L1 launch did not take the pair-ordered rows"
+        gpu._per_T.clear()
+    finally:
+        _LAYERS.pop(cfg, None)
+        if saved is not None:
+            _LAYERS[cfg] = saved
+
+
 def test_two_layers_share_workspace(env):
     rank, R = env
     a = _cfg(R)

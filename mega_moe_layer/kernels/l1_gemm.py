@@ -1383,7 +1383,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
                     config: Optional[GroupedGemmConfig] = None, arch: Optional[int] = None,
                     num_sms: Optional[int] = None, w13_operand: Optional[WeightOperand] = None,
                     x_rebased: Optional[tuple] = None, over_m: int = 0, over_limit: int = 0,
-                    bind: bool = False) -> Optional[Launcher]:
+                    bind: bool = False, x_pairs: Optional[torch.Tensor] = None) -> Optional[Launcher]:
     """L1 of the routed pairs: h = requant(silu(gate) * up * weight), gate/up = x . w13[e]^T.
 
     Args (P = pairs capacity, H = hidden, I = intermediate, g = act_group_size):
@@ -1426,6 +1426,11 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             `over_limit`, `build_tile_map(over=)`): a tile with block_m < (its expert's row end - its
             first row) <= block_m + over_limit also computes the next min(over_m, ...) rows, as a
             second MMA on each K step's weight tile. Streamed FP8 mainloop only; 0 / 0: none.
+        x_pairs: optional float8_e4m3fn [P, H]: x_rebased's rows in pair order (row p = the row of
+            pair p, for the pairs below the count: `rebase.order_pair_rows`). Where the Gluon
+            kernel takes a 128-row launch (`l1_gluon`), it loads each tile's token rows from here
+            as one TMA box instead of gathering them; elsewhere it is not read. The same values
+            either way, so h is the same. Needs x_rebased.
         bind: validate, then return a `_launch.Launcher` with every argument bound instead of
             launching (None when there is nothing to launch: no pairs capacity); calling it
             relaunches the kernel with no checks and little host work (the GPU forward binds
@@ -1504,6 +1509,10 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         arch = _device_arch(device) if device.type == "cuda" else 90
     if x_rebased is not None:
         _check_rebased("x_rebased", x_rebased, npool, hidden, act_format, w13_operand, device)
+    if x_pairs is not None:
+        if x_rebased is None:
+            raise ValueError("x_pairs: the pair-ordered rows are x_rebased's; pass x_rebased too")
+        _check_tensor(x_pairs, "x_pairs", torch.float8_e4m3fn, (pair_rows.numel(), hidden), device)
     if config is None:
         config = l1_gemm_config(block_m, hidden, inter, weight_format, act_format, arch,
                                 fp8_mainloop=w13_operand is not None and w13_operand.kind != "raw",
@@ -1538,7 +1547,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles,
             w_kind, w_data, w_aux, w_row, h_out, h_sf_out, hidden=hidden, inter=inter, clamp=activation_clamp,
             block_m=config.block_m, over_m=over_m, over_limit=over_limit, group_m=config.group_m, num_sms=num_sms,
-            max_tiles=n_tiles, promote_k=promote_k)
+            max_tiles=n_tiles, promote_k=promote_k, x_pairs=x_pairs if config.block_m == 128 else None)
         return _launch_or_bind(kernel, grid, device, bind, args, kwargs)
     args, kwargs = _call_args(
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,

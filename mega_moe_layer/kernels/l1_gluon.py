@@ -151,6 +151,40 @@ if HAVE_GLUON:
         return expert, row_start, row_end, pid_n, has_over
 
     @gluon.jit
+    def _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                        w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                        HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
+                        W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
+                        OVER_LIMIT: gl.constexpr):
+        """The producer with the token rows in pair order (`PAIR_X`): per step one TMA box of the
+        tile's BM pair rows (and one of the OVER_M rows past them) beside the weight boxes. Rows
+        past the expert's pairs land as whatever the next pairs hold (zeros past the buffer): their
+        columns of the product are never stored (`_epilogue`'s row mask), as with the gather's
+        zeros."""
+        NUM_N: gl.constexpr = INTER // _BN
+        NK: gl.constexpr = HIDDEN // _BK
+        X_BYTES: gl.constexpr = (BM + OVER_M) * _BK
+        num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        it = 0
+        for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
+            expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
+                                                                 tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
+            w_row = expert * (2 * INTER) + pid_n * _BN
+            for k in range(NK):
+                s = it % STAGES_
+                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+                fence_async_shared()
+                mbarrier.expect(w_ready.index(s), W_BYTES)
+                w_s = w_bufs.index(s)
+                _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
+                _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
+                mbarrier.expect(x_ready.index(s), X_BYTES)
+                _tma_load(xp_desc, [row_start, k * _BK], x_ready.index(s), x_bufs.index(s))
+                if OVER_M > 0:
+                    _tma_load(xo_desc, [row_start + BM, k * _BK], x_ready.index(s), o_bufs.index(s))
+                it += 1
+
+    @gluon.jit
     def _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                   w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                   HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
@@ -372,15 +406,19 @@ if HAVE_GLUON:
     @gluon.jit(do_not_specialize=["max_tiles", "clamp"])
     def _l1_ws_kernel(x_ptr, x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                       num_tiles_ptr, w_desc, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, max_tiles, clamp,
+                      xp_desc, xo_desc,
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
-                      PDL: gl.constexpr = False):
+                      PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
         aux_ptr: the uint8 [E, 2I, H / 32] offset indices as int32 [E, 2I, H / 128] ("mxfp4"); h_ptr: int8 [P, I] E4M3;
-        h_sf_ptr: uint8 [P, I / 32]; the other arguments as `l1_gemm._l1_kernel`'s."""
+        h_sf_ptr: uint8 [P, I / 32]; the other arguments as `l1_gemm._l1_kernel`'s. PAIR_X: the
+        token rows come in pair order by TMA (`xp_desc`: boxes of BM rows of the rebased x copied per
+        pair, `rebase.order_pair_rows`; `xo_desc`: OVER_M-row boxes of it) instead of gathered from
+        the pool by cp.async (x_ptr then unused); both descriptors None otherwise."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -400,18 +438,32 @@ if HAVE_GLUON:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES_):
             mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(x_ready.index(i), count=128)     # one cp.async arrival per producer thread
+            # one cp.async arrival per producer thread, or one TMA transaction count (PAIR_X)
+            mbarrier.init(x_ready.index(i), count=1 if PAIR_X else 128)
             mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-                              num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
-                              w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
-                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                              PROMOTE_STEPS)),
-            (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
-                         w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
-                         HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
-        ], [4], [LOAD_REGS_])
+        # (the partitions are spelled out in both branches: Gluon takes no JIT function in a variable)
+        if PAIR_X:                  # one warp issues every TMA
+            gl.warp_specialize([
+                (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                                  num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
+                                  w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
+                                  HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
+                                  PROMOTE_STEPS)),
+                (_producer_pairs, (xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
+                                   max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                                   HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
+            ], [1], [LOAD_REGS_])
+        else:                       # a warpgroup gathers the token rows
+            gl.warp_specialize([
+                (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                                  num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
+                                  w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
+                                  HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
+                                  PROMOTE_STEPS)),
+                (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
+                             max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                             HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
+            ], [4], [LOAD_REGS_])
 
 
 def weight_descriptor(w_kind: str, w_data: torch.Tensor, k: int, box_rows: int = BLOCK_N):
@@ -427,6 +479,23 @@ def weight_descriptor(w_kind: str, w_data: torch.Tensor, k: int, box_rows: int =
     else:
         t, block, dtype = w_data.reshape(rows, k), [box_rows, BLOCK_K], gl.float8e4nv
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def pair_x_descriptors(x_pairs: torch.Tensor, block_m: int, over_m: int):
+    """The TMA descriptors of the rebased x in pair order (E4M3 [P, H]) for `PAIR_X`: boxes of
+    block_m rows x one 128-K step, and of over_m rows (16 when none: unused)."""
+    if not x_pairs.is_contiguous():
+        raise ValueError("x_pairs: expected a contiguous [P, H] tensor")
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    return (TensorDescriptor.from_tensor(x_pairs, [block_m, BLOCK_K], lay),
+            TensorDescriptor.from_tensor(x_pairs, [over_m or 16, BLOCK_K], lay))
+
+
+def pair_x_signatures(block_m: int, over_m: int) -> tuple:
+    """The Triton type strings of `pair_x_descriptors`' results (compile-only checks)."""
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    return (tensordesc_signature("fp8e4nv", [block_m, BLOCK_K], lay),
+            tensordesc_signature("fp8e4nv", [over_m or 16, BLOCK_K], lay))
 
 
 def descriptor_signature(w_kind: str, box_rows: int = BLOCK_N) -> str:
@@ -445,16 +514,21 @@ def tensordesc_signature(name: str, block, layout) -> str:
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
-                 pdl: bool = False):
+                 pdl: bool = False, pair_x: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
-    layer's launches bind it (`_launch.Launcher.enable_pdl`)."""
+    layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
+    by TMA (`PAIR_X`)."""
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
               BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
-              PDL=pdl)
+              PDL=pdl, PAIR_X=pair_x)
+    if pair_x:
+        sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
+    else:
+        ce["xp_desc"] = ce["xo_desc"] = None
     return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
@@ -463,17 +537,24 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
                     num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
                     w_row: torch.Tensor, h_out: torch.Tensor, h_sf_out: torch.Tensor, *, hidden: int, inter: int,
                     clamp: Optional[float], block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
-                    max_tiles: int, promote_k: int = BLOCK_K):
+                    max_tiles: int, promote_k: int = BLOCK_K, x_pairs: Optional[torch.Tensor] = None):
     """Launch `_l1_ws_kernel` on arguments `l1_gemm.l1_grouped_gemm` has validated (it calls this
-    where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`. x_pairs: the
+    rebased x in pair order (`PAIR_X`, 128-row tiles only), else None."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     w_desc = weight_descriptor(w_kind, w_data, hidden)
     total = max_tiles * (inter // BLOCK_N)
     grid = (max(1, min(total, ctas * num_sms)),)
+    xp_desc = xo_desc = None
+    if x_pairs is not None:
+        if block_m != 128:
+            raise ValueError(f"x_pairs: the pair-ordered token rows are for the 128-row tiles, got block_m {block_m}")
+        xp_desc, xo_desc = pair_x_descriptors(x_pairs, block_m, over_m)
     args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8),
-            h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0)
+            h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0, xp_desc, xo_desc)
     kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
                   GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
-                  PROMOTE_STEPS=promote_k // BLOCK_K, num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
+                  PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
+                  enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs

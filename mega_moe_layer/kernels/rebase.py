@@ -36,7 +36,7 @@ from .sync import pdl_enter
 from .l1_gemm import (_act_tile_e4m3, _check_tensor, _device_num_sms, _is_interpreted, _launch_or_bind,
                       _call_args, _row_max_exponent, sf_words_p2)
 
-__all__ = ["rebase_act_rows"]
+__all__ = ["order_pair_rows", "rebase_act_rows"]
 
 
 @triton.jit(do_not_specialize=["max_rows"])
@@ -69,6 +69,63 @@ def _rebase_rows_kernel(src_ptr, sf_ptr, tab_ptr, dst_ptr, e_ptr, rows_ptr, coun
         tl.store(dst_ptr + rows64[:, None] * K + cols[None, :], tile, mask=ok[:, None])
         if kt == 0:
             tl.store(e_ptr + rows64, e_row, mask=ok)
+
+
+@triton.jit(do_not_specialize=["max_rows"])
+def _order_rows_kernel(src_ptr, rows_ptr, count_ptr, dst_ptr, max_rows, WORDS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
+    """dst[i] = src[rows[i]] for i < min(count, max_rows): rows of WORDS int32 words."""
+    if PDL:
+        pdl_enter()
+    n = tl.minimum(tl.load(count_ptr), max_rows)
+    NUM_W: tl.constexpr = WORDS // BLOCK_W
+    for work in range(tl.program_id(0), tl.cdiv(n, BLOCK_R) * NUM_W, tl.num_programs(0)):
+        i = (work // NUM_W) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = i < n
+        src_rows = tl.load(rows_ptr + i, mask=ok, other=0).to(tl.int64)
+        w = (work % NUM_W) * BLOCK_W + tl.arange(0, BLOCK_W)
+        v = tl.load(src_ptr + src_rows[:, None] * WORDS + w[None, :], mask=ok[:, None])
+        tl.store(dst_ptr + i.to(tl.int64)[:, None] * WORDS + w[None, :], v, mask=ok[:, None])
+
+
+def order_pair_rows(src: torch.Tensor, rows: torch.Tensor, count: torch.Tensor, dst: torch.Tensor, *,
+                    num_sms: Optional[int] = None, bind: bool = False) -> Optional[Launcher]:
+    """Copy rebased rows into pair order: dst[i] = src[rows[i]] for i < count[0] (clamped to
+    rows' length), so that L1's prefill tiles read each tile's token rows as one TMA box
+    (`l1_gluon`'s PAIR_X) instead of gathering them row by row.
+
+    Args (N = rows of src, K = columns, P = pairs capacity):
+        src: float8_e4m3fn [N, K] (`rebase_act_rows`' dst), K a multiple of 16.
+        rows: int32 [P]: the pool row of each pair (`pair_rows`).
+        count: int32 [>= 1] on the device: element 0 is the number of pairs.
+        dst: float8_e4m3fn [P, K]; rows from count on are not written.
+        bind: return a bound `Launcher` instead of launching.
+    A byte copy: the values are src's, bit for bit.
+    """
+    if not isinstance(src, torch.Tensor) or src.dim() != 2:
+        raise ValueError("src: expected a 2-D float8_e4m3fn tensor [N, K]")
+    device = src.device
+    n, k = src.shape
+    if k % 16 != 0:
+        raise ValueError(f"src: expected K (= {k}) a multiple of 16")
+    _check_tensor(src, "src", torch.float8_e4m3fn, (n, k), device)
+    _check_tensor(rows, "rows", torch.int32, (rows.numel(),), device)
+    p = rows.numel()
+    _check_tensor(dst, "dst", torch.float8_e4m3fn, (p, k), device)
+    if not isinstance(count, torch.Tensor) or count.dtype != torch.int32 or count.numel() < 1 \
+            or count.device != device:
+        raise ValueError(f"count: expected an int32 tensor of >= 1 element on {device}")
+    if p == 0 or n == 0:
+        return None
+    if num_sms is None:
+        num_sms = _device_num_sms(device) if device.type == "cuda" else 4
+    words = k // 4
+    block_w = max(w for w in (512, 256, 128, 64, 32, 16, 8, 4) if words % w == 0)
+    block_r = 4
+    grid = (max(1, min(triton.cdiv(p, block_r) * (words // block_w), 8 * num_sms)),)
+    return _launch_or_bind(_order_rows_kernel, grid, device, bind, *_call_args(
+        src.view(torch.int32), rows, count, dst.view(torch.int32), p, WORDS=words, BLOCK_R=block_r, BLOCK_W=block_w,
+        num_warps=4))
 
 
 def rebase_act_rows(src: torch.Tensor, src_sf: torch.Tensor, dst: torch.Tensor, dst_e: torch.Tensor,
