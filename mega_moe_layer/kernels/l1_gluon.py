@@ -185,6 +185,22 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
+    def _load_partition(x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                        num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                        HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
+                        W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
+                        OVER_LIMIT: gl.constexpr, PAIR_X: gl.constexpr):
+        """The loading partition: `_producer_pairs` (PAIR_X) or `_producer`."""
+        if PAIR_X:
+            _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                            w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_,
+                            W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)
+        else:
+            _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
+                      w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_, W_BYTES,
+                      GROUP_M, BM, OVER_M, OVER_LIMIT)
+
+    @gluon.jit
     def _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                   w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                   HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
@@ -441,29 +457,17 @@ if HAVE_GLUON:
             # one cp.async arrival per producer thread, or one TMA transaction count (PAIR_X)
             mbarrier.init(x_ready.index(i), count=1 if PAIR_X else 128)
             mbarrier.init(empty.index(i), count=1)
-        # (the partitions are spelled out in both branches: Gluon takes no JIT function in a variable)
-        if PAIR_X:                  # one warp issues every TMA
-            gl.warp_specialize([
-                (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-                                  num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
-                                  w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
-                                  HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                                  PROMOTE_STEPS)),
-                (_producer_pairs, (xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
-                                   max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
-                                   HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
-            ], [1], [LOAD_REGS_])
-        else:                       # a warpgroup gathers the token rows
-            gl.warp_specialize([
-                (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-                                  num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
-                                  w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
-                                  HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                                  PROMOTE_STEPS)),
-                (_producer, (x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
-                             max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
-                             HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)),
-            ], [4], [LOAD_REGS_])
+        LOAD_WARPS: gl.constexpr = 1 if PAIR_X else 4     # one warp issues every TMA, or a warpgroup gathers
+        gl.warp_specialize([
+            (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                              num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
+                              w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
+                              HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
+                              PROMOTE_STEPS)),
+            (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                               num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
+                               HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X)),
+        ], [LOAD_WARPS], [LOAD_REGS_])
 
 
 def weight_descriptor(w_kind: str, w_data: torch.Tensor, k: int, box_rows: int = BLOCK_N):
