@@ -151,6 +151,22 @@ if HAVE_GLUON:
         return expert, row_start, row_end, pid_n, has_over
 
     @gluon.jit
+    def _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER: gl.constexpr, KW: gl.constexpr,
+                     STAGES_: gl.constexpr, W_BYTES: gl.constexpr):
+        """A producer's step `it` (K step k of its item): wait for the stage to be handed back, then
+        its weight boxes by TMA (32 gate rows, 32 up rows from w_row); returns the stage."""
+        s = it % STAGES_
+        mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+        # the MMA warpgroup read the stage's words with ordinary loads; the TMA below writes
+        # through the async proxy
+        fence_async_shared()
+        mbarrier.expect(w_ready.index(s), W_BYTES)
+        w_s = w_bufs.index(s)
+        _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
+        _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
+        return s
+
+    @gluon.jit
     def _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                         w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                         HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
@@ -171,13 +187,7 @@ if HAVE_GLUON:
                                                                  tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
             w_row = expert * (2 * INTER) + pid_n * _BN
             for k in range(NK):
-                s = it % STAGES_
-                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
-                fence_async_shared()
-                mbarrier.expect(w_ready.index(s), W_BYTES)
-                w_s = w_bufs.index(s)
-                _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
-                _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
+                s = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES)
                 mbarrier.expect(x_ready.index(s), X_BYTES)
                 _tma_load(xp_desc, [row_start, k * _BK], x_ready.index(s), x_bufs.index(s))
                 if OVER_M > 0:
@@ -230,15 +240,7 @@ if HAVE_GLUON:
             o_mask = o_ok[:, None] & (c < _BK)[None, :]
             w_row = expert * (2 * INTER) + pid_n * _BN
             for k in range(NK):
-                s = it % STAGES_
-                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
-                # the MMA warpgroup read the stage's words with ordinary loads; the TMA below
-                # writes through the async proxy
-                fence_async_shared()
-                mbarrier.expect(w_ready.index(s), W_BYTES)
-                w_s = w_bufs.index(s)
-                _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
-                _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
+                s = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES)
                 # rows past the pairs read nothing and land as zeros (as the Triton kernel's masked loads)
                 _cp_async(x_bufs.index(s), x_rows + k * _BK, mask=x_mask)
                 if OVER_M > 0:
