@@ -270,8 +270,42 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
     stream_us[f"{name} gluon"] = (us, None, same)
     print(f"    {kern} streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
           f"output equal to the Triton kernel's: {same}", flush=True)
+    if kern == "l1" and PROFILE_L1:
+        mod.ENABLED = True
+        try:
+            profile_l1(case, f"{name} gluon", outs, want, stream_us)
+        finally:
+            mod.ENABLED = False
     if kern == "l1" and case.block_m == 128:
         pairs_us(case, name, iters, want, stream_us)
+
+
+#: `--profile`: the Gluon L1 launches timed are followed by one `l1_gluon.PROFILE` launch each
+PROFILE_L1 = False
+
+
+def profile_l1(case: "Case", name: str, outs, want, stream_us: dict) -> None:
+    """One launch of the Gluon L1 as just timed, built with its cycle counters (`l1_gluon.PROFILE`):
+    where its MMA warpgroup's cycles go (`l1_gluon.profile_split`), its output checked against the
+    Triton kernel's (`want`) as the timed build's; stream_us[name + " profile"] = the split."""
+    from mega_moe_layer.kernels import l1_gluon
+    l1_gluon.PROFILE = torch.zeros(8 * 4096, dtype=torch.int64, device=DEV)
+    try:
+        for t in outs:
+            t.zero_()
+        case.l1()
+        torch.cuda.synchronize()
+        split = l1_gluon.profile_split(l1_gluon.PROFILE.cpu())
+    finally:
+        l1_gluon.PROFILE = None
+    split["equal"] = all(_same_values(t, w) for t, w in zip(outs, want))
+    stream_us[f"{name} profile"] = split
+    per = lambda k: split[k] / max(split["items"], 1)     # noqa: E731
+    print(f"    {name} cycle split over {split['ctas']} CTAs, {split['items']:.0f} items: MMA warpgroup "
+          f"{per('mma_all'):.0f} cycles per item = stage wait {100 * split['mma_stage_wait_share']:.1f}% + MMA wait "
+          f"{100 * split['mma_mma_wait_share']:.1f}% + epilogue {100 * split['mma_epilogue_share']:.1f}% + rest "
+          f"{100 * split['mma_rest_share']:.1f}%; producer waits for free stages "
+          f"{100 * split['load_empty_wait_share']:.1f}% of its cycles; output equal: {split['equal']}", flush=True)
 
 
 def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
@@ -298,6 +332,8 @@ def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None
         same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
         us = gpu_time_us(case.l1, iters)
         copy_us = gpu_time_us(order, iters)
+        if PROFILE_L1:
+            profile_l1(case, f"{name} gluon pairs", (case.h, case.h_sf), want, stream_us)
     finally:
         l1_gluon.ENABLED, case.x_pairs = False, None
         l1_gluon.pair_x_descriptors = boxes
@@ -537,6 +573,9 @@ def main() -> None:
                    help="with --stream: also time L1 / L2 on the warp-specialised Gluon kernels (`kernels.l1_gluon`, "
                         "`l2_gluon`), their output compared with the Triton kernels' first; at 128-row tiles also "
                         "L1 with the token rows in pair order (one TMA box per tile) and the copy that orders them")
+    p.add_argument("--profile", action="store_true",
+                   help="with --gluon: after each Gluon L1 timing, one launch built with its cycle counters "
+                        "(`l1_gluon.PROFILE`): where its MMA warpgroup's cycles go")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",
@@ -552,6 +591,8 @@ def main() -> None:
                    help="MXFP4 weights, bf16 mainloop: also time the 'lut' decoder (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
+    global PROFILE_L1
+    PROFILE_L1 = args.profile
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     # the kernels timed are the Triton ones (each launch's config as the layer's); --gluon times the
     # Gluon kernels beside them, never in their place (`gluon_us`)

@@ -22,13 +22,13 @@ if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
 timeout -k 5 ${TEST_S-170} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
-    tests/test_fp8_operands.py tests/test_gemm_gpu.py -k "pair_ordered or order_pair_rows_bitwise_gpu" \
+    tests/test_fp8_operands.py tests/test_gemm_gpu.py -k "pair_ordered or order_pair_rows_bitwise_gpu or profile_build" \
     tests/test_layer_gpu.py > "$OUT/gates.log" 2>&1
 echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
 if [ "${BG_S-150}" != 0 ]; then
     timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256 --stream \
-        --stream-kinds mxfp4 --gluon --iters 20 > "$OUT/bg.log" 2>&1
-    echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8" "$OUT/bg.log" | head -n 8
+        --stream-kinds mxfp4 --gluon --profile --iters 20 > "$OUT/bg.log" 2>&1
+    echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8|cycle split" "$OUT/bg.log" | head -n 12
 fi
 wait
 tail -n 1 "$OUT/dg_build.log" 2>/dev/null

@@ -384,6 +384,35 @@ def test_gluon_l1_pair_ordered_x_matches_triton(wf, monkeypatch):
     _report(f"gluon l1 pair-ordered x {wf}", {"h_bytes_equal": same})
 
 
+@pytest.mark.parametrize("pair_x", [False, True])
+def test_gluon_l1_profile_build(pair_x, monkeypatch):
+    """The Gluon L1's measuring build (`l1_gluon.PROFILE`, `bench_gemm.py --profile`): its h equal
+    to the Triton kernel's as the plain build's, and its counters whole: every work item of the
+    launch counted once (tiles x N blocks), every CTA's MMA warpgroup and producer cycles counted,
+    and the parts of the MMA warpgroup's cycles inside its total."""
+    from mega_moe_layer.kernels import l1_gluon
+    from mega_moe_layer.kernels.rebase import order_pair_rows
+    counts = [138, 158, 300, 20, 128, 0]
+    prob, x_rebased = _gluon_problem(counts, "mxfp4", 128, 61)
+    mp, plan, kw = _prefill_main_map(prob, counts)
+    if pair_x:
+        xp = torch.empty(mp.pair_rows.numel(), 7168, dtype=torch.float8_e4m3fn, device=DEV)
+        order_pair_rows(x_rebased[0], mp.pair_rows, mp.expert_offsets[-1:], xp)
+        kw["x_pairs"] = xp
+    prof = torch.zeros(8 * 4096, dtype=torch.int64, device=DEV)
+    monkeypatch.setattr(l1_gluon, "PROFILE", prof)
+    _gluon_l1_against_triton(mp, x_rebased, monkeypatch, **kw)
+    split = l1_gluon.profile_split(prof.cpu())
+    items = int(mp.num_tiles.item()) * (2048 // l1_gluon.BLOCK_N)
+    _report(f"gluon l1 profile pair_x {pair_x}", split)
+    assert split["items"] == items, (split["items"], items)
+    assert split["ctas"] == min(items, 2 * torch.cuda.get_device_properties(DEV).multi_processor_count)
+    rows = prof.view(-1, 8)[:split["ctas"]].cpu()
+    assert bool((rows[:, 0] > 0).all() and (rows[:, 5] > 0).all()), "a CTA's counters were not written"
+    parts = rows[:, 1] + rows[:, 2] + rows[:, 3]
+    assert bool((parts <= rows[:, 0]).all() and (rows[:, 6] <= rows[:, 5]).all()), rows[:4]
+
+
 @pytest.mark.parametrize("wf, block_m", [("mxfp4", 16), ("mxfp4", 32), ("fp8", 16)])
 def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
     """The Gluon L1 at the decode tile heights (four CTAs per SM, deeper stages: `launch_plan`)

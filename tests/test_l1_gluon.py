@@ -64,6 +64,34 @@ def test_l1_gluon_pair_ordered_x_compiles_for_hopper(w_kind):
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
 
 
+def test_l1_gluon_profile_build_compiles_for_hopper():
+    """The measuring build (`PROFILE`: PROF) reads the cycle counter and stores its counts (gathered
+    and pair-ordered token rows); the build the layer runs reads no counter."""
+    plain, gathered, pairs = gluon_kernel_ptx(l1_gluon, [
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, prof=True)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, pair_x=True, prof=True))])
+    assert "%clock64" not in plain
+    for what, p in (("gathered", gathered), ("pairs", pairs)):
+        assert_gluon_mma(p, 128, 16, True, what)
+        # per K step: the stage waits and the MMA wait timed (and the producer's free-stage wait)
+        assert p.count("%clock64") >= 8, what
+        assert re.search(r"st\.global(\.\w+)*\.b64", p), what
+
+
+def test_profile_split():
+    """`profile_split` sums the CTAs' counters and shares the MMA warpgroup's cycles."""
+    import torch
+    prof = torch.zeros(4, 8, dtype=torch.int64)
+    prof[0, :7] = torch.tensor([100, 10, 20, 30, 3, 100, 5])
+    prof[1, :7] = torch.tensor([300, 30, 60, 90, 5, 300, 15])
+    s = l1_gluon.profile_split(prof.view(-1))
+    assert s["ctas"] == 2 and s["items"] == 8 and s["mma_all"] == 400
+    assert s["mma_stage_wait_share"] == pytest.approx(0.1) and s["mma_mma_wait_share"] == pytest.approx(0.2)
+    assert s["mma_epilogue_share"] == pytest.approx(0.3) and s["mma_rest_share"] == pytest.approx(0.4)
+    assert s["load_empty_wait_share"] == pytest.approx(0.05)
+
+
 def test_l1_gluon_pair_ordered_x_only_at_prefill_tiles():
     """The pair-ordered boxes are BM rows of one expert's consecutive pairs: the 128-row tiles
     only (the decode tiles gather)."""

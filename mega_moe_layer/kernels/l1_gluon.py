@@ -69,7 +69,8 @@ try:
 except (ImportError, AttributeError):          # a Triton without Gluon's Hopper ops
     HAVE_GLUON = False
 
-__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "HAVE_GLUON", "applies", "l1_gluon_launch", "wanted"]
+__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "HAVE_GLUON", "PROFILE", "applies", "l1_gluon_launch", "profile_split",
+           "wanted"]
 
 #: Whether L1's launches take this kernel (where it `applies`): None (default) at the launches
 #: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
@@ -83,6 +84,34 @@ ENABLED: Optional[bool] = None
 #:   3747.1 / 158.9 us against 3866.4 / 161.4 on the Triton kernels (eleventh session; with them at
 #:   every tile height T = 4096 was slower, 5879.6 against 5689.5).
 DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
+
+
+#: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
+#: elements makes the launches built while it is set a `PROF` build, each CTA writing its cycle
+#: counts there (`profile_split`); None (default): the kernel as the layer runs it.
+PROFILE: Optional[torch.Tensor] = None
+
+#: `PROFILE`'s columns: the MMA warpgroup's cycles (all; waiting for a stage to land; waiting for
+#: its MMAs; in the epilogues), its items, the producer's cycles (all; waiting for a stage to be
+#: handed back).
+PROFILE_COLUMNS = ("mma_all", "mma_stage_wait", "mma_mma_wait", "mma_epilogue", "items", "load_all",
+                   "load_empty_wait")
+
+
+def profile_split(prof: torch.Tensor) -> dict:
+    """`PROFILE` (zeroed before the launch) summed over the CTAs that ran: each column of
+    `PROFILE_COLUMNS` (cycles summed; items counted), "ctas", and the MMA warpgroup's shares of its
+    cycles (`*_share`): waiting for stages, for MMAs, in epilogues, and the rest (decode, promotion
+    adds, item set-up)."""
+    rows = prof.reshape(-1, 8)[:, :len(PROFILE_COLUMNS)].double()
+    out = dict(zip(PROFILE_COLUMNS, rows.sum(0).tolist()))
+    out["ctas"] = int((rows[:, 0] > 0).sum())
+    all_ = max(out["mma_all"], 1.0)
+    for k in ("mma_stage_wait", "mma_mma_wait", "mma_epilogue"):
+        out[k + "_share"] = out[k] / all_
+    out["mma_rest_share"] = 1.0 - sum(out[k + "_share"] for k in ("mma_stage_wait", "mma_mma_wait", "mma_epilogue"))
+    out["load_empty_wait_share"] = out["load_empty_wait"] / max(out["load_all"], 1.0)
+    return out
 
 
 def wanted(w_kind: str, block_m: int) -> bool:
@@ -151,12 +180,47 @@ if HAVE_GLUON:
         return expert, row_start, row_end, pid_n, has_over
 
     @gluon.jit
+    def _clock():
+        """The SM's cycle counter (`PROF` only)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _since(t0, PROF: gl.constexpr):
+        """Cycles since t0 (`_clock`) where PROF, else 0."""
+        if PROF:
+            dt = _clock() - t0
+        else:
+            dt = 0
+        return dt
+
+    @gluon.jit
+    def _now(PROF: gl.constexpr):
+        """`_clock()` where PROF, else 0."""
+        if PROF:
+            t = _clock()
+        else:
+            t = 0
+        return t
+
+    @gluon.jit
+    def _zero(PROF: gl.constexpr):
+        """A cycle count's start: int64 0 where PROF, else 0."""
+        if PROF:
+            z = gl.program_id(0).to(gl.int64) * 0
+        else:
+            z = 0
+        return z
+
+    @gluon.jit
     def _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER: gl.constexpr, KW: gl.constexpr,
-                     STAGES_: gl.constexpr, W_BYTES: gl.constexpr):
+                     STAGES_: gl.constexpr, W_BYTES: gl.constexpr, PROF: gl.constexpr = False):
         """A producer's step `it` (K step k of its item): wait for the stage to be handed back, then
-        its weight boxes by TMA (32 gate rows, 32 up rows from w_row); returns the stage."""
+        its weight boxes by TMA (32 gate rows, 32 up rows from w_row); returns (the stage, the cycles
+        waited for it where PROF, else 0)."""
         s = it % STAGES_
+        t0 = _now(PROF)
         mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+        waited = _since(t0, PROF)
         # the MMA warpgroup read the stage's words with ordinary loads; the TMA below writes
         # through the async proxy
         fence_async_shared()
@@ -164,14 +228,14 @@ if HAVE_GLUON:
         w_s = w_bufs.index(s)
         _tma_load(w_desc, [w_row, k * KW], w_ready.index(s), w_s.slice(0, _BN, dim=0))
         _tma_load(w_desc, [w_row + INTER, k * KW], w_ready.index(s), w_s.slice(_BN, _BN, dim=0))
-        return s
+        return s, waited
 
     @gluon.jit
     def _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                         w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                         HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
                         W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                        OVER_LIMIT: gl.constexpr):
+                        OVER_LIMIT: gl.constexpr, prof_ptr, PROF: gl.constexpr):
         """The producer with the token rows in pair order (`PAIR_X`): per step one TMA box of the
         tile's BM pair rows (and one of the OVER_M rows past them) beside the weight boxes. Rows
         past the expert's pairs land as whatever the next pairs hold (zeros past the buffer): their
@@ -181,41 +245,55 @@ if HAVE_GLUON:
         NK: gl.constexpr = HIDDEN // _BK
         X_BYTES: gl.constexpr = (BM + OVER_M) * _BK
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        t_start = _now(PROF)
+        t_empty = _zero(PROF)
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
                                                                  tile_row_ptr, NUM_N, GROUP_M, BM, OVER_M, OVER_LIMIT)
             w_row = expert * (2 * INTER) + pid_n * _BN
             for k in range(NK):
-                s = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES)
+                s, waited = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES,
+                                         PROF)
+                t_empty += waited
                 mbarrier.expect(x_ready.index(s), X_BYTES)
                 _tma_load(xp_desc, [row_start, k * _BK], x_ready.index(s), x_bufs.index(s))
                 if OVER_M > 0:
                     _tma_load(xo_desc, [row_start + BM, k * _BK], x_ready.index(s), o_bufs.index(s))
                 it += 1
+        _store_prof(prof_ptr, 5, _since(t_start, PROF), t_empty, PROF)
 
     @gluon.jit
     def _load_partition(x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                         num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                         HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
                         W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                        OVER_LIMIT: gl.constexpr, PAIR_X: gl.constexpr):
+                        OVER_LIMIT: gl.constexpr, PAIR_X: gl.constexpr, prof_ptr, PROF: gl.constexpr):
         """The loading partition: `_producer_pairs` (PAIR_X) or `_producer`."""
         if PAIR_X:
             _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                             w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_,
-                            W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT)
+                            W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)
         else:
             _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                       w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_, W_BYTES,
-                      GROUP_M, BM, OVER_M, OVER_LIMIT)
+                      GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)
+
+    @gluon.jit
+    def _store_prof(prof_ptr, slot: gl.constexpr, a, b, PROF: gl.constexpr):
+        """Where PROF: this CTA's counters a, b into prof_ptr[program, slot], [program, slot + 1]
+        (int64 [grid, 8], `PROFILE`)."""
+        if PROF:
+            base = prof_ptr + gl.program_id(0) * 8 + slot
+            gl.store(base, a)
+            gl.store(base + 1, b)
 
     @gluon.jit
     def _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                   w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                   HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
                   W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                  OVER_LIMIT: gl.constexpr):
+                  OVER_LIMIT: gl.constexpr, prof_ptr, PROF: gl.constexpr):
         """The producer warpgroup: weight boxes by TMA, token rows by cp.async (see the module doc)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
@@ -224,6 +302,8 @@ if HAVE_GLUON:
                                             order=[1, 0])
         c = gl.arange(0, _BK, layout=gl.SliceLayout(0, ld))
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        t_start = _now(PROF)
+        t_empty = _zero(PROF)
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
@@ -240,13 +320,16 @@ if HAVE_GLUON:
             o_mask = o_ok[:, None] & (c < _BK)[None, :]
             w_row = expert * (2 * INTER) + pid_n * _BN
             for k in range(NK):
-                s = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES)
+                s, waited = _weight_step(it, k, w_row, w_desc, w_bufs, w_ready, empty, INTER, KW, STAGES_, W_BYTES,
+                                         PROF)
+                t_empty += waited
                 # rows past the pairs read nothing and land as zeros (as the Triton kernel's masked loads)
                 _cp_async(x_bufs.index(s), x_rows + k * _BK, mask=x_mask)
                 if OVER_M > 0:
                     _cp_async(o_bufs.index(s), o_rows + k * _BK, mask=o_mask)
                 async_copy.mbarrier_arrive(x_ready.index(s), increment_count=False)
                 it += 1
+        _store_prof(prof_ptr, 5, _since(t_start, PROF), t_empty, PROF)
 
     @gluon.jit
     def _split_bytes(w):
@@ -309,42 +392,50 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK: gl.constexpr,
-                      STAGES_: gl.constexpr, W_KIND: gl.constexpr, a_layout: gl.constexpr, wl: gl.constexpr):
+                      STAGES_: gl.constexpr, W_KIND: gl.constexpr, a_layout: gl.constexpr, wl: gl.constexpr,
+                      PROF: gl.constexpr = False):
         """Step k's weight operand once its stage has landed: (operand, stage, the next step's offset
-        indices, loaded here one step ahead). "mxfp4": the words decoded into the MMA's register
-        operand; "fp8_rebased": the stage's shared-memory tile."""
+        indices, loaded here one step ahead, the cycles waited for the stage where PROF, else 0).
+        "mxfp4": the words decoded into the MMA's register operand; "fp8_rebased": the stage's
+        shared-memory tile."""
         s = it % STAGES_
         ph = (it // STAGES_) & 1
         d_cur = d_next
         if W_KIND == "mxfp4":
             if k + 1 < NK:
                 d_next = gl.load(d_base + (d_offs + (k + 1)))
+        t0 = _now(PROF)
         mbarrier.wait(w_ready.index(s), ph)
         mbarrier.wait(x_ready.index(s), ph)
+        waited = _since(t0, PROF)
         # cp.async writes through the generic proxy, the MMA reads through the async one
         fence_async_shared()
         if W_KIND == "mxfp4":
             a = _decode_a(w_bufs.index(s), (d_cur[:, None] >> g8[None, :]) & 0xFF, a_layout, wl)
         else:
             a = w_bufs.index(s)
-        return a, s, d_next
+        return a, s, d_next, waited
 
     @gluon.jit
     def _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs, w_ready, x_ready,
                            empty, zero, zero_o, NK: gl.constexpr, STAGES_: gl.constexpr, W_KIND: gl.constexpr,
                            OVER_M: gl.constexpr, PROMOTE_STEPS: gl.constexpr, a_layout: gl.constexpr,
-                           wl: gl.constexpr):
+                           wl: gl.constexpr, PROF: gl.constexpr = False):
         """One item's K loop promoted as `l1_gemm._fp8_mainloop` does (PROMOTE 1 of BLOCK_K 128 or
         256): every PROMOTE_STEPS 128-K steps an MMA chain from zero, waited for and added to the
         float32 accumulator (and the rows past block_m's, `has_over`); each stage handed back once
         its MMA is done, before the next step's decode rewrites the register operand. Returns
-        (acc, acc_o, it)."""
+        (acc, acc_o, it, cycles waited for stages, cycles waited for MMAs); the cycles where PROF,
+        else 0."""
         acc = zero
         acc_o = zero_o
+        t_wait = _zero(PROF)
+        t_mma = _zero(PROF)
         if PROMOTE_STEPS == 1:
             for k in range(NK):
-                a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready, NK,
-                                             STAGES_, W_KIND, a_layout, wl)
+                a, s, d_next, waited = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready,
+                                                     NK, STAGES_, W_KIND, a_layout, wl, PROF)
+                t_wait += waited
                 # Each step's MMAs waited for, then added (ptxas serialises the wgmma pipeline of a
                 # promoted accumulator anyway, C7514): the tensor pipe is kept busy by the other CTA
                 # on the SM (two per SM), as in the probe's ws mode (780-795 TFLOP/s on an H100)
@@ -353,13 +444,21 @@ if HAVE_GLUON:
                     if has_over:
                         tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False,
                                               is_async=True)
+                        t0 = _now(PROF)
                         part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
+                        t_mma += _since(t0, PROF)
                         acc = acc + part
                         acc_o = acc_o + part_o
                     else:
-                        acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                        t0 = _now(PROF)
+                        part = warpgroup_mma_wait(0, deps=[tok])
+                        t_mma += _since(t0, PROF)
+                        acc = acc + part
                 else:
-                    acc = acc + warpgroup_mma_wait(0, deps=[tok])
+                    t0 = _now(PROF)
+                    part = warpgroup_mma_wait(0, deps=[tok])
+                    t_mma += _since(t0, PROF)
+                    acc = acc + part
                 mbarrier.arrive(empty.index(s))
                 it += 1
         else:
@@ -367,17 +466,20 @@ if HAVE_GLUON:
             # two 128-K MMAs chained into one partial sum, then added (the same sums)
             for k2 in range(NK // 2):
                 for j in gl.static_range(2):
-                    a, s, d_next = _step_operand(it, 2 * k2 + j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
-                                                 x_ready, NK, STAGES_, W_KIND, a_layout, wl)
+                    a, s, d_next, waited = _step_operand(it, 2 * k2 + j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
+                                                         x_ready, NK, STAGES_, W_KIND, a_layout, wl, PROF)
+                    t_wait += waited
                     if j == 0:
                         tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
                     else:
                         tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), part, use_acc=True, is_async=True)
+                    t0 = _now(PROF)
                     part = warpgroup_mma_wait(0, deps=[tok])
+                    t_mma += _since(t0, PROF)
                     mbarrier.arrive(empty.index(s))
                     it += 1
                 acc = acc + part
-        return acc, acc_o, it
+        return acc, acc_o, it, t_wait, t_mma
 
     @gluon.jit
     def _mma_partition(x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
@@ -385,8 +487,8 @@ if HAVE_GLUON:
                        w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                        STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                       OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr):
-        """The MMA warpgroup (see the module doc)."""
+                       OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr):
+        """The MMA warpgroup (see the module doc). PROF: its cycles into prof_ptr (`PROFILE`)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -400,6 +502,11 @@ if HAVE_GLUON:
         zero = gl.zeros([R, BM], gl.float32, layout=mma)
         zero_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        t_start = _now(PROF)
+        t_wait = _zero(PROF)
+        t_mma = _zero(PROF)
+        t_epi = _zero(PROF)
+        items = 0
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
@@ -411,15 +518,26 @@ if HAVE_GLUON:
             d_next = gl.zeros([R], gl.int32, layout=gl.SliceLayout(1, wl))
             if W_KIND == "mxfp4":
                 d_next = gl.load(d_base + d_offs)
-            acc, acc_o, it = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs,
-                                                w_ready, x_ready, empty, zero, zero_o, NK, STAGES_, W_KIND, OVER_M,
-                                                PROMOTE_STEPS, a_layout, wl)
+            acc, acc_o, it, waited, in_mma = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs,
+                                                                x_bufs, o_bufs, w_ready, x_ready, empty, zero, zero_o,
+                                                                NK, STAGES_, W_KIND, OVER_M, PROMOTE_STEPS, a_layout,
+                                                                wl, PROF)
+            t_wait += waited
+            t_mma += in_mma
+            t0 = _now(PROF)
             _epilogue(acc, mma, BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
                       pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
             if OVER_M > 0:
                 if has_over:
                     _epilogue(acc_o, mma_o, OM, row_start + BM, row_end, True, expert, pid_n, x_exp_ptr,
                               pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
+            t_epi += _since(t0, PROF)
+            items += 1
+        # per CTA: [0] all cycles, [1] waiting for stages, [2] waiting for MMAs, [3] epilogues, [4] items
+        _store_prof(prof_ptr, 0, _since(t_start, PROF), t_wait, PROF)
+        _store_prof(prof_ptr, 2, t_mma, t_epi, PROF)
+        if PROF:
+            gl.store(prof_ptr + gl.program_id(0) * 8 + 4, items.to(gl.int64))
 
     @gluon.jit(do_not_specialize=["max_tiles", "clamp"])
     def _l1_ws_kernel(x_ptr, x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
@@ -428,7 +546,8 @@ if HAVE_GLUON:
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
-                      PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False):
+                      PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False, prof_ptr=None,
+                      PROF: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -436,7 +555,8 @@ if HAVE_GLUON:
         h_sf_ptr: uint8 [P, I / 32]; the other arguments as `l1_gemm._l1_kernel`'s. PAIR_X: the
         token rows come in pair order by TMA (`xp_desc`: boxes of BM rows of the rebased x copied per
         pair, `rebase.order_pair_rows`; `xo_desc`: OVER_M-row boxes of it) instead of gathered from
-        the pool by cp.async (x_ptr then unused); both descriptors None otherwise."""
+        the pool by cp.async (x_ptr then unused); both descriptors None otherwise. PROF: each CTA's
+        cycle counts into prof_ptr (int64 [grid, 8], `PROFILE`; a measuring build, never the layer's)."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -465,10 +585,11 @@ if HAVE_GLUON:
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                               HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                              PROMOTE_STEPS)),
+                              PROMOTE_STEPS, prof_ptr, PROF)),
             (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                                num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
-                               HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X)),
+                               HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X,
+                               prof_ptr, PROF)),
         ], [LOAD_WARPS], [LOAD_REGS_])
 
 
@@ -520,10 +641,10 @@ def tensordesc_signature(name: str, block, layout) -> str:
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
-                 pdl: bool = False, pair_x: bool = False):
+                 pdl: bool = False, pair_x: bool = False, prof: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
-    by TMA (`PAIR_X`)."""
+    by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`)."""
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
@@ -535,6 +656,10 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
         sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
     else:
         ce["xp_desc"] = ce["xo_desc"] = None
+    if prof:
+        sig["prof_ptr"], ce["PROF"] = "*i64", True
+    else:
+        ce["prof_ptr"] = None
     return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
@@ -559,7 +684,13 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
     args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8),
             h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0, xp_desc, xo_desc)
-    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
+    prof = {}
+    if PROFILE is not None:
+        if PROFILE.dtype != torch.int64 or PROFILE.numel() < grid[0] * 8 or PROFILE.device != h_out.device:
+            raise ValueError(f"l1_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
+                             f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
+        prof = dict(prof_ptr=PROFILE, PROF=True)
+    kwargs = dict(**prof, HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
                   GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
                   PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction

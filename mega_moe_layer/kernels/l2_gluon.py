@@ -186,15 +186,15 @@ if HAVE_GLUON:
                 d_next = gl.load(d_base + d_offs)
             if PROMOTE_STEPS > 0:
                 # promoted as the Triton L2 is on 4-bit weights (each step's MMA waited for)
-                acc, acc_o, it = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs,
-                                                    ready, ready, empty, zero, zero_o, NK, STAGES_, W_KIND, OVER_M,
-                                                    PROMOTE_STEPS, a_layout, wl)
+                acc, acc_o, it, _, _ = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs,
+                                                          o_bufs, ready, ready, empty, zero, zero_o, NK, STAGES_,
+                                                          W_KIND, OVER_M, PROMOTE_STEPS, a_layout, wl)
             else:
                 acc = zero
                 acc_o = zero_o
                 for k in range(NK):
-                    a, s, d_next = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK, STAGES_,
-                                                 W_KIND, a_layout, wl)
+                    a, s, d_next, _ = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK,
+                                                    STAGES_, W_KIND, a_layout, wl)
                     # (zero-initialised accumulators chained from the first step, as the Triton kernel's
                     # `tl.dot(w, h, acc)`)
                     tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
