@@ -270,34 +270,37 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
     stream_us[f"{name} gluon"] = (us, None, same)
     print(f"    {kern} streamed ({name}) on the Gluon kernel: {us:.1f} us against {stream_us[name][0]:.1f} (Triton); "
           f"output equal to the Triton kernel's: {same}", flush=True)
-    if kern == "l1" and PROFILE_L1:
+    if PROFILE_GLUON:
         mod.ENABLED = True
         try:
-            profile_l1(case, f"{name} gluon", outs, want, stream_us)
+            profile_gluon(case, kern, f"{name} gluon", outs, want, stream_us)
         finally:
             mod.ENABLED = False
     if kern == "l1" and case.block_m == 128:
         pairs_us(case, name, iters, want, stream_us)
 
 
-#: `--profile`: the Gluon L1 launches timed are followed by one `l1_gluon.PROFILE` launch each
-PROFILE_L1 = False
+#: `--profile`: the Gluon launches timed are followed by one `l1_gluon.PROFILE` / `l2_gluon.PROFILE`
+#: launch each
+PROFILE_GLUON = False
 
 
-def profile_l1(case: "Case", name: str, outs, want, stream_us: dict) -> None:
-    """One launch of the Gluon L1 as just timed, built with its cycle counters (`l1_gluon.PROFILE`):
-    where its MMA warpgroup's cycles go (`l1_gluon.profile_split`), its output checked against the
-    Triton kernel's (`want`) as the timed build's; stream_us[name + " profile"] = the split."""
-    from mega_moe_layer.kernels import l1_gluon
-    l1_gluon.PROFILE = torch.zeros(8 * 4096, dtype=torch.int64, device=DEV)
+def profile_gluon(case: "Case", kern: str, name: str, outs, want, stream_us: dict) -> None:
+    """One launch of the Gluon L1 or L2 as just timed, built with its cycle counters
+    (`l1_gluon.PROFILE`, `l2_gluon.PROFILE`): where its MMA warpgroup's cycles go
+    (`l1_gluon.profile_split`), its output checked against the Triton kernel's (`want`) as the timed
+    build's; stream_us[name + " profile"] = the split."""
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    mod = l1_gluon if kern == "l1" else l2_gluon
+    mod.PROFILE = prof = torch.zeros(8 * 4096, dtype=torch.int64, device=DEV)
     try:
         for t in outs:
             t.zero_()
-        case.l1()
+        (case.l1 if kern == "l1" else case.l2)()
         torch.cuda.synchronize()
-        split = l1_gluon.profile_split(l1_gluon.PROFILE.cpu())
+        split = l1_gluon.profile_split(prof.cpu())
     finally:
-        l1_gluon.PROFILE = None
+        mod.PROFILE = None
     split["equal"] = all(_same_values(t, w) for t, w in zip(outs, want))
     stream_us[f"{name} profile"] = split
     per = lambda k: split[k] / max(split["items"], 1)     # noqa: E731
@@ -332,8 +335,8 @@ def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None
         same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
         us = gpu_time_us(case.l1, iters)
         copy_us = gpu_time_us(order, iters)
-        if PROFILE_L1:
-            profile_l1(case, f"{name} gluon pairs", (case.h, case.h_sf), want, stream_us)
+        if PROFILE_GLUON:
+            profile_gluon(case, "l1", f"{name} gluon pairs", (case.h, case.h_sf), want, stream_us)
     finally:
         l1_gluon.ENABLED, case.x_pairs = False, None
         l1_gluon.pair_x_descriptors = boxes
@@ -574,8 +577,8 @@ def main() -> None:
                         "`l2_gluon`), their output compared with the Triton kernels' first; at 128-row tiles also "
                         "L1 with the token rows in pair order (one TMA box per tile) and the copy that orders them")
     p.add_argument("--profile", action="store_true",
-                   help="with --gluon: after each Gluon L1 timing, one launch built with its cycle counters "
-                        "(`l1_gluon.PROFILE`): where its MMA warpgroup's cycles go")
+                   help="with --gluon: after each Gluon L1 / L2 timing, one launch built with its cycle counters "
+                        "(`l1_gluon.PROFILE`, `l2_gluon.PROFILE`): where its MMA warpgroup's cycles go")
     p.add_argument("--stream-sweep", action="store_true",
                    help="with --stream: also time the STREAM_SWEEP_L1 / STREAM_SWEEP_L2 configs (each checked)")
     p.add_argument("--stream-sweep-bms", default="",
@@ -591,8 +594,8 @@ def main() -> None:
                    help="MXFP4 weights, bf16 mainloop: also time the 'lut' decoder (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
-    global PROFILE_L1
-    PROFILE_L1 = args.profile
+    global PROFILE_GLUON
+    PROFILE_GLUON = args.profile
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     # the kernels timed are the Triton ones (each launch's config as the layer's); --gluon times the
     # Gluon kernels beside them, never in their place (`gluon_us`)

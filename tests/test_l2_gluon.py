@@ -43,6 +43,20 @@ def test_l2_gluon_compiles_for_hopper(w_kind):
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
 
 
+def test_l2_gluon_profile_build_compiles_for_hopper():
+    """The measuring build (`PROFILE`: PROF, 4-bit promoted and FP8 chained) reads the cycle
+    counter and stores its counts; the build the layer runs reads no counter."""
+    plain, promoted, chained = gluon_kernel_ptx(l2_gluon, [
+        (("mxfp4", 7168, 2048), dict(block_m=16, over_m=0, promote_k=128)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, promote_k=128, prof=True)),
+        (("fp8_rebased", 7168, 2048), dict(block_m=16, over_m=0, prof=True))])
+    assert "%clock64" not in plain
+    for what, p, over in (("promoted", promoted, 16), ("chained", chained, 0)):
+        assert_gluon_mma(p, 128 if over else 16, over, what == "promoted", what)
+        assert p.count("%clock64") >= 8, what
+        assert re.search(r"st\.global(\.\w+)*\.b64", p), what
+
+
 def test_l2_gluon_resident_ctas():
     """Shared memory per CTA leaves room for the CTAs per SM of its plan (`l1_gluon.launch_plan`)."""
     assert_resident_ctas("mega_moe_layer.kernels.l2_gluon",

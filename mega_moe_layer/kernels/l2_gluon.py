@@ -42,10 +42,10 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from .l1_gluon import (_WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _promoted_mainloop,
-                           _step_operand, _tma_load)
+    from .l1_gluon import (_WORDS_LAYOUT, TensorDescriptor, _barrier, _item, _mma_layout, _now, _promoted_mainloop,
+                           _since, _step_operand, _store_prof, _tma_load, _zero)
 
-__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "applies", "l2_gluon_launch", "wanted"]
+__all__ = ["DEFAULT_LAUNCHES", "ENABLED", "PROFILE", "applies", "l2_gluon_launch", "wanted"]
 
 #: Whether L2's launches take this kernel (where it `applies`): None (default) at the launches
 #: where it measured faster than the Triton kernel (`DEFAULT_LAUNCHES`), True at every one, False
@@ -60,6 +60,11 @@ ENABLED: Optional[bool] = None
 #:   every tile height T = 4096 was slower, 5879.6 against 5689.5).
 #: The 32-row tiles are not taken: never timed.
 DEFAULT_LAUNCHES = (("mxfp4", 16), ("fp8_rebased", 16))
+
+
+#: A measuring switch as `l1_gluon.PROFILE` (the same columns, `l1_gluon.profile_split`): an int64
+#: CUDA tensor of >= grid x 8 elements makes the launches built while it is set count cycles there.
+PROFILE: Optional[torch.Tensor] = None
 
 
 def wanted(w_kind: str, block_m: int) -> bool:
@@ -98,12 +103,14 @@ if HAVE_GLUON:
     def _l2_producer(w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                      w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN: gl.constexpr, INTER: gl.constexpr,
                      KW: gl.constexpr, STAGES_: gl.constexpr, STAGE_BYTES: gl.constexpr, GROUP_M: gl.constexpr,
-                     BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr):
+                     BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr, prof_ptr, PROF: gl.constexpr):
         """The producer warp: the step's weight rows, h rows and (OVER_M) the rows past block_m,
         all by TMA on one barrier per stage."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        t_start = _now(PROF)
+        t_empty = _zero(PROF)
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
@@ -111,13 +118,16 @@ if HAVE_GLUON:
             w_row = expert * HIDDEN + pid_n * _BN2
             for k in range(NK):
                 s = it % STAGES_
+                t0 = _now(PROF)
                 mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+                t_empty += _since(t0, PROF)
                 mbarrier.expect(ready.index(s), STAGE_BYTES)
                 _tma_load(w_desc, [w_row, k * KW], ready.index(s), w_bufs.index(s))
                 _tma_load(h_desc, [row_start, k * _BK], ready.index(s), x_bufs.index(s))
                 if OVER_M > 0:
                     _tma_load(o_desc, [row_start + BM, k * _BK], ready.index(s), o_bufs.index(s))
                 it += 1
+        _store_prof(prof_ptr, 5, _since(t_start, PROF), t_empty, PROF)
 
     @gluon.jit
     def _l2_store(acc, mma: gl.constexpr, ROWS: gl.constexpr, row0, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
@@ -157,12 +167,13 @@ if HAVE_GLUON:
                           w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                          OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr):
+                          OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr):
         """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
         into one accumulator (FP8 weights, both operands in shared memory; step k - 1's stage handed
         back once only step k's MMA is left in flight); else promoted every PROMOTE_STEPS 128-K
         steps (4-bit weights, `l1_gluon._promoted_mainloop`: each step's MMA waited for before the
-        next decode rewrites its register operand, `_compile.wgmma_register_hazards`)."""
+        next decode rewrites its register operand, `_compile.wgmma_register_hazards`). PROF: its cycles
+        into prof_ptr (`PROFILE`, `l1_gluon.PROFILE_COLUMNS`)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -175,6 +186,11 @@ if HAVE_GLUON:
         zero = gl.zeros([_BN2, BM], gl.float32, layout=mma)
         zero_o = gl.zeros([_BN2, OM], gl.float32, layout=mma_o)
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
+        t_start = _now(PROF)
+        t_wait = _zero(PROF)
+        t_mma = _zero(PROF)
+        t_epi = _zero(PROF)
+        items = 0
         it = 0
         for work in range(gl.program_id(0), num_tiles * NUM_N, gl.num_programs(0)):
             expert, row_start, row_end, pid_n, has_over = _item(work, num_tiles, offsets_ptr, tile_expert_ptr,
@@ -186,15 +202,19 @@ if HAVE_GLUON:
                 d_next = gl.load(d_base + d_offs)
             if PROMOTE_STEPS > 0:
                 # promoted as the Triton L2 is on 4-bit weights (each step's MMA waited for)
-                acc, acc_o, it, _, _ = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs,
-                                                          o_bufs, ready, ready, empty, zero, zero_o, NK, STAGES_,
-                                                          W_KIND, OVER_M, PROMOTE_STEPS, a_layout, wl)
+                acc, acc_o, it, waited, in_mma = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs,
+                                                                    x_bufs, o_bufs, ready, ready, empty, zero, zero_o,
+                                                                    NK, STAGES_, W_KIND, OVER_M, PROMOTE_STEPS,
+                                                                    a_layout, wl, PROF)
+                t_wait += waited
+                t_mma += in_mma
             else:
                 acc = zero
                 acc_o = zero_o
                 for k in range(NK):
-                    a, s, d_next, _ = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK,
-                                                    STAGES_, W_KIND, a_layout, wl)
+                    a, s, d_next, waited = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, ready, ready, NK,
+                                                         STAGES_, W_KIND, a_layout, wl, PROF)
+                    t_wait += waited
                     # (zero-initialised accumulators chained from the first step, as the Triton kernel's
                     # `tl.dot(w, h, acc)`)
                     tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
@@ -217,19 +237,28 @@ if HAVE_GLUON:
                 else:
                     acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
+            t0 = _now(PROF)
             _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
                       w_row_ptr, dst_ptr, epi, HIDDEN)
             if OVER_M > 0:
                 if has_over:
                     _l2_store(acc_o, mma_o, OM, row_start + BM, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
                               dst_ptr, epi, HIDDEN)
+            t_epi += _since(t0, PROF)
+            items += 1
+        # per CTA as `l1_gluon.PROFILE_COLUMNS` (the chained path's MMA waits are not timed: 0)
+        _store_prof(prof_ptr, 0, _since(t_start, PROF), t_wait, PROF)
+        _store_prof(prof_ptr, 2, t_mma, t_epi, PROF)
+        if PROF:
+            gl.store(prof_ptr + gl.program_id(0) * 8 + 4, items.to(gl.int64))
 
     @gluon.jit(do_not_specialize=["max_tiles"])
     def _l2_ws_kernel(h_desc, o_desc, h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, w_desc,
                       aux_ptr, w_row_ptr, dst_ptr, max_tiles,
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                       GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
-                      PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False):
+                      PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False, prof_ptr=None,
+                      PROF: gl.constexpr = False):
         """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
         [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
         w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
@@ -257,10 +286,11 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                                  aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
-                                 HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS)),
+                                 HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS,
+                                 prof_ptr, PROF)),
             (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
                             max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
-                            GROUP_M, BM, OVER_M, OVER_LIMIT)),
+                            GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)),
         ], [1], [24])
 
 
@@ -269,8 +299,8 @@ def _h_layout(rows: int):
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
-                 group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False):
-    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as
+                 group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False, prof: bool = False):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof: as
     `l1_gluon.compile_args`."""
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
@@ -281,6 +311,10 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
                dst_ptr="*i64", max_tiles="i32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
               OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter), PDL=pdl)
+    if prof:
+        sig["prof_ptr"], ce["PROF"] = "*i64", True
+    else:
+        ce["prof_ptr"] = None
     return _l2_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
@@ -299,7 +333,13 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
     grid = (max(1, min(total, ctas * num_sms)),)
     args = (h_desc, o_desc, h_exp, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, pair_dst, max_tiles)
-    kwargs = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
+    prof = {}
+    if PROFILE is not None:
+        if PROFILE.dtype != torch.int64 or PROFILE.numel() < grid[0] * 8 or PROFILE.device != pair_dst.device:
+            raise ValueError(f"l2_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
+                             f"{pair_dst.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
+        prof = dict(prof_ptr=PROFILE, PROF=True)
+    kwargs = dict(**prof, HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
                   OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4,
                   maxnreg=maxnreg,
                   enable_fp_fusion=False)      # as the Triton kernel: no FMA contraction
