@@ -384,6 +384,9 @@ def parse_args(argv=None):
     p.add_argument("--pair-x", action="store_true",
                    help="GPU layer: copy the rebased x into pair order for L1's 128-row tiles on the Gluon kernel "
                         "(`nvshmem_backend.PAIR_ORDER_X`: one TMA box per tile instead of a row gather), to measure it")
+    p.add_argument("--decode-ahead", action="store_true",
+                   help="GPU layer: the Gluon L1 decodes every odd K step's 4-bit words while the even step's MMAs "
+                        "run (`kernels.l1_gluon.DECODE_AHEAD`; the same h), to measure it")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -472,6 +475,7 @@ def main(argv=None):
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.PAIR_ORDER_X = True
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    l1_gluon.DECODE_AHEAD = args.decode_ahead
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value == "on" and not l1_gluon.HAVE_GLUON:

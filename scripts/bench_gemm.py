@@ -277,6 +277,7 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
         finally:
             mod.ENABLED = False
     if kern == "l1" and case.block_m == 128:
+        ahead_us(case, name, iters, want, stream_us)
         pairs_us(case, name, iters, want, stream_us)
 
 
@@ -309,6 +310,28 @@ def profile_gluon(case: "Case", kern: str, name: str, outs, want, stream_us: dic
           f"{100 * split['mma_mma_wait_share']:.1f}% + epilogue {100 * split['mma_epilogue_share']:.1f}% + rest "
           f"{100 * split['mma_rest_share']:.1f}%; producer waits for free stages "
           f"{100 * split['load_empty_wait_share']:.1f}% of its cycles; output equal: {split['equal']}", flush=True)
+
+
+def ahead_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
+    """The Gluon L1 with every odd K step's decode under the even step's MMAs (`l1_gluon.DECODE_AHEAD`)
+    against its plain loop: h compared with the Triton kernel's (`want`), then timed (and with
+    --profile its cycle split); stream_us[name + " gluon ahead"] = (us, None, equal)."""
+    from mega_moe_layer.kernels import l1_gluon
+    l1_gluon.ENABLED = l1_gluon.DECODE_AHEAD = True
+    try:
+        case.h.zero_()
+        case.h_sf.zero_()
+        case.l1()
+        torch.cuda.synchronize()
+        same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
+        us = gpu_time_us(case.l1, iters)
+        if PROFILE_GLUON:
+            profile_gluon(case, "l1", f"{name} gluon ahead", (case.h, case.h_sf), want, stream_us)
+    finally:
+        l1_gluon.ENABLED = l1_gluon.DECODE_AHEAD = False
+    stream_us[f"{name} gluon ahead"] = (us, None, same)
+    print(f"    l1 streamed ({name}) on the Gluon kernel, decode ahead: {us:.1f} us against "
+          f"{stream_us[name + ' gluon'][0]:.1f} (plain loop); output equal to the Triton kernel's: {same}", flush=True)
 
 
 def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
@@ -575,7 +598,8 @@ def main() -> None:
     p.add_argument("--gluon", action="store_true",
                    help="with --stream: also time L1 / L2 on the warp-specialised Gluon kernels (`kernels.l1_gluon`, "
                         "`l2_gluon`), their output compared with the Triton kernels' first; at 128-row tiles also "
-                        "L1 with the token rows in pair order (one TMA box per tile) and the copy that orders them")
+                        "L1 with the token rows in pair order (one TMA box per tile) and the copy that orders them, "
+                        "and with its decode ahead (`l1_gluon.DECODE_AHEAD`)")
     p.add_argument("--profile", action="store_true",
                    help="with --gluon: after each Gluon L1 / L2 timing, one launch built with its cycle counters "
                         "(`l1_gluon.PROFILE`, `l2_gluon.PROFILE`): where its MMA warpgroup's cycles go")

@@ -79,6 +79,47 @@ def test_l1_gluon_profile_build_compiles_for_hopper():
         assert re.search(r"st\.global(\.\w+)*\.b64", p), what
 
 
+def test_l1_gluon_decode_ahead_compiles_for_hopper():
+    """`DECODE_AHEAD`'s build (4-bit words, 128 + 16 rows; token rows gathered or in pair order):
+    between one MMA's commit and its wait sit the next step's stage waits and its words' table
+    lookups (PRMT), which the plain loop has none of there; no register of an unfinished MMA is
+    touched (`_compile.wgmma_register_hazards`: the odd step's operand is decoded while the even
+    step's MMA reads the even one); the same MMAs; (almost) no spills."""
+    plain, gathered, pairs = gluon_kernel_ptx(l1_gluon, [
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True, pair_x=True))])
+
+    def under_mma(p):
+        segs = re.findall(r"wgmma\.commit_group.*?wgmma\.wait_group", p, re.S)
+        return max(min(s.count("mbarrier.try_wait"), s.count("prmt.b32") // 16) for s in segs)
+    assert under_mma(plain) == 0
+    for what, p in (("gathered", gathered), ("pairs", pairs)):
+        assert_gluon_mma(p, 128, 16, True, what)
+        assert under_mma(p) >= 1, what
+        assert _compile.wgmma_register_hazards(p) == [], (what, _compile.wgmma_register_hazards(p)[:3])
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        # ptxas (Triton 3.6): 8 bytes spilled gathering, none in pair order
+        assert usage["spill_stores"] <= 16 and usage["spill_loads"] <= 16, (what, usage)
+
+
+def test_l1_gluon_decode_ahead_applies(monkeypatch):
+    """`DECODE_AHEAD` is taken only where it applies: 4-bit words promoted every 128 K over an even
+    number of steps; off by default."""
+    assert not l1_gluon.DECODE_AHEAD
+    assert not l1_gluon.ahead("mxfp4", 128, 7168)
+    monkeypatch.setattr(l1_gluon, "DECODE_AHEAD", True)
+    assert l1_gluon.ahead("mxfp4", 128, 7168)
+    assert not l1_gluon.ahead("fp8_rebased", 128, 7168)
+    assert not l1_gluon.ahead("mxfp4", 256, 7168)
+    assert not l1_gluon.ahead("mxfp4", 128, 7168 - 128)
+    with pytest.raises(ValueError, match="decode_ahead"):
+        l1_gluon.compile_args("mxfp4", 7168, 2048, block_m=16, over_m=0, promote_k=256, decode_ahead=True)
+
+
 def test_profile_split():
     """`profile_split` sums the CTAs' counters and shares the MMA warpgroup's cycles."""
     import torch

@@ -86,6 +86,14 @@ ENABLED: Optional[bool] = None
 DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
 
 
+#: Decode each K step's 4-bit words while the previous step's MMAs run (`_ahead_loop`: the same sums
+#: in the same order, a second register operand), at the launches promoted every 128 K (the prefill
+#: tiles). Off: built 2026-12-08 (twelfth session) with no GPU lent, its SASS checked on the CPU
+#: (docs/PERF.md: the MMA warpgroup's K step is ~239 instructions per warp, close to the tensor
+#: pipe's 288 cycles per step at the FP8 rate, and the decode sat between one MMA's end and the
+#: next one's start); `scripts/bench.py --decode-ahead`, `bench_gemm.py --gluon` time it.
+DECODE_AHEAD = False
+
 #: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
 #: elements makes the launches built while it is set a `PROF` build, each CTA writing its cycle
 #: counts there (`profile_split`); None (default): the kernel as the layer runs it.
@@ -417,21 +425,97 @@ if HAVE_GLUON:
         return a, s, d_next, waited
 
     @gluon.jit
+    def _ahead_mma(a, s, x_bufs, o_bufs, zero, zero_o, OVER: gl.constexpr):
+        """Issue a step's MMA (and, OVER, the rows past block_m's) on stage s: (token, token of the
+        rows past, the same token when not OVER)."""
+        tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if OVER:
+            tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        else:
+            tok_o = tok
+        return tok, tok_o
+
+    @gluon.jit
+    def _ahead_wait_add(tok, tok_o, acc, acc_o, OVER: gl.constexpr, PROF: gl.constexpr):
+        """Wait for a step's MMA(s) and add the partial sums: (acc, acc_o, cycles waited where PROF)."""
+        t0 = _now(PROF)
+        if OVER:
+            part, part_o = warpgroup_mma_wait(0, deps=[tok, tok_o])
+            acc_o = acc_o + part_o
+        else:
+            part = warpgroup_mma_wait(0, deps=[tok])
+        waited = _since(t0, PROF)
+        acc = acc + part
+        return acc, acc_o, waited
+
+    @gluon.jit
+    def _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, zero, zero_o,
+                    NK: gl.constexpr, STAGES_: gl.constexpr, W_KIND: gl.constexpr, a_layout: gl.constexpr,
+                    wl: gl.constexpr, OVER: gl.constexpr, PROF: gl.constexpr):
+        """`_promoted_mainloop` (PROMOTE_STEPS 1, 4-bit words, NK even) with every odd step's decode
+        ahead: steps in pairs, the odd step's stage waited for and its words decoded into a second
+        register operand while the even step's MMAs run, then the even step's partial sums waited
+        for and added, then the odd step's MMAs. The same partial sums added in the same order as
+        the plain loop (so the same h); half the decodes no longer sit between one MMA's end and the
+        next one's start.
+
+        Both operands are defined inside the loop body (no 8-bit tensor is loop-carried: carrying
+        one cost ~90 instructions a step of byte unpacking and repacking), the odd one while the even
+        step's MMA reads the even one, which stays unwritten until its wait
+        (`_compile.wgmma_register_hazards`). OVER: this item has rows past block_m (their MMA beside
+        each step's). Returns (acc, acc_o, it, cycles waited for stages, for MMAs)."""
+        acc = zero
+        acc_o = zero_o
+        t_wait = _zero(PROF)
+        t_mma = _zero(PROF)
+        for j in range(NK // 2):
+            a_e, s_e, d_next, waited = _step_operand(it, 2 * j, d_next, d_base, d_offs, g8, w_bufs, w_ready,
+                                                     x_ready, NK, STAGES_, W_KIND, a_layout, wl, PROF)
+            t_wait += waited
+            tok, tok_o = _ahead_mma(a_e, s_e, x_bufs, o_bufs, zero, zero_o, OVER)
+            a_o, s_o, d_next, waited = _step_operand(it + 1, 2 * j + 1, d_next, d_base, d_offs, g8, w_bufs, w_ready,
+                                                     x_ready, NK, STAGES_, W_KIND, a_layout, wl, PROF)
+            t_wait += waited
+            acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
+            t_mma += waited
+            mbarrier.arrive(empty.index(s_e))
+            tok, tok_o = _ahead_mma(a_o, s_o, x_bufs, o_bufs, zero, zero_o, OVER)
+            acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
+            t_mma += waited
+            mbarrier.arrive(empty.index(s_o))
+            it += 2
+        return acc, acc_o, it, t_wait, t_mma
+
+    @gluon.jit
     def _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs, x_bufs, o_bufs, w_ready, x_ready,
                            empty, zero, zero_o, NK: gl.constexpr, STAGES_: gl.constexpr, W_KIND: gl.constexpr,
                            OVER_M: gl.constexpr, PROMOTE_STEPS: gl.constexpr, a_layout: gl.constexpr,
-                           wl: gl.constexpr, PROF: gl.constexpr = False):
+                           wl: gl.constexpr, PROF: gl.constexpr = False, AHEAD: gl.constexpr = False):
         """One item's K loop promoted as `l1_gemm._fp8_mainloop` does (PROMOTE 1 of BLOCK_K 128 or
         256): every PROMOTE_STEPS 128-K steps an MMA chain from zero, waited for and added to the
         float32 accumulator (and the rows past block_m's, `has_over`); each stage handed back once
         its MMA is done, before the next step's decode rewrites the register operand. Returns
         (acc, acc_o, it, cycles waited for stages, cycles waited for MMAs); the cycles where PROF,
-        else 0."""
+        else 0. AHEAD (4-bit words, PROMOTE_STEPS 1): `_ahead_loop`, the same sums."""
         acc = zero
         acc_o = zero_o
         t_wait = _zero(PROF)
         t_mma = _zero(PROF)
-        if PROMOTE_STEPS == 1:
+        if AHEAD:
+            if OVER_M > 0:
+                if has_over:
+                    acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
+                                                                w_ready, x_ready, empty, zero, zero_o, NK, STAGES_,
+                                                                W_KIND, a_layout, wl, True, PROF)
+                else:
+                    acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
+                                                                w_ready, x_ready, empty, zero, zero_o, NK, STAGES_,
+                                                                W_KIND, a_layout, wl, False, PROF)
+            else:
+                acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
+                                                            w_ready, x_ready, empty, zero, zero_o, NK, STAGES_, W_KIND,
+                                                            a_layout, wl, False, PROF)
+        elif PROMOTE_STEPS == 1:
             for k in range(NK):
                 a, s, d_next, waited = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready,
                                                      NK, STAGES_, W_KIND, a_layout, wl, PROF)
@@ -487,8 +571,10 @@ if HAVE_GLUON:
                        w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                        STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                       OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr):
-        """The MMA warpgroup (see the module doc). PROF: its cycles into prof_ptr (`PROFILE`)."""
+                       OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
+                       AHEAD: gl.constexpr):
+        """The MMA warpgroup (see the module doc). PROF: its cycles into prof_ptr (`PROFILE`);
+        AHEAD: the decode one step ahead (`DECODE_AHEAD`)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -521,7 +607,7 @@ if HAVE_GLUON:
             acc, acc_o, it, waited, in_mma = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs,
                                                                 x_bufs, o_bufs, w_ready, x_ready, empty, zero, zero_o,
                                                                 NK, STAGES_, W_KIND, OVER_M, PROMOTE_STEPS, a_layout,
-                                                                wl, PROF)
+                                                                wl, PROF, AHEAD)
             t_wait += waited
             t_mma += in_mma
             t0 = _now(PROF)
@@ -547,7 +633,7 @@ if HAVE_GLUON:
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
                       PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -556,7 +642,9 @@ if HAVE_GLUON:
         token rows come in pair order by TMA (`xp_desc`: boxes of BM rows of the rebased x copied per
         pair, `rebase.order_pair_rows`; `xo_desc`: OVER_M-row boxes of it) instead of gathered from
         the pool by cp.async (x_ptr then unused); both descriptors None otherwise. PROF: each CTA's
-        cycle counts into prof_ptr (int64 [grid, 8], `PROFILE`; a measuring build, never the layer's)."""
+        cycle counts into prof_ptr (int64 [grid, 8], `PROFILE`; a measuring build, never the layer's).
+        AHEAD: the MMA warpgroup decodes step k + 1's words while step k's MMAs run (`DECODE_AHEAD`;
+        4-bit words promoted every step)."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -585,7 +673,7 @@ if HAVE_GLUON:
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                               HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                              PROMOTE_STEPS, prof_ptr, PROF)),
+                              PROMOTE_STEPS, prof_ptr, PROF, AHEAD)),
             (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                                num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                                HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X,
@@ -639,19 +727,28 @@ def tensordesc_signature(name: str, block, layout) -> str:
     return f"tensordesc<{name}[{block[0]}, {block[1]}],{layout!r}>"
 
 
+def ahead(w_kind: str, promote_k: int, hidden: int) -> bool:
+    """Whether a launch decodes one step ahead (`DECODE_AHEAD`, where it applies: 4-bit words
+    promoted every 128-K step, an even number of steps)."""
+    return DECODE_AHEAD and w_kind == "mxfp4" and promote_k == BLOCK_K and hidden % (2 * BLOCK_K) == 0
+
+
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
-                 pdl: bool = False, pair_x: bool = False, prof: bool = False):
+                 pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
-    by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`)."""
+    by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
+    (4-bit words promoted every 128 K only)."""
+    if decode_ahead and not (w_kind == "mxfp4" and promote_k == BLOCK_K and hidden % (2 * BLOCK_K) == 0):
+        raise ValueError("decode_ahead: for 4-bit words promoted every 128 K over an even number of steps")
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
               BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
-              PDL=pdl, PAIR_X=pair_x)
+              PDL=pdl, PAIR_X=pair_x, AHEAD=decode_ahead)
     if pair_x:
         sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
     else:
@@ -690,8 +787,8 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
             raise ValueError(f"l1_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
-    kwargs = dict(**prof, HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=clamp is not None, STAGES_=stages,
-                  GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
+    kwargs = dict(**prof, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
+                  HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
                   PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs
