@@ -2,7 +2,7 @@
 # The next device call (written in the eleventh session, reordered in the twelfth): the pair-ordered
 # token rows for the Gluon L1's prefill tiles (`rebase.order_pair_rows`, `l1_grouped_gemm(x_pairs=)`,
 # `nvshmem_backend.PAIR_ORDER_X`) and the Gluon kernels' cycle counters (`PROFILE`), built on the CPU:
-#   1. (while DeepGEMM builds) the kernels alone at 32768 uniform pairs (T = 4096): the Gluon L1
+#   1. (while DeepGEMM builds) the kernels alone at 32768 and 1024 uniform pairs (T = 4096, 128): the Gluon L1
 #      gathering vs reading pair order, and the copy, vs decoding ahead (`bench_gemm.py --gluon`), each Gluon kernel's
 #      cycle split (`--profile`);
 #   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then
@@ -25,7 +25,7 @@ if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
 if [ "${BG_S-150}" != 0 ]; then
-    timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256 --stream \
+    timeout -k 5 ${BG_S-150} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256,u128:256 --stream \
         --stream-kinds mxfp4 --gluon --profile --iters 20 > "$OUT/bg.log" 2>&1
     echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8|cycle split" "$OUT/bg.log" | head -n 12
 fi

@@ -384,28 +384,34 @@ def test_gluon_l1_pair_ordered_x_matches_triton(wf, monkeypatch):
     _report(f"gluon l1 pair-ordered x {wf}", {"h_bytes_equal": same})
 
 
-@pytest.mark.parametrize("pair_x", [False, True])
-def test_gluon_l1_decode_ahead_matches_triton(pair_x, monkeypatch):
+@pytest.mark.parametrize("block_m, pair_x", [(128, False), (128, True), (16, False)])
+def test_gluon_l1_decode_ahead_matches_triton(block_m, pair_x, monkeypatch):
     """The Gluon L1 decoding every odd K step's words while the even step's MMAs run
     (`l1_gluon.DECODE_AHEAD`, `_ahead_loop`): the same partial sums added in the same order, so h
-    must equal the Triton kernel's bit for bit (`test_gluon_l1_matches_triton`'s problem and map:
-    items with and without rows past block_m), the token rows gathered or in pair order."""
+    must equal the Triton kernel's bit for bit. 128-row tiles (promoted every 128 K;
+    `test_gluon_l1_matches_triton`'s problem and map: items with and without rows past block_m),
+    the token rows gathered or in pair order; 16-row decode tiles (promoted every 256 K: the pair's
+    MMAs chained, `test_gluon_l1_decode_matches_triton`'s counts)."""
     from mega_moe_layer.kernels import l1_gluon
     from mega_moe_layer.kernels.rebase import order_pair_rows
-    counts = [138, 158, 300, 20, 128, 0]
-    prob, x_rebased = _gluon_problem(counts, "mxfp4", 128, 67)
-    mp, plan, kw = _prefill_main_map(prob, counts)
+    if block_m == 128:
+        counts = [138, 158, 300, 20, 128, 0]
+        prob, x_rebased = _gluon_problem(counts, "mxfp4", 128, 67)
+        prob, plan, kw = _prefill_main_map(prob, counts)
+    else:
+        prob, x_rebased = _gluon_problem([1, 9, 16, 17, 40, 0, 3], "mxfp4", block_m, 71)
+        kw = {}
     if pair_x:
-        xp = torch.empty(mp.pair_rows.numel(), 7168, dtype=torch.float8_e4m3fn, device=DEV)
-        order_pair_rows(x_rebased[0], mp.pair_rows, mp.expert_offsets[-1:], xp)
+        xp = torch.empty(prob.pair_rows.numel(), 7168, dtype=torch.float8_e4m3fn, device=DEV)
+        order_pair_rows(x_rebased[0], prob.pair_rows, prob.expert_offsets[-1:], xp)
         kw["x_pairs"] = xp
     monkeypatch.setattr(l1_gluon, "DECODE_AHEAD", True)
     built, launch = [], l1_gluon.l1_gluon_launch
     monkeypatch.setattr(l1_gluon, "l1_gluon_launch",
                         lambda *a, **k: (lambda r: built.append(r[3]["AHEAD"]) or r)(launch(*a, **k)))
-    _, _, same = _gluon_l1_against_triton(mp, x_rebased, monkeypatch, **kw)
+    _, _, same = _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **kw)
     assert built == [True], f"the decode-ahead build was not launched: {built}"
-    _report(f"gluon l1 decode ahead pair_x {pair_x}", {"h_bytes_equal": same})
+    _report(f"gluon l1 decode ahead {block_m} pair_x {pair_x}", {"h_bytes_equal": same})
 
 
 @pytest.mark.parametrize("pair_x", [False, True])

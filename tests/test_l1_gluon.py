@@ -84,11 +84,18 @@ def test_l1_gluon_decode_ahead_compiles_for_hopper():
     between one MMA's commit and its wait sit the next step's stage waits and its words' table
     lookups (PRMT), which the plain loop has none of there; no register of an unfinished MMA is
     touched (`_compile.wgmma_register_hazards`: the odd step's operand is decoded while the even
-    step's MMA reads the even one); the same MMAs; (almost) no spills."""
-    plain, gathered, pairs = gluon_kernel_ptx(l1_gluon, [
+    step's MMA reads the even one); the same MMAs; (almost) no spills. At the 16-row decode tiles
+    (256 K a partial sum) the pair's MMAs are chained: fewer MMA waits than the plain build."""
+    plain, gathered, pairs, plain16, chained16 = gluon_kernel_ptx(l1_gluon, [
         (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16)),
         (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True)),
-        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True, pair_x=True))])
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True, pair_x=True)),
+        (("mxfp4", 7168, 2048), dict(block_m=16, over_m=0, promote_k=256)),
+        (("mxfp4", 7168, 2048), dict(block_m=16, over_m=0, promote_k=256, decode_ahead=True))])
+    # the 16-row decode tiles (promoted every 256 K): the pair's MMAs chained, one wait per pair
+    assert _compile.wgmma_register_hazards(chained16) == []
+    assert chained16.count("wgmma.wait_group") < plain16.count("wgmma.wait_group")
+    assert_gluon_mma(chained16, 16, 0, True, "chained16")
 
     def under_mma(p):
         segs = re.findall(r"wgmma\.commit_group.*?wgmma\.wait_group", p, re.S)
@@ -107,17 +114,18 @@ def test_l1_gluon_decode_ahead_compiles_for_hopper():
 
 
 def test_l1_gluon_decode_ahead_applies(monkeypatch):
-    """`DECODE_AHEAD` is taken only where it applies: 4-bit words promoted every 128 K over an even
-    number of steps; off by default."""
+    """`DECODE_AHEAD` is taken only where it applies: 4-bit words promoted every 128 or 256 K over an
+    even number of 128-K steps; off by default."""
     assert not l1_gluon.DECODE_AHEAD
     assert not l1_gluon.ahead("mxfp4", 128, 7168)
     monkeypatch.setattr(l1_gluon, "DECODE_AHEAD", True)
     assert l1_gluon.ahead("mxfp4", 128, 7168)
     assert not l1_gluon.ahead("fp8_rebased", 128, 7168)
-    assert not l1_gluon.ahead("mxfp4", 256, 7168)
+    assert l1_gluon.ahead("mxfp4", 256, 7168)
+    assert not l1_gluon.ahead("mxfp4", 512, 7168)
     assert not l1_gluon.ahead("mxfp4", 128, 7168 - 128)
     with pytest.raises(ValueError, match="decode_ahead"):
-        l1_gluon.compile_args("mxfp4", 7168, 2048, block_m=16, over_m=0, promote_k=256, decode_ahead=True)
+        l1_gluon.compile_args("fp8_rebased", 7168, 2048, block_m=16, over_m=0, decode_ahead=True)
 
 
 def test_profile_split():

@@ -86,12 +86,13 @@ ENABLED: Optional[bool] = None
 DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
 
 
-#: Decode each K step's 4-bit words while the previous step's MMAs run (`_ahead_loop`: the same sums
-#: in the same order, a second register operand), at the launches promoted every 128 K (the prefill
-#: tiles). Off: built 2026-12-08 (twelfth session) with no GPU lent, its SASS checked on the CPU
-#: (docs/PERF.md: the MMA warpgroup's K step is ~239 instructions per warp, close to the tensor
-#: pipe's 288 cycles per step at the FP8 rate, and the decode sat between one MMA's end and the
-#: next one's start); `scripts/bench.py --decode-ahead`, `bench_gemm.py --gluon` time it.
+#: Decode every odd K step's 4-bit words while the even step's MMAs run (`_ahead_loop`: the same
+#: sums in the same order, a second register operand; at the 256-K promoted decode tiles the pair's
+#: MMAs chained with one wait). Off: built 2026-12-08 (twelfth session) with no GPU lent, its PTX
+#: and SASS checked on the CPU (docs/PERF.md: the MMA warpgroup's K step is ~239 instructions per
+#: warp against the tensor pipe's ~288 cycles per step at the FP8 rate, and the decode sat between
+#: one MMA's end and the next one's start); `scripts/bench.py --decode-ahead`, `bench_gemm.py
+#: --gluon` time it.
 DECODE_AHEAD = False
 
 #: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
@@ -436,6 +437,16 @@ if HAVE_GLUON:
         return tok, tok_o
 
     @gluon.jit
+    def _ahead_chain(a, s, tok, tok_o, x_bufs, o_bufs, OVER: gl.constexpr):
+        """Issue a step's MMA(s) on stage s chained onto the running ones (tok, tok_o: accumulate)."""
+        tok = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), tok, use_acc=True, is_async=True)
+        if OVER:
+            tok_o = warpgroup_mma(a, o_bufs.index(s).permute((1, 0)), tok_o, use_acc=True, is_async=True)
+        else:
+            tok_o = tok
+        return tok, tok_o
+
+    @gluon.jit
     def _ahead_wait_add(tok, tok_o, acc, acc_o, OVER: gl.constexpr, PROF: gl.constexpr):
         """Wait for a step's MMA(s) and add the partial sums: (acc, acc_o, cycles waited where PROF)."""
         t0 = _now(PROF)
@@ -451,13 +462,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, zero, zero_o,
                     NK: gl.constexpr, STAGES_: gl.constexpr, W_KIND: gl.constexpr, a_layout: gl.constexpr,
-                    wl: gl.constexpr, OVER: gl.constexpr, PROF: gl.constexpr):
-        """`_promoted_mainloop` (PROMOTE_STEPS 1, 4-bit words, NK even) with every odd step's decode
-        ahead: steps in pairs, the odd step's stage waited for and its words decoded into a second
-        register operand while the even step's MMAs run, then the even step's partial sums waited
-        for and added, then the odd step's MMAs. The same partial sums added in the same order as
-        the plain loop (so the same h); half the decodes no longer sit between one MMA's end and the
-        next one's start.
+                    wl: gl.constexpr, OVER: gl.constexpr, PROF: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1):
+        """`_promoted_mainloop` (4-bit words, NK even) with every odd step's decode ahead: steps in
+        pairs, the odd step's stage waited for and its words decoded into a second register operand
+        while the even step's MMAs run. PROMOTE_STEPS 1: then the even step's partial sums waited for
+        and added, then the odd step's MMAs; 2 (256 K a partial sum, the decode tiles'): the odd
+        step's MMAs chained onto the even one's in flight, one wait and one add per pair. The same
+        partial sums added in the same order as the plain loop (so the same h); half the decodes
+        (and with PROMOTE_STEPS 2 every wait between the steps of a pair) no longer sit between one
+        MMA's end and the next one's start.
 
         Both operands are defined inside the loop body (no 8-bit tensor is loop-carried: carrying
         one cost ~90 instructions a step of byte unpacking and repacking), the odd one while the even
@@ -476,13 +489,20 @@ if HAVE_GLUON:
             a_o, s_o, d_next, waited = _step_operand(it + 1, 2 * j + 1, d_next, d_base, d_offs, g8, w_bufs, w_ready,
                                                      x_ready, NK, STAGES_, W_KIND, a_layout, wl, PROF)
             t_wait += waited
-            acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
-            t_mma += waited
-            mbarrier.arrive(empty.index(s_e))
-            tok, tok_o = _ahead_mma(a_o, s_o, x_bufs, o_bufs, zero, zero_o, OVER)
-            acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
-            t_mma += waited
-            mbarrier.arrive(empty.index(s_o))
+            if PROMOTE_STEPS == 1:
+                acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
+                t_mma += waited
+                mbarrier.arrive(empty.index(s_e))
+                tok, tok_o = _ahead_mma(a_o, s_o, x_bufs, o_bufs, zero, zero_o, OVER)
+                acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
+                t_mma += waited
+                mbarrier.arrive(empty.index(s_o))
+            else:
+                tok, tok_o = _ahead_chain(a_o, s_o, tok, tok_o, x_bufs, o_bufs, OVER)
+                acc, acc_o, waited = _ahead_wait_add(tok, tok_o, acc, acc_o, OVER, PROF)
+                t_mma += waited
+                mbarrier.arrive(empty.index(s_e))
+                mbarrier.arrive(empty.index(s_o))
             it += 2
         return acc, acc_o, it, t_wait, t_mma
 
@@ -506,15 +526,15 @@ if HAVE_GLUON:
                 if has_over:
                     acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
                                                                 w_ready, x_ready, empty, zero, zero_o, NK, STAGES_,
-                                                                W_KIND, a_layout, wl, True, PROF)
+                                                                W_KIND, a_layout, wl, True, PROF, PROMOTE_STEPS)
                 else:
                     acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
                                                                 w_ready, x_ready, empty, zero, zero_o, NK, STAGES_,
-                                                                W_KIND, a_layout, wl, False, PROF)
+                                                                W_KIND, a_layout, wl, False, PROF, PROMOTE_STEPS)
             else:
                 acc, acc_o, it, t_wait, t_mma = _ahead_loop(it, d_next, d_base, d_offs, g8, w_bufs, x_bufs, o_bufs,
                                                             w_ready, x_ready, empty, zero, zero_o, NK, STAGES_, W_KIND,
-                                                            a_layout, wl, False, PROF)
+                                                            a_layout, wl, False, PROF, PROMOTE_STEPS)
         elif PROMOTE_STEPS == 1:
             for k in range(NK):
                 a, s, d_next, waited = _step_operand(it, k, d_next, d_base, d_offs, g8, w_bufs, w_ready, x_ready,
@@ -729,8 +749,8 @@ def tensordesc_signature(name: str, block, layout) -> str:
 
 def ahead(w_kind: str, promote_k: int, hidden: int) -> bool:
     """Whether a launch decodes one step ahead (`DECODE_AHEAD`, where it applies: 4-bit words
-    promoted every 128-K step, an even number of steps)."""
-    return DECODE_AHEAD and w_kind == "mxfp4" and promote_k == BLOCK_K and hidden % (2 * BLOCK_K) == 0
+    promoted every 128 or 256 K, an even number of 128-K steps)."""
+    return DECODE_AHEAD and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and hidden % (2 * BLOCK_K) == 0
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
@@ -740,8 +760,9 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
     by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
     (4-bit words promoted every 128 K only)."""
-    if decode_ahead and not (w_kind == "mxfp4" and promote_k == BLOCK_K and hidden % (2 * BLOCK_K) == 0):
-        raise ValueError("decode_ahead: for 4-bit words promoted every 128 K over an even number of steps")
+    if decode_ahead and not (w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K)
+                             and hidden % (2 * BLOCK_K) == 0):
+        raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
