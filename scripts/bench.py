@@ -387,6 +387,10 @@ def parse_args(argv=None):
     p.add_argument("--decode-ahead", action="store_true",
                    help="GPU layer: the Gluon L1 decodes every odd K step's 4-bit words while the even step's MMAs "
                         "run (`kernels.l1_gluon.DECODE_AHEAD`; the same h), to measure it")
+    p.add_argument("--l1-prefill-promote", type=int, default=1, choices=(1, 2),
+                   help="GPU layer: with --decode-ahead, the Gluon L1's 4-bit prefill tiles promote every this many "
+                        "128-K steps (`kernels.l1_gluon.PREFILL_PROMOTE_K`; 2: 256 K a partial sum, other sums than "
+                        "the Triton kernel's), to measure it")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -410,6 +414,8 @@ def parse_args(argv=None):
             p.error(f"--heuristic: {name}: VALUE must be a Python literal, got {value!r}")
     if args.host_iters < 30:
         p.error("--host-iters must be >= 30")
+    if args.l1_prefill_promote != 1 and not args.decode_ahead:
+        p.error("--l1-prefill-promote 2: only the Gluon L1's decode-ahead loop takes it (add --decode-ahead)")
     if min(args.tokens) < 0:
         p.error("--tokens must be >= 0")
     return args
@@ -476,6 +482,7 @@ def main(argv=None):
         nvshmem_backend.PAIR_ORDER_X = True
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     l1_gluon.DECODE_AHEAD = args.decode_ahead
+    l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value == "on" and not l1_gluon.HAVE_GLUON:

@@ -6,7 +6,8 @@
 #      gathering vs reading pair order, and the copy, vs decoding ahead (`bench_gemm.py --gluon`), each Gluon kernel's
 #      cycle split (`--profile`);
 #   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then
-#      `--pair-x` and `--decode-ahead` (`l1_gluon.DECODE_AHEAD`) at 4096;
+#      `--pair-x`, `--decode-ahead` (`l1_gluon.DECODE_AHEAD`) and `--decode-ahead --l1-prefill-promote 2`
+#      (`PREFILL_PROMOTE_K`) at 4096;
 #   3. in what time is left, the gates: the copy bitwise (`test_order_pair_rows_bitwise_gpu`), the
 #      Gluon L1 with the rows in pair order equal to the Triton kernel's bit for bit
 #      (`test_gluon_l1_pair_ordered_x_matches_triton`), its profile builds
@@ -32,9 +33,10 @@ fi
 wait
 tail -n 1 "$OUT/dg_build.log" 2>/dev/null
 env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 128 1}" FP8_TOKENS= \
-    NEW2_ARGS="--pair-x" NEW2_TOKENS="${PAIR_TOKENS-4096}" NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" timeout -k 5 ${AB_S-200} bash scripts/ab_bench.sh
+    NEW2_ARGS="--pair-x" NEW2_TOKENS="${PAIR_TOKENS-4096}" NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" \
+    NEW4_ARGS="--decode-ahead --l1-prefill-promote 2" NEW4_TOKENS="${PAIR_TOKENS-4096}" timeout -k 5 ${AB_S-200} bash scripts/ab_bench.sh
 timeout -k 5 ${TEST_S-170} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
-    tests/test_fp8_operands.py tests/test_gemm_gpu.py -k "pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead" \
+    tests/test_fp8_operands.py tests/test_gemm_gpu.py -k "pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" \
     tests/test_layer_gpu.py > "$OUT/gates.log" 2>&1
 echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
 exit 0

@@ -414,6 +414,28 @@ def test_gluon_l1_decode_ahead_matches_triton(block_m, pair_x, monkeypatch):
     _report(f"gluon l1 decode ahead {block_m} pair_x {pair_x}", {"h_bytes_equal": same})
 
 
+def test_gluon_l1_prefill_256k_promotion_vs_reference(monkeypatch):
+    """`l1_gluon.PREFILL_PROMOTE_K` 256 with `DECODE_AHEAD`: the 128-row 4-bit launches sum 256 K per
+    partial sum (other sums than the Triton kernel's, so no bitwise gate): the whole L1 -> L2 chain
+    of `test_gluon_l1_matches_triton` (rows past block_m, tail tiles) against the DESIGN reference
+    within the GEMM tolerances (`over_rows_chain`), the main launch built with two steps a
+    promotion."""
+    from mega_moe_layer.kernels import l1_gluon
+    if torch.cuda.get_device_capability()[0] != 9 or not l1_gluon.HAVE_GLUON:
+        pytest.skip("the Gluon L1 is Hopper's")
+    counts = [138, 158, 300, 20, 128, 0]
+    monkeypatch.setattr(l1_gluon, "ENABLED", True)
+    monkeypatch.setattr(l1_gluon, "DECODE_AHEAD", True)
+    monkeypatch.setattr(l1_gluon, "PREFILL_PROMOTE_K", 256)
+    built, launch = [], l1_gluon.l1_gluon_launch
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch", lambda *a, **k: (
+        lambda r: built.append((k["block_m"], r[3]["PROMOTE_STEPS"], r[3]["AHEAD"])) or r)(launch(*a, **k)))
+    _, _, _, metrics = over_rows_chain(7168, 2048, counts, gh.TilePlan(128, 16, 48, 16), "mxfp4", seed=73,
+                                       device=DEV, num_sms=None)
+    assert built[0] == (128, 2, True), built
+    _report("gluon l1 prefill 256-K promotion chain", metrics)
+
+
 @pytest.mark.parametrize("pair_x", [False, True])
 def test_gluon_l1_profile_build(pair_x, monkeypatch):
     """The Gluon L1's measuring build (`l1_gluon.PROFILE`, `bench_gemm.py --profile`): its h equal

@@ -128,6 +128,29 @@ def test_l1_gluon_decode_ahead_applies(monkeypatch):
         l1_gluon.compile_args("fp8_rebased", 7168, 2048, block_m=16, over_m=0, decode_ahead=True)
 
 
+def test_l1_gluon_prefill_256k_promotion(monkeypatch):
+    """`PREFILL_PROMOTE_K` 256 (with `DECODE_AHEAD`): the 128-row 4-bit launches chain each pair of
+    steps' MMAs (rows past block_m too) with one wait per pair, no register of an unfinished MMA
+    touched; taken only there (`launch_promote_k`); the plain loop refuses 256 K with rows past
+    block_m at compile time (it has no such path)."""
+    ahead128, ahead256 = gluon_kernel_ptx(l1_gluon, [
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, decode_ahead=True)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, promote_k=256, decode_ahead=True))])
+    assert_gluon_mma(ahead256, 128, 16, True, "256")
+    assert _compile.wgmma_register_hazards(ahead256) == []
+    assert ahead256.count("wgmma.wait_group") < ahead128.count("wgmma.wait_group")
+    with pytest.raises(Exception, match="needs AHEAD"):
+        gluon_kernel_ptx(l1_gluon, [(("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, promote_k=256))])
+    assert l1_gluon.PREFILL_PROMOTE_K == 128
+    monkeypatch.setattr(l1_gluon, "PREFILL_PROMOTE_K", 256)
+    assert l1_gluon.launch_promote_k("mxfp4", 128, 128, 7168) == 128          # not without DECODE_AHEAD
+    monkeypatch.setattr(l1_gluon, "DECODE_AHEAD", True)
+    assert l1_gluon.launch_promote_k("mxfp4", 128, 128, 7168) == 256
+    assert l1_gluon.launch_promote_k("fp8_rebased", 128, 128, 7168) == 128
+    assert l1_gluon.launch_promote_k("mxfp4", 16, 256, 7168) == 256            # the decode tiles' own
+    assert l1_gluon.launch_promote_k("mxfp4", 32, 128, 7168) == 128
+
+
 def test_profile_split():
     """`profile_split` sums the CTAs' counters and shares the MMA warpgroup's cycles."""
     import torch

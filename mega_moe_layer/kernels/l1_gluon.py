@@ -95,6 +95,15 @@ DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
 #: --gluon` time it.
 DECODE_AHEAD = False
 
+#: The K of each partial sum at the 128-row prefill tiles with 4-bit words where it decodes ahead
+#: (`DECODE_AHEAD`): 128 (default: the Triton kernel's, the same h bit for bit) or 256 (the decode
+#: tiles' promotion: the pair's MMAs chained, half the promotion adds and MMA waits; h then differs
+#: from the Triton kernel's within the GEMM tolerance; the Triton kernel cannot take it: promoting
+#: every two steps at 128 rows leaves wgmma register hazards in its sm_90a PTX, 12 to 28 found by
+#: `_compile.wgmma_register_hazards`). Built 2026-12-08 (twelfth session), not yet run
+#: (`scripts/bench.py --decode-ahead --l1-prefill-promote 2`).
+PREFILL_PROMOTE_K = 128          # (BLOCK_K)
+
 #: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
 #: elements makes the launches built while it is set a `PROF` build, each CTA writing its cycle
 #: counts there (`profile_split`); None (default): the kernel as the layer runs it.
@@ -516,7 +525,9 @@ if HAVE_GLUON:
         float32 accumulator (and the rows past block_m's, `has_over`); each stage handed back once
         its MMA is done, before the next step's decode rewrites the register operand. Returns
         (acc, acc_o, it, cycles waited for stages, cycles waited for MMAs); the cycles where PROF,
-        else 0. AHEAD (4-bit words, PROMOTE_STEPS 1): `_ahead_loop`, the same sums."""
+        else 0. AHEAD (4-bit words): `_ahead_loop`, the same sums."""
+        # (the plain 256-K loop has no rows past block_m: `applies`)
+        gl.static_assert(AHEAD or PROMOTE_STEPS == 1 or OVER_M == 0, "256 K with rows past block_m needs AHEAD")
         acc = zero
         acc_o = zero_o
         t_wait = _zero(PROF)
@@ -753,6 +764,15 @@ def ahead(w_kind: str, promote_k: int, hidden: int) -> bool:
     return DECODE_AHEAD and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and hidden % (2 * BLOCK_K) == 0
 
 
+def launch_promote_k(w_kind: str, block_m: int, promote_k: int, hidden: int) -> int:
+    """The K of a launch's partial sums: the Triton kernel's (promote_k), or 256 at the 4-bit
+    128-row prefill tiles where `PREFILL_PROMOTE_K` asks for it and the kernel decodes ahead."""
+    if (block_m == 128 and promote_k == BLOCK_K and PREFILL_PROMOTE_K == 2 * BLOCK_K
+            and ahead(w_kind, 2 * BLOCK_K, hidden)):
+        return 2 * BLOCK_K                  # (other sums than the Triton kernel's)
+    return promote_k
+
+
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
                  pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False):
@@ -791,6 +811,7 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
     where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`. x_pairs: the
     rebased x in pair order (`PAIR_X`, 128-row tiles only), else None."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
+    promote_k = launch_promote_k(w_kind, block_m, promote_k, hidden)
     w_desc = weight_descriptor(w_kind, w_data, hidden)
     total = max_tiles * (inter // BLOCK_N)
     grid = (max(1, min(total, ctas * num_sms)),)
