@@ -42,7 +42,7 @@ from mega_moe_layer import formats  # noqa: E402
 from mega_moe_layer.kernels import gemm_heuristics as gh  # noqa: E402
 from mega_moe_layer.kernels import reference as ref  # noqa: E402
 from mega_moe_layer.kernels.gemm_operands import prepare_weight_operand  # noqa: E402
-from mega_moe_layer.kernels.l1_gemm import build_tile_map, l1_grouped_gemm  # noqa: E402
+from mega_moe_layer.kernels.l1_gemm import build_tile_map, chained_fp4_hazards, l1_grouped_gemm  # noqa: E402
 from mega_moe_layer.kernels.l2_gemm import l2_grouped_gemm  # noqa: E402
 
 DEV = "cuda"
@@ -717,6 +717,10 @@ def main() -> None:
                         if args.gluon:
                             gluon_us(case, kern, name, args.iters, stream_us)
                         for prom in (int(v) for v in args.stream_promotes.split(",") if v):
+                            if case.stream[0].kind == "mxfp4" and prom > 1 and chained_fp4_hazards():
+                                print(f"    {kern} streamed ({name}) promote every {prom}: not for 4-bit words with "
+                                      "this Triton (`l1_gemm._check_promote`)", flush=True)
+                                continue
                             # the other kernel at its default; this one promoting every `prom` steps
                             cfg_of = gh.l1_gemm_config if kern == "l1" else gh.l2_gemm_config
                             extra = () if kern == "l1" else ("bf16",)

@@ -1106,6 +1106,33 @@ def test_fp4_decoders_compile_with_half_the_scale_multiplies():
             assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kern, dec, usage)
 
 
+def test_fp4_register_operand_promotes_every_step_on_the_gpu():
+    """Why `l1_gemm._check_promote` refuses chained promotion for 4-bit words on the GPU with some
+    Triton releases (`chained_fp4_hazards`: 3.6, the GPU machine's): their L1 sm_90a PTX with
+    promote_steps 2 (16 rows, 256 K a step) rewrites registers of a running wgmma, 3.9's does not;
+    the check refuses exactly that case on those releases."""
+    from mega_moe_layer.kernels import _compile
+    from mega_moe_layer.kernels.l1_gemm import _check_promote, _l1_kernel, chained_fp4_hazards
+    sig, ce, opts = l1_compile_args("mxfp4", "fp8", 90, 16, w_kind="mxfp4", act_rebased=True)
+    ce["PROMOTE"] = 2
+    try:
+        ptx, = _compile.compile_ptx_batch([_compile.CompileJob(_l1_kernel, sig, ce, 90, **opts)])
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    assert (_compile.wgmma_register_hazards(ptx) != []) == chained_fp4_hazards(), triton.__version__
+    cfg = gh.l1_gemm_config(16, 7168, 2048, "mxfp4", "fp8", 90, fp8_mainloop=True, act_rebased=True,
+                            weight_kind="mxfp4")
+    chained = dataclasses.replace(cfg, promote_steps=2)
+    if chained_fp4_hazards():
+        with pytest.raises(ValueError, match="promote after every K step"):
+            _check_promote(chained, "mxfp4", 7168, torch.device("cuda"))
+    else:
+        _check_promote(chained, "mxfp4", 7168, torch.device("cuda"))
+    _check_promote(cfg, "mxfp4", 7168, torch.device("cuda"))                 # the layer's: one step
+    _check_promote(chained, "mxfp4", 7168, torch.device("cpu"))              # the interpreter's
+    _check_promote(chained, "fp8_rebased", 7168, torch.device("cuda"))       # weights from shared memory
+
+
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[_case_id(c) for c in COMPILE_CASES])
 def test_compiles(compiled, case):
     from mega_moe_layer.kernels import _compile

@@ -1300,6 +1300,26 @@ def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: in
                          f"(= {16 * config.num_warps}) for MXFP4 fragment words")
 
 
+def chained_fp4_hazards() -> bool:
+    """Whether this Triton compiles the 4-bit register-operand loop with K steps chained into code
+    that rewrites registers of a running wgmma: Triton 3.6 does (12 to 28 places in L1's sm_90a PTX
+    with promote_steps 2, `_compile.wgmma_register_hazards`), 3.9 does not; 3.7 and 3.8 unchecked,
+    counted with 3.6."""
+    import re
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return m is None or (int(m.group(1)), int(m.group(2))) < (3, 9)
+
+
+def _check_promote(config: GroupedGemmConfig, w_kind: str, k: int, device: torch.device) -> None:
+    """On the GPU, with a Triton that miscompiles it (`chained_fp4_hazards`), 4-bit MXFP4 words
+    decoded into the MMA's register operand promote after every K step: chained K steps would sum
+    wrongly without an error. The interpreter has no such registers and runs any promotion."""
+    if w_kind == "mxfp4" and device.type == "cuda" and config.promote_for(k) > 1 and chained_fp4_hazards():
+        raise ValueError(f"config: 4-bit MXFP4 weights on the GPU promote after every K step (promote_steps 1): "
+                         f"chaining {config.promote_for(k)} steps leaves wgmma register hazards, got promote_steps "
+                         f"{config.promote_steps}")
+
+
 def _check_over(over_m, over_limit, block_m: int, streamed: bool, w_kind: str) -> None:
     """over_m / over_limit of a launch (`TilePlan.over` / `over_limit`): 0 / 0, or over_m 16 or 32
     with over_m <= over_limit < block_m, on the streamed FP8 mainloop only."""
@@ -1527,6 +1547,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
     _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
+    _check_promote(config, w_kind, hidden, device)
     _check_over(over_m, over_limit, block_m, x_rebased is not None, w_kind)
     fp4_decoder = _fp4_decoder(w13_operand, config)
     if num_sms is None:

@@ -98,9 +98,9 @@ DECODE_AHEAD = False
 #: The K of each partial sum at the 128-row prefill tiles with 4-bit words where it decodes ahead
 #: (`DECODE_AHEAD`): 128 (default: the Triton kernel's, the same h bit for bit) or 256 (the decode
 #: tiles' promotion: the pair's MMAs chained, half the promotion adds and MMA waits; h then differs
-#: from the Triton kernel's within the GEMM tolerance; the Triton kernel cannot take it: promoting
-#: every two steps at 128 rows leaves wgmma register hazards in its sm_90a PTX, 12 to 28 found by
-#: `_compile.wgmma_register_hazards`). Built 2026-12-08 (twelfth session), not yet run
+#: from the Triton kernel's within the GEMM tolerance; the Triton kernel does not take it: with
+#: Triton 3.6, the GPU machine's, its 4-bit loop promoting every two steps rewrites registers of a
+#: running wgmma, `l1_gemm.chained_fp4_hazards`). Built 2026-12-08 (twelfth session), not yet run
 #: (`scripts/bench.py --decode-ahead --l1-prefill-promote 2`).
 PREFILL_PROMOTE_K = 128          # (BLOCK_K)
 

@@ -22,10 +22,9 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
-                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_rebased,
-                      _check_tensor,
-                      _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, _fp4_perm_k, fp4_table,
-                      _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
+                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_promote,
+                      _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder,
+                      _fp4_perm_k, fp4_table, _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
                       _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
                       sf_words_p2, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
                       _weight_tile_mx)
@@ -338,6 +337,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
     _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
+    _check_promote(config, w_kind, inter, device)
     _check_over(over_m, over_limit, block_m, h_rebased is not None, w_kind)
     if num_sms is None:
         num_sms = _device_num_sms(device) if device.type == "cuda" else 4
