@@ -385,8 +385,9 @@ def parse_args(argv=None):
                    help="GPU layer: copy the rebased x into pair order for L1's 128-row tiles on the Gluon kernel "
                         "(`nvshmem_backend.PAIR_ORDER_X`: one TMA box per tile instead of a row gather), to measure it")
     p.add_argument("--decode-ahead", action="store_true",
-                   help="GPU layer: the Gluon L1 decodes every odd K step's 4-bit words while the even step's MMAs "
-                        "run (`kernels.l1_gluon.DECODE_AHEAD`; the same h), to measure it")
+                   help="GPU layer: the Gluon L1 and L2 decode every odd K step's 4-bit words while the even step's "
+                        "MMAs run (`kernels.l1_gluon.DECODE_AHEAD`, `l2_gluon.DECODE_AHEAD`; the same sums), to "
+                        "measure it")
     p.add_argument("--l1-prefill-promote", type=int, default=1, choices=(1, 2),
                    help="GPU layer: with --decode-ahead, the Gluon L1's 4-bit prefill tiles promote every this many "
                         "128-K steps (`kernels.l1_gluon.PREFILL_PROMOTE_K`; 2: 256 K a partial sum, other sums than "
@@ -481,7 +482,7 @@ def main(argv=None):
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.PAIR_ORDER_X = True
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
-    l1_gluon.DECODE_AHEAD = args.decode_ahead
+    l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
     l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
         value = getattr(args, flag[2:].replace("-", "_"))

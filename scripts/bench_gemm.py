@@ -276,8 +276,8 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
             profile_gluon(case, kern, f"{name} gluon", outs, want, stream_us)
         finally:
             mod.ENABLED = False
-    if kern == "l1" and case.stream[0].kind == "mxfp4":    # (the 4-bit words: what it decodes)
-        ahead_us(case, name, iters, want, stream_us)
+    if case.stream[0].kind == "mxfp4":    # (the 4-bit words: what it decodes)
+        ahead_us(case, kern, name, iters, want, stream_us)
     if kern == "l1" and case.block_m == 128:
         pairs_us(case, name, iters, want, stream_us)
 
@@ -313,27 +313,32 @@ def profile_gluon(case: "Case", kern: str, name: str, outs, want, stream_us: dic
           f"{100 * split['load_empty_wait_share']:.1f}% of its cycles; output equal: {split['equal']}", flush=True)
 
 
-def ahead_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
-    """The Gluon L1 with every odd K step's decode under the even step's MMAs (`l1_gluon.DECODE_AHEAD`)
-    against its plain loop: h compared with the Triton kernel's (`want`), then timed (and with
-    --profile its cycle split); stream_us[name + " gluon ahead"] = (us, None, equal)."""
-    from mega_moe_layer.kernels import l1_gluon
-    l1_gluon.ENABLED = l1_gluon.DECODE_AHEAD = True
+def ahead_us(case: "Case", kern: str, name: str, iters: int, want, stream_us: dict) -> None:
+    """The Gluon L1 or L2 with every odd K step's decode under the even step's MMAs
+    (`l1_gluon.DECODE_AHEAD`, `l2_gluon.DECODE_AHEAD`) against its plain loop: the output compared
+    with the Triton kernel's (`want`), then timed (and with --profile its cycle split);
+    stream_us[name + " gluon ahead"] = (us, None, equal). L1 at 128-row tiles: also 256 K a partial
+    sum (`l1_gluon.PREFILL_PROMOTE_K`)."""
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    mod = l1_gluon if kern == "l1" else l2_gluon
+    run = case.l1 if kern == "l1" else case.l2
+    outs = (case.h, case.h_sf) if kern == "l1" else (case.out,)
+    mod.ENABLED = mod.DECODE_AHEAD = True
     try:
-        case.h.zero_()
-        case.h_sf.zero_()
-        case.l1()
+        for t in outs:
+            t.zero_()
+        run()
         torch.cuda.synchronize()
-        same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
-        us = gpu_time_us(case.l1, iters)
+        same = all(_same_values(t, w) for t, w in zip(outs, want))
+        us = gpu_time_us(run, iters)
         if PROFILE_GLUON:
-            profile_gluon(case, "l1", f"{name} gluon ahead", (case.h, case.h_sf), want, stream_us)
+            profile_gluon(case, kern, f"{name} gluon ahead", outs, want, stream_us)
     finally:
-        l1_gluon.ENABLED = l1_gluon.DECODE_AHEAD = False
+        mod.ENABLED = mod.DECODE_AHEAD = False
     stream_us[f"{name} gluon ahead"] = (us, None, same)
-    print(f"    l1 streamed ({name}) on the Gluon kernel, decode ahead: {us:.1f} us against "
+    print(f"    {kern} streamed ({name}) on the Gluon kernel, decode ahead: {us:.1f} us against "
           f"{stream_us[name + ' gluon'][0]:.1f} (plain loop); output equal to the Triton kernel's: {same}", flush=True)
-    if case.block_m == 128:
+    if kern == "l1" and case.block_m == 128:
         # 256 K a partial sum at the prefill tiles (`l1_gluon.PREFILL_PROMOTE_K`): other sums, so h is
         # compared by its values' relative RMSE against the Triton kernel's
         l1_gluon.ENABLED = l1_gluon.DECODE_AHEAD = True

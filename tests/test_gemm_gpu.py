@@ -478,6 +478,20 @@ def test_gluon_l1_decode_matches_triton(wf, block_m, monkeypatch):
              H_BYTES_MIN_FRACTION_FP8_MMA if wf == "fp8" else H_BYTES_MIN_FRACTION)
 
 
+@pytest.mark.parametrize("block_m", [128, 16])
+def test_gluon_l2_decode_ahead_matches_triton(block_m, monkeypatch):
+    """`l2_gluon.DECODE_AHEAD` (4-bit words; 128 + 16 rows promoted every 128 K, 16 rows every 256 K
+    with the pair's MMAs chained): the same sums, so `test_gluon_l2_matches_triton`'s gates hold (y
+    equal to the Triton kernel's, the chain against the reference), with the ahead build launched."""
+    from mega_moe_layer.kernels import l2_gluon
+    monkeypatch.setattr(l2_gluon, "DECODE_AHEAD", True)
+    built, launch = [], l2_gluon.l2_gluon_launch
+    monkeypatch.setattr(l2_gluon, "l2_gluon_launch",
+                        lambda *a, **k: (lambda r: built.append(r[3]["AHEAD"]) or r)(launch(*a, **k)))
+    test_gluon_l2_matches_triton("mxfp4", block_m, monkeypatch)
+    assert built and all(built), f"the decode-ahead build was not launched: {built}"
+
+
 @pytest.mark.parametrize("wf, block_m", [("mxfp4", 128), ("mxfp4", 16), ("mxfp4", 32), ("fp8", 128)])
 def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     """The warp-specialised Gluon L2 (`kernels.l2_gluon`) against the Triton kernel

@@ -57,6 +57,34 @@ def test_l2_gluon_profile_build_compiles_for_hopper():
         assert re.search(r"st\.global(\.\w+)*\.b64", p), what
 
 
+def test_l2_gluon_decode_ahead_compiles_for_hopper():
+    """`DECODE_AHEAD`'s L2 build (4-bit words): at 128 + 16 rows (promoted every 128 K) the next
+    step's stage waits and table lookups sit between one MMA's commit and its wait; at 16 rows
+    (256 K a partial sum) the pair's MMAs are chained, fewer MMA waits than the plain build; no
+    register of an unfinished MMA touched, no spills."""
+    plain, ahead, plain16, ahead16 = gluon_kernel_ptx(l2_gluon, [
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, promote_k=128)),
+        (("mxfp4", 7168, 2048), dict(block_m=128, over_m=16, promote_k=128, decode_ahead=True)),
+        (("mxfp4", 7168, 2048), dict(block_m=16, over_m=0, promote_k=256)),
+        (("mxfp4", 7168, 2048), dict(block_m=16, over_m=0, promote_k=256, decode_ahead=True))])
+
+    def under_mma(p):
+        segs = re.findall(r"wgmma\.commit_group.*?wgmma\.wait_group", p, re.S)
+        return max(min(s.count("mbarrier.try_wait"), s.count("prmt.b32") // 16) for s in segs)
+    assert under_mma(plain) == 0 and under_mma(ahead) >= 1
+    assert ahead16.count("wgmma.wait_group") < plain16.count("wgmma.wait_group")
+    for what, p, bm, over in (("128", ahead, 128, 16), ("16", ahead16, 16, 0)):
+        assert_gluon_mma(p, bm, over, True, what)
+        assert _compile.wgmma_register_hazards(p) == [], what
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (what, usage)
+    with pytest.raises(ValueError, match="decode_ahead"):
+        l2_gluon.compile_args("fp8_rebased", 7168, 2048, block_m=16, over_m=0, decode_ahead=True)
+
+
 def test_l2_gluon_resident_ctas():
     """Shared memory per CTA leaves room for the CTAs per SM of its plan (`l1_gluon.launch_plan`)."""
     assert_resident_ctas("mega_moe_layer.kernels.l2_gluon",

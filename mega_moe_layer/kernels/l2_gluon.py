@@ -62,6 +62,12 @@ ENABLED: Optional[bool] = None
 DEFAULT_LAUNCHES = (("mxfp4", 16), ("fp8_rebased", 16))
 
 
+#: `l1_gluon.DECODE_AHEAD` for L2's 4-bit launches (promoted every 128 or 256 K, an even number of
+#: steps): every odd step's words decoded while the even step's MMAs run, the same sums. Off: built
+#: 2026-12-08 (twelfth session), not yet run (`scripts/bench.py --decode-ahead` sets both;
+#: `bench_gemm.py --gluon` times it).
+DECODE_AHEAD = False
+
 #: A measuring switch as `l1_gluon.PROFILE` (the same columns, `l1_gluon.profile_split`): an int64
 #: CUDA tensor of >= grid x 8 elements makes the launches built while it is set count cycles there.
 PROFILE: Optional[torch.Tensor] = None
@@ -88,6 +94,13 @@ def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, b
             and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad")
             and ((chained and w_kind == "fp8_rebased")
                  or (not chained and promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
+
+
+def _ahead(w_kind: str, promote_k: int, inter: int, on: bool) -> bool:
+    """Whether a launch decodes ahead (`DECODE_AHEAD` as `on`): 4-bit words promoted every 128 or
+    256 K (not chained through K), an even number of 128-K steps."""
+    return (on and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and promote_k < inter
+            and inter % (2 * BLOCK_K) == 0)
 
 
 def promote_steps(promote_k: int, inter: int) -> int:
@@ -167,13 +180,15 @@ if HAVE_GLUON:
                           w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                          OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr):
+                          OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
+                          AHEAD: gl.constexpr):
         """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
         into one accumulator (FP8 weights, both operands in shared memory; step k - 1's stage handed
         back once only step k's MMA is left in flight); else promoted every PROMOTE_STEPS 128-K
         steps (4-bit weights, `l1_gluon._promoted_mainloop`: each step's MMA waited for before the
         next decode rewrites its register operand, `_compile.wgmma_register_hazards`). PROF: its cycles
-        into prof_ptr (`PROFILE`, `l1_gluon.PROFILE_COLUMNS`)."""
+        into prof_ptr (`PROFILE`, `l1_gluon.PROFILE_COLUMNS`); AHEAD: the 4-bit decode of every odd
+        step under the even step's MMAs (`DECODE_AHEAD`, `l1_gluon._ahead_loop`)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -205,7 +220,7 @@ if HAVE_GLUON:
                 acc, acc_o, it, waited, in_mma = _promoted_mainloop(it, d_next, d_base, d_offs, g8, has_over, w_bufs,
                                                                     x_bufs, o_bufs, ready, ready, empty, zero, zero_o,
                                                                     NK, STAGES_, W_KIND, OVER_M, PROMOTE_STEPS,
-                                                                    a_layout, wl, PROF)
+                                                                    a_layout, wl, PROF, AHEAD)
                 t_wait += waited
                 t_mma += in_mma
             else:
@@ -258,7 +273,7 @@ if HAVE_GLUON:
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                       GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
                       PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False):
         """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
         [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
         w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
@@ -287,7 +302,7 @@ if HAVE_GLUON:
             (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                                  aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                                  HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS,
-                                 prof_ptr, PROF)),
+                                 prof_ptr, PROF, AHEAD)),
             (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
                             max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
                             GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)),
@@ -299,9 +314,12 @@ def _h_layout(rows: int):
 
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
-                 group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False, prof: bool = False):
-    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof: as
-    `l1_gluon.compile_args`."""
+                 group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False, prof: bool = False,
+                 decode_ahead: bool = False):
+    """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof,
+    decode_ahead: as `l1_gluon.compile_args`."""
+    if decode_ahead and not _ahead(w_kind, promote_k or inter, inter, True):
+        raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(h_desc=tensordesc_signature("fp8e4nv", [block_m, BLOCK_K], _h_layout(block_m)),
@@ -310,7 +328,8 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
                num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind, BLOCK_N), aux_ptr="*i32", w_row_ptr="*fp32",
                dst_ptr="*i64", max_tiles="i32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
-              OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter), PDL=pdl)
+              OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter), PDL=pdl,
+              AHEAD=decode_ahead)
     if prof:
         sig["prof_ptr"], ce["PROF"] = "*i64", True
     else:
@@ -339,8 +358,8 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
             raise ValueError(f"l2_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{pair_dst.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
-    kwargs = dict(**prof, HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
-                  OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4,
+    kwargs = dict(**prof, AHEAD=_ahead(w_kind, promote_k, inter, DECODE_AHEAD), HIDDEN=hidden, INTER=inter,
+                  W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4,
                   maxnreg=maxnreg,
                   enable_fp_fusion=False)      # as the Triton kernel: no FMA contraction
     return _l2_ws_kernel, grid, args, kwargs
