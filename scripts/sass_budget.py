@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         if d["kind"] == "other":
             continue
         top = ", ".join(f"{op} {n}" for op, n in d["ops"].most_common(10))
-        print(f"  {d['kind']} loop: {d['count']} instructions per iteration ({top})"
-              + (f"; {d['macs'] / 1e6:.2f} M MACs = {d['macs'] / FP8_MACS_PER_CLOCK:.0f} tensor cycles" if d["macs"] else ""))
+        macs = (f"; {d['macs'] / 1e6:.2f} M MACs = {d['macs'] / FP8_MACS_PER_CLOCK:.0f} tensor cycles"
+                if d["macs"] else "")
+        print(f"  {d['kind']} loop: {d['count']} instructions per iteration ({top}){macs}")
     mma = [d for d in found if d["kind"] == "mma"]
     load = [d for d in found if d["kind"] == "load"]
     if mma and load:

@@ -486,6 +486,7 @@ if HAVE_GLUON:
         step's MMA reads the even one, which stays unwritten until its wait
         (`_compile.wgmma_register_hazards`). OVER: this item has rows past block_m (their MMA beside
         each step's). Returns (acc, acc_o, it, cycles waited for stages, for MMAs)."""
+        gl.static_assert(NK % 2 == 0, "the decode-ahead loop takes K steps in pairs")
         acc = zero
         acc_o = zero_o
         t_wait = _zero(PROF)
@@ -758,10 +759,17 @@ def tensordesc_signature(name: str, block, layout) -> str:
     return f"tensordesc<{name}[{block[0]}, {block[1]}],{layout!r}>"
 
 
+def decodes_ahead(on: bool, w_kind: str, promote_k: int, k: int) -> bool:
+    """Whether a launch of this kernel or of `l2_gluon`'s, reducing k, decodes one step ahead
+    (`_ahead_loop`) when asked to (`on`): 4-bit words promoted every 128 or 256 K (not chained
+    through K), an even number of 128-K steps."""
+    return (on and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and promote_k < k
+            and k % (2 * BLOCK_K) == 0)
+
+
 def ahead(w_kind: str, promote_k: int, hidden: int) -> bool:
-    """Whether a launch decodes one step ahead (`DECODE_AHEAD`, where it applies: 4-bit words
-    promoted every 128 or 256 K, an even number of 128-K steps)."""
-    return DECODE_AHEAD and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and hidden % (2 * BLOCK_K) == 0
+    """Whether an L1 launch decodes one step ahead (`DECODE_AHEAD`, where `decodes_ahead`)."""
+    return decodes_ahead(DECODE_AHEAD, w_kind, promote_k, hidden)
 
 
 def launch_promote_k(w_kind: str, block_m: int, promote_k: int, hidden: int) -> int:
@@ -780,8 +788,7 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
     by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
     (4-bit words promoted every 128 K only)."""
-    if decode_ahead and not (w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K)
-                             and hidden % (2 * BLOCK_K) == 0):
+    if decode_ahead and not decodes_ahead(True, w_kind, promote_k, hidden):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
     sig = dict(x_ptr="*fp8e4nv", x_exp_ptr="*i32", pair_rows_ptr="*i32", pair_w_ptr="*fp32", offsets_ptr="*i32",
@@ -830,7 +837,7 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
                              f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
     kwargs = dict(**prof, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
-                  HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS,
-                  PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
+                  HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
+                  OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs

@@ -24,7 +24,8 @@ from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
                       _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_promote,
                       _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder,
-                      _fp4_perm_k, fp4_table, _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind, _mma,
+                      _fp4_perm_k, fp4_table, _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind,
+                      _mma,
                       _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
                       sf_words_p2, _weight_launch_args, _weight_shapes, _weight_tile_bf16,
                       _weight_tile_mx)

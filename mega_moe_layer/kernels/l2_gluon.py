@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 
 from .l1_gemm import _exp2_ue8m0, _round_bf16
-from .l1_gluon import (BLOCK_K, BLOCK_MS, HAVE_GLUON, descriptor_signature, launch_plan, tensordesc_signature,
-                       weight_descriptor)
+from .l1_gluon import (BLOCK_K, BLOCK_MS, HAVE_GLUON, decodes_ahead, descriptor_signature, launch_plan,
+                       tensordesc_signature, weight_descriptor)
 from .sync import pdl_enter
 
 if HAVE_GLUON:
@@ -94,13 +94,6 @@ def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, b
             and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad")
             and ((chained and w_kind == "fp8_rebased")
                  or (not chained and promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
-
-
-def _ahead(w_kind: str, promote_k: int, inter: int, on: bool) -> bool:
-    """Whether a launch decodes ahead (`DECODE_AHEAD` as `on`): 4-bit words promoted every 128 or
-    256 K (not chained through K), an even number of 128-K steps."""
-    return (on and w_kind == "mxfp4" and promote_k in (BLOCK_K, 2 * BLOCK_K) and promote_k < inter
-            and inter % (2 * BLOCK_K) == 0)
 
 
 def promote_steps(promote_k: int, inter: int) -> int:
@@ -318,7 +311,7 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
                  decode_ahead: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof,
     decode_ahead: as `l1_gluon.compile_args`."""
-    if decode_ahead and not _ahead(w_kind, promote_k or inter, inter, True):
+    if decode_ahead and not decodes_ahead(True, w_kind, promote_k or inter, inter):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
@@ -358,8 +351,8 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
             raise ValueError(f"l2_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{pair_dst.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
-    kwargs = dict(**prof, AHEAD=_ahead(w_kind, promote_k, inter, DECODE_AHEAD), HIDDEN=hidden, INTER=inter,
-                  W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4,
-                  maxnreg=maxnreg,
+    kwargs = dict(**prof, AHEAD=decodes_ahead(DECODE_AHEAD, w_kind, promote_k, inter), HIDDEN=hidden, INTER=inter,
+                  W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit,
+                  PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)      # as the Triton kernel: no FMA contraction
     return _l2_ws_kernel, grid, args, kwargs
