@@ -357,6 +357,8 @@ class NvshmemForward(CompiledForwardMixin):
                           COPY_BF16=fmt == "bf16", WRITE_CALL_INFO=True, REBASE=self.stage_rebase,
                           num_warps=pcfg.num_warps,
                           enable_fp_fusion=False)
+            if self.stage_rebase and self.w13_op.lane:
+                kwargs["LANE_K"] = True         # x in the order of w13's words (`gemm_operands.LANE_K_ORDER`)
             ls = Launcher(_pre_dispatch_kernel, (1,), args, kwargs)
             self._stage_update[key] = ls.setter("x_ptr", "topk_idx_ptr", "topk_w_ptr", "num_tokens",
                                                 "max_tokens", "y_addr")
@@ -440,9 +442,10 @@ class NvshmemForward(CompiledForwardMixin):
             self._rebase_x = self._chain(rebase_act_rows(ws.view("recv_x"), ws.view("recv_x_sf"), *self.x_rebased,
                                                          self.recv_count, act_format=cfg.act_format,
                                                          group=cfg.act_group_size, rows=self.recv_rows,
-                                                         num_sms=self.num_sms, bind=True))
+                                                         num_sms=self.num_sms, bind=True, lane_k=self.w13_op.lane))
         self._rebase_h = self._chain(rebase_act_rows(ws.view("h"), ws.view("h_sf"), *self.h_rebased, count,
-                                         act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True))
+                                         act_format=cfg.act_format, group=32, num_sms=self.num_sms, bind=True,
+                                         lane_k=self.w2_op.lane))
         self.x_pairs = self._order_x = None
         if PAIR_ORDER_X:
             from .kernels.rebase import order_pair_rows

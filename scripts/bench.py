@@ -392,6 +392,10 @@ def parse_args(argv=None):
                    help="GPU layer: with --decode-ahead, the Gluon L1's 4-bit prefill tiles promote every this many "
                         "128-K steps (`kernels.l1_gluon.PREFILL_PROMOTE_K`; 2: 256 K a partial sum, other sums than "
                         "the Triton kernel's), to measure it")
+    p.add_argument("--lane-k", action="store_true",
+                   help="GPU layer: MXFP4 weights in the \"lane\" K order (`kernels.gemm_operands.LANE_K_ORDER`: one "
+                        "E2M1 table per row and K step instead of one per 8 weights; x and h written in that order "
+                        "where they are rebased), to measure it")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -481,7 +485,8 @@ def main(argv=None):
     if args.pair_x:
         from mega_moe_layer import nvshmem_backend
         nvshmem_backend.PAIR_ORDER_X = True
-    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    from mega_moe_layer.kernels import gemm_operands, l1_gluon, l2_gluon
+    gemm_operands.LANE_K_ORDER = args.lane_k
     l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
     l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):

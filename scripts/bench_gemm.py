@@ -160,14 +160,15 @@ class Case:
         """Tiles of `block_m` rows over this case's per-expert counts."""
         return sum(-(-(b - a) // block_m) for a, b in zip(self.starts[:-1], self.starts[1:]))
 
-    def stream_setup(self, as_fp8: bool) -> bool:
+    def stream_setup(self, as_fp8: bool, lane: bool = False) -> bool:
         """Switch l1 / l2 to the streamed FP8 mainloop (x / h rebased first, as the layer does with
-        `hopper_fp8_mainloop`); MXFP4 weights expanded to E4M3 at load when `as_fp8`. False when
-        it does not apply."""
+        `hopper_fp8_mainloop`); MXFP4 weights expanded to E4M3 at load when `as_fp8`; 4-bit words in
+        the "lane" K order (x and h rebased in it) when `lane` (`gemm_operands.LANE_K_ORDER`). False
+        when it does not apply."""
         from mega_moe_layer.kernels.rebase import rebase_act_rows
         arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
         ops = [prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=self.act_format,
-                                      fp4_as_fp8=as_fp8) for q in (self.w13, self.w2)]
+                                      fp4_as_fp8=as_fp8, lane_k=lane) for q in (self.w13, self.w2)]
         if not all(o.is_fp8_mma for o in ops):
             return False
         f8, i32 = dict(dtype=torch.float8_e4m3fn, device=DEV), dict(dtype=torch.int32, device=DEV)
@@ -175,9 +176,9 @@ class Case:
         hr = (torch.empty(self.P, self.I, **f8), torch.zeros(self.P, **i32))
         count = self.offsets[-1:]
         self.rebase_x = lambda: rebase_act_rows(self.pool_x, self.pool_x_sf, *xr, count, act_format=self.act_format,  # noqa: E731
-                                                group=32, rows=self.pair_rows)
+                                                group=32, rows=self.pair_rows, lane_k=ops[0].lane)
         self.rebase_h = lambda: rebase_act_rows(self.h, self.h_sf, *hr, count, act_format=self.act_format,  # noqa: E731
-                                                group=32)
+                                                group=32, lane_k=ops[1].lane)
         self.stream = (ops[0], ops[1], xr, hr)
         return True
 
@@ -620,7 +621,8 @@ def main() -> None:
     p.add_argument("--fp8-block-scales", action="store_true",
                    help="FP8 weights with their block scales times 1.3 (not powers of two: the 'fp8_block' operand)")
     p.add_argument("--stream-kinds", default="mxfp4,fp4_as_fp8",
-                   help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8')")
+                   help="with --stream, MXFP4 weights: the operands timed (4-bit 'mxfp4', 8-bit 'fp4_as_fp8', 4-bit in "
+                        "the \"lane\" K order 'mxfp4_lane': `gemm_operands.LANE_K_ORDER`)")
     p.add_argument("--gluon", action="store_true",
                    help="with --stream: also time L1 / L2 on the warp-specialised Gluon kernels (`kernels.l1_gluon`, "
                         "`l2_gluon`), their output compared with the Triton kernels' first; at 128-row tiles also "
@@ -644,6 +646,9 @@ def main() -> None:
                    help="MXFP4 weights, bf16 mainloop: also time the 'lut' decoder (checked bitwise "
                         "against the default decoder first)")
     args = p.parse_args()
+    bad = set(args.stream_kinds.split(",")) - {"mxfp4", "fp4_as_fp8", "mxfp4_lane"}
+    if bad:
+        p.error(f"--stream-kinds: expected 'mxfp4', 'fp4_as_fp8' or 'mxfp4_lane', got {sorted(bad)}")
     global PROFILE_GLUON
     PROFILE_GLUON = args.profile
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
@@ -704,11 +709,12 @@ def main() -> None:
                     print(f"  {kern} {wf}/{af} {case.label()}: bf16 mainloop {us:.1f} us, fp8 mainloop {alt_us:.1f} us",
                           flush=True)
                 stream_us = {}
-                for as_fp8 in ((tuple(k == "fp4_as_fp8" for k in args.stream_kinds.split(",")) if wf == "mxfp4" else (False,))
-                               if args.stream else ()):
-                    if not case.stream_setup(as_fp8):
+                for skind in ((tuple(args.stream_kinds.split(",")) if wf == "mxfp4" else ("fp8",))
+                              if args.stream else ()):
+                    as_fp8, lane = skind == "fp4_as_fp8", skind == "mxfp4_lane"
+                    if not case.stream_setup(as_fp8, lane):
                         break
-                    name = "fp4_as_fp8" if as_fp8 else case.stream[0].kind
+                    name = "fp4_as_fp8" if as_fp8 else ("mxfp4_lane" if lane else case.stream[0].kind)
                     try:
                         case.rebase_x()
                         case.l1()

@@ -82,12 +82,18 @@ def describe(loop: dict) -> Dict[str, object]:
 
 def sass_of(kernel: str, args: tuple, kw: dict) -> str:
     """The nvdisasm text of a Gluon build (`compile_args(*args, **kw)` of the kernel's module)."""
+    from mega_moe_layer.kernels import l1_gluon, l2_gluon
+    mod = l1_gluon if kernel == "l1" else l2_gluon
+    return sass_of_job(*mod.compile_args(*args, **kw))
+
+
+def sass_of_job(kernel_fn, sig: dict, ce: dict, opts: dict) -> str:
+    """The nvdisasm text of any kernel's sm_90a build (`_compile.CompileJob` arguments: e.g. the
+    Triton L1's from `tests/test_gemm.py`'s `l1_compile_args`)."""
     import triton
 
-    from mega_moe_layer.kernels import _compile, l1_gluon, l2_gluon
-    mod = l1_gluon if kernel == "l1" else l2_gluon
-    k, sig, ce, opts = mod.compile_args(*args, **kw)
-    ptx, = _compile.compile_ptx_batch([_compile.CompileJob(k, sig, ce, 90, **opts)])
+    from mega_moe_layer.kernels import _compile
+    ptx, = _compile.compile_ptx_batch([_compile.CompileJob(kernel_fn, sig, ce, 90, **opts)])
     ptxas = _compile._ptxas_path(90)           # the ptxas this Triton assembles sm_90a with
     nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
     if not os.path.exists(nvdisasm):

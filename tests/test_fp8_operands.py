@@ -135,6 +135,59 @@ def test_fragment_words_layout():
         go.fragment_words(torch.zeros(2, 32, dtype=torch.int8))
 
 
+def test_lane_k_order():
+    """`reference.lane_k_order`: a permutation of each 128-K chunk moving runs of 4 columns; the 8
+    positions a thread of a quad (c) holds in the MMA of step g (32 g + 16 h + 4 c + b) are
+    columns 32 c + 8 g .. + 7: one 32-group per thread across the step's 4 MMAs."""
+    perm = ref.lane_k_order(384)
+    assert torch.equal(torch.sort(perm).values, torch.arange(384))
+    assert bool(((perm // 128) == (torch.arange(384) // 128)).all())           # within each chunk
+    assert bool((perm % 4 == torch.arange(384) % 4).all())                     # runs of 4 together
+    for g in range(4):
+        for c in range(4):
+            pos = [128 + 32 * g + 16 * h + 4 * c + b for h in range(2) for b in range(4)]
+            assert perm[pos].tolist() == [128 + 32 * c + 8 * g + i for i in range(8)]
+    x = torch.arange(2 * 256).reshape(2, 256)
+    assert torch.equal(ref.to_lane_order(x), x[:, ref.lane_k_order(256)])
+    assert not torch.equal(ref.to_lane_order(x), x)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ref.lane_k_order(96)
+
+
+def test_fragment_words_lane_order():
+    """`fragment_words(lane=True)`: the words of the K-permuted codes, so word 4 c + g of a chunk
+    holds the 8 codes of columns 32 c + 8 g .. + 7 (all of group c; lo = the first 4); round trip
+    through `fragment_codes(lane=True)`; `prepare_weight_operand(lane_k=True)` marks the operand
+    (`WeightOperand.lane`) and leaves FP8 weights alone."""
+    gen = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 16, (3, 256), generator=gen, dtype=torch.uint8)
+    packed = ref.pack_fp4(codes)
+    lane = go.fragment_words(packed, lane=True)
+    assert torch.equal(lane, go.fragment_words(ref.pack_fp4(ref.to_lane_order(codes))))
+    assert not torch.equal(lane, go.fragment_words(packed))
+    assert torch.equal(go.fragment_codes(lane, lane=True), codes)
+    words = lane.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    for r in range(3):
+        for q in range(32):
+            j, c, g = q // 16, (q // 4) % 4, q % 4
+            for p in range(8):
+                nib = (int(words[r, q]) >> (4 * p)) & 15
+                col = 128 * j + 32 * c + 8 * g + (0, 1, 2, 3, 4, 5, 6, 7)[p]      # magnitude's column
+                scol = 128 * j + 32 * c + 8 * g + (4, 0, 5, 1, 6, 2, 7, 3)[p]      # sign bit's column
+                assert nib & 7 == int(codes[r, col]) & 7 and nib >> 3 == int(codes[r, scol]) >> 3
+    w = (torch.randn(2, 128, 256, generator=gen) * 0.05).to(torch.bfloat16)
+    qw = formats.quantize_weight(w, "mxfp4")
+    op = go.prepare_weight_operand("mxfp4", qw.data, qw.scale, arch=90, act_format="fp8", lane_k=True)
+    assert op.kind == "mxfp4" and op.lane
+    assert torch.equal(go.fragment_codes(op.data, lane=True), ref.unpack_fp4(qw.data.view(torch.uint8)))
+    assert not go.prepare_weight_operand("mxfp4", qw.data, qw.scale, arch=90, act_format="fp8").lane
+    q8 = formats.quantize_weight(w, "fp8")
+    op8 = go.prepare_weight_operand("fp8", q8.data, q8.scale, arch=90, act_format="fp8", lane_k=True)
+    assert op8.kind == "fp8_rebased" and not op8.lane
+    with pytest.raises(TypeError, match="lane_k"):
+        go.prepare_weight_operand("mxfp4", qw.data, qw.scale, arch=90, act_format="fp8", lane_k=1)
+
+
 def test_far_groups_count():
     """`WeightOperand.far_groups`: nonzero groups more than 11 binades below their row's largest
     (their tables have subnormal entries: the kernels switch to the exact f16x2 tables); an
@@ -265,7 +318,7 @@ def test_act_tile_bitwise_gpu(fmt, group):
 # =================================================================================================
 # rebase_act_rows: the pass that rebases activations where they land (x after the dispatch, h after L1)
 # =================================================================================================
-def _check_rebase_rows(device, fmt, group, indirect):
+def _check_rebase_rows(device, fmt, group, indirect, lane_k=False):
     from mega_moe_layer.kernels.rebase import rebase_act_rows
     gen = torch.Generator().manual_seed(5)
     n, k = 23, 1024
@@ -284,7 +337,10 @@ def _check_rebase_rows(device, fmt, group, indirect):
     else:
         rows, count = None, torch.tensor([15], dtype=torch.int32)
         done = torch.arange(n) < 15
-    rebase_act_rows(q.to(device), sf.to(device), dst, dst_e, count.to(device), act_format=fmt, group=group, rows=rows)
+    rebase_act_rows(q.to(device), sf.to(device), dst, dst_e, count.to(device), act_format=fmt, group=group, rows=rows,
+                    lane_k=lane_k)
+    if lane_k:
+        want = ref.to_lane_order(want.view(torch.uint8)).contiguous().view(torch.float8_e4m3fn)
     got, want = dst.cpu().view(torch.uint8), want.view(torch.uint8)
     same = (got == want) | ((got & 0x7F) == 0) & ((want & 0x7F) == 0)
     assert bool(same[done].all()), f"{int((~same[done]).sum())} rebased bytes differ"
@@ -306,6 +362,20 @@ def test_rebase_act_rows_bitwise_gpu(fmt, group, indirect):
     _check_rebase_rows("cuda", fmt, group, indirect)
 
 
+@pytest.mark.parametrize("fmt,group,indirect", [("fp8", 32, True), ("fp4", 128, False)])
+def test_rebase_act_rows_lane_order(fmt, group, indirect):
+    """lane_k=True: the reference's rebased rows in the "lane" K order (`reference.to_lane_order`),
+    bit for bit, as the GEMMs of a lane-ordered 4-bit operand read them."""
+    _check_rebase_rows(*_device_and_fast()[:1], fmt, group, indirect, lane_k=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt,group,indirect", [("fp8", 32, False), ("fp4", 32, True)])
+def test_rebase_act_rows_lane_order_gpu(fmt, group, indirect):
+    _check_rebase_rows("cuda", fmt, group, indirect, lane_k=True)
+
+
 def test_rebase_act_rows_rejects_bad_arguments():
     from mega_moe_layer.kernels.rebase import rebase_act_rows
     q, sf = ref.quantize_act(torch.randn(4, 512).to(torch.bfloat16), "fp8", 32)
@@ -319,6 +389,8 @@ def test_rebase_act_rows_rejects_bad_arguments():
         rebase_act_rows(q, sf, dst, e[:3], count, act_format="fp8", group=32)
     with pytest.raises(ValueError, match="count: expected an int32 tensor"):
         rebase_act_rows(q, sf, dst, e, count.long(), act_format="fp8", group=32)
+    with pytest.raises(TypeError, match="lane_k"):
+        rebase_act_rows(q, sf, dst, e, count, act_format="fp8", group=32, lane_k="yes")
 
 
 # =================================================================================================

@@ -108,7 +108,8 @@ class GemmProblem:
 
 def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: str, act_format: str, *,
                  act_group_size: int = 32, clamp: Optional[float] = None, block_m: int = 16, slack: int = 3,
-                 seed: int = 0, device="cpu", fp8_mainloop: bool = False, fp4_as_fp8: bool = False) -> GemmProblem:
+                 seed: int = 0, device="cpu", fp8_mainloop: bool = False, fp4_as_fp8: bool = False,
+                 lane_k: bool = False) -> GemmProblem:
     """Random problem: x ~ N(0, 1) in the pool (quantised by the reference codecs), weights scaled
     so gate/up/h/y are O(1), pair rows drawn with repeats from a pool larger than the pairs."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -133,7 +134,8 @@ def make_problem(hidden: int, inter: int, counts: Sequence[int], weight_format: 
         major, minor = torch.cuda.get_device_capability(device)
         arch = 10 * major + minor
     ops = [go.prepare_weight_operand(q.format, q.data, q.scale, arch=arch, act_format=act_format,
-                                     fp8_mainloop=fp8_mainloop, fp4_as_fp8=fp4_as_fp8) for q in (q13, q2)]
+                                     fp8_mainloop=fp8_mainloop, fp4_as_fp8=fp4_as_fp8, lane_k=lane_k)
+           for q in (q13, q2)]
     return GemmProblem(hidden, inter, list(counts), weight_format, act_format, act_group_size, clamp, block_m,
                        pool_x, pool_x_sf, pair_rows, pair_weights, offsets, tile_expert, tile_row_start, num_tiles,
                        q13, q2, q13.dequantize(), q2.dequantize(), *ops)
@@ -706,12 +708,12 @@ def stream_chain(prob: GemmProblem, combine_format: str, what: str = "", skip: S
     x8 = poisoned((npool, H), torch.float8_e4m3fn, device)
     x_e = torch.full((npool,), -1, dtype=torch.int32, device=device)
     rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format=prob.act_format,
-                    group=prob.act_group_size, rows=prob.pair_rows)
+                    group=prob.act_group_size, rows=prob.pair_rows, lane_k=prob.w13_op.lane)
     h, h_sf = run_l1(prob, x_rebased=(x8, x_e), **extra)
     m1 = check_l1(prob, h, h_sf, what)
     h8 = poisoned((P, I), torch.float8_e4m3fn, device)
     h_e = torch.full((P,), -1, dtype=torch.int32, device=device)
-    rebase_act_rows(h, h_sf, h8, h_e, count, act_format=prob.act_format, group=32)
+    rebase_act_rows(h, h_sf, h8, h_e, count, act_format=prob.act_format, group=32, lane_k=prob.w2_op.lane)
     dest = make_destinations(prob, combine_format, skip=skip)
     run_l2(prob, h, h_sf, combine_format, dest, h_rebased=(h8, h_e), **extra)
     m2 = check_l2(prob, dest, combine_format, reference_y(prob), what)
@@ -750,13 +752,40 @@ def test_streamed_fp8_mainloop(wf, af, as_fp8):
     assert torch.equal(h2.view(torch.uint8), h.view(torch.uint8)) and torch.equal(h2_sf, h_sf)
 
 
+@interp
+@pytest.mark.parametrize("af,block_m", [("fp8", 16), ("fp4", 16), ("fp8", 128)])
+def test_streamed_lane_k_order(af, block_m):
+    """4-bit weights in the "lane" K order (`gemm_operands.LANE_K_ORDER`) with x and h rebased in
+    that order (`rebase_act_rows(lane_k=True)`): h and y against the DESIGN reference within the
+    GEMM tolerance (a mismatched order of weights and activations is far off it); at 16 rows the
+    256-K steps (two chunks per step), at 128 also rows past block_m (`over_rows_chain`). FP4 x
+    MXFP4: every product and partial sum is exact, so h and y equal the column-order run's byte for
+    byte. Without rebased activations (the in-kernel rebase reads column order) a lane-ordered
+    operand is refused."""
+    prob = make_problem(512, 128, [3, 0, 20], "mxfp4", af, block_m=block_m, seed=13, fp8_mainloop=True,
+                        lane_k=True)
+    assert prob.w13_op.lane and prob.w2_op.lane
+    m = stream_chain(prob, "bf16", what=f"lane {af} {block_m}")
+    if af == "fp4":
+        nat = make_problem(512, 128, [3, 0, 20], "mxfp4", af, block_m=block_m, seed=13, fp8_mainloop=True)
+        assert not nat.w13_op.lane
+        m_nat = stream_chain(nat, "bf16", what=f"column order {af} {block_m}")
+        assert m["h_bytes_equal"] == m_nat["h_bytes_equal"] == 1.0
+        assert m["y_rel_rmse"] == m_nat["y_rel_rmse"]
+    with pytest.raises(ValueError, match="lane K order"):
+        run_l1(prob)
+    if block_m == 128:
+        # rows past block_m (a second MMA on the same words) beside a tail launch, in lane order
+        over_rows_chain(256, 128, [70, 0, 80, 90, 20], gh.TilePlan(64, 16, 32, 16), "mxfp4", seed=23, lane_k=True)
+
+
 def over_rows_chain(hidden: int, inter: int, counts: Sequence[int], plan: gh.TilePlan, wf: str, seed: int,
-                    device="cpu", num_sms: Optional[int] = 2):
+                    device="cpu", num_sms: Optional[int] = 2, lane_k: bool = False):
     """The streamed FP8 path with a plan's rows past block_m (`TilePlan.over`: OVER_M / OVER_LIMIT
     in the main launches) next to its tail launches: h and y of every pair against the DESIGN
     reference (outputs start poisoned: each pair must be computed, by exactly one launch)."""
     prob = make_problem(hidden, inter, counts, wf, "fp8", block_m=plan.block_m, seed=seed, fp8_mainloop=True,
-                        device=device)
+                        device=device, lane_k=lane_k)
     assert prob.w13_op.kind == ("mxfp4" if wf == "mxfp4" else "fp8_rebased")
     P, E = prob.num_pairs, len(counts)
     i32 = dict(dtype=torch.int32, device=device)
@@ -773,7 +802,8 @@ def over_rows_chain(hidden: int, inter: int, counts: Sequence[int], plan: gh.Til
     count = prob.expert_offsets[-1:]
     x8 = torch.empty(prob.pool_x.shape[0], hidden, dtype=torch.float8_e4m3fn, device=device)
     x_e = torch.empty(prob.pool_x.shape[0], **i32)
-    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format="fp8", group=32, rows=prob.pair_rows)
+    rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, count, act_format="fp8", group=32, rows=prob.pair_rows,
+                    lane_k=prob.w13_op.lane)
     h, h_sf = h_buffers(prob, device)
     for q, kw in launches:
         run_l1_into(q, h, h_sf, x_rebased=(x8, x_e), **extra, **kw)
@@ -796,7 +826,7 @@ def over_rows_chain(hidden: int, inter: int, counts: Sequence[int], plan: gh.Til
         m1.update(h_bytes_equal_over=f_over, h_bytes_equal_rest=f_rest)
     h8 = torch.empty(P, inter, dtype=torch.float8_e4m3fn, device=device)
     h_e = torch.empty(P, **i32)
-    rebase_act_rows(h, h_sf, h8, h_e, count, act_format="fp8", group=32)
+    rebase_act_rows(h, h_sf, h8, h_e, count, act_format="fp8", group=32, lane_k=prob.w2_op.lane)
     dest = make_destinations(prob, "bf16", skip=(3, sum(counts) - 2))
     for q, kw in launches:
         run_l2(q, h, h_sf, "bf16", dest, h_rebased=(h8, h_e), **extra, **kw)

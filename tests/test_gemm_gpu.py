@@ -307,20 +307,20 @@ def _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **run_kw):
     return h_g, sf_g, float(same_bytes.float().mean())
 
 
-def _gluon_problem(counts, wf, block_m, seed, clamp=None):
+def _gluon_problem(counts, wf, block_m, seed, clamp=None, lane=False):
     """A DeepSeek-V3-shaped L1 problem on the GPU and its x rebased (`rebase_act_rows`), or a skip
-    where the Gluon L1 cannot run."""
+    where the Gluon L1 cannot run. lane: 4-bit words and x in the "lane" K order."""
     from mega_moe_layer.kernels import l1_gluon
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon L1 is Hopper's")
     if not l1_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon Hopper ops")
     prob = make_problem(7168, 2048, counts, wf, "fp8", block_m=block_m, seed=seed, fp8_mainloop=True, device=DEV,
-                        clamp=clamp)
+                        clamp=clamp, lane_k=lane)
     x8 = torch.empty(prob.pool_x.shape[0], 7168, dtype=torch.float8_e4m3fn, device=DEV)
     x_e = torch.empty(prob.pool_x.shape[0], dtype=torch.int32, device=DEV)
     rebase_act_rows(prob.pool_x, prob.pool_x_sf, x8, x_e, prob.expert_offsets[-1:], act_format="fp8", group=32,
-                    rows=prob.pair_rows)
+                    rows=prob.pair_rows, lane_k=prob.w13_op.lane)
     return prob, (x8, x_e)
 
 
@@ -414,6 +414,43 @@ def test_gluon_l1_decode_ahead_matches_triton(block_m, pair_x, monkeypatch):
     _report(f"gluon l1 decode ahead {block_m} pair_x {pair_x}", {"h_bytes_equal": same})
 
 
+@pytest.mark.parametrize("block_m", [128, 16])
+def test_gluon_l1_lane_k_order_matches_triton(block_m, monkeypatch):
+    """4-bit words in the "lane" K order (`gemm_operands.LANE_K_ORDER`) and x rebased in it: the
+    Gluon L1 (one table per row and step, `LANE`) and the Triton L1 ("imad_lane") sum the same
+    products in the same MMAs, so h must be equal bit for bit; at 16 rows the whole h also against
+    the DESIGN reference (a mismatched order is far off it)."""
+    from mega_moe_layer.kernels import l1_gluon
+    if block_m == 128:
+        counts = [138, 158, 300, 20, 128, 0]
+        prob, x_rebased = _gluon_problem(counts, "mxfp4", 128, 67, lane=True)
+        prob, plan, kw = _prefill_main_map(prob, counts)
+    else:
+        prob, x_rebased = _gluon_problem([1, 9, 16, 17, 40, 0, 3], "mxfp4", block_m, 71, lane=True)
+        kw = {}
+    assert prob.w13_op.lane
+    built, launch = [], l1_gluon.l1_gluon_launch
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch",
+                        lambda *a, **k: (lambda r: built.append(r[3].get("LANE")) or r)(launch(*a, **k)))
+    h, h_sf, same = _gluon_l1_against_triton(prob, x_rebased, monkeypatch, **kw)
+    assert built == [True], f"the lane build was not launched: {built}"
+    if block_m == 16:
+        check_l1(prob, h, h_sf, "gluon l1 lane order")
+    _report(f"gluon l1 lane order {block_m}", {"h_bytes_equal": same})
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_gluon_l2_lane_k_order_matches_triton(block_m, monkeypatch):
+    """`test_gluon_l2_matches_triton` with w2's words and h in the "lane" K order: y equal to the
+    Triton kernel's, the chain against the reference, the lane build launched."""
+    from mega_moe_layer.kernels import l2_gluon
+    built, launch = [], l2_gluon.l2_gluon_launch
+    monkeypatch.setattr(l2_gluon, "l2_gluon_launch",
+                        lambda *a, **k: (lambda r: built.append(r[3].get("LANE")) or r)(launch(*a, **k)))
+    test_gluon_l2_matches_triton("mxfp4", block_m, monkeypatch, lane=True)
+    assert built and all(built), f"the lane build was not launched: {built}"
+
+
 def test_gluon_l1_prefill_256k_promotion_vs_reference(monkeypatch):
     """`l1_gluon.PREFILL_PROMOTE_K` 256 with `DECODE_AHEAD`: the 128-row 4-bit launches sum 256 K per
     partial sum (other sums than the Triton kernel's, so no bitwise gate): the whole L1 -> L2 chain
@@ -493,7 +530,7 @@ def test_gluon_l2_decode_ahead_matches_triton(block_m, monkeypatch):
 
 
 @pytest.mark.parametrize("wf, block_m", [("mxfp4", 128), ("mxfp4", 16), ("mxfp4", 32), ("fp8", 128)])
-def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
+def test_gluon_l2_matches_triton(wf, block_m, monkeypatch, lane=False):
     """The warp-specialised Gluon L2 (`kernels.l2_gluon`) against the Triton kernel
     on the same rebased h (the Triton L1's) into destinations at scattered addresses, some pairs
     without one: the same sums (chained, or promoted as the Triton L2 is on 4-bit weights), so y must
@@ -503,7 +540,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     against the reference; 16- and 32-row tiles against the reference directly."""
     from mega_moe_layer.kernels import l1_gluon, l2_gluon
     counts = [138, 158, 300, 20, 128, 0] if block_m == 128 else [1, 9, 16, 17, 40, 0, 3]
-    prob, x_rebased = _gluon_problem(counts, wf, block_m, 47)
+    prob, x_rebased = _gluon_problem(counts, wf, block_m, 47, lane=lane)
     kw = {}
     if block_m == 128:
         prob, plan, kw = _prefill_main_map(prob, counts)
@@ -514,7 +551,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
     n = prob.num_routed
     h8 = torch.empty(prob.num_pairs, 2048, dtype=torch.float8_e4m3fn, device=DEV)
     h_e = torch.empty(prob.num_pairs, dtype=torch.int32, device=DEV)
-    rebase_act_rows(h, h_sf, h8, h_e, prob.expert_offsets[-1:], act_format="fp8", group=32)
+    rebase_act_rows(h, h_sf, h8, h_e, prob.expert_offsets[-1:], act_format="fp8", group=32, lane_k=prob.w2_op.lane)
     taken = _calls(monkeypatch, l2_gluon, "l2_gluon_launch")
     dests = []
     for enabled in (False, True):
@@ -533,6 +570,7 @@ def test_gluon_l2_matches_triton(wf, block_m, monkeypatch):
         check_l2(prob, dests[1], "bf16", reference_y(prob), f"gluon l2 {wf} {block_m}")
     else:
         monkeypatch.setattr(l1_gluon, "ENABLED", True)
-        _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=53, device=DEV, num_sms=None)
+        _, _, _, metrics = over_rows_chain(7168, 2048, counts, plan, wf, seed=53, device=DEV, num_sms=None,
+                                           lane_k=lane)
         assert len(taken) == 3, "the Gluon L2 was not taken in the chain (main and tail launches)"
         _report(f"gluon l1 + l2 chain {wf}", metrics)

@@ -8,6 +8,7 @@ reference of its own tokens and recount the statistics of all ranks on the host.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -291,6 +292,26 @@ def test_two_height_tile_plans(env, wf, af, cf, as_fp8):
     gpu._per_T.clear()
 
 
+@contextlib.contextmanager
+def _own_layer(cfg):
+    """A fresh layer of cfg for one test (built under its module switches): its backend; the
+    module's shared layer of cfg, if any, restored after."""
+    saved = _LAYERS.pop(cfg, None)
+    try:
+        yield _layer(cfg)._backend
+    finally:
+        _LAYERS.pop(cfg, None)
+        if saved is not None:
+            _LAYERS[cfg] = saved
+
+
+def _force_plan(gpu, R, plan, tokens):
+    """Calls of tokens(rank) rows on any rank take `plan` (the stage config and grid as planned)."""
+    for t in {tokens(r) for r in range(R)}:
+        pcfg, grid, _ = gpu._plan_T(t)
+        gpu._per_T[t] = (pcfg, grid, plan)
+
+
 def test_pair_ordered_x(env, monkeypatch):
     """`nvshmem_backend.PAIR_ORDER_X`: the rebased x copied into pair order before L1, whose 128-row
     tiles on the Gluon kernel then load each tile's token rows as one TMA box: y within the
@@ -305,23 +326,44 @@ def test_pair_ordered_x(env, monkeypatch):
     monkeypatch.setattr(nb, "PAIR_ORDER_X", True)
     monkeypatch.setattr(l1_gluon, "ENABLED", True)
     cfg = _streamed_cfg(R, "mxfp4", "fp8", "bf16", False)
-    saved = _LAYERS.pop(cfg, None)
-    try:
-        gpu = _layer(cfg)._backend
+    with _own_layer(cfg) as gpu:
         assert gpu.x_pairs is not None and gpu.x_pairs.shape == (gpu.max_pairs, cfg.hidden)
         plan = TilePlan(128, 16, 48, 16)
-        for t in {100 + 3 * r for r in range(R)}:
-            pcfg, grid, _ = gpu._plan_T(t)
-            gpu._per_T[t] = (pcfg, grid, plan)
+        _force_plan(gpu, R, plan, lambda r: 100 + 3 * r)
         for call in range(2):
             _run_and_check(cfg, rank, R, lambda r: 100 + 3 * r, seed=70 + call, mask_frac=0.1)
         assert [k for k, v in gpu._l1_launch.items() if v is not None and v.kwargs.get("PAIR_X")] == \
             [(128, False, (16, plan.over_limit))], "the 128-row L1 launch did not take the pair-ordered rows"
         gpu._per_T.clear()
-    finally:
-        _LAYERS.pop(cfg, None)
-        if saved is not None:
-            _LAYERS[cfg] = saved
+
+
+@pytest.mark.parametrize("af", ["fp8", "fp4"])
+def test_lane_k_order(env, monkeypatch, af):
+    """`gemm_operands.LANE_K_ORDER`: MXFP4 words in the "lane" K order, x rebased in that order
+    where it lands (FP8: the stage kernel's REBASE with LANE_K; FP4: `rebase_act_rows`) and h after
+    L1: y within the tolerance of the reference at decode tiles (16 rows: the Triton L1, the Gluon
+    L2) and at a 128-row plan (the Gluon L1 at 128 + 16 rows), direct and graph calls; the GEMM
+    launches took the lane tables."""
+    rank, R = env
+    from mega_moe_layer.kernels import gemm_operands
+    from mega_moe_layer.kernels.gemm_api import TilePlan
+    monkeypatch.setattr(gemm_operands, "LANE_K_ORDER", True)
+    cfg = _streamed_cfg(R, "mxfp4", af, "bf16", False)
+    with _own_layer(cfg) as gpu:
+        assert gpu.w13_op.lane and gpu.w2_op.lane
+        for call in range(2):
+            _run_and_check(cfg, rank, R, lambda r: 7 + r, seed=80 + call)
+        _force_plan(gpu, R, TilePlan(128, 16, 48, 16), lambda r: 100 + 3 * r)
+        for call in range(2):
+            _run_and_check(cfg, rank, R, lambda r: 100 + 3 * r, seed=82 + call, mask_frac=0.1)
+        gpu._per_T.clear()
+        tables = {v.kwargs.get("FP4_TABLE") for v in list(gpu._l1_launch.values()) + list(gpu._l2_launch.values())
+                  if v is not None and "FP4_TABLE" in v.kwargs}
+        lanes = [v.kwargs.get("LANE") for v in list(gpu._l1_launch.values()) + list(gpu._l2_launch.values())
+                 if v is not None and "FP4_TABLE" not in v.kwargs]
+        assert tables <= {"imad_lane", "f16_lane"} and all(lanes), (tables, lanes)
+        if af == "fp8":
+            assert gpu.stage_rebase and all(ls.kwargs.get("LANE_K") for ls in gpu._stage.values())
 
 
 def test_two_layers_share_workspace(env):

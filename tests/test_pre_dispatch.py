@@ -143,13 +143,16 @@ def test_bitwise_special_values(use_fp4, g):
         assert {0x7E, 0xFE, 0x80} <= set(codes.unique().tolist())
 
 
-def check_rebased(x, ids, w, n, g, buf_x, buf_sf, buf_e, buf_idx, buf_w):
+def check_rebased(x, ids, w, n, g, buf_x, buf_sf, buf_e, buf_idx, buf_w, lane_k=False):
     """The REBASE staging (`_launch_pre_dispatch(..., rebase_out=)`): rows < n are the reference's
     FP8 quantisation rebased to one exponent per row (`reference.rebase_act`), bitwise, with the
-    row exponents; no scale byte and no row >= n written; the top-k rows as usual."""
+    row exponents; no scale byte and no row >= n written; the top-k rows as usual. lane_k: the
+    rows in the GEMMs' lane K order (`reference.to_lane_order` of the rebased rows)."""
     q, sf = ref.per_token_cast_to_fp8(x[:n], g)
     want_r, want_f = ref.rebase_act(q, sf, "fp8", g)
-    assert_bitwise(buf_x[:n], want_r, "rebased buf_x")
+    if lane_k:
+        q, want_r = ref.to_lane_order(q), ref.to_lane_order(want_r)
+    assert_bitwise(buf_x[:n], want_r, "lane-ordered rebased buf_x" if lane_k else "rebased buf_x")
     e = buf_e[:n].long()
     assert_bitwise(torch.exp2((e - 127).double()).float(), want_f.float(), "row exponents")
     assert bool((buf_x[n:].contiguous().view(torch.uint8) == POISON).all()), "buf_x rows >= num_tokens were written"
@@ -161,13 +164,15 @@ def check_rebased(x, ids, w, n, g, buf_x, buf_sf, buf_e, buf_idx, buf_w):
     assert bool((q.view(torch.uint8) != buf_x[:n].view(torch.uint8)).any()), "no group was rebased"
 
 
-def run_rebased(T: int, H: int, g: int, seed: int, device="cpu"):
+def run_rebased(T: int, H: int, g: int, seed: int, device="cpu", lane_k: bool = False, config=None):
     x = make_x(T, H, g, ref.FP8_MAX, seed=seed, device=device)
     ids, w = make_topk(T, 8, torch.int32, seed=seed, device=device)
     buf_x, buf_sf, buf_idx, buf_w = make_buffers(T + 3, T + 5, H, 8, g, False, torch.int32, device=device)
     buf_e = torch.full((T + 3,), POISON * 0x01010101, dtype=torch.int32, device=device)
-    _launch_pre_dispatch(x, ids, w, buf_x, buf_sf, buf_idx, buf_w, T, group_size=g, rebase_out=buf_e)
-    check_rebased(x, ids, w, T, g, buf_x, buf_sf, buf_e, buf_idx, buf_w)
+    extra = dict(lane_k=True) if lane_k else {}   # the default call stays as it was
+    _launch_pre_dispatch(x, ids, w, buf_x, buf_sf, buf_idx, buf_w, T, group_size=g, rebase_out=buf_e,
+                         config=config, **extra)
+    check_rebased(x, ids, w, T, g, buf_x, buf_sf, buf_e, buf_idx, buf_w, lane_k=lane_k)
 
 
 @pytest.mark.parametrize("g", [32, 128])
@@ -175,6 +180,75 @@ def test_rebased_staging_matches_the_reference(g):
     """The layer's Hopper FP8 staging: x quantised, then rebased to one exponent per row in the
     same program (special values: zeros, ties, extremes, wide ranges within and across groups)."""
     run_rebased(5, 1536, g, seed=g)
+
+
+# H = 640 (g 32: 5 scale words, a tile of 8) and 1536 (g 128: 3 words, a tile of 4) leave a masked
+# tail of whole 128-column chunks after the row; H = 768 at g 64 (3 words of 256 columns) too.
+LANE_K_SHAPES = [(32, 256), (32, 640), (64, 768), (128, 512), (128, 1536)]
+
+
+@pytest.mark.parametrize("g,H", LANE_K_SHAPES, ids=[f"g{g}-H{H}" for g, H in LANE_K_SHAPES])
+def test_lane_k_staging_matches_the_reference(g, H):
+    """lane_k: the rebased rows written in the GEMMs' lane K order, bitwise
+    `reference.to_lane_order(reference.rebase_act(...))`, exponents as without it, rows >= n and
+    the scale bytes untouched (5 rows in an 8-row interpreter tile: masked rows too)."""
+    run_rebased(5, H, g, seed=g + H, lane_k=True)
+
+
+@pytest.mark.parametrize("g,H", [(32, 640), (128, 1536)], ids=["g32-H640", "g128-H1536"])
+@pytest.mark.parametrize("block_m", [1, 2])
+def test_lane_k_staging_in_gpu_tilings(g, H, block_m):
+    """The GPU's whole-row tiles (`pre_dispatch_config(..., whole_rows=True)`: one row per program,
+    BLOCK_W the next power of two of the row's scale words), and two rows per program."""
+    words = H // (4 * g)
+    cfg = PreDispatchConfig(block_m=block_m, block_w=heuristics.next_power_of_2(words), num_col_blocks=1,
+                            topk_block_rows=4, num_warps=4)
+    run_rebased(3, H, g, seed=block_m + H, lane_k=True, config=cfg)
+
+
+def test_lane_k_order_is_not_the_natural_order():
+    """On random data the lane-ordered rows differ from the natural-order ones and are exactly
+    their lane permutation (an identity or a wrong permutation fails here); exponents equal; a
+    count on the device as well."""
+    T, H, g = 4, 640, 32
+    x = make_x(T, H, g, ref.FP8_MAX, seed=11, special=False)
+    ids, w = make_topk(T, 3, torch.int32, seed=11)
+    out = {}
+    for lane_k in (False, True):
+        bx, bsf, bi, bw = make_buffers(T, T, H, 3, g, False, torch.int32)
+        be = torch.full((T,), POISON * 0x01010101, dtype=torch.int32)
+        count = torch.tensor([T], dtype=torch.int32) if lane_k else T
+        _launch_pre_dispatch(x, ids, w, bx, bsf, bi, bw, count, group_size=g, rebase_out=be, lane_k=lane_k)
+        out[lane_k] = bx.view(torch.uint8), be
+    (nat, e_nat), (lane, e_lane) = out[False], out[True]
+    assert_bitwise(e_lane, e_nat, "row exponents")
+    assert_bitwise(lane, ref.to_lane_order(nat), "lane order of the natural-order rows")
+    assert bool((lane != nat).any()), "lane_k wrote the natural order"
+    assert (lane != nat).float().mean().item() > 0.5, "lane_k moved too few bytes"
+    # the 128-column chunks stay themselves: the same bytes, only moved within each
+    assert torch.equal(lane.reshape(T, -1, 128).sort(-1).values, nat.reshape(T, -1, 128).sort(-1).values)
+
+
+def test_lane_k_rejects_bad_arguments():
+    x = torch.zeros(2, 512, dtype=torch.bfloat16)
+    ids, w = make_topk(2, 2, torch.int32, 0)
+    bufs = make_buffers(2, 2, 512, 2, 32, False, torch.int32)
+    e = torch.zeros(2, dtype=torch.int32)
+    snapshot = [b.clone().view(torch.uint8) for b in bufs]
+    with pytest.raises(ValueError, match="^lane_k: .*rebase_out"):
+        _launch_pre_dispatch(x, ids, w, *bufs, 2, lane_k=True)
+    for bad in (1, "yes", None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="^lane_k: expected a bool"):
+            _launch_pre_dispatch(x, ids, w, *bufs, 2, rebase_out=e, lane_k=bad)
+    x192 = torch.zeros(2, 192, dtype=torch.bfloat16)       # H % 128 != 0
+    with pytest.raises(ValueError, match="^x: hidden size H = 192 must be a multiple of 128 with lane_k"):
+        _launch_pre_dispatch(x192, ids, w, *bufs, 2, rebase_out=e, lane_k=True)
+    fp4 = make_buffers(2, 2, 512, 2, 32, True, torch.int32)
+    with pytest.raises(ValueError, match="FP8"):
+        _launch_pre_dispatch(x, ids, w, *fp4, 2, use_fp4_acts=True, rebase_out=e, lane_k=True)
+    for b, before in zip(bufs, snapshot):   # nothing was launched
+        assert torch.equal(b.view(torch.uint8), before)
+    assert bool((e == 0).all())
 
 
 def test_rebased_staging_rejects_bad_arguments():
@@ -481,7 +555,8 @@ def test_heuristic_branches():
 # ------------------------------------------------------------------------------------------------
 # Compile checks: the kernel builds for Hopper and Blackwell
 # ------------------------------------------------------------------------------------------------
-def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7168, g=32, K=8, rebase=False):
+def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7168, g=32, K=8, rebase=False,
+                  lane_k=False):
     cfg = pre_dispatch_config(4096, H, g, use_fp4=use_fp4, whole_rows=rebase)
     sig = {"x_ptr": "*i32", "topk_idx_ptr": f"*{idx_in}", "topk_w_ptr": "*i32",
            "out_x_ptr": "*i8" if use_fp4 else "*i16", "out_sf_ptr": "*i8", "out_idx_ptr": f"*{idx_out}",
@@ -499,13 +574,16 @@ def _compile_args(use_fp4: bool, idx_in: str, idx_out: str, on_device: bool, H=7
         del constexprs["out_e_ptr"]
         sig["out_e_ptr"] = "*i32"
         constexprs["REBASE"] = True
+    if lane_k:
+        constexprs["LANE_K"] = True
     return sig, constexprs, cfg.num_warps
 
 
-COMPILE_VARIANTS = {  # name -> (use_fp4, topk_idx dtype, buffer dtype, count on device[, rebase])
+COMPILE_VARIANTS = {  # name -> (use_fp4, topk_idx dtype, buffer dtype, count on device[, rebase[, lane_k]])
     "fp8": (False, "i64", "i32", False),
     "fp4-devcount": (True, "i32", "i64", True),
     "fp8-rebase": (False, "i32", "i32", False, True),   # the layer's Hopper FP8 staging, whole rows
+    "fp8-rebase-lane": (False, "i32", "i32", True, True, True),   # ... in the GEMMs' lane K order
 }
 ARCHS = (90, 100)
 
@@ -516,9 +594,11 @@ def compiled_ptx():
     from mega_moe_layer.kernels import _compile
 
     keys, jobs = [], []
-    for name, (use_fp4, idx_in, idx_out, on_device, *rebase) in COMPILE_VARIANTS.items():
+    for name, (use_fp4, idx_in, idx_out, on_device, *extra) in COMPILE_VARIANTS.items():
+        rebase, lane_k = (tuple(extra) + (False, False))[:2]
         for arch in ARCHS:
-            sig, constexprs, num_warps = _compile_args(use_fp4, idx_in, idx_out, on_device, rebase=bool(rebase))
+            sig, constexprs, num_warps = _compile_args(use_fp4, idx_in, idx_out, on_device, rebase=rebase,
+                                                       lane_k=lane_k)
             keys.append((name, arch))
             jobs.append(_compile.CompileJob(_pre_dispatch_kernel, sig, constexprs, arch, num_warps=num_warps,
                                             enable_fp_fusion=False))

@@ -153,3 +153,14 @@ def test_rebased_staging_bitwise(M, H, g, session_seed):
         run_rebased(M, H, g, seed=session_seed + M, device=DEV)
     except AssertionError as exc:
         raise AssertionError(f"seed {session_seed}: {exc}") from exc
+
+
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("M,H", [(7, 1024), (300, 7168)])
+def test_rebased_staging_lane_order_bitwise(M, H, g, session_seed):
+    """The staging with LANE_K (x for MXFP4 words in the "lane" K order, `gemm_operands.LANE_K_ORDER`):
+    `reference.to_lane_order` of the rebased rows, bitwise."""
+    try:
+        run_rebased(M, H, g, seed=session_seed + M, device=DEV, lane_k=True)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {session_seed}: {exc}") from exc

@@ -40,12 +40,21 @@ import torch
 from . import reference as ref
 
 __all__ = ["WeightOperand", "prepare_weight_operand", "uses_fp8_mma", "e2m1_table", "fragment_words", "FP4_IMAD_MAX_D",
-           "fragment_codes"]
+           "fragment_codes", "LANE_K_ORDER"]
 
 
 #: Largest offset index d at which every entry of an E2M1 -> E4M3 table (headroom 2**6) is a
 #: normal number: magnitude 0.5 x 2**(6 - d) >= 2**-6.
 FP4_IMAD_MAX_D = 11
+
+
+#: Lay MXFP4 weights out in the "lane" K order (`reference.lane_k_order`; `WeightOperand.lane`):
+#: each thread of the MMA's register operand holds one 32-group of a row per K step, so it builds
+#: one E2M1 -> E4M3 table per row instead of one per 8 weights (sm_90a SASS, Triton 3.6: the K-step
+#: loop 156 -> 141 instructions in the Gluon L1 at 16 rows, 239 -> 222 at 128 + 16, 272 -> 242 per
+#: 256 K in the Triton L1 at 16 rows; docs/PERF.md, thirteenth session). x and h are then written
+#: in that order where they are rebased. Off until measured on a GPU (`bench.py --lane-k`).
+LANE_K_ORDER = False
 
 
 def uses_fp8_mma(arch: int, weight_format: str, act_format: str) -> bool:
@@ -105,14 +114,18 @@ def _frag_index(k: int, device):
     return mag, sign
 
 
-def fragment_words(packed: torch.Tensor) -> torch.Tensor:
+def fragment_words(packed: torch.Tensor, lane: bool = False) -> torch.Tensor:
     """Packed MXFP4 bytes [..., N, K/2] (low nibble = even k) -> the same codes re-laid as fragment
     words (module comment above), returned as int8 [..., N, K/2] (the little-endian bytes of the
-    int32 words). K must be a multiple of 128."""
+    int32 words). K must be a multiple of 128. lane=True: the words of the "lane" K order
+    (`LANE_K_ORDER`): k above is a position of `reference.lane_k_order`, which holds that column's
+    code; word 4 c + g of a chunk then holds columns 32 c + 8 g + 0..7, all of group c."""
     k = packed.shape[-1] * 2
     if k % 128:
         raise ValueError(f"packed: expected K (2 x last dim) a multiple of 128, got {k}")
     codes = ref.unpack_fp4(packed.view(torch.uint8)).to(torch.int32)            # [..., N, K]
+    if lane:
+        codes = codes[..., ref.lane_k_order(k, codes.device)]
     mag_k, sign_k = _frag_index(k, packed.device)
     mag = codes[..., mag_k] & 7                                                  # [..., N, K/8, 8]
     sign = (codes[..., sign_k] >> 3) & 1
@@ -123,8 +136,9 @@ def fragment_words(packed: torch.Tensor) -> torch.Tensor:
     return words.contiguous().view(torch.int8)
 
 
-def fragment_codes(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of `fragment_words`: int8 [..., N, K/2] -> the E2M1 codes uint8 [..., N, K]."""
+def fragment_codes(words: torch.Tensor, lane: bool = False) -> torch.Tensor:
+    """Inverse of `fragment_words` (with the same `lane`): int8 [..., N, K/2] -> the E2M1 codes
+    uint8 [..., N, K] in column order."""
     w = words.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF       # [..., N, K/8]
     k = w.shape[-1] * 8
     nib = (w[..., None] >> torch.arange(0, 32, 4, device=w.device)) & 15         # [..., N, K/8, 8]
@@ -133,7 +147,10 @@ def fragment_codes(words: torch.Tensor) -> torch.Tensor:
     flat = out.reshape(-1, k)
     flat[:, mag_k.reshape(-1)] |= (nib & 7).reshape(flat.shape[0], -1)
     flat[:, sign_k.reshape(-1)] |= ((nib >> 3) << 3).reshape(flat.shape[0], -1)
-    return flat.reshape(out.shape).to(torch.uint8)
+    out = flat.reshape(out.shape)
+    if lane:
+        out = out[..., torch.argsort(ref.lane_k_order(k, out.device))]
+    return out.to(torch.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +169,10 @@ class WeightOperand:
     #: nonzero value. Their E4M3 tables have subnormal entries: the kernels then compute every
     #: table with f16x2 products (exact at every offset) instead of two IMAD (`l1_gemm.fp4_table`).
     far_groups: int = 0
+    #: "mxfp4": the words are in the "lane" K order (`LANE_K_ORDER`); the GEMMs then read x and h
+    #: rows stored in that order (`reference.to_lane_order`) and index each word's table by its
+    #: thread of the quad instead of its MMA.
+    lane: bool = False
 
     @property
     def is_fp8_mma(self) -> bool:
@@ -165,7 +186,7 @@ def _is_pow2(scale: torch.Tensor) -> bool:
 
 def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.Tensor], *, arch: int,
                            act_format: str, name: str = "w", fp8_mainloop: bool = True,
-                           fp4_as_fp8: bool = False) -> WeightOperand:
+                           fp4_as_fp8: bool = False, lane_k: Optional[bool] = None) -> WeightOperand:
     """The operand the GEMMs read for weight `(fmt, data, scale)` (`formats.QuantizedWeight`
     layout, [E, N, K]) on `arch` with `act_format` activations. Works expert by expert on the
     weight's device (bounded temporaries); MXFP4 ("mxfp4") gets a re-laid copy of its bytes.
@@ -173,7 +194,13 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
     applies. fp4_as_fp8=True (FP8 mainloop, MXFP4): the weight expanded once to its rebased E4M3
     bytes ("fp8_rebased", `reference.rebase_weight`: exact for groups within 2**8 of their row's
     largest scale): twice the bytes of the packed weight, which the GEMMs then stream into the FP8
-    MMA with nothing to decode (docs/PERF.md: as fast as 4 bits at decode, faster at prefill)."""
+    MMA with nothing to decode (docs/PERF.md: as fast as 4 bits at decode, faster at prefill).
+    lane_k (default `LANE_K_ORDER`): the "mxfp4" operand's words in the "lane" K order
+    (`WeightOperand.lane`); other kinds ignore it."""
+    if lane_k is None:
+        lane_k = LANE_K_ORDER
+    if not isinstance(lane_k, bool):
+        raise TypeError(f"lane_k: expected a bool or None, got {type(lane_k).__name__}")
     if fmt == "mxfp4":
         E, N, K2 = data.shape
         shape = (E, N, 2 * K2)
@@ -208,8 +235,9 @@ def prepare_weight_operand(fmt: str, data: torch.Tensor, scale: Optional[torch.T
         row = ref.exp2_from_ue8m0(e_row - ref.REBASE_HEADROOM["mxfp4"]).contiguous()
         words = torch.empty_like(data, dtype=torch.int8)
         for i in range(E):
-            words[i].copy_(fragment_words(data[i]))
-        return WeightOperand("mxfp4", fmt, words, didx, row, e2m1_table(data.device), changed, shape, far)
+            words[i].copy_(fragment_words(data[i], lane_k))
+        return WeightOperand("mxfp4", fmt, words, didx, row, e2m1_table(data.device), changed, shape, far,
+                             lane_k)
     if fmt == "fp8":
         if not _is_pow2(scale):
             return WeightOperand("fp8_block", fmt, data, scale.float().contiguous(), None, None, 0, shape)

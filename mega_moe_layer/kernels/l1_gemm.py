@@ -655,18 +655,27 @@ def _fp4_frag_e4m3(w_ptr, aux_ptr, tab_ptr, w_off, aux_off, vrows, vq, kt,
     rename registers. Each thread's d bytes (uint8 per row and group) are loaded in the same
     layout (c broadcast). TABLE: "imad" (two IMAD, exact while every entry is normal: d <= 11,
     which the caller guarantees), "f16" (`_e2m1_table_f16`, exact for every d), "int" (the
-    interpreter: gathered from `tab_ptr`)."""
+    interpreter: gathered from `tab_ptr`); with "_lane" (`WeightOperand.lane`): the words are in the
+    "lane" K order, word 4 c + g of group c (not g), so a thread's 4 words of a row share its table
+    (the row's 4 offset bytes loaded as one int32, byte c taken: one table per row and chunk)."""
     Q: tl.constexpr = BLOCK_K // 128
     MR: tl.constexpr = BLOCK_R // (16 * WARPS)
     col = tl.arange(0, 16)
     wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + w_off // 4 + vrows[:, None] * (K // 8)
                  + (kt * (BLOCK_K // 128) + vq)[:, None] * 16 + col[None, :])
-    d = tl.load(aux_ptr + aux_off + vrows[:, None] * (K // 32) + (kt * (BLOCK_K // 128) + vq)[:, None] * 4
-                + (col % 4)[None, :]).to(tl.int32)
-    if TABLE == "int":
+    if TABLE == "imad_lane" or TABLE == "f16_lane" or TABLE == "int_lane":
+        # (an int32 per row in the words' row layout: loading the bytes at col // 4 instead makes
+        # Triton pick another layout for them and shuffle through shared memory)
+        dw = tl.load((aux_ptr + aux_off).to(tl.pointer_type(tl.int32), bitcast=True) + vrows * (K // 128)
+                     + (kt * (BLOCK_K // 128) + vq))
+        d = (dw[:, None] >> (8 * (col // 4))[None, :]) & 0xFF
+    else:
+        d = tl.load(aux_ptr + aux_off + vrows[:, None] * (K // 32) + (kt * (BLOCK_K // 128) + vq)[:, None] * 4
+                    + (col % 4)[None, :]).to(tl.int32)
+    if TABLE == "int" or TABLE == "int_lane":
         lo, hi = _fp4_word_int(wd, tl.load(tab_ptr + d))
     else:
-        if TABLE == "imad":
+        if TABLE == "imad" or TABLE == "imad_lane":
             # E4M3 bytes of the magnitudes x 2**(6 - d) while normal: 0x60 + 8 (e - d) per entry
             tlo = 0x6C686000 - d * 0x08080800
             thi = 0x7C787470 - d * 0x08080808
@@ -1280,10 +1289,13 @@ def fp4_table(operand: Optional[WeightOperand], interpreted: bool) -> str:
     """FP4_TABLE of a launch (`_fp4_frag_e4m3`): "int" in the interpreter; "imad" (two IMAD per
     table, exact while every entry is normal) unless the operand has groups more than 11 below
     their row's largest scale that hold a nonzero value (`WeightOperand.far_groups`), which take
-    the f16x2 tables, exact at every offset ("f16"; docs/PERF.md: 1.2x slower at decode)."""
+    the f16x2 tables, exact at every offset ("f16"; docs/PERF.md: 1.2x slower at decode). "_lane"
+    appended for an operand in the "lane" K order (`WeightOperand.lane`)."""
     if interpreted:
-        return "int"
-    return "f16" if operand is not None and operand.far_groups else "imad"
+        base = "int"
+    else:
+        base = "f16" if operand is not None and operand.far_groups else "imad"
+    return base + "_lane" if operand is not None and operand.lane else base
 
 
 def _check_block_k(config: GroupedGemmConfig, w_kind: str, streamed: bool, k: int, rows: int) -> None:
@@ -1372,6 +1384,16 @@ def _check_operand_only(name: str, operand, scale) -> None:
                          f"{'none' if operand is None else repr(getattr(operand, 'kind', operand))}")
     if scale is not None:
         raise ValueError(f"{name}_scale: expected None with {name}_data None")
+
+
+def _check_lane(name: str, operand: Optional[WeightOperand], streamed: bool) -> None:
+    """A "lane" K-order operand (`WeightOperand.lane`) multiplies act rows stored in that order:
+    only the rebased rows of the streamed mainloop are (their writers permute them); the
+    in-kernel rebase of the other path reads rows in column order."""
+    if operand is not None and getattr(operand, "lane", False) and not streamed:
+        raise ValueError(f"{name}: an operand in the lane K order (prepare_weight_operand(lane_k=True)) needs the "
+                         "rebased activations of the streamed FP8 mainloop, written in that order "
+                         "(rebase_act_rows(lane_k=True)); got none")
 
 
 def _kernel_weight_format(w_kind: str, weight_format: str) -> str:
@@ -1547,6 +1569,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
         "w13_operand", w13_operand, weight_format, act_format, arch, w13_data, w13_scale,
         (num_experts, two_i, hidden), device)
     _check_block_k(config, w_kind, x_rebased is not None, hidden, 2 * config.block_n)
+    _check_lane("w13_operand", w13_operand, x_rebased is not None)
     _check_promote(config, w_kind, hidden, device)
     _check_over(over_m, over_limit, block_m, x_rebased is not None, w_kind)
     fp4_decoder = _fp4_decoder(w13_operand, config)
@@ -1568,7 +1591,8 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles,
             w_kind, w_data, w_aux, w_row, h_out, h_sf_out, hidden=hidden, inter=inter, clamp=activation_clamp,
             block_m=config.block_m, over_m=over_m, over_limit=over_limit, group_m=config.group_m, num_sms=num_sms,
-            max_tiles=n_tiles, promote_k=promote_k, x_pairs=x_pairs if config.block_m == 128 else None)
+            max_tiles=n_tiles, promote_k=promote_k, x_pairs=x_pairs if config.block_m == 128 else None,
+            lane=bool(getattr(w13_operand, "lane", False)))
         return _launch_or_bind(kernel, grid, device, bind, args, kwargs)
     args, kwargs = _call_args(
             x_src, x_sf_src, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start,

@@ -166,7 +166,7 @@ def applies(w_kind: str, act_format: str, streamed: bool, block_m: int, over_m: 
     step, at every height)."""
     return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and w_kind in ("mxfp4", "fp8_rebased")
             and block_m in BLOCK_MS and over_m in ((0, 16) if block_m == 128 else (0,))
-            and (w_kind != "mxfp4" or fp4_table == "imad") and promote_k in (BLOCK_K, 2 * BLOCK_K)
+            and (w_kind != "mxfp4" or fp4_table in ("imad", "imad_lane")) and promote_k in (BLOCK_K, 2 * BLOCK_K)
             and (promote_k == BLOCK_K or over_m == 0))
 
 
@@ -604,9 +604,10 @@ if HAVE_GLUON:
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                        STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                        OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
-                       AHEAD: gl.constexpr):
+                       AHEAD: gl.constexpr, LANE: gl.constexpr = False):
         """The MMA warpgroup (see the module doc). PROF: its cycles into prof_ptr (`PROFILE`);
-        AHEAD: the decode one step ahead (`DECODE_AHEAD`)."""
+        AHEAD: the decode one step ahead (`DECODE_AHEAD`); LANE: words in the "lane" K order
+        (`gemm_operands.LANE_K_ORDER`: word 4 c + g of group c, one table per row and step)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -616,7 +617,10 @@ if HAVE_GLUON:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         wl: gl.constexpr = _WORDS_LAYOUT
         r = gl.arange(0, R, layout=gl.SliceLayout(1, wl))
-        g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8     # a word's group byte
+        if LANE:
+            g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) // 4) * 8    # a word's group byte
+        else:
+            g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8
         zero = gl.zeros([R, BM], gl.float32, layout=mma)
         zero_o = gl.zeros([R, OM], gl.float32, layout=mma_o)
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
@@ -665,7 +669,7 @@ if HAVE_GLUON:
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
                       PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -676,7 +680,8 @@ if HAVE_GLUON:
         the pool by cp.async (x_ptr then unused); both descriptors None otherwise. PROF: each CTA's
         cycle counts into prof_ptr (int64 [grid, 8], `PROFILE`; a measuring build, never the layer's).
         AHEAD: the MMA warpgroup decodes step k + 1's words while step k's MMAs run (`DECODE_AHEAD`;
-        4-bit words promoted every step)."""
+        4-bit words promoted every step). LANE: 4-bit words (and so x) in the "lane" K order
+        (`gemm_operands.LANE_K_ORDER`)."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -705,7 +710,7 @@ if HAVE_GLUON:
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                               HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                              PROMOTE_STEPS, prof_ptr, PROF, AHEAD)),
+                              PROMOTE_STEPS, prof_ptr, PROF, AHEAD, LANE)),
             (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                                num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                                HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X,
@@ -783,11 +788,12 @@ def launch_promote_k(w_kind: str, block_m: int, promote_k: int, hidden: int) -> 
 
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
-                 pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False):
+                 pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False,
+                 lane: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
     by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
-    (4-bit words promoted every 128 K only)."""
+    (4-bit words promoted every 128 K only); lane: 4-bit words in the "lane" K order (`LANE`)."""
     if decode_ahead and not decodes_ahead(True, w_kind, promote_k, hidden):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
@@ -797,6 +803,8 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
               BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
               PDL=pdl, PAIR_X=pair_x, AHEAD=decode_ahead)
+    if lane:
+        ce["LANE"] = True
     if pair_x:
         sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
     else:
@@ -813,10 +821,12 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
                     num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
                     w_row: torch.Tensor, h_out: torch.Tensor, h_sf_out: torch.Tensor, *, hidden: int, inter: int,
                     clamp: Optional[float], block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
-                    max_tiles: int, promote_k: int = BLOCK_K, x_pairs: Optional[torch.Tensor] = None):
+                    max_tiles: int, promote_k: int = BLOCK_K, x_pairs: Optional[torch.Tensor] = None,
+                    lane: bool = False):
     """Launch `_l1_ws_kernel` on arguments `l1_gemm.l1_grouped_gemm` has validated (it calls this
     where `applies`); returns (kernel, grid, args, kwargs) for `_launch_or_bind`. x_pairs: the
-    rebased x in pair order (`PAIR_X`, 128-row tiles only), else None."""
+    rebased x in pair order (`PAIR_X`, 128-row tiles only), else None. lane: the 4-bit words (and
+    x) in the "lane" K order (`WeightOperand.lane`)."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     promote_k = launch_promote_k(w_kind, block_m, promote_k, hidden)
     w_desc = weight_descriptor(w_kind, w_data, hidden)
@@ -836,6 +846,8 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
             raise ValueError(f"l1_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
+    if lane and w_kind == "mxfp4":
+        prof["LANE"] = True
     kwargs = dict(**prof, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
                   HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
                   OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,

@@ -22,7 +22,7 @@ from ._launch import Launcher
 from .gemm_operands import WeightOperand
 from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
-                      _check_block_k, _check_launch_device, _check_over, _check_operand_only, _check_promote,
+                      _check_block_k, _check_lane, _check_launch_device, _check_over, _check_operand_only, _check_promote,
                       _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder,
                       _fp4_perm_k, fp4_table, _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind,
                       _mma,
@@ -338,6 +338,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         "w2_operand", w2_operand, weight_format, act_format, arch, w2_data, w2_scale,
         (num_experts, hidden, inter), device)
     _check_block_k(config, w_kind, h_rebased is not None, inter, config.block_n)
+    _check_lane("w2_operand", w2_operand, h_rebased is not None)
     _check_promote(config, w_kind, inter, device)
     _check_over(over_m, over_limit, block_m, h_rebased is not None, w_kind)
     if num_sms is None:
@@ -355,7 +356,8 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
         kernel, grid, args, kwargs = l2_gluon.l2_gluon_launch(
             h_src, h_sf_src, expert_offsets, tile_expert, tile_row_start, num_tiles, w_kind, w_data, w_aux, w_row,
             pair_dst, hidden=hidden, inter=inter, block_m=config.block_m, over_m=over_m, over_limit=over_limit,
-            group_m=config.group_m, num_sms=num_sms, max_tiles=n_tiles, promote_k=promote_k)
+            group_m=config.group_m, num_sms=num_sms, max_tiles=n_tiles, promote_k=promote_k,
+            lane=bool(getattr(w2_operand, "lane", False)))
         return _launch_or_bind(kernel, grid, device, bind, args, kwargs)
     args, kwargs = _call_args(
             h_src, h_sf_src, expert_offsets, tile_expert, tile_row_start, num_tiles, w_data, w_aux, w_row, tab,

@@ -91,7 +91,7 @@ def applies(w_kind: str, act_format: str, combine_format: str, streamed: bool, b
     chained = promote_k >= inter
     return (HAVE_GLUON and arch == 90 and streamed and act_format == "fp8" and combine_format == "bf16"
             and w_kind in ("mxfp4", "fp8_rebased") and block_m in BLOCK_MS
-            and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table == "imad")
+            and over_m in ((0, 16) if block_m == 128 else (0,)) and (w_kind != "mxfp4" or fp4_table in ("imad", "imad_lane"))
             and ((chained and w_kind == "fp8_rebased")
                  or (not chained and promote_k in (BLOCK_K, 2 * BLOCK_K) and (promote_k == BLOCK_K or over_m == 0))))
 
@@ -174,14 +174,15 @@ if HAVE_GLUON:
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                           OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
-                          AHEAD: gl.constexpr):
+                          AHEAD: gl.constexpr, LANE: gl.constexpr = False):
         """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
         into one accumulator (FP8 weights, both operands in shared memory; step k - 1's stage handed
         back once only step k's MMA is left in flight); else promoted every PROMOTE_STEPS 128-K
         steps (4-bit weights, `l1_gluon._promoted_mainloop`: each step's MMA waited for before the
         next decode rewrites its register operand, `_compile.wgmma_register_hazards`). PROF: its cycles
         into prof_ptr (`PROFILE`, `l1_gluon.PROFILE_COLUMNS`); AHEAD: the 4-bit decode of every odd
-        step under the even step's MMAs (`DECODE_AHEAD`, `l1_gluon._ahead_loop`)."""
+        step under the even step's MMAs (`DECODE_AHEAD`, `l1_gluon._ahead_loop`); LANE: the words in
+        the "lane" K order (`l1_gluon._mma_partition`)."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -190,7 +191,10 @@ if HAVE_GLUON:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         wl: gl.constexpr = _WORDS_LAYOUT
         r = gl.arange(0, _BN2, layout=gl.SliceLayout(1, wl))
-        g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8
+        if LANE:
+            g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) // 4) * 8
+        else:
+            g8 = (gl.arange(0, _BK // 8, layout=gl.SliceLayout(0, wl)) % 4) * 8
         zero = gl.zeros([_BN2, BM], gl.float32, layout=mma)
         zero_o = gl.zeros([_BN2, OM], gl.float32, layout=mma_o)
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
@@ -266,12 +270,13 @@ if HAVE_GLUON:
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                       GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
                       PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False):
         """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
         [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
         w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
         as int32 [E, H, I / 128] ("mxfp4"); w_row_ptr: float32 [E, H]; dst_ptr: int64 [P] pair
-        destination addresses (bf16 rows of H, 0 = none); the rest as `l2_gemm._l2_kernel`'s."""
+        destination addresses (bf16 rows of H, 0 = none); LANE: 4-bit words and h in the "lane" K
+        order (`gemm_operands.LANE_K_ORDER`); the rest as `l2_gemm._l2_kernel`'s."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -295,7 +300,7 @@ if HAVE_GLUON:
             (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                                  aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                                  HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS,
-                                 prof_ptr, PROF, AHEAD)),
+                                 prof_ptr, PROF, AHEAD, LANE)),
             (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
                             max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
                             GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)),
@@ -308,9 +313,9 @@ def _h_layout(rows: int):
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
                  group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False, prof: bool = False,
-                 decode_ahead: bool = False):
+                 decode_ahead: bool = False, lane: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof,
-    decode_ahead: as `l1_gluon.compile_args`."""
+    decode_ahead, lane: as `l1_gluon.compile_args`."""
     if decode_ahead and not decodes_ahead(True, w_kind, promote_k or inter, inter):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
@@ -323,6 +328,8 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m,
               OVER_M=over_m, OVER_LIMIT=over_limit, PROMOTE_STEPS=promote_steps(promote_k or inter, inter), PDL=pdl,
               AHEAD=decode_ahead)
+    if lane:
+        ce["LANE"] = True
     if prof:
         sig["prof_ptr"], ce["PROF"] = "*i64", True
     else:
@@ -334,9 +341,10 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
                     tile_row_start: torch.Tensor, num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor,
                     w_aux: Optional[torch.Tensor], w_row: torch.Tensor, pair_dst: torch.Tensor, *, hidden: int,
                     inter: int, block_m: int, over_m: int, over_limit: int, group_m: int, num_sms: int,
-                    max_tiles: int, promote_k: int):
+                    max_tiles: int, promote_k: int, lane: bool = False):
     """Launch `_l2_ws_kernel` on arguments `l2_gemm.l2_grouped_gemm` has validated (it calls this
-    where `applies`; promote_k as there); returns (kernel, grid, args, kwargs) for `_launch_or_bind`."""
+    where `applies`; promote_k as there); returns (kernel, grid, args, kwargs) for `_launch_or_bind`.
+    lane: w2's words and h in the "lane" K order (`WeightOperand.lane`)."""
     stages, maxnreg, ctas = launch_plan(w_kind, block_m, over_m)
     h_desc = TensorDescriptor.from_tensor(h8, [block_m, BLOCK_K], _h_layout(block_m))
     o_desc = TensorDescriptor.from_tensor(h8, [16, BLOCK_K], _h_layout(16))
@@ -351,6 +359,8 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
             raise ValueError(f"l2_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{pair_dst.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
         prof = dict(prof_ptr=PROFILE, PROF=True)
+    if lane and w_kind == "mxfp4":
+        prof["LANE"] = True
     kwargs = dict(**prof, AHEAD=decodes_ahead(DECODE_AHEAD, w_kind, promote_k, inter), HIDDEN=hidden, INTER=inter,
                   W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit,
                   PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4, maxnreg=maxnreg,

@@ -67,7 +67,7 @@ def _pre_dispatch_kernel(
     USE_FP4: tl.constexpr, HW_CVT: tl.constexpr, NUM_TOKENS_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, TOPK_BLOCK_ROWS: tl.constexpr,
     CHECK_IDS: tl.constexpr, COPY_BF16: tl.constexpr, WRITE_CALL_INFO: tl.constexpr,
-    REBASE: tl.constexpr = False,
+    REBASE: tl.constexpr = False, LANE_K: tl.constexpr = False,
 ):
     """Programs [0, num_topk_programs) copy/pad top-k rows; the rest quantise x tiles.
 
@@ -89,6 +89,10 @@ def _pre_dispatch_kernel(
     rounded to E4M3 again) and out_e_ptr[row] = E; no scale bytes are written. The layer's Hopper
     FP8 path stages x this way (`nvshmem_backend.STAGE_REBASE`, on by default), so the grouped
     GEMM reads it as it lands (no rebasing pass).
+    LANE_K (REBASE only; HIDDEN a multiple of 128): each rebased row is written in the GEMMs' "lane"
+    K order instead (`reference.to_lane_order`: out_row[p] = row[reference.lane_k_order(HIDDEN)[p]]),
+    permuted in registers before the (unchanged) store: in each 128-column chunk, byte pair
+    16 c + 4 g + 2 h + b2 (c, g in 0..3, h, b2 in 0..1) goes to pair position 16 g + 8 h + 2 c + b2.
 
     Worked example (one group, GROUP = 32), amax = 3.0 = 1.5 * 2**1, bits 0x40400000:
       FP8, Q = 448 = 1.75 * 2**8: e = 128 - 8 + (mant 0x400000 > 0x600000 = 0) = 120
@@ -101,6 +105,8 @@ def _pre_dispatch_kernel(
           the pair (3.0, -0.3) in columns (2i, 2i+1) packs to byte 0x97.
     """
     pid = tl.program_id(0)
+    if LANE_K:
+        tl.static_assert(REBASE and not USE_FP4 and not COPY_BF16, "LANE_K: with REBASE (FP8) only")
     if NUM_TOKENS_ON_DEVICE:
         n = tl.load(num_tokens_ptr)
         # NOTE: a count from the device cannot be validated on the host: clamp it so that a bad
@@ -227,6 +233,21 @@ def _pre_dispatch_kernel(
                 packed = (c_lo | (c_hi << 4)).to(tl.int8)               # even column in the low nibble
             else:
                 packed = (c_lo | (c_hi << 8)).to(tl.int16)              # little endian: even column first
+            if LANE_K:
+                # The lane K order (`reference.lane_k_order`): position p = 32 g + 16 h + 4 c + b of a
+                # 128-column chunk holds column 32 c + 8 g + 4 h + b. In byte pairs (b = 2 b2 + bit)
+                # the chunk's pair 16 c + 4 g + 2 h + b2 moves to 16 g + 8 h + 2 c + b2: split the
+                # row's pairs (col = group * GP + j, whole rows: pid_c = 0) into 64-pair chunks of
+                # [c, g, h, b2] and swap c behind (g, h). NG * GP = 2 * BLOCK_W * GROUP pairs is a
+                # whole number of chunks, each inside one 128-column chunk of the row; with HIDDEN a
+                # multiple of 128 a chunk is wholly valid or wholly past the row (masked groups >=
+                # GROUPS_PER_ROW, rows >= n), so `mask` stays right for the permuted tile.
+                tl.static_assert(HIDDEN % 128 == 0, "LANE_K: HIDDEN must be a multiple of 128")
+                LANE_CHUNKS: tl.constexpr = NG * GP // 64
+                tl.static_assert(LANE_CHUNKS * 64 == NG * GP, "LANE_K: whole 128-column chunks per tile")
+                packed = tl.reshape(packed, [BLOCK_M, LANE_CHUNKS, 4, 4, 2, 2])   # [.., c, g, h, b2]
+                packed = tl.permute(packed, (0, 1, 3, 4, 2, 5))                  # [.., g, h, c, b2]
+                packed = tl.reshape(packed, [BLOCK_M, NG, GP])
             tl.store(out_x_ptr + offs, packed, mask=mask)
 
 
@@ -279,13 +300,20 @@ def _need_contiguous(t: torch.Tensor, name: str) -> None:
 def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
                          num_tokens, group_size: int = 32, use_fp4_acts: bool = False,
                          config: Optional[PreDispatchConfig] = None,
-                         rebase_out: Optional[torch.Tensor] = None) -> None:
+                         rebase_out: Optional[torch.Tensor] = None, lane_k: bool = False) -> None:
     """`mega_moe_pre_dispatch` with an optional explicit launch config (benchmarks / tuning).
     rebase_out (FP8 only): int32 [rows] receiving each row's exponent; buf_x then receives the rows
     rebased to it (the kernel's REBASE: `reference.rebase_act`, bitwise) and buf_x_sf is not
     written; the config must own whole rows (`pre_dispatch_config(..., whole_rows=True)`, the
-    default then)."""
+    default then).
+    lane_k (with rebase_out only; H a multiple of 128): buf_x receives the rebased rows in the Hopper
+    GEMMs' "lane" K order, `reference.to_lane_order(rebased rows)` (the kernel's LANE_K: permuted in
+    registers, same stores); the exponents in rebase_out are unchanged."""
     # --- arguments ---
+    if not isinstance(lane_k, bool):
+        raise TypeError(f"lane_k: expected a bool, got {type(lane_k).__name__}")
+    if lane_k and rebase_out is None:
+        raise ValueError("lane_k: the lane K order is for rebased rows: pass rebase_out too")
     if not isinstance(use_fp4_acts, bool):
         raise TypeError(f"use_fp4_acts: expected a bool, got {type(use_fp4_acts).__name__}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in PRE_DISPATCH_GROUP_SIZES:
@@ -298,6 +326,9 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
     _need_dtype(x, "x", (torch.bfloat16,))
     _need_shape(x, "x", "[T, H] (2-D)", x.dim() == 2)
     T, H = x.shape
+    if lane_k and H % 128 != 0:
+        raise ValueError(f"x: hidden size H = {H} must be a multiple of 128 with lane_k (the lane K order "
+                         f"permutes 128-column chunks)")
     if H <= 0 or H % (4 * group_size) != 0:
         raise ValueError(f"x: hidden size H = {H} must be a positive multiple of 4 * group_size = "
                          f"{4 * group_size} (4 UE8M0 scale bytes pack into one int32)")
@@ -405,7 +436,8 @@ def _launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_id
             HIDDEN=H, GROUP=group_size, TOPK=K, TOPK_PAD=next_power_of_2(K),
             USE_FP4=use_fp4_acts, HW_CVT=hw_cvt, NUM_TOKENS_ON_DEVICE=on_device,
             BLOCK_M=config.block_m, BLOCK_W=config.block_w, TOPK_BLOCK_ROWS=config.topk_block_rows,
-            CHECK_IDS=False, COPY_BF16=False, WRITE_CALL_INFO=False, REBASE=rebase, num_warps=config.num_warps,
+            CHECK_IDS=False, COPY_BF16=False, WRITE_CALL_INFO=False, REBASE=rebase, LANE_K=lane_k,
+            num_warps=config.num_warps,
             enable_fp_fusion=False,
         )
 

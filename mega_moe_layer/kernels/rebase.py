@@ -43,9 +43,11 @@ __all__ = ["order_pair_rows", "rebase_act_rows"]
 def _rebase_rows_kernel(src_ptr, sf_ptr, tab_ptr, dst_ptr, e_ptr, rows_ptr, count_ptr, max_rows,
                         K: tl.constexpr, GROUP: tl.constexpr, SF_WORDS: tl.constexpr, SF_WORDS_P2: tl.constexpr,
                         ACT_FORMAT: tl.constexpr, INDIRECT: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_K: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False,
+                        LANE_K: tl.constexpr = False):
     """Rows i < min(count, max_rows) (row = rows_ptr[i] if INDIRECT else i): dst[row] = the rebased
-    E4M3 bytes of src[row] (scales sf[row]), e[row] = its row exponent."""
+    E4M3 bytes of src[row] (scales sf[row]), e[row] = its row exponent. LANE_K: dst[row] in the
+    "lane" K order (`reference.to_lane_order`)."""
     if PDL:
         pdl_enter()
     n = tl.minimum(tl.load(count_ptr), max_rows)
@@ -65,6 +67,10 @@ def _rebase_rows_kernel(src_ptr, sf_ptr, tab_ptr, dst_ptr, e_ptr, rows_ptr, coun
         e_row = _row_max_exponent(sf_ptr, rows64, ok, SF_WORDS, SF_WORDS_P2)
         tile = _act_tile_e4m3(src_ptr, sf_ptr, tab_ptr, rows64, ok, kt, e_row, K, GROUP, BLOCK_R, BLOCK_K,
                               ACT_FORMAT, FAST)
+        if LANE_K:
+            # column 32 c + 8 g + 4 h + b of each 128 to position 32 g + 16 h + 4 c + b
+            t6 = tl.reshape(tile, (BLOCK_R, BLOCK_K // 128, 4, 4, 2, 4))
+            tile = tl.reshape(tl.permute(t6, (0, 1, 3, 4, 2, 5)), (BLOCK_R, BLOCK_K))
         cols = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         tl.store(dst_ptr + rows64[:, None] * K + cols[None, :], tile, mask=ok[:, None])
         if kt == 0:
@@ -130,7 +136,7 @@ def order_pair_rows(src: torch.Tensor, rows: torch.Tensor, count: torch.Tensor, 
 
 def rebase_act_rows(src: torch.Tensor, src_sf: torch.Tensor, dst: torch.Tensor, dst_e: torch.Tensor,
                     count: torch.Tensor, *, act_format: str, group: int, rows: Optional[torch.Tensor] = None,
-                    num_sms: Optional[int] = None, bind: bool = False) -> Optional[Launcher]:
+                    num_sms: Optional[int] = None, bind: bool = False, lane_k: bool = False) -> Optional[Launcher]:
     """Rebase rows of quantised activations (see the module docstring).
 
     Args (N = rows of src, K = columns):
@@ -143,8 +149,12 @@ def rebase_act_rows(src: torch.Tensor, src_sf: torch.Tensor, dst: torch.Tensor, 
         rows: optional int32 [M]: rebase rows rows[0 .. count) (repeats allowed: they write the
             same bytes) instead of rows 0 .. count.
         bind: return a bound `Launcher` instead of launching (as the grouped GEMMs).
+        lane_k: write dst's rows in the "lane" K order (`reference.to_lane_order`), the order a
+            GEMM whose 4-bit weights are laid out so (`WeightOperand.lane`) multiplies.
     Only rows below the count are written.
     """
+    if not isinstance(lane_k, bool):
+        raise TypeError(f"lane_k: expected a bool, got {type(lane_k).__name__}")
     if act_format not in ("fp8", "fp4"):
         raise ValueError(f"act_format: expected 'fp8' or 'fp4', got {act_format!r}")
     if group not in (32, 128):
@@ -180,4 +190,4 @@ def rebase_act_rows(src: torch.Tensor, src_sf: torch.Tensor, dst: torch.Tensor, 
         src_view, src_sf, tab, dst, dst_e, rows if rows is not None else dst_e, count, capacity,
         K=k, GROUP=group, SF_WORDS=k // group // 4, SF_WORDS_P2=sf_words_p2(k, group), ACT_FORMAT=act_format,
         INDIRECT=rows is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-        FAST=not _is_interpreted(_rebase_rows_kernel), num_warps=4))
+        FAST=not _is_interpreted(_rebase_rows_kernel), num_warps=4, **(dict(LANE_K=True) if lane_k else {})))

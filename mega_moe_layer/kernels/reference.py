@@ -32,7 +32,10 @@ Where the GPU path may differ from these functions, and by how much (tests/utils
     128-K step, L2 over all of K): h and y move by ~1e-4-1e-3, and through the requantisation
     of h and the FP8 combine the layer's output by rel-RMSE up to 1.2e-2 measured on an H200
     ("gemm_fp8_mainloop_rel_rmse", 2e-2); FP4 acts x MXFP4 weights stay bitwise. Against the
-    float64 MoE the error is that of the bf16 mainloop.
+    float64 MoE the error is that of the bf16 mainloop. With MXFP4 words in the "lane" K order
+    (`gemm_operands.LANE_K_ORDER`, off by default; `lane_k_order`) x and h are stored permuted
+    within each 128-K chunk and the MMAs sum the same products in another order: the same
+    tolerances (FP4 x MXFP4 still bitwise: its sums are exact).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ __all__ = [
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4",
     "quantize_act", "dequantize_act", "expert_forward", "combine_reduce", "moe_reference",
     "e2m1_to_e4m3_tables", "rebase_rows", "rebase_act", "rebase_weight", "dequantize_rebased",
-    "REBASE_HEADROOM",
+    "REBASE_HEADROOM", "lane_k_order", "to_lane_order",
 ]
 
 
@@ -298,6 +301,29 @@ def rebase_weight(fmt: str, data: torch.Tensor, scale: torch.Tensor):
         r = (data.double() * torch.exp2(-d.double())).float().to(torch.float8_e4m3fn)
         return r, torch.exp2(Er.double()).float()
     raise ValueError(f"weight format: expected 'mxfp4' or 'fp8', got {fmt!r}")
+
+
+def lane_k_order(k: int, device=None) -> torch.Tensor:
+    """The "lane" K order of the Hopper FP8 GEMMs' 4-bit weights (`gemm_operands.LANE_K_ORDER`):
+    int64 [K], position p -> the column it holds. In each 128-K chunk, position
+    p = 32 g + 16 h + 4 c + b (g, c in 0..3: the m64nNk32 wgmma of a K step and the thread of a
+    quad in its register operand; h in 0..1, b in 0..3) holds column 32 c + 8 g + 4 h + b: each
+    thread of a quad holds one 32-group of each of its rows across the step's 4 MMAs (one E2M1
+    table per row instead of one per 8 weights). Runs of 4 columns stay together. A dot product
+    does not care about the order of K, so the GEMMs multiply x and h rows stored in this order
+    (`to_lane_order`: the writers of rebased rows, `kernels/rebase.py`, `pre_dispatch`) with
+    weights laid out to match; only the MMA's float32 summation order changes."""
+    if k % 128:
+        raise ValueError(f"k: expected a multiple of 128, got {k}")
+    p = torch.arange(k, device=device)
+    g, h, c, b = (p % 128) // 32, (p % 32) // 16, (p % 16) // 4, p % 4
+    return (p // 128) * 128 + 32 * c + 8 * g + 4 * h + b
+
+
+def to_lane_order(x: torch.Tensor) -> torch.Tensor:
+    """Rows [..., K] -> the same rows in the "lane" K order (`lane_k_order`): out[..., p] =
+    x[..., lane_k_order(K)[p]]."""
+    return x[..., lane_k_order(x.shape[-1], x.device)]
 
 
 def dequantize_rebased(r: torch.Tensor, row_factor: torch.Tensor) -> torch.Tensor:
