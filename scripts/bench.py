@@ -396,6 +396,9 @@ def parse_args(argv=None):
                    help="GPU layer: MXFP4 weights in the \"lane\" K order (`kernels.gemm_operands.LANE_K_ORDER`: one "
                         "E2M1 table per row and K step instead of one per 8 weights; x and h written in that order "
                         "where they are rebased), to measure it")
+    p.add_argument("--decode-gather-warps", type=int, default=4, choices=(1, 4),
+                   help="GPU layer: warps of the Gluon L1's token-row gather at the 16- / 32-row decode tiles "
+                        "(`kernels.l1_gluon.DECODE_GATHER_WARPS`; with --gluon-l1 on for MXFP4 weights), to measure 1")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -487,6 +490,7 @@ def main(argv=None):
         nvshmem_backend.PAIR_ORDER_X = True
     from mega_moe_layer.kernels import gemm_operands, l1_gluon, l2_gluon
     gemm_operands.LANE_K_ORDER = args.lane_k
+    l1_gluon.DECODE_GATHER_WARPS = args.decode_gather_warps
     l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
     l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):

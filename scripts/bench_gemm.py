@@ -279,6 +279,8 @@ def gluon_us(case: "Case", kern: str, name: str, iters: int, stream_us: dict) ->
             mod.ENABLED = False
     if case.stream[0].kind == "mxfp4":    # (the 4-bit words: what it decodes)
         ahead_us(case, kern, name, iters, want, stream_us)
+    if kern == "l1" and case.block_m in (16, 32):
+        gather1_us(case, name, iters, want, stream_us)
     if kern == "l1" and case.block_m == 128:
         pairs_us(case, name, iters, want, stream_us)
 
@@ -361,6 +363,35 @@ def ahead_us(case: "Case", kern: str, name: str, iters: int, want, stream_us: di
               f"h rel-RMSE against the Triton kernel's {diff:.2e}", flush=True)
 
 
+def _l1_checked_us(case: "Case", iters: int, want, prof_name: str, stream_us: dict):
+    """L1 as the switches set now: (h and its scale bytes equal to `want`, the Triton kernel's; its
+    GPU time); with --profile its cycle split under prof_name."""
+    case.h.zero_()
+    case.h_sf.zero_()
+    case.l1()
+    torch.cuda.synchronize()
+    same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
+    us = gpu_time_us(case.l1, iters)
+    if PROFILE_GLUON:
+        profile_gluon(case, "l1", prof_name, (case.h, case.h_sf), want, stream_us)
+    return same, us
+
+
+def gather1_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
+    """The Gluon L1 at the decode tiles with one gathering warp (`l1_gluon.DECODE_GATHER_WARPS` 1)
+    against four: h compared with the Triton kernel's (`want`), then timed (and with --profile its
+    cycle split); stream_us[name + " gluon gather1"] = (us, None, equal)."""
+    from mega_moe_layer.kernels import l1_gluon
+    l1_gluon.ENABLED, l1_gluon.DECODE_GATHER_WARPS = True, 1
+    try:
+        same, us = _l1_checked_us(case, iters, want, f"{name} gluon gather1", stream_us)
+    finally:
+        l1_gluon.ENABLED, l1_gluon.DECODE_GATHER_WARPS = False, 4
+    stream_us[f"{name} gluon gather1"] = (us, None, same)
+    print(f"    l1 streamed ({name}) on the Gluon kernel, one gathering warp: {us:.1f} us against "
+          f"{stream_us[name + ' gluon'][0]:.1f} (four); output equal to the Triton kernel's: {same}", flush=True)
+
+
 def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None:
     """The Gluon L1 at 128-row tiles reading the token rows in pair order (`l1_grouped_gemm(x_pairs=)`,
     one TMA box per tile and step) against its gather: h compared with the Triton kernel's (`want`),
@@ -378,15 +409,8 @@ def pairs_us(case: "Case", name: str, iters: int, want, stream_us: dict) -> None
     l1_gluon.pair_x_descriptors = lambda *a, **k: taken.append(1) or boxes(*a, **k)
     l1_gluon.ENABLED, case.x_pairs = True, xp
     try:
-        case.h.zero_()
-        case.h_sf.zero_()
-        case.l1()
-        torch.cuda.synchronize()
-        same = all(_same_values(t, w) for t, w in zip((case.h, case.h_sf), want))
-        us = gpu_time_us(case.l1, iters)
+        same, us = _l1_checked_us(case, iters, want, f"{name} gluon pairs", stream_us)
         copy_us = gpu_time_us(order, iters)
-        if PROFILE_GLUON:
-            profile_gluon(case, "l1", f"{name} gluon pairs", (case.h, case.h_sf), want, stream_us)
     finally:
         l1_gluon.ENABLED, case.x_pairs = False, None
         l1_gluon.pair_x_descriptors = boxes

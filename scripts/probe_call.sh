@@ -3,11 +3,12 @@
 # thirteenth): every variant built on the CPU and not yet run, timed first, gated after:
 #   1. (while DeepGEMM builds) the kernels alone at 32768 and 1024 uniform pairs (T = 4096, 128), 4-bit words in
 #      column and in "lane" K order (`gemm_operands.LANE_K_ORDER`; Triton and Gluon kernels, their outputs
-#      compared), the Gluon L1 gathering vs reading pair order, decoding ahead (`bench_gemm.py --gluon`), each
-#      Gluon kernel's cycle split (`--profile`);
+#      compared), the Gluon L1 gathering vs reading pair order, decoding ahead, gathering with one warp at the
+#      decode tiles (`bench_gemm.py --gluon`), each Gluon kernel's cycle split (`--profile`);
 #   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then
 #      `--lane-k` at 4096 and 128, `--decode-ahead` (`l1_gluon.DECODE_AHEAD`) and `--pair-x` at 4096,
-#      all of them with `--l1-prefill-promote 2` (`PREFILL_PROMOTE_K`) at 4096, `--lane-k --decode-ahead` at 128;
+#      all of them with `--l1-prefill-promote 2` (`PREFILL_PROMOTE_K`) at 4096, and at 128 the lane order with the
+#      Gluon L1 at the decode tiles gathering with one warp (`--gluon-l1 on --decode-gather-warps 1`);
 #   3. in what time is left, the gates: the lane order (`test_pre_dispatch_gpu.py`,
 #      `test_fp8_operands.py`, `test_gemm_gpu.py -k lane`, `test_layer_gpu.py::test_lane_k_order`), then
 #      the pair order, profile build, decode ahead and 256-K promotion gates.
@@ -35,10 +36,10 @@ env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS
     NEW2_ARGS="--lane-k" NEW2_TOKENS="${LANE_TOKENS-4096 128}" \
     NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--pair-x" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
     NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2" NEW5_TOKENS="${PAIR_TOKENS-4096}" \
-    NEW6_ARGS="--lane-k --decode-ahead" NEW6_TOKENS="${LANE_TOKENS-128}" \
+    NEW6_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW6_TOKENS="${LANE_TOKENS-128}" \
     timeout -k 5 ${AB_S-290} bash scripts/ab_bench.sh
 timeout -k 5 ${TEST_S-80} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
     tests/test_pre_dispatch_gpu.py tests/test_fp8_operands.py tests/test_gemm_gpu.py tests/test_layer_gpu.py \
-    -k "lane or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
+    -k "lane or gather_warp or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
 echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
 exit 0

@@ -120,13 +120,13 @@ def main(argv=None) -> int:
     p.add_argument("--kw", default="block_m=128, over_m=16", help="compile_args' keywords, e.g. 'block_m=16, over_m=0'")
     p.add_argument("--ctas", type=int, default=0, help="CTAs per SM (default: the build's `launch_plan`)")
     p.add_argument("--producer-warps", type=int, default=0,
-                   help="warps of the loading partition (default: 4 gathering, 1 with pair_x or for L2)")
+                   help="warps of the loading partition (default: 4 gathering, 1 with pair_x, gather=1 or for L2)")
     a = p.parse_args(argv)
     args = ast.literal_eval(a.args)
     kw = keywords(a.kw)
     from mega_moe_layer.kernels import l1_gluon
     ctas = a.ctas or l1_gluon.launch_plan(args[0], kw.get("block_m", 128), kw.get("over_m", 16))[2]
-    pwarps = a.producer_warps or (4 if a.kernel == "l1" and not kw.get("pair_x") else 1)
+    pwarps = a.producer_warps or (4 if a.kernel == "l1" and not kw.get("pair_x") and kw.get("gather", 4) == 4 else 1)
     found = [describe(lp) for lp in loops(parse(sass_of(a.kernel, args, kw)))]
     print(f"{a.kernel} {args} {kw}: {ctas} CTAs per SM, {pwarps} producer warp(s)")
     for d in found:

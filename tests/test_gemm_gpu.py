@@ -439,6 +439,22 @@ def test_gluon_l1_lane_k_order_matches_triton(block_m, monkeypatch):
     _report(f"gluon l1 lane order {block_m}", {"h_bytes_equal": same})
 
 
+@pytest.mark.parametrize("wf, block_m", [("mxfp4", 16), ("mxfp4", 32), ("fp8", 16)])
+def test_gluon_l1_one_gather_warp_matches_triton(wf, block_m, monkeypatch):
+    """`l1_gluon.DECODE_GATHER_WARPS` 1: one warp gathers the decode tiles' token rows (4 or 8
+    cp.async a step per thread, 32 arrivals on the stage's barrier): h equal to the Triton kernel's
+    bit for bit (`test_gluon_l1_decode_matches_triton`'s problem), the one-warp build launched."""
+    from mega_moe_layer.kernels import l1_gluon
+    prob, x_rebased = _gluon_problem([1, 9, 16, 17, 40, 0, 3], wf, block_m, 43)
+    monkeypatch.setattr(l1_gluon, "DECODE_GATHER_WARPS", 1)
+    built, launch = [], l1_gluon.l1_gluon_launch
+    monkeypatch.setattr(l1_gluon, "l1_gluon_launch",
+                        lambda *a, **k: (lambda r: built.append(r[3].get("GATHER_WARPS")) or r)(launch(*a, **k)))
+    h, h_sf, same = _gluon_l1_against_triton(prob, x_rebased, monkeypatch)
+    assert built == [1], f"the one-warp gather was not launched: {built}"
+    _report(f"gluon l1 one gather warp {wf} {block_m}", {"h_bytes_equal": same})
+
+
 @pytest.mark.parametrize("block_m", [16, 128])
 def test_gluon_l2_lane_k_order_matches_triton(block_m, monkeypatch):
     """`test_gluon_l2_matches_triton` with w2's words and h in the "lane" K order: y equal to the

@@ -113,6 +113,40 @@ def test_l1_gluon_decode_ahead_compiles_for_hopper():
         assert usage["spill_stores"] <= 16 and usage["spill_loads"] <= 16, (what, usage)
 
 
+def test_l1_gluon_lane_and_one_gather_warp_compile_for_hopper():
+    """The lane K order (`LANE`: words 4 c + g of group c) at the prefill and decode tiles, decoding
+    ahead too, and one gathering warp at the decode tiles (`GATHER_WARPS`, `DECODE_GATHER_WARPS`):
+    the same MMAs, no register of an unfinished MMA touched, (almost) no spills; one warp's x barrier
+    counts 32 arrivals (its cp.async arrivals), not 128."""
+    kw = [dict(block_m=128, over_m=16, lane=True), dict(block_m=128, over_m=16, lane=True, decode_ahead=True),
+          dict(block_m=16, over_m=0, promote_k=256, lane=True),
+          dict(block_m=16, over_m=0, promote_k=256, gather=1), dict(block_m=32, over_m=0, promote_k=256, gather=1,
+                                                                     lane=True)]
+    ptxs = gluon_kernel_ptx(l1_gluon, [(("mxfp4", 7168, 2048), k) for k in kw])
+    fp8 = gluon_kernel_ptx(l1_gluon, [(("fp8_rebased", 7168, 2048), dict(block_m=16, over_m=0, gather=1))])[0]
+    for k, p in zip(kw + [dict(block_m=16, over_m=0, gather=1)], ptxs + [fp8]):
+        assert_gluon_mma(p, k["block_m"], k["over_m"], p is not fp8, k)
+        inits = re.findall(r"mbarrier\.init\.shared(?:::cta)?\.b64 \[[^\]]+\], (\d+);", p)
+        assert ("32" in inits) == (k.get("gather") == 1) and ("128" in inits) == (k.get("gather") != 1), (k, inits)
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] <= 16 and usage["spill_loads"] <= 16, (k, usage)
+    with pytest.raises(ValueError, match="gather"):
+        l1_gluon.compile_args("mxfp4", 7168, 2048, block_m=128, over_m=16, gather=1)
+
+
+def test_l1_gluon_gather_warps(monkeypatch):
+    """`DECODE_GATHER_WARPS` (default 4) applies at the 16- and 32-row tiles only."""
+    assert l1_gluon.DECODE_GATHER_WARPS == 4 and l1_gluon.gather_warps(16) == 4
+    monkeypatch.setattr(l1_gluon, "DECODE_GATHER_WARPS", 1)
+    assert [l1_gluon.gather_warps(bm) for bm in (16, 32, 128)] == [1, 1, 4]
+    monkeypatch.setattr(l1_gluon, "DECODE_GATHER_WARPS", 2)
+    with pytest.raises(ValueError, match="DECODE_GATHER_WARPS"):
+        l1_gluon.gather_warps(16)
+
+
 def test_l1_gluon_decode_ahead_applies(monkeypatch):
     """`DECODE_AHEAD` is taken only where it applies: 4-bit words promoted every 128 or 256 K over an
     even number of 128-K steps; off by default."""

@@ -104,6 +104,14 @@ DECODE_AHEAD = False
 #: (`scripts/bench.py --decode-ahead --l1-prefill-promote 2`).
 PREFILL_PROMOTE_K = 128          # (BLOCK_K)
 
+#: Warps gathering the token rows at the 16- and 32-row decode tiles (1 or 4; the 128-row tiles keep
+#: 4). The producer's loop is ~64 instructions a step on each of its warps (stage wait, TMA issue,
+#: barriers, addresses), and at those tiles one warp's 4 cp.async a step cover the 16 rows: with
+#: 4 warps the producer is ~30% of a CTA's issue slots there (Triton 3.6 SASS: 4 x 64 against the
+#: MMA warpgroup's 4 x 156 per 128-K step). 1: built 2026-12-08 (thirteenth session), not yet run
+#: (`scripts/bench_gemm.py --gluon` times it at the decode tiles).
+DECODE_GATHER_WARPS = 4
+
 #: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
 #: elements makes the launches built while it is set a `PROF` build, each CTA writing its cycle
 #: counts there (`profile_split`); None (default): the kernel as the layer runs it.
@@ -139,8 +147,10 @@ def wanted(w_kind: str, block_m: int) -> bool:
 BLOCK_N, BLOCK_K = 32, 128
 #: Tile heights (pairs per tile) it takes: the prefill tiles and the decode ones.
 BLOCK_MS = (16, 32, 128)
-#: Registers per thread of the producer warpgroup.
+#: Registers per thread of the producer warpgroup (a single gathering warp: `LOAD_REGS_ONE_WARP`,
+#: its rows' addresses in registers: with 32, 20 bytes spilled at 32 rows; 40: none; Triton 3.6).
 LOAD_REGS = 32
+LOAD_REGS_ONE_WARP = 40
 _SMEM_PER_SM, _SMEM_RESERVED = 233472, 1024
 
 
@@ -286,8 +296,9 @@ if HAVE_GLUON:
                         num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                         HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
                         W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                        OVER_LIMIT: gl.constexpr, PAIR_X: gl.constexpr, prof_ptr, PROF: gl.constexpr):
-        """The loading partition: `_producer_pairs` (PAIR_X) or `_producer`."""
+                        OVER_LIMIT: gl.constexpr, PAIR_X: gl.constexpr, prof_ptr, PROF: gl.constexpr,
+                        GATHER_WARPS: gl.constexpr = 4):
+        """The loading partition: `_producer_pairs` (PAIR_X) or `_producer` (GATHER_WARPS warps)."""
         if PAIR_X:
             _producer_pairs(xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                             w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_,
@@ -295,7 +306,7 @@ if HAVE_GLUON:
         else:
             _producer(x_ptr, pair_rows_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                       w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty, HIDDEN, INTER, KW, STAGES_, W_BYTES,
-                      GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)
+                      GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF, GATHER_WARPS)
 
     @gluon.jit
     def _store_prof(prof_ptr, slot: gl.constexpr, a, b, PROF: gl.constexpr):
@@ -311,13 +322,14 @@ if HAVE_GLUON:
                   w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                   HIDDEN: gl.constexpr, INTER: gl.constexpr, KW: gl.constexpr, STAGES_: gl.constexpr,
                   W_BYTES: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
-                  OVER_LIMIT: gl.constexpr, prof_ptr, PROF: gl.constexpr):
-        """The producer warpgroup: weight boxes by TMA, token rows by cp.async (see the module doc)."""
+                  OVER_LIMIT: gl.constexpr, prof_ptr, PROF: gl.constexpr, GATHER_WARPS: gl.constexpr = 4):
+        """The producer warpgroup (or GATHER_WARPS warps): weight boxes by TMA, token rows by cp.async
+        (see the module doc; each thread arrives on the stage's x barrier once its copies are in)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
-        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
-                                            order=[1, 0])
+        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
+                                            warps_per_cta=[GATHER_WARPS, 1], order=[1, 0])
         c = gl.arange(0, _BK, layout=gl.SliceLayout(0, ld))
         num_tiles = gl.minimum(gl.load(num_tiles_ptr), max_tiles)
         t_start = _now(PROF)
@@ -669,7 +681,8 @@ if HAVE_GLUON:
                       STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
                       PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False,
+                      GATHER_WARPS: gl.constexpr = 4):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -681,7 +694,8 @@ if HAVE_GLUON:
         cycle counts into prof_ptr (int64 [grid, 8], `PROFILE`; a measuring build, never the layer's).
         AHEAD: the MMA warpgroup decodes step k + 1's words while step k's MMAs run (`DECODE_AHEAD`;
         4-bit words promoted every step). LANE: 4-bit words (and so x) in the "lane" K order
-        (`gemm_operands.LANE_K_ORDER`)."""
+        (`gemm_operands.LANE_K_ORDER`). GATHER_WARPS: the gathering producer's warps (4, or 1 at the
+        decode tiles: `DECODE_GATHER_WARPS`)."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -702,9 +716,9 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES_):
             mbarrier.init(w_ready.index(i), count=1)
             # one cp.async arrival per producer thread, or one TMA transaction count (PAIR_X)
-            mbarrier.init(x_ready.index(i), count=1 if PAIR_X else 128)
+            mbarrier.init(x_ready.index(i), count=1 if PAIR_X else 32 * GATHER_WARPS)
             mbarrier.init(empty.index(i), count=1)
-        LOAD_WARPS: gl.constexpr = 1 if PAIR_X else 4     # one warp issues every TMA, or a warpgroup gathers
+        LOAD_WARPS: gl.constexpr = 1 if PAIR_X else GATHER_WARPS  # one warp issues every TMA, or warps gather
         gl.warp_specialize([
             (_mma_partition, (x_exp_ptr, pair_rows_ptr, pair_w_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
@@ -714,7 +728,7 @@ if HAVE_GLUON:
             (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                                num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                                HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X,
-                               prof_ptr, PROF)),
+                               prof_ptr, PROF, GATHER_WARPS)),
         ], [LOAD_WARPS], [LOAD_REGS_])
 
 
@@ -786,14 +800,25 @@ def launch_promote_k(w_kind: str, block_m: int, promote_k: int, hidden: int) -> 
     return promote_k
 
 
+def gather_warps(block_m: int, pair_x: bool = False) -> int:
+    """The gathering producer's warps of a launch: `DECODE_GATHER_WARPS` at the decode tiles, else 4
+    (1 issues the TMA boxes with the token rows in pair order)."""
+    if DECODE_GATHER_WARPS not in (1, 4):
+        raise ValueError(f"l1_gluon.DECODE_GATHER_WARPS: expected 1 or 4, got {DECODE_GATHER_WARPS!r}")
+    return DECODE_GATHER_WARPS if block_m in (16, 32) and not pair_x else 4
+
+
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
                  pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False,
-                 lane: bool = False):
+                 lane: bool = False, gather: int = 4):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
     by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
-    (4-bit words promoted every 128 K only); lane: 4-bit words in the "lane" K order (`LANE`)."""
+    (4-bit words promoted every 128 K only); lane: 4-bit words in the "lane" K order (`LANE`);
+    gather: the gathering producer's warps (`GATHER_WARPS`: 1 at the decode tiles only)."""
+    if gather not in (1, 4) or (gather == 1 and (block_m not in (16, 32) or pair_x)):
+        raise ValueError(f"gather: 4, or 1 at the 16- / 32-row tiles without pair_x, got {gather} at {block_m}")
     if decode_ahead and not decodes_ahead(True, w_kind, promote_k, hidden):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     stages, maxnreg, _ = launch_plan(w_kind, block_m, over_m)
@@ -801,10 +826,13 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
                tile_expert_ptr="*i32", tile_row_ptr="*i32", num_tiles_ptr="*i32", w_desc=descriptor_signature(w_kind),
                aux_ptr="*i32", w_row_ptr="*fp32", h_ptr="*i8", h_sf_ptr="*u8", max_tiles="i32", clamp="fp32")
     ce = dict(HIDDEN=hidden, INTER=inter, W_KIND=w_kind, HAS_CLAMP=has_clamp, STAGES_=stages, GROUP_M=group_m,
-              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
+              BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit,
+              LOAD_REGS_=LOAD_REGS_ONE_WARP if gather == 1 else LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K,
               PDL=pdl, PAIR_X=pair_x, AHEAD=decode_ahead)
     if lane:
         ce["LANE"] = True
+    if gather != 4:
+        ce["GATHER_WARPS"] = gather
     if pair_x:
         sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
     else:
@@ -848,8 +876,12 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
         prof = dict(prof_ptr=PROFILE, PROF=True)
     if lane and w_kind == "mxfp4":
         prof["LANE"] = True
+    load_regs = LOAD_REGS
+    if gather_warps(block_m, x_pairs is not None) != 4:
+        prof["GATHER_WARPS"] = gather_warps(block_m, x_pairs is not None)
+        load_regs = LOAD_REGS_ONE_WARP
     kwargs = dict(**prof, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
                   HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
-                  OVER_LIMIT=over_limit, LOAD_REGS_=LOAD_REGS, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
+                  OVER_LIMIT=over_limit, LOAD_REGS_=load_regs, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
     return _l1_ws_kernel, grid, args, kwargs
