@@ -103,3 +103,12 @@ def test_lane_k_order_fewer_instructions_triton():
         assert lane["macs"] == col["macs"]
         assert lane["ops"].get("STS", 0) == 0, lane["ops"]          # no shuffle through shared memory
         assert lane["count"] <= col["count"] - 20, (name, lane["count"], col["count"])
+    # the exact f16x2 tables (far groups) in lane order: one table per row and chunk too
+    try:
+        f16 = _mma_loop(sass_budget.sass_of_job(l1_gemm._l1_kernel, *l1_compile_args(
+            "mxfp4", "fp8", 90, block_m=16, act_rebased=True, fp4_table="f16")))
+        f16_lane = _mma_loop(sass_budget.sass_of_job(l1_gemm._l1_kernel, *l1_compile_args(
+            "mxfp4", "fp8", 90, block_m=16, act_rebased=True, fp4_table="f16_lane")))
+    except _compile.CompileUnavailable as exc:
+        pytest.skip(str(exc))
+    assert f16_lane["ops"].get("STS", 0) == 0 and f16_lane["count"] < f16["count"] - 20, (f16_lane["count"], f16["count"])
