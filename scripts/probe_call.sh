@@ -12,10 +12,11 @@
 #   3. in what time is left, the gates: the lane order (`test_pre_dispatch_gpu.py`,
 #      `test_fp8_operands.py`, `test_gemm_gpu.py -k lane`, `test_layer_gpu.py::test_lane_k_order`), then
 #      the pair order, profile build, decode ahead and 256-K promotion gates.
-# <= ~590 s on a warm H100 / H200 (every step bounded: BG_S 210, AB_S 290, TEST_S 80; run it under `timeout 595`
+# <= ~590 s on a warm H100 / H200 (every step bounded: BG_S 220, AB_S 280, TEST_S 70; run it under `timeout 595`
 # with the device call's 600 s). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
-# Shorter: BG_S=0 (no kernel timings), NEW_TOKENS / PAIR_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
+# Shorter: BG_S=0 / AB_S=0 / TEST_S=0 skip a step (the gates alone: BG_S=0 AB_S=0 TEST_S=560 ANCHOR=), NEW_TOKENS /
+# PAIR_TOKENS / LANE_TOKENS (the layer's T; empty skips), ANCHOR= (no DeepGEMM).
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -25,21 +26,29 @@ export PYTHONPATH=/tmp/site:$PWD
 if [ -n "${ANCHOR-deepgemm}" ] && [ -d .dg ] && ! [ -d /tmp/dg/dgpkg/deep_gemm ]; then
     (timeout -k 5 420 bash .dg/build.sh || echo "DeepGEMM build failed") > "$OUT/dg_build.log" 2>&1 &
 fi
-if [ "${BG_S-210}" != 0 ]; then
-    timeout -k 5 ${BG_S-210} python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256,u128:256 --stream \
-        --stream-kinds mxfp4,mxfp4_lane --gluon --profile --iters 20 > "$OUT/bg.log" 2>&1
-    echo "=== bench_gemm (rc $?)"; grep -E "Gluon|streamed fp8|cycle split" "$OUT/bg.log" | head -n 40
+if [ "${BG_S-220}" != 0 ]; then
+    # decode first (both K orders, Triton and Gluon kernels), then prefill (column order, cycle splits)
+    timeout -k 5 $(( ${BG_S-220} * 2 / 5 )) python3 scripts/bench_gemm.py --out "$OUT/bg_dec.json" --cases u128:256 \
+        --stream --stream-kinds mxfp4,mxfp4_lane --gluon --iters 20 > "$OUT/bg_dec.log" 2>&1
+    echo "=== bench_gemm decode (rc $?)"; grep -E "Gluon|streamed fp8" "$OUT/bg_dec.log" | head -n 30
+    timeout -k 5 $(( ${BG_S-220} * 3 / 5 )) python3 scripts/bench_gemm.py --out "$OUT/bg.json" --cases u4096:256 \
+        --stream --stream-kinds mxfp4 --gluon --profile --iters 20 > "$OUT/bg.log" 2>&1
+    echo "=== bench_gemm prefill (rc $?)"; grep -E "Gluon|streamed fp8|cycle split" "$OUT/bg.log" | head -n 30
 fi
 wait
 tail -n 1 "$OUT/dg_build.log" 2>/dev/null
-env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS= \
-    NEW2_ARGS="--lane-k" NEW2_TOKENS="${LANE_TOKENS-4096 128}" \
-    NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--pair-x" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
-    NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2" NEW5_TOKENS="${PAIR_TOKENS-4096}" \
-    NEW6_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW6_TOKENS="${LANE_TOKENS-128}" \
-    timeout -k 5 ${AB_S-290} bash scripts/ab_bench.sh
-timeout -k 5 ${TEST_S-80} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
-    tests/test_pre_dispatch_gpu.py tests/test_fp8_operands.py tests/test_gemm_gpu.py tests/test_layer_gpu.py \
-    -k "lane or gather_warp or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
-echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
+if [ "${AB_S-280}" != 0 ]; then
+    env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS= \
+        NEW2_ARGS="--lane-k" NEW2_TOKENS="${LANE_TOKENS-4096 128}" \
+        NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--pair-x" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
+        NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2" NEW5_TOKENS="${PAIR_TOKENS-4096}" \
+        NEW6_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW6_TOKENS="${LANE_TOKENS-128}" \
+        timeout -k 5 ${AB_S-280} bash scripts/ab_bench.sh
+fi
+if [ "${TEST_S-70}" != 0 ]; then
+    timeout -k 5 ${TEST_S-70} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
+        tests/test_pre_dispatch_gpu.py tests/test_fp8_operands.py tests/test_gemm_gpu.py tests/test_layer_gpu.py \
+        -k "lane or gather_warp or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
+    echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
+fi
 exit 0
