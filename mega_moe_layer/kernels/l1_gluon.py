@@ -868,19 +868,19 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
     args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8),
             h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0, xp_desc, xo_desc)
-    prof = {}
+    extra = {}      # the measuring build's and the variants' constexprs
     if PROFILE is not None:
         if PROFILE.dtype != torch.int64 or PROFILE.numel() < grid[0] * 8 or PROFILE.device != h_out.device:
             raise ValueError(f"l1_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
                              f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
-        prof = dict(prof_ptr=PROFILE, PROF=True)
+        extra = dict(prof_ptr=PROFILE, PROF=True)
     if lane and w_kind == "mxfp4":
-        prof["LANE"] = True
+        extra["LANE"] = True
     load_regs = LOAD_REGS
     if gather_warps(block_m, x_pairs is not None) != 4:
-        prof["GATHER_WARPS"] = gather_warps(block_m, x_pairs is not None)
+        extra["GATHER_WARPS"] = gather_warps(block_m, x_pairs is not None)
         load_regs = LOAD_REGS_ONE_WARP
-    kwargs = dict(**prof, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
+    kwargs = dict(**extra, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
                   HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
                   OVER_LIMIT=over_limit, LOAD_REGS_=load_regs, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,
                   enable_fp_fusion=False)   # as the Triton kernel: no FMA contraction
