@@ -51,4 +51,5 @@ if [ "${TEST_S-70}" != 0 ]; then
         -k "lane or gather_warp or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
     echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
 fi
+python3 scripts/summarize_probe.py "$OUT" > "$OUT/summary.md" 2>&1; echo "=== summary"; cat "$OUT/summary.md"
 exit 0
