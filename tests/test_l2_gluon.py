@@ -85,6 +85,22 @@ def test_l2_gluon_decode_ahead_compiles_for_hopper():
         l2_gluon.compile_args("fp8_rebased", 7168, 2048, block_m=16, over_m=0, decode_ahead=True)
 
 
+def test_l2_gluon_lane_compiles_for_hopper():
+    """w2's words in the "lane" K order (`LANE`) at the builds the layer launches (128 + 16 rows
+    promoted every 128 K, 16 rows every 256 K; decoding ahead too): the same MMAs, no register of an
+    unfinished MMA touched, no spills."""
+    cases = [dict(block_m=128, over_m=16, promote_k=128), dict(block_m=16, over_m=0, promote_k=256),
+             dict(block_m=16, over_m=0, promote_k=256, decode_ahead=True)]
+    ptxs = gluon_kernel_ptx(l2_gluon, [(("mxfp4", 7168, 2048), dict(k, lane=True)) for k in cases])
+    for k, p in zip(cases, ptxs):
+        assert_gluon_mma(p, k["block_m"], k["over_m"], True, k)
+        try:
+            usage = _compile.ptxas_usage(p, 90)
+        except _compile.CompileUnavailable as exc:
+            pytest.skip(str(exc))
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (k, usage)
+
+
 def test_l2_gluon_resident_ctas():
     """Shared memory per CTA leaves room for the CTAs per SM of its plan (`l1_gluon.launch_plan`)."""
     assert_resident_ctas("mega_moe_layer.kernels.l2_gluon",

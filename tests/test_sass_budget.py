@@ -60,12 +60,14 @@ def _mma_loop(sass: str) -> dict:
 
 
 @pytest.mark.parametrize("kernel,kw", [("l1", "block_m=16, over_m=0"), ("l1", "block_m=128, over_m=16"),
-                                       ("l2", "block_m=16, over_m=0")])
+                                       ("l2", "block_m=16, over_m=0, promote_k=256"),
+                                       ("l2", "block_m=128, over_m=16, promote_k=128")])
 def test_lane_k_order_fewer_instructions_gluon(kernel, kw):
     """Words in the "lane" K order (`gemm_operands.LANE_K_ORDER`): the Gluon kernels' K-step loop
     builds one E2M1 table per row instead of one per word (Triton 3.6: L1 156 -> 141 at 16 rows,
-    239 -> 222 at 128 + 16; L2 155 -> 136): the same MMAs, >= 12 fewer instructions, fewer IMAD;
-    no register of an unfinished MMA touched, no spills beyond the column-order build's."""
+    239 -> 222 at 128 + 16; L2 277 -> 243 per 256 K at 16 rows, 244 -> 227 at 128 + 16; the 4-bit
+    builds the layer launches): the same MMAs, >= 12 fewer instructions, fewer IMAD (their PTX:
+    `test_l1_gluon.py` / `test_l2_gluon.py`'s lane compile tests)."""
     from mega_moe_layer.kernels import _compile, l1_gluon
     if not l1_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon Hopper ops")
