@@ -10,7 +10,7 @@
 #
 # Carry .whl (nvshmem4py), .dg (shared/tools/deepgemm/stage.sh) and .base. An empty *_TOKENS
 # skips that run. BASE_DIR=. with NEW_ARGS=--no-stage-rebase (say) compares a switch of this tree;
-# BASE_ARGS go to the base run; NEW2_ARGS adds a second run of this tree with those arguments (no anchor; at NEW2_TOKENS if set), NEW3_ARGS / NEW3_TOKENS a third, ... up to NEW6_ARGS / NEW6_TOKENS; FP8_ARGS go to the FP8-weights run. Logs and JSON under $OUT; every step under `timeout`.
+# BASE_ARGS go to the base run; NEW2_ARGS adds a second run of this tree with those arguments (no anchor; at NEW2_TOKENS if set), NEW3_ARGS / NEW3_TOKENS a third, ... up to NEW8_ARGS / NEW8_TOKENS; FP8_ARGS go to the FP8-weights run. Logs and JSON under $OUT; every step under `timeout`.
 set -u -o pipefail
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 TESTS="${TESTS:-}"
@@ -49,7 +49,7 @@ run() {  # run NAME DIR TOKENS ARGS...: bench.py in DIR
 BASE_DIR="${BASE_DIR:-.base}"
 [ -d "$BASE_DIR/mega_moe_layer" ] && run base "$BASE_DIR" "$BASE_TOKENS" --anchor none ${BASE_ARGS:-}
 run new . "$NEW_TOKENS" --anchor "${ANCHOR:-none}" ${NEW_ARGS:-}
-for i in 2 3 4 5 6; do            # NEW<i>_ARGS / NEW<i>_TOKENS: more runs of this tree, no anchor
+for i in 2 3 4 5 6 7 8; do        # NEW<i>_ARGS / NEW<i>_TOKENS: more runs of this tree, no anchor
     a="NEW${i}_ARGS"; t="NEW${i}_TOKENS"
     [ -n "${!a:-}" ] && run "new$i" . "${!t-$NEW_TOKENS}" --anchor none ${!a}
 done

@@ -399,6 +399,9 @@ def parse_args(argv=None):
     p.add_argument("--decode-gather-warps", type=int, default=4, choices=(1, 4),
                    help="GPU layer: warps of the Gluon L1's token-row gather at the 16- / 32-row decode tiles "
                         "(`kernels.l1_gluon.DECODE_GATHER_WARPS`; with --gluon-l1 on for MXFP4 weights), to measure 1")
+    p.add_argument("--epilogue-hw-cvt", action="store_true",
+                   help="GPU layer: the GEMM epilogues round bf16 and E4M3 with the GPU's conversions instead of "
+                        "the integer encoders (`kernels.l1_gemm.EPILOGUE_HW_CVT`; the same bytes), to measure it")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -491,6 +494,8 @@ def main(argv=None):
     from mega_moe_layer.kernels import gemm_operands, l1_gluon, l2_gluon
     gemm_operands.LANE_K_ORDER = args.lane_k
     l1_gluon.DECODE_GATHER_WARPS = args.decode_gather_warps
+    from mega_moe_layer.kernels import l1_gemm
+    l1_gemm.EPILOGUE_HW_CVT = args.epilogue_hw_cvt
     l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
     l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):

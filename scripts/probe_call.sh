@@ -7,8 +7,9 @@
 #      decode tiles (`bench_gemm.py --gluon`), each Gluon kernel's cycle split (`--profile`);
 #   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then
 #      `--lane-k` at 4096 and 128, `--decode-ahead` (`l1_gluon.DECODE_AHEAD`) and `--pair-x` at 4096,
-#      all of them with `--l1-prefill-promote 2` (`PREFILL_PROMOTE_K`) at 4096, and at 128 the lane order with the
-#      Gluon L1 at the decode tiles gathering with one warp (`--gluon-l1 on --decode-gather-warps 1`);
+#      all of them with `--l1-prefill-promote 2` (`PREFILL_PROMOTE_K`) and `--epilogue-hw-cvt` at 4096, the last
+#      alone at 4096, and at 128 the lane order with the Gluon L1 at the decode tiles gathering with one warp
+#      (`--gluon-l1 on --decode-gather-warps 1`);
 #   3. in what time is left, the gates: the lane order (`test_pre_dispatch_gpu.py`,
 #      `test_fp8_operands.py`, `test_gemm_gpu.py -k lane`, `test_layer_gpu.py::test_lane_k_order`), then
 #      the pair order, profile build, decode ahead and 256-K promotion gates.
@@ -41,14 +42,15 @@ if [ "${AB_S-280}" != 0 ]; then
     env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS= \
         NEW2_ARGS="--lane-k" NEW2_TOKENS="${LANE_TOKENS-4096 128}" \
         NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--pair-x" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
-        NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2" NEW5_TOKENS="${PAIR_TOKENS-4096}" \
-        NEW6_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW6_TOKENS="${LANE_TOKENS-128}" \
+        NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2 --epilogue-hw-cvt" \
+        NEW5_TOKENS="${PAIR_TOKENS-4096}" NEW6_ARGS="--epilogue-hw-cvt" NEW6_TOKENS="${PAIR_TOKENS-4096}" \
+        NEW7_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW7_TOKENS="${LANE_TOKENS-128}" \
         timeout -k 5 ${AB_S-280} bash scripts/ab_bench.sh
 fi
 if [ "${TEST_S-70}" != 0 ]; then
     timeout -k 5 ${TEST_S-70} python3 -m pytest -v -rA -p no:cacheprovider -m "not multigpu" --timeout 120 \
         tests/test_pre_dispatch_gpu.py tests/test_fp8_operands.py tests/test_gemm_gpu.py tests/test_layer_gpu.py \
-        -k "lane or gather_warp or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
+        -k "lane or gather_warp or epilogue_hw_cvt or pair_ordered or order_pair_rows_bitwise_gpu or profile_build or decode_ahead or 256k" > "$OUT/gates.log" 2>&1
     echo "=== gates (rc $?)"; grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/gates.log" | tail -n 12
 fi
 python3 scripts/summarize_probe.py "$OUT" > "$OUT/summary.md" 2>&1; echo "=== summary"; cat "$OUT/summary.md"

@@ -1,7 +1,7 @@
 """One table of a `scripts/probe_call.sh` (or `ab_bench.sh`) output folder, for docs/PERF.md.
 
 Reads the layer runs' JSON (`new.json`: the defaults, with DeepGEMM's anchor; `new2.json` ..
-`new6.json`: the variants, their arguments in each file's argv) and prints, per T, each run's
+`new8.json`: the variants, their arguments in each file's argv) and prints, per T, each run's
 graph median, its ratio to the defaults' at the same T, DeepGEMM's FP8 and FP8 x FP4 times and
 issue 11's H200 target; then the kernel lines of `bench_gemm.py`'s logs (`bg_dec.log`, `bg.log`).
 
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 #: Issue 11's targets (one H200, dsv3, MXFP4, FP8 acts, bf16 combine, graph), us.
 TARGETS_US = {1: 100.0, 128: 1800.0, 512: 2000.0, 4096: 4000.0}
-RUNS = ("new", "new2", "new3", "new4", "new5", "new6")
+RUNS = ("new", "new2", "new3", "new4", "new5", "new6", "new7", "new8")
 KERNEL_LINE = re.compile(r"(Gluon|streamed fp8|cycle split|one gathering warp|pair order)")
 
 

@@ -993,8 +993,9 @@ def _weight_sig(wf: str, w_kind: str) -> dict:
 
 def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048, g: int = 32,
                     w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False,
-                    fp4_table: str = "imad"):
-    """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it."""
+                    fp4_table: str = "imad", epi_cvt: bool = False):
+    """(signature, constexprs, options) of `_l1_kernel` as `l1_grouped_gemm` launches it (epi_cvt:
+    with `l1_gemm.EPILOGUE_HW_CVT`)."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l1_gemm_config(block_m, H, I, wf, af, arch, fp8_mainloop=w_kind != "raw", act_rebased=act_rebased,
                             weight_kind=w_kind)
@@ -1010,7 +1011,7 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(H, g), PROMOTE=cfg.promote_for(H), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder,
-              WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
+              WARPS=cfg.num_warps, FP4_TABLE=fp4_table, **(dict(EPI_CVT=True) if epi_cvt else {}))
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(enable_fp_fusion=False, **cfg.launch_options())
@@ -1018,8 +1019,9 @@ def l1_compile_args(wf: str, af: str, arch: int, block_m: int = 16, H: int = 716
 
 def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H: int = 7168, I: int = 2048,
                     w_kind: Optional[str] = None, fp4_decoder: str = "shift", act_rebased: bool = False,
-                    fp4_table: str = "imad"):
-    """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it."""
+                    fp4_table: str = "imad", epi_cvt: bool = False):
+    """(signature, constexprs, options) of `_l2_kernel` as `l2_grouped_gemm` launches it (epi_cvt:
+    with `l1_gemm.EPILOGUE_HW_CVT`)."""
     w_kind = w_kind or w_kind_of(wf, af, arch)
     cfg = gh.l2_gemm_config(block_m, H, I, wf, af, comb, arch, fp8_mainloop=w_kind != "raw",
                             act_rebased=act_rebased, weight_kind=w_kind)
@@ -1037,7 +1039,7 @@ def l2_compile_args(wf: str, af: str, comb: str, arch: int, block_m: int = 16, H
               USE_DOT_SCALED=gh.uses_dot_scaled(arch, wf, af), DOT_IN_F32=False, W_KIND=w_kind,
               SF_WORDS_P2=sf_words_p2(I, 32), PROMOTE=cfg.promote_for(I), BLOCK_M=cfg.block_m,
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FP4_DECODER=fp4_decoder,
-              WARPS=cfg.num_warps, FP4_TABLE=fp4_table)
+              WARPS=cfg.num_warps, FP4_TABLE=fp4_table, **(dict(EPI_CVT=True) if epi_cvt else {}))
     ce.update({k: None for k, v in sig.items() if v is None})
     sig = {k: v for k, v in sig.items() if v is not None}
     return sig, ce, dict(enable_fp_fusion=False, **cfg.launch_options())

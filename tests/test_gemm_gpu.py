@@ -439,6 +439,51 @@ def test_gluon_l1_lane_k_order_matches_triton(block_m, monkeypatch):
     _report(f"gluon l1 lane order {block_m}", {"h_bytes_equal": same})
 
 
+@pytest.mark.parametrize("wf, block_m, comb", [("mxfp4", 128, "bf16"), ("mxfp4", 16, "bf16"), ("mxfp4", 16, "fp8"),
+                                               ("fp8", 16, "bf16")])
+def test_epilogue_hw_cvt_same_bytes(wf, block_m, comb, monkeypatch):
+    """`l1_gemm.EPILOGUE_HW_CVT`: the epilogues' bf16 and E4M3 roundings by the GPU's RNE
+    conversions give the bytes of the integer encoders: h and its scale bytes (L1), the
+    destination rows (L2, bf16 or FP8 combine) equal with the switch off and on, at the kernels
+    each launch takes by default (128 + 16 rows: the Gluon L1, the Triton L2; 16 rows: the Triton
+    L1 for 4-bit words, the Gluon kernels for FP8 ones and the Gluon L2 with the bf16 combine); the
+    switched launches built with EPI_CVT."""
+    from mega_moe_layer.kernels import l1_gemm, l1_gluon, l2_gluon
+    counts = [138, 158, 300, 20, 128, 0] if block_m == 128 else [1, 9, 16, 17, 40, 0, 3]
+    prob, x_rebased = _gluon_problem(counts, wf, block_m, 59)
+    kw = {}
+    if block_m == 128:
+        prob, plan, kw = _prefill_main_map(prob, counts)
+    built = []
+    for mod, name in ((l1_gluon, "l1_gluon_launch"), (l2_gluon, "l2_gluon_launch")):
+        launch = getattr(mod, name)
+        monkeypatch.setattr(mod, name, (lambda f: lambda *a, **k: (lambda r: built.append(r[3].get("EPI_CVT")) or r)(
+            f(*a, **k)))(launch))
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(l1_gemm, "EPILOGUE_HW_CVT", on)
+        assert l1_gemm.epilogue_cvt(l1_gemm._l1_kernel) == ({"EPI_CVT": True} if on else {})
+        h, h_sf = h_buffers(prob, DEV)
+        h.view(torch.uint8).zero_()              # rows of the tail tiles (not run here): zeros, not poison
+        h_sf.zero_()
+        run_l1_into(prob, h, h_sf, x_rebased=x_rebased, **kw)
+        h8 = torch.empty(prob.num_pairs, 2048, dtype=torch.float8_e4m3fn, device=DEV)
+        h_e = torch.empty(prob.num_pairs, dtype=torch.int32, device=DEV)
+        rebase_act_rows(h, h_sf, h8, h_e, prob.expert_offsets[-1:], act_format="fp8", group=32)
+        dest = make_destinations(prob, comb, skip=(2,))
+        run_l2(prob, h, h_sf, comb, dest, h_rebased=(h8, h_e), **kw)
+        torch.cuda.synchronize()
+        outs.append((h, h_sf, dest))
+    (h0, sf0, d0), (h1, sf1, d1) = outs
+    assert torch.equal(bytes_of(h1), bytes_of(h0)) and torch.equal(bytes_of(sf1), bytes_of(sf0)), \
+        f"h differs with the hardware conversions: {_mismatch(h1, h0, bytes_of(h1) == bytes_of(h0))}"
+    assert torch.equal(bytes_of(d1.out), bytes_of(d0.out)), "the L2 destinations differ with the hardware conversions"
+    if comb == "fp8":
+        assert torch.equal(bytes_of(d1.out_sf), bytes_of(d0.out_sf))
+    half = len(built) // 2
+    assert not any(built[:half]) and all(built[half:]), f"Gluon launches' EPI_CVT (off, then on): {built}"
+
+
 @pytest.mark.parametrize("wf, block_m", [("mxfp4", 16), ("mxfp4", 32), ("fp8", 16)])
 def test_gluon_l1_one_gather_warp_matches_triton(wf, block_m, monkeypatch):
     """`l1_gluon.DECODE_GATHER_WARPS` 1: one warp gathers the decode tiles' token rows (4 or 8

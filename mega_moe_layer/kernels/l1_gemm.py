@@ -151,6 +151,7 @@ def _round_bf16(x):
     return _bf16_rne_bits(x).to(tl.float32, bitcast=True)
 
 
+
 @triton.jit
 def _unpack_e2m1(packed):
     """int8 [R, C/2] packed E2M1 (even column in the low nibble) -> int32 codes [R, C]."""
@@ -453,19 +454,24 @@ def _prefetch_item(work, total, num_tiles, tile_expert_ptr, tile_row_ptr, NUM_N:
 
 @triton.jit
 def _quant_store_rows(y, row_ok, col0, out_rows, sf_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP: tl.constexpr, FORMAT: tl.constexpr):
+                      GROUP: tl.constexpr, FORMAT: tl.constexpr, HW_CVT: tl.constexpr = False):
     """Quantise float32 y [BLOCK_M, BLOCK_N] (columns col0 ..) per GROUP columns and store it.
 
     out_rows: [BLOCK_M, 1] pointers to each row's element 0: int8 (FORMAT "fp8": E4M3 bytes at
     column c; "fp4": packed E2M1 at byte c / 2) or int16 ("bf16": bf16 bits, RNE).
     sf_rows: [BLOCK_M, 1] uint8 pointers to each row's scale byte 0 (byte g = group g, i.e. the
     little-endian packed int32 layout); unused for bf16. Rows with row_ok False are not written.
+    HW_CVT (GPU only, `EPILOGUE_HW_CVT`): bf16 and E4M3 by the hardware's RNE conversions (two values
+    an instruction) instead of the integer encoders; the same bytes for finite values.
     """
     mask = row_ok[:, None]
     cols = col0 + tl.arange(0, BLOCK_N)
     if FORMAT == "bf16":
-        bits = _bf16_rne_bits(y) >> 16
-        tl.store(out_rows + cols[None, :], bits.to(tl.int16), mask=mask)
+        if HW_CVT:
+            tl.store(out_rows + cols[None, :], y.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
+        else:
+            bits = _bf16_rne_bits(y) >> 16
+            tl.store(out_rows + cols[None, :], bits.to(tl.int16), mask=mask)
     else:
         NG: tl.constexpr = BLOCK_N // GROUP
         y3 = tl.reshape(y, (BLOCK_M, NG, GROUP))
@@ -473,7 +479,9 @@ def _quant_store_rows(y, row_ok, col0, out_rows, sf_rows, BLOCK_M: tl.constexpr,
         e = _ue8m0_exponent(amax, FORMAT == "fp4")
         q3 = y3 * _exp2_neg_ue8m0(e)[:, :, None]                                    # exact
         q = tl.reshape(q3, (BLOCK_M, BLOCK_N))
-        if FORMAT == "fp8":
+        if FORMAT == "fp8" and HW_CVT:
+            tl.store(out_rows + cols[None, :], q.to(tl.float8e4nv).to(tl.int8, bitcast=True), mask=mask)
+        elif FORMAT == "fp8":
             tl.store(out_rows + cols[None, :], _e4m3_code(q).to(tl.int8), mask=mask)
         else:
             lo, hi = tl.split(tl.reshape(_e2m1_code(q), (BLOCK_M, BLOCK_N // 2, 2)))
@@ -862,14 +870,18 @@ def _swiglu_h(gate, up, weight):
 @triton.jit
 def _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
                  INTER: tl.constexpr, ACT_FORMAT: tl.constexpr, HAS_CLAMP: tl.constexpr, W_KIND: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HW_CVT: tl.constexpr = False):
     """The transposed [2 BLOCK_N, ROWS] accumulator of pairs `rows` -> their h columns: the FP8
     mainloop's row factors, then DESIGN steps 2 (bf16), 3 (clamp), 4 (SwiGLU x weight), 5
-    (requantise)."""
+    (requantise). HW_CVT: the roundings by the hardware's conversions (`EPILOGUE_HW_CVT`)."""
     if W_KIND != "raw":
         acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * (2 * INTER) + n_rows, ACT_FORMAT, W_KIND)
     # [2BN, R] -> [R, 2, BN] -> [R, BN, 2] -> gate, up [R, BN]
-    gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (ROWS, 2, BLOCK_N)), (0, 2, 1)))
+    if HW_CVT:
+        gate, up = tl.split(tl.permute(tl.reshape(tl.trans(acc.to(tl.bfloat16).to(tl.float32)), (ROWS, 2, BLOCK_N)),
+                                       (0, 2, 1)))
+    else:
+        gate, up = tl.split(tl.permute(tl.reshape(tl.trans(_round_bf16(acc)), (ROWS, 2, BLOCK_N)), (0, 2, 1)))
     if HAS_CLAMP:
         gate = tl.minimum(gate, clamp)
         up = tl.minimum(tl.maximum(up, -clamp), clamp)
@@ -884,7 +896,7 @@ def _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w
         sf_rows = h_rows  # unused
     else:
         sf_rows = h_sf_ptr + rows64[:, None] * (INTER // 32)
-    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, ROWS, BLOCK_N, 32, ACT_FORMAT)
+    _quant_store_rows(h, row_ok, pid_n * BLOCK_N, h_rows, sf_rows, ROWS, BLOCK_N, 32, ACT_FORMAT, HW_CVT)
 
 
 @triton.jit
@@ -895,7 +907,7 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
              DOT_IN_F32: tl.constexpr, W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr,
              ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
-             OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr):
+             OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr, EPI_CVT: tl.constexpr = False):
     """One L1 work item (`_l1_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
     `expert` x N block `pid_n` (BLOCK_N columns of gate and of up) -> their h columns. OVER_M > 0:
     when BLOCK_M < row_end - row_start <= BLOCK_M + OVER_LIMIT (the expert's last full tile, its
@@ -942,7 +954,7 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
                                    ACT_REBASED, OVER_M, oprow, o_ok)
         o_e_row = tl.load(x_sf_ptr + oprow, mask=o_ok, other=0)
         _l1_epilogue(acc_o, o_e_row, orows, o_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
-                     INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, OVER_M, BLOCK_N)
+                     INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, OVER_M, BLOCK_N, EPI_CVT)
     elif ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
         # Hopper: the FP8 mainloop (x rebased where it landed, or here in registers)
         acc, _ = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n_rows, pid_n * BLOCK_N, INTER - BLOCK_N,
@@ -971,7 +983,7 @@ def _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_
                 else:
                     acc = _mma(w, x_t, acc, DOT_IN_F32)
     _l1_epilogue(acc, e_row, rows, row_ok, e64, n_rows, pid_n, w_row_ptr, pair_w_ptr, h_ptr, h_sf_ptr, clamp,
-                 INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, BLOCK_M, BLOCK_N)
+                 INTER, ACT_FORMAT, HAS_CLAMP, W_KIND, BLOCK_M, BLOCK_N, EPI_CVT)
 
 
 # =================================================================================================
@@ -1003,10 +1015,12 @@ def _l1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
     PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
+    EPI_CVT: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N columns of gate AND of up -> h
     (`_l1_item`; OVER_M / OVER_LIMIT: an expert's last full tile also computes up to OVER_M rows
-    of its remainder, `TilePlan.over`).
+    of its remainder, `TilePlan.over`; EPI_CVT: the epilogue rounds by the hardware's conversions,
+    `EPILOGUE_HW_CVT`).
 
     ACT_REBASED (with W_KIND != "raw"): x_ptr is the rebased E4M3 pool [Npool, H] and x_sf_ptr the
     int32 row exponents [Npool] (`rebase.rebase_act_rows`): the streamed FP8 mainloop
@@ -1052,7 +1066,7 @@ def _l1_kernel(
         _l1_item(x_ptr, x_sf_ptr, pair_rows_ptr, pair_w_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, h_ptr, h_sf_ptr,
                  clamp, expert, row_start, row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, ACT_GROUP,
                  HAS_CLAMP, USE_DOT_SCALED, DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K,
-                 FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE, OVER_M, OVER_LIMIT)
+                 FP4_DECODER, ACT_REBASED, WARPS, FP4_TABLE, OVER_M, OVER_LIMIT, EPI_CVT)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -1283,6 +1297,24 @@ def _launch_or_bind(kernel, grid, device, bind: bool, args, kwargs) -> Optional[
 def sf_words_p2(k: int, group: int) -> int:
     """The next power of two >= the packed scale words of a row of K columns (>= 1)."""
     return triton.next_power_of_2(max(1, k // group // 4))
+
+
+#: Round the GEMM epilogues' bf16 values (DESIGN steps 2 and 6) and E4M3 codes (h, the FP8 combine)
+#: with the GPU's RNE conversions (`cvt.rn.bf16x2.f32`, `cvt.rn.satfinite.e4m3x2.f32`: two values an
+#: instruction) instead of the integer encoders the interpreter needs (~4 and ~15 instructions a
+#: value): the same bytes for finite values (|q| <= 448 before E4M3), in the Triton L1 / L2 and the
+#: Gluon ones alike (`EPI_CVT`). sm_90a SASS, Triton 3.6: the Gluon L1's item loop at 128 + 16 rows
+#: 3698 -> 2302 instructions (its K-step loop 239 of them, 56 steps an item: -8% of the MMA
+#: warpgroup's instructions at prefill); the Triton L2's at 128 rows 1008 -> 816 (-4%). Off: built
+#: 2026-12-08 (thirteenth session), not yet run (`scripts/bench.py --epilogue-hw-cvt`; the GPU gate
+#: `test_gemm_gpu.py::test_epilogue_hw_cvt_same_bytes`).
+EPILOGUE_HW_CVT = False
+
+
+def epilogue_cvt(kernel) -> dict:
+    """The launch keywords of `EPILOGUE_HW_CVT` for `kernel` (none in the interpreter or when off,
+    so that the default launch is the build the layer always ran)."""
+    return dict(EPI_CVT=True) if EPILOGUE_HW_CVT and not _is_interpreted(kernel) else {}
 
 
 def fp4_table(operand: Optional[WeightOperand], interpreted: bool) -> str:
@@ -1606,7 +1638,7 @@ def l1_grouped_gemm(pool_x: torch.Tensor, pool_x_sf: Optional[torch.Tensor], pai
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             FP4_DECODER=fp4_decoder, ACT_REBASED=x_rebased is not None, WARPS=config.num_warps,
             FP4_TABLE=fp4_table(w13_operand, _is_interpreted(_l1_kernel)), OVER_M=over_m, OVER_LIMIT=over_limit,
-            enable_fp_fusion=False, **config.launch_options(),
+            enable_fp_fusion=False, **epilogue_cvt(_l1_kernel), **config.launch_options(),
         )
     grid = _resident_grid(_l1_kernel, grid, num_sms, device, args, kwargs)
     return _launch_or_bind(_l1_kernel, grid, device, bind, args, kwargs)

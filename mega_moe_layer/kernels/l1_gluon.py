@@ -382,11 +382,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _epilogue(acc, mma: gl.constexpr, ROWS: gl.constexpr, row0, row_end, ok_all, expert, pid_n,
                   x_exp_ptr, pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi,
-                  INTER: gl.constexpr, HAS_CLAMP: gl.constexpr):
+                  INTER: gl.constexpr, HAS_CLAMP: gl.constexpr, HW_CVT: gl.constexpr = False):
         """`l1_gemm._l1_epilogue` for the [64 stacked rows, ROWS pairs] accumulator of pairs
         row0 .. row0 + ROWS - 1 (those below row_end, when ok_all): row factors, bf16, then gate and
         up through shared memory (`epi`, bf16 [64, 128]) into per-pair columns, clamp, SwiGLU x
-        weight, E4M3 per 32 with its UE8M0 byte."""
+        weight, E4M3 per 32 with its UE8M0 byte. HW_CVT: the bf16 and E4M3 roundings by the
+        hardware's conversions (`l1_gemm.EPILOGUE_HW_CVT`; the same bytes)."""
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
         row_ok = (rows < row_end) & ok_all
         prow = gl.load(pair_rows_ptr + rows, mask=row_ok, other=0)
@@ -395,7 +396,10 @@ if HAVE_GLUON:
         r = gl.arange(0, 2 * _BN, layout=gl.SliceLayout(1, mma))
         n_rows = expert.to(gl.int64) * (2 * INTER) + gl.where(r < _BN, r, r - _BN + INTER) + pid_n * _BN
         w_f = gl.load(w_row_ptr + n_rows)
-        g = _round_bf16(acc * w_f[:, None] * a_f[None, :])
+        if HW_CVT:
+            g = acc * w_f[:, None] * a_f[None, :]       # (rounded to bf16 by the store's cvt.rn)
+        else:
+            g = _round_bf16(acc * w_f[:, None] * a_f[None, :])
         TPW1: gl.constexpr = 32 if ROWS >= 32 else ROWS
         el: gl.constexpr = gl.BlockedLayout(size_per_thread=[_BN * TPW1 // 32, 1],
                                             threads_per_warp=[32 // TPW1, TPW1], warps_per_cta=[1, 4], order=[0, 1])
@@ -413,7 +417,10 @@ if HAVE_GLUON:
         weight = gl.load(pair_w_ptr + cols, mask=col_ok, other=0.0)
         h = _swiglu_h(gate, up, weight[None, :])                                     # [32 n, ROWS]
         e = _ue8m0_exponent(gl.max(gl.abs(h), axis=0), False)
-        code = _e4m3_code(h * _exp2_neg_ue8m0(e)[None, :])
+        if HW_CVT:
+            code = (h * _exp2_neg_ue8m0(e)[None, :]).to(gl.float8e4nv).to(gl.int8, bitcast=True)
+        else:
+            code = _e4m3_code(h * _exp2_neg_ue8m0(e)[None, :])
         n = gl.arange(0, _BN, layout=gl.SliceLayout(1, el))
         cols64 = cols.to(gl.int64)
         gl.store(h_ptr + cols64[None, :] * INTER + (pid_n * _BN + n)[:, None], code.to(gl.int8),
@@ -616,10 +623,11 @@ if HAVE_GLUON:
                        HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, HAS_CLAMP: gl.constexpr,
                        STAGES_: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                        OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
-                       AHEAD: gl.constexpr, LANE: gl.constexpr = False):
+                       AHEAD: gl.constexpr, LANE: gl.constexpr = False, EPI_CVT: gl.constexpr = False):
         """The MMA warpgroup (see the module doc). PROF: its cycles into prof_ptr (`PROFILE`);
         AHEAD: the decode one step ahead (`DECODE_AHEAD`); LANE: words in the "lane" K order
-        (`gemm_operands.LANE_K_ORDER`: word 4 c + g of group c, one table per row and step)."""
+        (`gemm_operands.LANE_K_ORDER`: word 4 c + g of group c, one table per row and step);
+        EPI_CVT: the epilogue's roundings by the hardware's conversions (`l1_gemm.EPILOGUE_HW_CVT`)."""
         NUM_N: gl.constexpr = INTER // _BN
         NK: gl.constexpr = HIDDEN // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -660,11 +668,12 @@ if HAVE_GLUON:
             t_mma += in_mma
             t0 = _now(PROF)
             _epilogue(acc, mma, BM, row_start, row_end, True, expert, pid_n, x_exp_ptr, pair_rows_ptr,
-                      pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
+                      pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP, EPI_CVT)
             if OVER_M > 0:
                 if has_over:
                     _epilogue(acc_o, mma_o, OM, row_start + BM, row_end, True, expert, pid_n, x_exp_ptr,
-                              pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP)
+                              pair_rows_ptr, pair_w_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp, epi, INTER, HAS_CLAMP,
+                              EPI_CVT)
             t_epi += _since(t0, PROF)
             items += 1
         # per CTA: [0] all cycles, [1] waiting for stages, [2] waiting for MMAs, [3] epilogues, [4] items
@@ -682,7 +691,7 @@ if HAVE_GLUON:
                       OVER_LIMIT: gl.constexpr, LOAD_REGS_: gl.constexpr, PROMOTE_STEPS: gl.constexpr = 1,
                       PDL: gl.constexpr = False, PAIR_X: gl.constexpr = False, prof_ptr=None,
                       PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False,
-                      GATHER_WARPS: gl.constexpr = 4):
+                      GATHER_WARPS: gl.constexpr = 4, EPI_CVT: gl.constexpr = False):
         """L1's main launch, warp-specialised (module docstring). x_ptr: rebased E4M3 pool [Npool, H];
         x_exp_ptr: int32 row exponents [Npool]; w_desc: TMA descriptor of the weight rows
         ([E 2I, H / 8] int32 fragment words, or [E 2I, H] E4M3), boxes of 32 rows x one step;
@@ -695,7 +704,7 @@ if HAVE_GLUON:
         AHEAD: the MMA warpgroup decodes step k + 1's words while step k's MMAs run (`DECODE_AHEAD`;
         4-bit words promoted every step). LANE: 4-bit words (and so x) in the "lane" K order
         (`gemm_operands.LANE_K_ORDER`). GATHER_WARPS: the gathering producer's warps (4, or 1 at the
-        decode tiles: `DECODE_GATHER_WARPS`)."""
+        decode tiles: `DECODE_GATHER_WARPS`). EPI_CVT: `l1_gemm.EPILOGUE_HW_CVT`."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -724,7 +733,7 @@ if HAVE_GLUON:
                               num_tiles_ptr, max_tiles, aux_ptr, w_row_ptr, h_ptr, h_sf_ptr, clamp,
                               w_bufs, x_bufs, o_bufs, epi, w_ready, x_ready, empty,
                               HIDDEN, INTER, W_KIND, HAS_CLAMP, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT,
-                              PROMOTE_STEPS, prof_ptr, PROF, AHEAD, LANE)),
+                              PROMOTE_STEPS, prof_ptr, PROF, AHEAD, LANE, EPI_CVT)),
             (_load_partition, (x_ptr, pair_rows_ptr, xp_desc, xo_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                                num_tiles_ptr, max_tiles, w_desc, w_bufs, x_bufs, o_bufs, w_ready, x_ready, empty,
                                HIDDEN, INTER, KW, STAGES_, W_BYTES, GROUP_M, BM, OVER_M, OVER_LIMIT, PAIR_X,
@@ -811,12 +820,13 @@ def gather_warps(block_m: int, pair_x: bool = False) -> int:
 def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, block_m: int = 128,
                  over_m: int = 16, over_limit: int = 32, group_m: int = 8, promote_k: int = BLOCK_K,
                  pdl: bool = False, pair_x: bool = False, prof: bool = False, decode_ahead: bool = False,
-                 lane: bool = False, gather: int = 4):
+                 lane: bool = False, gather: int = 4, epi_cvt: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl: as the
     layer's launches bind it (`_launch.Launcher.enable_pdl`); pair_x: the token rows in pair order
     by TMA (`PAIR_X`); prof: the measuring build (`PROFILE`); decode_ahead: `DECODE_AHEAD`'s build
     (4-bit words promoted every 128 K only); lane: 4-bit words in the "lane" K order (`LANE`);
-    gather: the gathering producer's warps (`GATHER_WARPS`: 1 at the decode tiles only)."""
+    gather: the gathering producer's warps (`GATHER_WARPS`: 1 at the decode tiles only); epi_cvt:
+    `EPI_CVT`."""
     if gather not in (1, 4) or (gather == 1 and (block_m not in (16, 32) or pair_x)):
         raise ValueError(f"gather: 4, or 1 at the 16- / 32-row tiles without pair_x, got {gather} at {block_m}")
     if decode_ahead and not decodes_ahead(True, w_kind, promote_k, hidden):
@@ -833,6 +843,8 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
         ce["LANE"] = True
     if gather != 4:
         ce["GATHER_WARPS"] = gather
+    if epi_cvt:
+        ce["EPI_CVT"] = True
     if pair_x:
         sig["xp_desc"], sig["xo_desc"] = pair_x_signatures(block_m, over_m)
     else:
@@ -880,6 +892,9 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
     if gather_warps(block_m, x_pairs is not None) != 4:
         extra["GATHER_WARPS"] = gather_warps(block_m, x_pairs is not None)
         load_regs = LOAD_REGS_ONE_WARP
+    from .l1_gemm import EPILOGUE_HW_CVT
+    if EPILOGUE_HW_CVT:
+        extra["EPI_CVT"] = True
     kwargs = dict(**extra, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
                   HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
                   OVER_LIMIT=over_limit, LOAD_REGS_=load_regs, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,

@@ -23,7 +23,7 @@ from .gemm_operands import WeightOperand
 from .sync import pdl_enter
 from .l1_gemm import (_act_shapes, _act_tile_bf16, _act_tile_mx, _apply_row_factors, _call_args,
                       _check_block_k, _check_lane, _check_launch_device, _check_over, _check_operand_only, _check_promote,
-                      _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder,
+                      _check_rebased, _check_tensor, _check_tile_map, _device_arch, _device_num_sms, _fp4_decoder, epilogue_cvt,
                       _fp4_perm_k, fp4_table, _fp8_mainloop, _is_interpreted, _kernel_weight_format, _launch_or_bind,
                       _mma,
                       _prefetch_item, _quant_store_rows, _resident_grid, _round_bf16, _row_max_exponent,
@@ -58,21 +58,25 @@ def _addr_rows(anchor_ptr, addr, DTYPE: tl.constexpr):
 @triton.jit
 def _l2_epilogue(acc, e_row, rows, row_ok, dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN: tl.constexpr,
                  ACT_FORMAT: tl.constexpr, COMBINE_FORMAT: tl.constexpr, W_KIND: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HW_CVT: tl.constexpr = False):
     """The transposed [BLOCK_N, ROWS] accumulator of pairs `rows` (destination addresses `dst`) ->
     their destination rows: the FP8 mainloop's row factors, DESIGN step 6 (bf16), then the
-    destination format. A pair without a destination (address 0) is left out of the store."""
+    destination format. A pair without a destination (address 0) is left out of the store.
+    HW_CVT: the roundings by the hardware's conversions (`l1_gemm.EPILOGUE_HW_CVT`)."""
     if W_KIND != "raw":
         acc = _apply_row_factors(acc, e_row, w_row_ptr, e64 * HIDDEN + n, ACT_FORMAT, W_KIND)
-    y = tl.trans(_round_bf16(acc))                                              # [R, BN] f32
+    if HW_CVT:
+        y = tl.trans(acc.to(tl.bfloat16).to(tl.float32))                        # cvt.rn: the same values
+    else:
+        y = tl.trans(_round_bf16(acc))                                          # [R, BN] f32
     st_ok = row_ok & (dst != 0)
     if COMBINE_FORMAT == "fp8":
         sf_dst = tl.load(dst_sf_ptr + rows, mask=st_ok, other=0)
         _quant_store_rows(y, st_ok, pid_n * BLOCK_N, _addr_rows(dst_ptr, dst, tl.int8),
-                          sf_dst.to(tl.pointer_type(tl.uint8))[:, None], ROWS, BLOCK_N, 128, "fp8")
+                          sf_dst.to(tl.pointer_type(tl.uint8))[:, None], ROWS, BLOCK_N, 128, "fp8", HW_CVT)
     else:
         out_rows = _addr_rows(dst_ptr, dst, tl.int16)
-        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, ROWS, BLOCK_N, 128, "bf16")
+        _quant_store_rows(y, st_ok, pid_n * BLOCK_N, out_rows, out_rows, ROWS, BLOCK_N, 128, "bf16", HW_CVT)
 
 
 @triton.jit
@@ -82,7 +86,8 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
              COMBINE_FORMAT: tl.constexpr, USE_DOT_SCALED: tl.constexpr, DOT_IN_F32: tl.constexpr,
              W_KIND: tl.constexpr, SF_WORDS_P2: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr,
-             WARPS: tl.constexpr, FP4_TABLE: tl.constexpr, OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr):
+             WARPS: tl.constexpr, FP4_TABLE: tl.constexpr, OVER_M: tl.constexpr, OVER_LIMIT: tl.constexpr,
+             EPI_CVT: tl.constexpr = False):
     """One L2 work item (`_l2_kernel`): pairs [row_start, min(row_start + BLOCK_M, row_end)) of
     `expert` x N block `pid_n` (BLOCK_N columns of y) -> their destination rows; OVER_M > 0: the
     rows past BLOCK_M of an expert's last full tile too, as in `l1_gemm._l1_item`."""
@@ -127,7 +132,7 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
                                    o_ok)
         o_e_row = tl.load(h_sf_ptr + orows64, mask=o_ok, other=0)
         _l2_epilogue(acc_o, o_e_row, orows, o_ok, o_dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN,
-                     ACT_FORMAT, COMBINE_FORMAT, W_KIND, OVER_M, BLOCK_N)
+                     ACT_FORMAT, COMBINE_FORMAT, W_KIND, OVER_M, BLOCK_N, EPI_CVT)
     elif ACT_REBASED or (W_KIND != "raw" and not USE_DOT_SCALED):
         # Hopper: the FP8 mainloop (h rebased after L1, or here in registers)
         acc, _ = _fp8_mainloop(w_ptr, w_sf_ptr, tab_ptr, w_off, sf_off, n, pid_n * BLOCK_N, 0, h_ptr, h_sf_ptr, rows64,
@@ -154,7 +159,7 @@ def _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_
                 else:
                     acc = _mma(w, h_t, acc, DOT_IN_F32)
     _l2_epilogue(acc, e_row, rows, row_ok, dst, dst_ptr, dst_sf_ptr, e64, n, pid_n, w_row_ptr, HIDDEN, ACT_FORMAT,
-                 COMBINE_FORMAT, W_KIND, BLOCK_M, BLOCK_N)
+                 COMBINE_FORMAT, W_KIND, BLOCK_M, BLOCK_N, EPI_CVT)
 
 
 @triton.jit(do_not_specialize=["max_tiles"])
@@ -180,6 +185,7 @@ def _l2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP4_DECODER: tl.constexpr, ACT_REBASED: tl.constexpr, WARPS: tl.constexpr, FP4_TABLE: tl.constexpr,
     PDL: tl.constexpr = False, OVER_M: tl.constexpr = 0, OVER_LIMIT: tl.constexpr = 0,
+    EPI_CVT: tl.constexpr = False,
 ):
     """Work item: BLOCK_M pairs of one expert x BLOCK_N output columns of H -> their rows
     (`_l2_item`; OVER_M / OVER_LIMIT as in `l1_gemm._l1_kernel`).
@@ -221,7 +227,7 @@ def _l2_kernel(
         _l2_item(h_ptr, h_sf_ptr, w_ptr, w_sf_ptr, w_row_ptr, tab_ptr, dst_ptr, dst_sf_ptr, expert, row_start,
                  row_end, pid_n, HIDDEN, INTER, WEIGHT_FORMAT, ACT_FORMAT, COMBINE_FORMAT, USE_DOT_SCALED,
                  DOT_IN_F32, W_KIND, SF_WORDS_P2, PROMOTE, BLOCK_M, BLOCK_N, BLOCK_K, FP4_DECODER, ACT_REBASED,
-                 WARPS, FP4_TABLE, OVER_M, OVER_LIMIT)
+                 WARPS, FP4_TABLE, OVER_M, OVER_LIMIT, EPI_CVT)
         expert, row_start, row_end, pid_n = n_expert, n_row_start, n_row_end, n_pid_n
         n_expert, n_row_start, n_pid_n = nn_expert, nn_row_start, nn_pid_n
 
@@ -370,7 +376,7 @@ def l2_grouped_gemm(h: torch.Tensor, h_sf: Optional[torch.Tensor], expert_offset
             FP4_DECODER=_fp4_decoder(w2_operand, config), ACT_REBASED=h_rebased is not None,
             WARPS=config.num_warps, FP4_TABLE=fp4_table(w2_operand, _is_interpreted(_l2_kernel)),
             OVER_M=over_m, OVER_LIMIT=over_limit,
-            enable_fp_fusion=False, **config.launch_options(),
+            enable_fp_fusion=False, **epilogue_cvt(_l2_kernel), **config.launch_options(),
         )
     grid = _resident_grid(_l2_kernel, grid, num_sms, device, args, kwargs)
     return _launch_or_bind(_l2_kernel, grid, device, bind, args, kwargs)

@@ -137,17 +137,20 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _l2_store(acc, mma: gl.constexpr, ROWS: gl.constexpr, row0, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
-                  dst_ptr, epi, HIDDEN: gl.constexpr):
+                  dst_ptr, epi, HIDDEN: gl.constexpr, HW_CVT: gl.constexpr = False):
         """`l2_gemm._l2_epilogue` (bf16 combine) for the [64 rows of w2, ROWS pairs] accumulator of
         pairs row0 .. row0 + ROWS - 1 below row_end: row factors, bf16, then through shared memory
-        (`epi`) into per-pair vectors of 8 columns, stored to each pair's destination row."""
+        (`epi`) into per-pair vectors of 8 columns, stored to each pair's destination row. HW_CVT:
+        bf16 by the store's RNE conversion alone (`l1_gemm.EPILOGUE_HW_CVT`; the same bytes)."""
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))
         row_ok = rows < row_end
         e_row = gl.load(h_exp_ptr + rows, mask=row_ok, other=0)
         a_f = _exp2_ue8m0(gl.maximum(e_row, 1))
         n = pid_n * _BN2 + gl.arange(0, _BN2, layout=gl.SliceLayout(1, mma))
         w_f = gl.load(w_row_ptr + expert.to(gl.int64) * HIDDEN + n)
-        y = _round_bf16(acc * w_f[:, None] * a_f[None, :])
+        y = acc * w_f[:, None] * a_f[None, :]
+        if not HW_CVT:
+            y = _round_bf16(y)
         TPW1: gl.constexpr = 4 if ROWS >= 4 else ROWS
         el: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[32 // TPW1, TPW1],
                                             warps_per_cta=[1, 4], order=[0, 1])
@@ -174,7 +177,7 @@ if HAVE_GLUON:
                           HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                           GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr,
                           OVER_LIMIT: gl.constexpr, PROMOTE_STEPS: gl.constexpr, prof_ptr, PROF: gl.constexpr,
-                          AHEAD: gl.constexpr, LANE: gl.constexpr = False):
+                          AHEAD: gl.constexpr, LANE: gl.constexpr = False, EPI_CVT: gl.constexpr = False):
         """The MMA warpgroup, summing K as the Triton L2 does: PROMOTE_STEPS 0, all of K chained
         into one accumulator (FP8 weights, both operands in shared memory; step k - 1's stage handed
         back once only step k's MMA is left in flight); else promoted every PROMOTE_STEPS 128-K
@@ -182,7 +185,7 @@ if HAVE_GLUON:
         next decode rewrites its register operand, `_compile.wgmma_register_hazards`). PROF: its cycles
         into prof_ptr (`PROFILE`, `l1_gluon.PROFILE_COLUMNS`); AHEAD: the 4-bit decode of every odd
         step under the even step's MMAs (`DECODE_AHEAD`, `l1_gluon._ahead_loop`); LANE: the words in
-        the "lane" K order (`l1_gluon._mma_partition`)."""
+        the "lane" K order (`l1_gluon._mma_partition`); EPI_CVT: `l1_gemm.EPILOGUE_HW_CVT`."""
         NUM_N: gl.constexpr = HIDDEN // _BN2
         NK: gl.constexpr = INTER // _BK
         OM: gl.constexpr = OVER_M if OVER_M > 0 else 16
@@ -251,11 +254,11 @@ if HAVE_GLUON:
                 mbarrier.arrive(empty.index((it + STAGES_ - 1) % STAGES_))
             t0 = _now(PROF)
             _l2_store(acc, mma, BM, row_start, gl.minimum(row_end, row_start + BM), expert, pid_n, h_exp_ptr,
-                      w_row_ptr, dst_ptr, epi, HIDDEN)
+                      w_row_ptr, dst_ptr, epi, HIDDEN, EPI_CVT)
             if OVER_M > 0:
                 if has_over:
                     _l2_store(acc_o, mma_o, OM, row_start + BM, row_end, expert, pid_n, h_exp_ptr, w_row_ptr,
-                              dst_ptr, epi, HIDDEN)
+                              dst_ptr, epi, HIDDEN, EPI_CVT)
             t_epi += _since(t0, PROF)
             items += 1
         # per CTA as `l1_gluon.PROFILE_COLUMNS` (the chained path's MMA waits are not timed: 0)
@@ -270,13 +273,15 @@ if HAVE_GLUON:
                       HIDDEN: gl.constexpr, INTER: gl.constexpr, W_KIND: gl.constexpr, STAGES_: gl.constexpr,
                       GROUP_M: gl.constexpr, BM: gl.constexpr, OVER_M: gl.constexpr, OVER_LIMIT: gl.constexpr,
                       PROMOTE_STEPS: gl.constexpr = 0, PDL: gl.constexpr = False, prof_ptr=None,
-                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False):
+                      PROF: gl.constexpr = False, AHEAD: gl.constexpr = False, LANE: gl.constexpr = False,
+                      EPI_CVT: gl.constexpr = False):
         """L2, warp-specialised (module docstring). h_desc / o_desc: TMA descriptors of the rebased h
         [P, I] (E4M3) with boxes of BM and of 16 rows; h_exp_ptr: its int32 row exponents [P];
         w_desc: w2's rows (`l1_gluon.weight_descriptor`, 64-row boxes); aux_ptr: the offset indices
         as int32 [E, H, I / 128] ("mxfp4"); w_row_ptr: float32 [E, H]; dst_ptr: int64 [P] pair
         destination addresses (bf16 rows of H, 0 = none); LANE: 4-bit words and h in the "lane" K
-        order (`gemm_operands.LANE_K_ORDER`); the rest as `l2_gemm._l2_kernel`'s."""
+        order (`gemm_operands.LANE_K_ORDER`); EPI_CVT: `l1_gemm.EPILOGUE_HW_CVT`; the rest as
+        `l2_gemm._l2_kernel`'s."""
         if PDL:
             pdl_enter()
         KW: gl.constexpr = _BK // 8 if W_KIND == "mxfp4" else _BK
@@ -300,7 +305,7 @@ if HAVE_GLUON:
             (_l2_mma_partition, (h_exp_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr, max_tiles,
                                  aux_ptr, w_row_ptr, dst_ptr, w_bufs, x_bufs, o_bufs, epi, ready, empty,
                                  HIDDEN, INTER, W_KIND, STAGES_, GROUP_M, BM, OVER_M, OVER_LIMIT, PROMOTE_STEPS,
-                                 prof_ptr, PROF, AHEAD, LANE)),
+                                 prof_ptr, PROF, AHEAD, LANE, EPI_CVT)),
             (_l2_producer, (w_desc, h_desc, o_desc, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
                             max_tiles, w_bufs, x_bufs, o_bufs, ready, empty, HIDDEN, INTER, KW, STAGES_, STAGE_BYTES,
                             GROUP_M, BM, OVER_M, OVER_LIMIT, prof_ptr, PROF)),
@@ -313,9 +318,9 @@ def _h_layout(rows: int):
 
 def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_m: int = 16, over_limit: int = 32,
                  group_m: int = 8, promote_k: Optional[int] = None, pdl: bool = False, prof: bool = False,
-                 decode_ahead: bool = False, lane: bool = False):
+                 decode_ahead: bool = False, lane: bool = False, epi_cvt: bool = False):
     """(kernel, signature, constexprs, options) for `_compile.compile_kernel` (tests); pdl, prof,
-    decode_ahead, lane: as `l1_gluon.compile_args`."""
+    decode_ahead, lane, epi_cvt: as `l1_gluon.compile_args`."""
     if decode_ahead and not decodes_ahead(True, w_kind, promote_k or inter, inter):
         raise ValueError("decode_ahead: for 4-bit words promoted every 128 or 256 K over an even number of steps")
     # `l1_gluon.launch_plan`'s residency and stages: L2's stage holds 64 weight rows, as L1's two boxes
@@ -330,6 +335,8 @@ def compile_args(w_kind: str, hidden: int, inter: int, block_m: int = 128, over_
               AHEAD=decode_ahead)
     if lane:
         ce["LANE"] = True
+    if epi_cvt:
+        ce["EPI_CVT"] = True
     if prof:
         sig["prof_ptr"], ce["PROF"] = "*i64", True
     else:
@@ -361,6 +368,9 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
         extra = dict(prof_ptr=PROFILE, PROF=True)
     if lane and w_kind == "mxfp4":
         extra["LANE"] = True
+    from .l1_gemm import EPILOGUE_HW_CVT
+    if EPILOGUE_HW_CVT:
+        extra["EPI_CVT"] = True
     kwargs = dict(**extra, AHEAD=decodes_ahead(DECODE_AHEAD, w_kind, promote_k, inter), HIDDEN=hidden, INTER=inter,
                   W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit,
                   PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4, maxnreg=maxnreg,
