@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The next device call (eleventh session, reordered in the twelfth, the lane K order added in the
-# thirteenth): every variant built on the CPU and not yet run, timed first, gated after:
+# The next device call (eleventh session, reordered in the twelfth, the thirteenth's variants added): every variant built on the CPU and not yet run, timed first, gated after:
 #   1. (while DeepGEMM builds) the kernels alone at 32768 and 1024 uniform pairs (T = 4096, 128), 4-bit words in
 #      column and in "lane" K order (`gemm_operands.LANE_K_ORDER`; Triton and Gluon kernels, their outputs
 #      compared), the Gluon L1 gathering vs reading pair order, decoding ahead, gathering with one warp at the
 #      decode tiles (`bench_gemm.py --gluon`), each Gluon kernel's cycle split (`--profile`);
-#   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then
-#      `--lane-k` at 4096 and 128, `--decode-ahead` (`l1_gluon.DECODE_AHEAD`) and `--pair-x` at 4096,
-#      all of them with `--l1-prefill-promote 2` (`PREFILL_PROMOTE_K`) and `--epilogue-hw-cvt` at 4096, the last
-#      alone at 4096, and at 128 the lane order with the Gluon L1 at the decode tiles gathering with one warp
-#      (`--gluon-l1 on --decode-gather-warps 1`);
-#   3. in what time is left, the gates: the lane order (`test_pre_dispatch_gpu.py`,
-#      `test_fp8_operands.py`, `test_gemm_gpu.py -k lane`, `test_layer_gpu.py::test_lane_k_order`), then
-#      the pair order, profile build, decode ahead and 256-K promotion gates.
+#   2. `ab_bench.sh`: MXFP4 defaults with the anchor at T = 4096 / 512 / 128 / 1 (NEW_TOKENS), then (in the
+#      order of what they may decide) `--lane-k` at 4096 and 128; everything at 4096 (`--lane-k --decode-ahead
+#      --pair-x --l1-prefill-promote 2 --epilogue-hw-cvt`); `--epilogue-hw-cvt`, `--decode-ahead`
+#      (`l1_gluon.DECODE_AHEAD`) and `--pair-x` alone at 4096; at 128 the lane order with the Gluon L1 at the
+#      decode tiles gathering with one warp (`--gluon-l1 on --decode-gather-warps 1`);
+#   3. in what time is left, the gates (`-k`): the lane order (`test_pre_dispatch_gpu.py`,
+#      `test_fp8_operands.py`, `test_gemm_gpu.py`, `test_layer_gpu.py::test_lane_k_order`), the one-warp gather,
+#      the epilogues' conversions (`test_epilogue_hw_cvt_same_bytes`), the pair order, profile build, decode
+#      ahead and 256-K promotion gates;
+#   4. `scripts/summarize_probe.py $OUT`: one table of it all.
 # <= ~590 s on a warm H100 / H200 (every step bounded: BG_S 220, AB_S 280, TEST_S 70; run it under `timeout 595`
 # with the device call's 600 s). Logs under $OUT.
 #   OUT=... bash scripts/probe_call.sh          (carry .whl and .dg)
@@ -41,9 +42,9 @@ tail -n 1 "$OUT/dg_build.log" 2>/dev/null
 if [ "${AB_S-280}" != 0 ]; then
     env OUT="$OUT" BASE_TOKENS= NEW_TOKENS="${NEW_TOKENS-4096 512 128 1}" FP8_TOKENS= \
         NEW2_ARGS="--lane-k" NEW2_TOKENS="${LANE_TOKENS-4096 128}" \
-        NEW3_ARGS="--decode-ahead" NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--pair-x" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
-        NEW5_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2 --epilogue-hw-cvt" \
-        NEW5_TOKENS="${PAIR_TOKENS-4096}" NEW6_ARGS="--epilogue-hw-cvt" NEW6_TOKENS="${PAIR_TOKENS-4096}" \
+        NEW3_ARGS="--lane-k --decode-ahead --pair-x --l1-prefill-promote 2 --epilogue-hw-cvt" \
+        NEW3_TOKENS="${PAIR_TOKENS-4096}" NEW4_ARGS="--epilogue-hw-cvt" NEW4_TOKENS="${PAIR_TOKENS-4096}" \
+        NEW5_ARGS="--decode-ahead" NEW5_TOKENS="${PAIR_TOKENS-4096}" NEW6_ARGS="--pair-x" NEW6_TOKENS="${PAIR_TOKENS-4096}" \
         NEW7_ARGS="--lane-k --gluon-l1 on --decode-gather-warps 1" NEW7_TOKENS="${LANE_TOKENS-128}" \
         timeout -k 5 ${AB_S-280} bash scripts/ab_bench.sh
 fi
