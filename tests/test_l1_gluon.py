@@ -292,3 +292,20 @@ def test_gluon_kernels_need_triton_3_6(monkeypatch, version, ok):
 
     monkeypatch.setattr(triton, "__version__", version)
     assert l1_gluon._triton_at_least(3, 6) is ok
+
+
+def test_launch_extras(monkeypatch):
+    """The Gluon launches' extra constexprs: none for the layer's build; the profile tensor checked
+    against the grid (a clear error naming the switch); LANE; EPI_CVT with `EPILOGUE_HW_CVT`."""
+    import torch
+
+    from mega_moe_layer.kernels import l1_gemm
+    cpu = torch.device("cpu")
+    assert l1_gluon.launch_extras("l1_gluon.PROFILE", None, (4,), cpu, False) == {}
+    prof = torch.zeros(32, dtype=torch.int64)
+    assert l1_gluon.launch_extras("l1_gluon.PROFILE", prof, (4,), cpu, True) == dict(prof_ptr=prof, PROF=True,
+                                                                                      LANE=True)
+    with pytest.raises(ValueError, match=r"l2_gluon.PROFILE: expected an int64 tensor of >= 40"):
+        l1_gluon.launch_extras("l2_gluon.PROFILE", prof, (5,), cpu, False)
+    monkeypatch.setattr(l1_gemm, "EPILOGUE_HW_CVT", True)
+    assert l1_gluon.launch_extras("l1_gluon.PROFILE", None, (4,), cpu, False) == dict(EPI_CVT=True)

@@ -856,6 +856,24 @@ def compile_args(w_kind: str, hidden: int, inter: int, has_clamp: bool = False, 
     return _l1_ws_kernel, sig, ce, dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=False)
 
 
+def launch_extras(name: str, profile: Optional[torch.Tensor], grid: tuple, device, lane: bool) -> dict:
+    """The constexprs of a Gluon L1 / L2 launch beyond the layer's build: the measuring build (`PROF`,
+    `name` = the module's PROFILE switch, checked against the grid), the "lane" K order (`LANE`),
+    the epilogues' conversions (`EPI_CVT`, `l1_gemm.EPILOGUE_HW_CVT`)."""
+    from .l1_gemm import EPILOGUE_HW_CVT
+    extra = {}
+    if profile is not None:
+        if profile.dtype != torch.int64 or profile.numel() < grid[0] * 8 or profile.device != device:
+            raise ValueError(f"{name}: expected an int64 tensor of >= {grid[0] * 8} elements on {device}, got "
+                             f"{profile.dtype} x {profile.numel()} on {profile.device}")
+        extra.update(prof_ptr=profile, PROF=True)
+    if lane:
+        extra["LANE"] = True
+    if EPILOGUE_HW_CVT:
+        extra["EPI_CVT"] = True
+    return extra
+
+
 def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor,
                     expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
                     num_tiles: torch.Tensor, w_kind: str, w_data: torch.Tensor, w_aux: Optional[torch.Tensor],
@@ -880,21 +898,11 @@ def l1_gluon_launch(x: torch.Tensor, x_exp: torch.Tensor, pair_rows: torch.Tenso
     args = (x, x_exp, pair_rows, pair_weights, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, h_out.view(torch.int8),
             h_sf_out.view(torch.uint8), max_tiles, float(clamp) if clamp is not None else 0.0, xp_desc, xo_desc)
-    extra = {}      # the measuring build's and the variants' constexprs
-    if PROFILE is not None:
-        if PROFILE.dtype != torch.int64 or PROFILE.numel() < grid[0] * 8 or PROFILE.device != h_out.device:
-            raise ValueError(f"l1_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
-                             f"{h_out.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
-        extra = dict(prof_ptr=PROFILE, PROF=True)
-    if lane and w_kind == "mxfp4":
-        extra["LANE"] = True
+    extra = launch_extras("l1_gluon.PROFILE", PROFILE, grid, h_out.device, lane and w_kind == "mxfp4")
     load_regs = LOAD_REGS
     if gather_warps(block_m, x_pairs is not None) != 4:
         extra["GATHER_WARPS"] = gather_warps(block_m, x_pairs is not None)
         load_regs = LOAD_REGS_ONE_WARP
-    from .l1_gemm import EPILOGUE_HW_CVT
-    if EPILOGUE_HW_CVT:
-        extra["EPI_CVT"] = True
     kwargs = dict(**extra, AHEAD=ahead(w_kind, promote_k, hidden), HIDDEN=hidden, INTER=inter, W_KIND=w_kind,
                   HAS_CLAMP=clamp is not None, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m,
                   OVER_LIMIT=over_limit, LOAD_REGS_=load_regs, PROMOTE_STEPS=promote_k // BLOCK_K, PAIR_X=x_pairs is not None, num_warps=4, maxnreg=maxnreg,

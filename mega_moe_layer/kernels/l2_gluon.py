@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 
 from .l1_gemm import _exp2_ue8m0, _round_bf16
-from .l1_gluon import (BLOCK_K, BLOCK_MS, HAVE_GLUON, decodes_ahead, descriptor_signature, launch_plan,
-                       tensordesc_signature, weight_descriptor)
+from .l1_gluon import (BLOCK_K, BLOCK_MS, HAVE_GLUON, decodes_ahead, descriptor_signature, launch_extras,
+                       launch_plan, tensordesc_signature, weight_descriptor)
 from .sync import pdl_enter
 
 if HAVE_GLUON:
@@ -360,17 +360,7 @@ def l2_gluon_launch(h8: torch.Tensor, h_exp: torch.Tensor, expert_offsets: torch
     grid = (max(1, min(total, ctas * num_sms)),)
     args = (h_desc, o_desc, h_exp, expert_offsets, tile_expert, tile_row_start, num_tiles, w_desc,
             (w_aux if w_aux is not None else w_row).view(torch.int32), w_row, pair_dst, max_tiles)
-    extra = {}      # the measuring build's and the variants' constexprs
-    if PROFILE is not None:
-        if PROFILE.dtype != torch.int64 or PROFILE.numel() < grid[0] * 8 or PROFILE.device != pair_dst.device:
-            raise ValueError(f"l2_gluon.PROFILE: expected an int64 tensor of >= {grid[0] * 8} elements on "
-                             f"{pair_dst.device}, got {PROFILE.dtype} x {PROFILE.numel()} on {PROFILE.device}")
-        extra = dict(prof_ptr=PROFILE, PROF=True)
-    if lane and w_kind == "mxfp4":
-        extra["LANE"] = True
-    from .l1_gemm import EPILOGUE_HW_CVT
-    if EPILOGUE_HW_CVT:
-        extra["EPI_CVT"] = True
+    extra = launch_extras("l2_gluon.PROFILE", PROFILE, grid, pair_dst.device, lane and w_kind == "mxfp4")
     kwargs = dict(**extra, AHEAD=decodes_ahead(DECODE_AHEAD, w_kind, promote_k, inter), HIDDEN=hidden, INTER=inter,
                   W_KIND=w_kind, STAGES_=stages, GROUP_M=group_m, BM=block_m, OVER_M=over_m, OVER_LIMIT=over_limit,
                   PROMOTE_STEPS=promote_steps(promote_k, inter), num_warps=4, maxnreg=maxnreg,
