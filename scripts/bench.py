@@ -384,10 +384,13 @@ def parse_args(argv=None):
     p.add_argument("--pair-x", action="store_true",
                    help="GPU layer: copy the rebased x into pair order for L1's 128-row tiles on the Gluon kernel "
                         "(`nvshmem_backend.PAIR_ORDER_X`: one TMA box per tile instead of a row gather), to measure it")
-    p.add_argument("--decode-ahead", action="store_true",
+    p.add_argument("--decode-ahead", dest="decode_ahead", action="store_true", default=None,
                    help="GPU layer: the Gluon L1 and L2 decode every odd K step's 4-bit words while the even step's "
-                        "MMAs run (`kernels.l1_gluon.DECODE_AHEAD`, `l2_gluon.DECODE_AHEAD`; the same sums), to "
-                        "measure it")
+                        "MMAs run (`kernels.l1_gluon.DECODE_AHEAD`, `l2_gluon.DECODE_AHEAD`; the same sums; the "
+                        "default)")
+    p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_false",
+                   help="GPU layer: the Gluon kernels' plain loop (decode, then the MMAs), to measure what decoding "
+                        "ahead gains")
     p.add_argument("--l1-prefill-promote", type=int, default=1, choices=(1, 2),
                    help="GPU layer: with --decode-ahead, the Gluon L1's 4-bit prefill tiles promote every this many "
                         "128-K steps (`kernels.l1_gluon.PREFILL_PROMOTE_K`; 2: 256 K a partial sum, other sums than "
@@ -399,9 +402,11 @@ def parse_args(argv=None):
     p.add_argument("--decode-gather-warps", type=int, default=4, choices=(1, 4),
                    help="GPU layer: warps of the Gluon L1's token-row gather at the 16- / 32-row decode tiles "
                         "(`kernels.l1_gluon.DECODE_GATHER_WARPS`; with --gluon-l1 on for MXFP4 weights), to measure 1")
-    p.add_argument("--epilogue-hw-cvt", action="store_true",
+    p.add_argument("--epilogue-hw-cvt", dest="epilogue_hw_cvt", action="store_true", default=None,
                    help="GPU layer: the GEMM epilogues round bf16 and E4M3 with the GPU's conversions instead of "
-                        "the integer encoders (`kernels.l1_gemm.EPILOGUE_HW_CVT`; the same bytes), to measure it")
+                        "the integer encoders (`kernels.l1_gemm.EPILOGUE_HW_CVT`; the same bytes; the default)")
+    p.add_argument("--no-epilogue-hw-cvt", dest="epilogue_hw_cvt", action="store_false",
+                   help="GPU layer: the epilogues' integer encoders, to measure what the conversions gain")
     p.add_argument("--over-m", type=int, default=None, choices=(16, 32),
                    help="GPU layer: rows past block_m of this height only (`gemm_heuristics.OVER_MS`), at the "
                         "cost of 16 rows' (`OVER_COST`), to measure a height the plan does not choose")
@@ -425,8 +430,8 @@ def parse_args(argv=None):
             p.error(f"--heuristic: {name}: VALUE must be a Python literal, got {value!r}")
     if args.host_iters < 30:
         p.error("--host-iters must be >= 30")
-    if args.l1_prefill_promote != 1 and not args.decode_ahead:
-        p.error("--l1-prefill-promote 2: only the Gluon L1's decode-ahead loop takes it (add --decode-ahead)")
+    if args.l1_prefill_promote != 1 and args.decode_ahead is False:
+        p.error("--l1-prefill-promote 2: only the Gluon L1's decode-ahead loop takes it (drop --no-decode-ahead)")
     if min(args.tokens) < 0:
         p.error("--tokens must be >= 0")
     return args
@@ -495,8 +500,10 @@ def main(argv=None):
     gemm_operands.LANE_K_ORDER = args.lane_k
     l1_gluon.DECODE_GATHER_WARPS = args.decode_gather_warps
     from mega_moe_layer.kernels import l1_gemm
-    l1_gemm.EPILOGUE_HW_CVT = args.epilogue_hw_cvt
-    l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
+    if args.epilogue_hw_cvt is not None:
+        l1_gemm.EPILOGUE_HW_CVT = args.epilogue_hw_cvt
+    if args.decode_ahead is not None:
+        l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = args.decode_ahead
     l1_gluon.PREFILL_PROMOTE_K = l1_gluon.BLOCK_K * args.l1_prefill_promote
     for flag, mod in (("--gluon-l1", l1_gluon), ("--gluon-l2", l2_gluon)):
         value = getattr(args, flag[2:].replace("-", "_"))

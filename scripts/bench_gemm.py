@@ -679,6 +679,8 @@ def main() -> None:
     # the kernels timed are the Triton ones (each launch's config as the layer's); --gluon times the
     # Gluon kernels beside them, never in their place (`gluon_us`)
     l1_gluon.ENABLED = l2_gluon.ENABLED = False
+    # the Gluon timings are of the plain loop; `ahead_us` times the decode-ahead one beside it
+    l1_gluon.DECODE_AHEAD = l2_gluon.DECODE_AHEAD = False
     if args.iters < 20:
         raise SystemExit("--iters: use at least 20 runs for a stable median")
     if not torch.cuda.is_available():

@@ -88,12 +88,11 @@ DEFAULT_LAUNCHES = (("mxfp4", 128), ("fp8_rebased", 16))
 
 #: Decode every odd K step's 4-bit words while the even step's MMAs run (`_ahead_loop`: the same
 #: sums in the same order, a second register operand; at the 256-K promoted decode tiles the pair's
-#: MMAs chained with one wait). Off: built 2026-12-08 (twelfth session) with no GPU lent, its PTX
-#: and SASS checked on the CPU (docs/PERF.md: the MMA warpgroup's K step is ~239 instructions per
-#: warp against the tensor pipe's ~288 cycles per step at the FP8 rate, and the decode sat between
-#: one MMA's end and the next one's start); `scripts/bench.py --decode-ahead`, `bench_gemm.py
-#: --gluon` time it.
-DECODE_AHEAD = False
+#: MMAs chained with one wait). On: measured on an H100 (docs/PERF.md, thirteenth session, one call):
+#: L1 at 32768 pairs 4063.9 -> 3910.6 us, the layer at T = 4096 5641.5 -> 5468.0 us (-3.1%), T = 512
+#: unchanged; h equal to the Triton kernel's bit for bit (`test_gemm_gpu.py::test_gluon_l1_decode_ahead_matches_triton`).
+#: `scripts/bench.py --no-decode-ahead` turns it off.
+DECODE_AHEAD = True
 
 #: The K of each partial sum at the 128-row prefill tiles with 4-bit words where it decodes ahead
 #: (`DECODE_AHEAD`): 128 (default: the Triton kernel's, the same h bit for bit) or 256 (the decode

@@ -63,10 +63,11 @@ DEFAULT_LAUNCHES = (("mxfp4", 16), ("fp8_rebased", 16))
 
 
 #: `l1_gluon.DECODE_AHEAD` for L2's 4-bit launches (promoted every 128 or 256 K, an even number of
-#: steps): every odd step's words decoded while the even step's MMAs run, the same sums. Off: built
-#: 2026-12-08 (twelfth session), not yet run (`scripts/bench.py --decode-ahead` sets both;
-#: `bench_gemm.py --gluon` times it).
-DECODE_AHEAD = False
+#: steps): every odd step's words decoded while the even step's MMAs run, the same sums. On: the L2
+#: at the 16-row decode tiles 708.5 -> 702.1 us (1024 pairs, H100, thirteenth session), y equal to
+#: the Triton kernel's (`test_gemm_gpu.py::test_gluon_l2_decode_ahead_matches_triton`);
+#: `scripts/bench.py --no-decode-ahead` turns both off.
+DECODE_AHEAD = True
 
 #: A measuring switch as `l1_gluon.PROFILE` (the same columns, `l1_gluon.profile_split`): an int64
 #: CUDA tensor of >= grid x 8 elements makes the launches built while it is set count cycles there.
