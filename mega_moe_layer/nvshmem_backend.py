@@ -126,7 +126,8 @@ USE_OVER = True
 #: instead of gathering them row by row (`l1_grouped_gemm(x_pairs=)`). The probe priced the gather
 #: at 9-17% of the mainloop (docs/PERF.md, eleventh session); the copy costs a pass over the pairs'
 #: rows and a [P, H] E4M3 scratch (P = pairs capacity: 235 MB at T_max 4096, top-8, H 7168 on one
-#: GPU; R times that with R ranks). Off until measured in the layer (`bench.py --pair-x`).
+#: GPU; R times that with R ranks). Off: measured -0.8% at T = 4096 on an H100 (thirteenth session),
+#: not worth the scratch (`bench.py --pair-x`).
 PAIR_ORDER_X = False
 
 

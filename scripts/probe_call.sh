@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (eleventh session, reordered in the twelfth, the thirteenth's variants added): every variant built on the CPU and not yet run, timed first, gated after:
+# A device call (eleventh session, reordered in the twelfth, the thirteenth's variants added; ran in the thirteenth: docs/PERF.md): timings first, gates after:
 #   1. (while DeepGEMM builds) the kernels alone at 32768 and 1024 uniform pairs (T = 4096, 128), 4-bit words in
 #      column and in "lane" K order (`gemm_operands.LANE_K_ORDER`; Triton and Gluon kernels, their outputs
 #      compared), the Gluon L1 gathering vs reading pair order, decoding ahead, gathering with one warp at the

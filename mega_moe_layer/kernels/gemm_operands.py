@@ -53,7 +53,8 @@ FP4_IMAD_MAX_D = 11
 #: one E2M1 -> E4M3 table per row instead of one per 8 weights (sm_90a SASS, Triton 3.6: the K-step
 #: loop 156 -> 141 instructions in the Gluon L1 at 16 rows, 239 -> 222 at 128 + 16, 272 -> 242 per
 #: 256 K in the Triton L1 at 16 rows; docs/PERF.md, thirteenth session). x and h are then written
-#: in that order where they are rebased. Off until measured on a GPU (`bench.py --lane-k`).
+#: in that order where they are rebased. Off: correct on an H100 but mixed there (thirteenth session:
+#: the layer -2.3% / -1.3% at T = 4096 / 128, +11% at 512, whose 32-row tiles it slows; `bench.py --lane-k`).
 LANE_K_ORDER = False
 
 

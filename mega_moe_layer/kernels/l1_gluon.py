@@ -99,16 +99,17 @@ DECODE_AHEAD = True
 #: tiles' promotion: the pair's MMAs chained, half the promotion adds and MMA waits; h then differs
 #: from the Triton kernel's within the GEMM tolerance; the Triton kernel does not take it: with
 #: Triton 3.6, the GPU machine's, its 4-bit loop promoting every two steps rewrites registers of a
-#: running wgmma, `l1_gemm.chained_fp4_hazards`). Built 2026-12-08 (twelfth session), not yet run
-#: (`scripts/bench.py --decode-ahead --l1-prefill-promote 2`).
+#: running wgmma, `l1_gemm.chained_fp4_hazards`). Measured on an H100 (thirteenth session): L1 at
+#: 32768 pairs 3910.6 -> 3614.4 us, the layer -1.1% at T = 4096, within the reference's tolerance;
+#: left at 128 until its accuracy is decided (`scripts/bench.py --l1-prefill-promote 2`).
 PREFILL_PROMOTE_K = 128          # (BLOCK_K)
 
 #: Warps gathering the token rows at the 16- and 32-row decode tiles (1 or 4; the 128-row tiles keep
 #: 4). The producer's loop is ~64 instructions a step on each of its warps (stage wait, TMA issue,
 #: barriers, addresses), and at those tiles one warp's 4 cp.async a step cover the 16 rows: with
 #: 4 warps the producer is ~30% of a CTA's issue slots there (Triton 3.6 SASS: 4 x 64 against the
-#: MMA warpgroup's 4 x 156 per 128-K step). 1: built 2026-12-08 (thirteenth session), not yet run
-#: (`scripts/bench_gemm.py --gluon` times it at the decode tiles).
+#: MMA warpgroup's 4 x 156 per 128-K step). 1: correct on an H100, 1464.8 -> 1451.2 us at 1024 pairs,
+#: still slower than the Triton L1 there (1428.3; thirteenth session), so 4 stays.
 DECODE_GATHER_WARPS = 4
 
 #: A measuring switch (`scripts/bench_gemm.py --gluon --profile`): an int64 CUDA tensor of >= grid x 8
